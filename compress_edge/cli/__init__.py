@@ -1,0 +1,55 @@
+"""The ``compress-edge`` command line: thin commands that parse, call the library and print."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from compress_edge import __version__
+from compress_edge.cli.common import ErrorBoundaryGroup, setup_logging
+
+app = typer.Typer(
+    name="compress-edge",
+    cls=ErrorBoundaryGroup,
+    help=(
+        "Distil a big self-supervised image model into a small one (CompRess), export it for a "
+        "device and serve image search.\n\n"
+        "Example: compress-edge distill fashion-mnist:train --teacher-arch resnet18 --student-arch mobilenet_v2"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"compress-edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show debug logs and the full traceback of errors.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    setup_logging(verbose)
+
+
+def _register() -> None:
+    # Each command group lives in its own module; heavy imports stay inside the commands.
+    from compress_edge.cli import data as _data  # noqa: F401
+
+
+_register()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The project's two set-up commands, for a fresh Debian machine with Python 3.11:
+#   ./run.sh demo   runs the main job on the embedded default data (Fashion-MNIST)
+#   ./run.sh test   runs lint and the test suite
+# Each creates its own virtual environment (.venv) from pyproject.toml on first use.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+FMNIST=/usr/share/datasets/fashion-mnist
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+apt_install() {
+    echo "installing Debian packages: $*" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_venv() {
+    local stamp="$VENV/.installed"
+    if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+        return
+    fi
+    if ! "$PYTHON" -c "import ensurepip, venv" 2>/dev/null; then
+        apt_install python3-venv
+    fi
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # trt-rtx: NVIDIA's TensorRT-RTX builder, which parses and builds engines without a GPU.
+    "$VENV/bin/python" -m pip install -q -e ".[dev,trt-rtx]"
+    touch "$stamp"
+}
+
+ensure_data() {
+    if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ] && [ -z "${COMPRESS_EDGE_DATA:-}" ]; then
+        apt_install dataset-fashion-mnist
+    fi
+}
+
+case "${1:-}" in
+    test)
+        shift
+        ensure_venv
+        ensure_data
+        "$VENV/bin/ruff" check .
+        "$VENV/bin/pytest" "$@"
+        ;;
+    demo)
+        shift
+        ensure_venv
+        ensure_data
+        "$VENV/bin/compress-edge" demo "$@"
+        ;;
+    *)
+        echo "usage: ./run.sh demo [options]   |   ./run.sh test [pytest options]" >&2
+        exit 2
+        ;;
+esac

@@ -46,5 +46,25 @@ def make_class_folder(root, classes=("circle", "square", "stripes"), per_class=6
 
 
 @pytest.fixture
+def make_images():
+    """The generator above, for tests that need more than one folder (conftest is not importable
+    under --import-mode=importlib)."""
+    return make_class_folder
+
+
+@pytest.fixture
 def class_folder(tmp_path):
     return make_class_folder(tmp_path / "images")
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logger():
+    """The CLI sets up its own handler on the 'compress_edge' logger; give caplog it back afterwards."""
+    import logging
+
+    logger = logging.getLogger("compress_edge")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]

@@ -13,9 +13,9 @@ from rich.logging import RichHandler
 from typer.core import TyperGroup
 
 from compress_edge.errors import CompressEdgeError
+from compress_edge.progress import err_console  # noqa: E402,F401 - one stderr console for all
 
 console = Console()
-err_console = Console(stderr=True)
 
 
 @dataclass

@@ -1,0 +1,164 @@
+"""``compress-edge distill`` and ``compress-edge cache-teacher``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from compress_edge.cli import app
+from compress_edge.cli.common import console
+from compress_edge.errors import CompressEdgeError
+from compress_edge.losses import METHODS, PAPER_QUEUE_SIZE, PAPER_TEMPERATURE
+
+DataArg = Annotated[str, typer.Argument(help="Images: a class folder, an image folder, or fashion-mnist:train|test.")]
+TeacherOpt = Annotated[
+    str | None,
+    typer.Option("--teacher", help="Teacher: a compress-edge model or run folder, or an architecture name "
+                                   "(see 'compress-edge models list') used with --teacher-weights."),
+]
+TeacherWeightsOpt = Annotated[
+    str | None,
+    typer.Option("--teacher-weights", help="A third-party checkpoint for an architecture-name teacher (torchvision, "
+                                           "MoCo v1/v2/v3, SimCLR, SwAV, DINO, Lightning): detected automatically."),
+]
+ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Input side in pixels (default: the "
+                                                                       "teacher's; 32 for Fashion-MNIST).")]
+DataRootOpt = Annotated[str | None, typer.Option("--data-root", help="Where to look for Fashion-MNIST first.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Data-loader worker processes.")]
+
+
+def parse_kwargs(items: list[str] | None) -> dict:
+    """key=value pairs; values read as JSON when they parse (numbers, true/false), else strings."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise CompressEdgeError(f"--student-kwargs takes key=value pairs, got {item!r} (e.g. width_mult=0.5)")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+@app.command("distill")
+def distill(
+    data: Annotated[str | None, typer.Argument(help="Training images: a class folder, an image folder, or "
+                                                    "fashion-mnist:train. Not needed with --resume.")] = None,
+    teacher: TeacherOpt = None,
+    teacher_weights: TeacherWeightsOpt = None,
+    teacher_cache: Annotated[str | None, typer.Option("--teacher-cache", help="A folder made by "
+                                                      "'compress-edge cache-teacher' (no teacher is run).")] = None,
+    student_arch: Annotated[str, typer.Option("--student-arch", help="Student architecture.")] = "mobilenet_v2",
+    student_kwargs: Annotated[list[str] | None, typer.Option("--student-kwargs", help="Architecture options as "
+                                                             "key=value, e.g. width_mult=0.5 (repeatable).")] = None,
+    embed_dim: Annotated[int | None, typer.Option("--embed-dim", help="Add a linear head to this dimension "
+                                                  "(default: the backbone's features).")] = None,
+    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")] = "compress-2q",
+    queue_size: Annotated[int, typer.Option("--queue-size", help="Anchors in each queue (clipped to the number "
+                                            "of images).")] = PAPER_QUEUE_SIZE,
+    temperature: Annotated[float, typer.Option("--temperature", "-T", help="Softmax temperature.")] = PAPER_TEMPERATURE,
+    ema: Annotated[float, typer.Option("--ema", help="Momentum of the key encoder (compress-2q).")] = 0.999,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step per process.")] = 256,
+    lr: Annotated[float, typer.Option("--lr", help="SGD learning rate (cosine schedule).")] = 0.01,
+    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="SGD weight decay.")] = 1e-4,
+    image_size: ImageSizeOpt = None,
+    data_root: DataRootOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The run folder.")] = Path("runs/distill"),
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder "
+                                                "(every other option comes from its config.json).")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Epochs between checkpoints.")] = 1,
+    stop_after: Annotated[int | None, typer.Option("--stop-after", help="Train at most this many epochs in this "
+                                                   "invocation, then save (resume later).")] = None,
+    max_steps_per_epoch: Annotated[int | None, typer.Option("--max-steps-per-epoch", help="Cap the steps of "
+                                                            "each epoch (quick trials).")] = None,
+    workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    amp: Annotated[str, typer.Option("--amp", help="Mixed precision: auto (bf16/fp16 on GPU), bf16, fp16, off.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Distil a teacher into a small student with CompRess.
+
+    The run folder gets the student (student/model.safetensors + model.json), config.json,
+    metrics.jsonl and checkpoints/. Many GPUs: torchrun --nproc-per-node 4 -m compress_edge distill ...
+
+    Example: compress-edge distill fashion-mnist:train --teacher runs/teacher/student --student-arch mobilenet_v2 --epochs 10 --out runs/distill
+    """
+    from compress_edge.distill import DistillOptions, load_options, run_distill
+    from compress_edge.train import TrainConfig, init_distributed
+
+    init_distributed(device)
+    if resume is not None:
+        opts = load_options(resume)
+        opts.train.progress = progress
+        result = run_distill(opts, resume=True, stop_after_epochs=stop_after)
+    else:
+        if data is None:
+            raise CompressEdgeError("DATA is missing: pass the training images, or --resume RUN_DIR")
+        opts = DistillOptions(
+            data=data, out=str(out), teacher=teacher, teacher_weights=teacher_weights, teacher_cache=teacher_cache,
+            student_arch=student_arch, student_kwargs=parse_kwargs(student_kwargs), embed_dim=embed_dim,
+            method=method, queue_size=queue_size, temperature=temperature, ema=ema, image_size=image_size,
+            data_root=data_root,
+            train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                              weight_decay=weight_decay, workers=workers, device=device, amp=amp,
+                              checkpoint_every=checkpoint_every, seed=seed, max_steps_per_epoch=max_steps_per_epoch,
+                              progress=progress),
+        )
+        result = run_distill(opts, stop_after_epochs=stop_after)
+    console.print(f"student written to {Path(opts.out) / 'student'} "
+                  f"({result.epochs_done} epochs, {result.global_step} steps, last loss {result.last_loss:.4f}, "
+                  f"{result.seconds:.0f} s)")
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    data: DataArg,
+    teacher: TeacherOpt = None,
+    teacher_weights: TeacherWeightsOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The cache folder.")] = Path("runs/teacher-cache"),
+    views: Annotated[int, typer.Option("--views", help="0: one centre view per image (the paper); K > 0: K "
+                                       "augmented views per image, replayed exactly for the student.")] = 0,
+    image_size: ImageSizeOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 256,
+    shard_rows: Annotated[int, typer.Option("--shard-rows", help="Images per shard file.")] = 65_536,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the recorded augmentations.")] = 0,
+    data_root: DataRootOpt = None,
+    workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Run the teacher once over the data and store its embeddings (float16, sharded, memory-mapped).
+
+    An interrupted run continues where it stopped when started again with the same options.
+
+    Example: compress-edge cache-teacher fashion-mnist:train --teacher runs/teacher/student --views 4 --out runs/cache
+    """
+    from compress_edge.data import TrainAugment, eval_transform, open_dataset
+    from compress_edge.distill import augment_settings, load_teacher
+    from compress_edge.teacher_cache import build_cache, fingerprint_parts
+    from compress_edge.train import resolve_device
+
+    dataset = open_dataset(data, data_root=data_root)
+    model, spec = load_teacher(teacher, teacher_weights, data, image_size)
+    augment = TrainAugment(spec.image_size, spec.mean, spec.std)
+    mode = "views" if views > 0 else "center"
+    parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=spec.image_size, mean=spec.mean,
+                              std=spec.std, mode=mode, views=max(1, views), augment=augment_settings(augment), seed=seed)
+    from compress_edge.teacher_cache import tensor_hash
+
+    cache = build_cache(
+        model, dataset, out, parts=parts, teacher_sha256=tensor_hash(model), mode=mode, views=max(1, views),
+        eval_tf=eval_transform(spec.image_size, spec.mean, spec.std), augment=augment, seed=seed,
+        batch_size=batch_size, workers=workers, device=resolve_device(device), shard_rows=shard_rows,
+        progress=progress, extra_meta={"teacher_spec": spec.to_dict(), "data": data},
+    )
+    console.print(f"teacher cache written to {out}: {len(cache)} images x {cache.views} view(s) x {cache.dim} dims "
+                  f"(float16), mode {cache.mode}")

@@ -1,0 +1,309 @@
+"""The teacher, run once over the data: embeddings stored float16, memory-mapped, in shards.
+
+Layout of a cache folder::
+
+    meta.json              fingerprint, dimensions, mode, views, shard list (written last)
+    emb-00000.npy          (rows, V, Dt) float16, memory-mapped when read
+    params-00000.npy       (rows, V, P) float32, the augmentation parameters of each view (mode "views")
+
+Two modes. ``center``: one evaluation view (resize, centre crop) per image, as in the paper; the
+student then trains on augmented views of an image whose teacher embedding came from another view.
+``views``: K augmented views per image; their parameters are recorded and replayed exactly for the
+student, so that teacher and student see the same pixels.
+
+A shard is written to a temporary name and renamed when complete, and ``meta.json`` comes last: an
+interrupted run leaves no half shard behind, and running it again continues from the first missing
+shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from compress_edge.errors import DataError
+from compress_edge.storage import atomic_path, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "compress-edge-teacher-cache/1"
+MODES = ("center", "views")
+
+
+def tensor_hash(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, shapes, bytes): the teacher's weights identity."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def fingerprint_parts(*, dataset_fingerprint: str, image_size: int, mean, std, mode: str, views: int,
+                      augment: dict[str, Any], seed: int) -> dict[str, Any]:
+    """What a cache depends on besides the teacher: the data, the transform, the views."""
+    return {
+        "dataset": dataset_fingerprint,
+        "transform": {
+            "image_size": int(image_size),
+            "mean": [round(float(v), 6) for v in mean],
+            "std": [round(float(v), 6) for v in std],
+            "mode": mode,
+            "views": int(views),
+            "augment": augment if mode == "views" else None,
+            "seed": int(seed) if mode == "views" else None,
+        },
+    }
+
+
+def fingerprint(parts: dict[str, Any], teacher_sha256: str) -> str:
+    blob = json.dumps({**parts, "teacher": teacher_sha256}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class TeacherCache:
+    """A cache folder opened for reading: ``embedding(i, view)`` and ``params(i, view)``."""
+
+    root: Path
+    meta: dict[str, Any]
+    _emb: list[np.ndarray]
+    _params: list[np.ndarray] | None
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def views(self) -> int:
+        return int(self.meta["views"])
+
+    @property
+    def mode(self) -> str:
+        return str(self.meta["mode"])
+
+    def __len__(self) -> int:
+        return int(self.meta["count"])
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        rows = int(self.meta["shard_rows"])
+        return index // rows, index % rows
+
+    def embedding(self, index: int, view: int = 0) -> np.ndarray:
+        s, r = self._locate(index)
+        return np.asarray(self._emb[s][r, view], dtype=np.float32)
+
+    def params(self, index: int, view: int) -> np.ndarray:
+        if self._params is None:
+            raise DataError("this teacher cache holds centre views only; it has no augmentation parameters")
+        s, r = self._locate(index)
+        return np.asarray(self._params[s][r, view], dtype=np.float32)
+
+    def all_embeddings(self, view: int = 0) -> np.ndarray:
+        """(N, Dt) float32 of one view (for evaluation and agreement measures)."""
+        return np.concatenate([np.asarray(e[:, view], dtype=np.float32) for e in self._emb])
+
+    def check(self, parts: dict[str, Any], teacher_sha256: str | None = None) -> None:
+        """Refuse a cache made from other data, another transform or (when given) another teacher."""
+        have = self.meta.get("parts", {})
+        if have.get("dataset") != parts["dataset"]:
+            raise DataError(
+                f"the teacher cache {self.root} was made from other data (its file list or files differ); "
+                "run cache-teacher again on this data"
+            )
+        mine, theirs = parts["transform"], have.get("transform", {})
+        diffs = [f"{k} {theirs.get(k)!r} in the cache vs {mine[k]!r} now" for k in mine if theirs.get(k) != mine[k]]
+        if diffs:
+            raise DataError(
+                f"the teacher cache {self.root} was made with another transform ({'; '.join(diffs[:3])}); "
+                "use the same options or run cache-teacher again"
+            )
+        if teacher_sha256 is not None and self.meta.get("teacher_sha256") != teacher_sha256:
+            raise DataError(f"the teacher cache {self.root} was made by another teacher; run cache-teacher again")
+        if fingerprint(have, self.meta.get("teacher_sha256", "")) != self.meta.get("fingerprint"):
+            raise DataError(f"the teacher cache {self.root} has a damaged meta.json; run cache-teacher again")
+
+
+def open_cache(root: str | os.PathLike) -> TeacherCache:
+    root = Path(root)
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(
+            f"{root} is not a complete teacher cache (no meta.json); run 'compress-edge cache-teacher' "
+            "to make one, or again to finish an interrupted one"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{meta_path} is damaged; run cache-teacher again") from None
+    if meta.get("format") != CACHE_FORMAT:
+        raise DataError(f"{root} is not a compress-edge teacher cache (format {meta.get('format')!r})")
+    try:
+        emb = [np.load(root / name, mmap_mode="r") for name in meta["emb_shards"]]
+        params = [np.load(root / name, mmap_mode="r") for name in meta["param_shards"]] if meta["mode"] == "views" else None
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"a shard of the teacher cache {root} is missing or damaged ({exc}); run cache-teacher again") from None
+    if sum(len(e) for e in emb) != meta["count"]:
+        raise DataError(f"the teacher cache {root} holds fewer rows than its meta.json says; run cache-teacher again")
+    return TeacherCache(root, meta, emb, params)
+
+
+class _ViewsDataset(Dataset):
+    """For index i: the K views the teacher embeds, (K, 3, S, S), and their parameters (K, P)."""
+
+    def __init__(self, base, mode: str, views: int, eval_tf, augment, seed: int):
+        self.base, self.mode, self.views, self.eval_tf, self.augment, self.seed = base, mode, views, eval_tf, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        img = self.base.get_image(i)
+        if self.mode == "center":
+            return self.eval_tf(img).unsqueeze(0), torch.zeros(1, 1), i
+        rng = np.random.default_rng([self.seed, i])  # per image: independent of worker and order
+        params = [self.augment.sample_params(rng, img.width, img.height) for _ in range(self.views)]
+        x = torch.stack([self.augment.apply(img, p) for p in params])
+        return x, torch.from_numpy(np.stack(params).astype(np.float32)), i
+
+
+@torch.no_grad()
+def build_cache(
+    teacher: nn.Module,
+    dataset,
+    out: str | os.PathLike,
+    *,
+    parts: dict[str, Any],
+    teacher_sha256: str,
+    mode: str,
+    views: int,
+    eval_tf,
+    augment,
+    seed: int,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    shard_rows: int = 65_536,
+    progress: bool = True,
+    extra_meta: dict[str, Any] | None = None,
+) -> TeacherCache:
+    """Embed ``dataset`` with the frozen ``teacher`` into a cache folder (see the module docstring)."""
+    if mode not in MODES:
+        raise DataError(f"unknown cache mode {mode!r}; use one of {', '.join(MODES)}")
+    views = 1 if mode == "center" else int(views)
+    if views < 1:
+        raise DataError("--views must be at least 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(parts, teacher_sha256)
+    stamp = out / "building.json"  # which cache the shards already present belong to
+    if (out / "meta.json").is_file():
+        existing = open_cache(out)
+        if existing.meta.get("fingerprint") == fp:
+            logger.info("teacher cache %s is already complete", out)
+            return existing
+        raise DataError(f"{out} already holds a different teacher cache; choose another --out or delete it")
+    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") != fp:
+        raise DataError(f"{out} holds part of a different teacher cache; choose another --out or delete it")
+    atomic_write_json(stamp, {"fingerprint": fp})
+
+    teacher = teacher.to(device).eval()
+    n = len(dataset)
+    n_shards = (n + shard_rows - 1) // shard_rows
+    ds = _ViewsDataset(dataset, mode, views, eval_tf, augment, seed)
+    dim = None
+    emb_names, param_names = [], []
+    from compress_edge.progress import progress_bar
+
+    with progress_bar() as bar:
+        task = bar.add_task("teacher cache", total=n, visible=progress)
+        for s in range(n_shards):
+            lo, hi = s * shard_rows, min(n, (s + 1) * shard_rows)
+            emb_name, param_name = f"emb-{s:05d}.npy", f"params-{s:05d}.npy"
+            emb_names.append(emb_name)
+            param_names.append(param_name)
+            if (out / emb_name).is_file() and (mode == "center" or (out / param_name).is_file()):
+                dim = int(np.load(out / emb_name, mmap_mode="r").shape[2])
+                bar.advance(task, hi - lo)
+                continue  # finished by an earlier, interrupted run
+            subset = torch.utils.data.Subset(ds, range(lo, hi))
+            loader = DataLoader(subset, batch_size=max(1, batch_size // views), num_workers=workers,
+                                pin_memory=torch.device(device).type == "cuda")
+            emb_rows: list[np.ndarray] = []
+            param_rows: list[np.ndarray] = []
+            for x, params, _ in loader:
+                b = x.shape[0]
+                feats = teacher(x.flatten(0, 1).to(device, non_blocking=True)).float()
+                feats = torch.nn.functional.normalize(feats, dim=1)
+                emb_rows.append(feats.view(b, views, -1).cpu().numpy().astype(np.float16))
+                if mode == "views":
+                    param_rows.append(params.numpy())
+                bar.advance(task, b)
+            emb = np.concatenate(emb_rows)
+            dim = emb.shape[2]
+            _save_npy(out / emb_name, emb)
+            if mode == "views":
+                _save_npy(out / param_name, np.concatenate(param_rows))
+    meta = {
+        "format": CACHE_FORMAT,
+        "fingerprint": fp,
+        "parts": parts,
+        "teacher_sha256": teacher_sha256,
+        "mode": mode,
+        "views": views,
+        "dim": dim,
+        "count": n,
+        "shard_rows": shard_rows,
+        "emb_shards": emb_names,
+        "param_shards": param_names if mode == "views" else [],
+        "dtype": "float16",
+        **(extra_meta or {}),
+    }
+    atomic_write_json(out / "meta.json", meta)
+    stamp.unlink(missing_ok=True)
+    return open_cache(out)
+
+
+def _save_npy(target: Path, array: np.ndarray) -> None:
+    # Through a file handle: np.save would append ".npy" to the temporary name.
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
+
+
+class CachedTeacherDataset(Dataset):
+    """Student images with the cached teacher embedding of the same image: (image, teacher (Dt,), i).
+
+    Mode ``views``: a random recorded view k, its parameters replayed for the student (same pixels).
+    Mode ``center``: a fresh random augmentation for the student (the paper's setting).
+    """
+
+    def __init__(self, base, cache: TeacherCache, augment):
+        if len(base) != len(cache):
+            raise DataError(f"the teacher cache holds {len(cache)} images, the data {len(base)}; they do not match")
+        self.base, self.cache, self.augment = base, cache, augment
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        img = self.base.get_image(i)
+        if self.cache.mode == "views":
+            k = int(torch.randint(self.cache.views, (1,)).item())
+            x = self.augment.apply(img, self.cache.params(i, k))
+        else:
+            k = 0
+            x = self.augment(img)
+        return x, torch.from_numpy(self.cache.embedding(i, k)), i

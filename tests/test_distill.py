@@ -1,0 +1,293 @@
+"""Distillation: the task, the engine (resume, DDP, NaN), the teacher cache, and a tiny real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from compress_edge.cli import app
+from compress_edge.distill import DistillOptions, DistillTask, run_distill
+from compress_edge.errors import DataError, TrainingError
+from compress_edge.losses import build_loss
+from compress_edge.models import create_model, load_model, save_model, spec_for
+from compress_edge.train import TrainConfig, Trainer, ema_update
+
+runner = CliRunner()
+
+
+class TinyStudent(nn.Module):
+    """No batch norm, so a 2-process run can match a 1-process run exactly."""
+
+    def __init__(self, dim: int = 12):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(8, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TensorSet(torch.utils.data.Dataset):
+    def __init__(self, n=48, teacher_dim=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, 16, 16, generator=g)
+        self.teacher = torch.randn(n, teacher_dim, generator=g)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.teacher[i], i
+
+
+def _config(**kw):
+    base = dict(epochs=2, batch_size=8, lr=0.05, workers=0, device="cpu", log_every=1, progress=False, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_only_the_student_learns_and_the_key_encoder_follows_by_ema(tmp_path):
+    torch.manual_seed(0)
+    teacher = create_model("resnet18", small_input=True)
+    student = create_model("mobilenet_v3_small", small_input=True)
+    task = DistillTask(student, build_loss("compress-2q", teacher.embed_dim, student.embed_dim, queue_size=16),
+                       teacher=teacher, momentum_encoder=True, ema=0.9)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = [p.detach().clone() for p in student.parameters()]
+    key_before = [p.detach().clone() for p in task.key_encoder.parameters()]
+
+    images = torch.randn(16, 3, 32, 32)
+    ds = torch.utils.data.TensorDataset(images, torch.zeros(16, dtype=torch.long), torch.arange(16))
+    Trainer(task, _config(epochs=1, batch_size=4), tmp_path / "run").fit(ds)
+
+    for k, v in teacher.state_dict().items():  # weights and batch-norm statistics untouched
+        torch.testing.assert_close(v, teacher_before[k])
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in task.key_encoder.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, student.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(key_before, task.key_encoder.parameters(), strict=True))
+
+
+def test_ema_update_formula():
+    target, source = nn.Linear(3, 2), nn.Linear(3, 2)
+    old = [p.detach().clone() for p in target.parameters()]
+    ema_update(target, source, 0.75)
+    for o, t, s in zip(old, target.parameters(), source.parameters(), strict=True):
+        torch.testing.assert_close(t.detach(), 0.75 * o + 0.25 * s.detach())
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    ds = TensorSet()
+    ds.teacher[20:] = float("nan")
+    task = DistillTask(TinyStudent(), build_loss("compress-2q", 16, 12, queue_size=16))
+    with pytest.raises(TrainingError, match=r"epoch 1, step \d+.*--lr"):
+        Trainer(task, _config(), tmp_path / "run").fit(ds)
+
+
+_DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, sys.argv[3])
+    from test_distill import TensorSet, TinyStudent, _config
+    from compress_edge.distill import DistillTask
+    from compress_edge.losses import build_loss
+    from compress_edge.train import Trainer, init_distributed
+    out, batch = sys.argv[1], int(sys.argv[2])
+    info = init_distributed("cpu")
+    torch.manual_seed(0)
+    task = DistillTask(TinyStudent(), build_loss("compress-2q", 16, 12, queue_size=40), momentum_encoder=True, ema=0.9)
+    Trainer(task, _config(batch_size=batch), out + "/run").fit(TensorSet())
+    torch.save({"teacher": task.criterion.teacher_queue.bank, "student": task.criterion.student_queue.bank,
+                "weights": task.student.state_dict()}, f"{out}/rank{info.rank}.pt")
+""")
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_two_process_gloo_run_matches_one_process_on_the_same_global_batch(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(_DDP_SCRIPT)
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    two = subprocess.run([*torchrun, str(script), str(tmp_path / "two"), "4", tests_dir], env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "8", tests_dir], env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    r0, r1 = (torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    single = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
+    for key in ("teacher", "student"):
+        assert torch.equal(r0[key], r1[key]), f"{key} queues differ across ranks"
+        torch.testing.assert_close(r0[key], single[key], atol=1e-5, rtol=1e-4)
+    losses_two, losses_one = _losses(tmp_path / "two" / "run"), _losses(tmp_path / "one" / "run")
+    assert len(losses_two) == len(losses_one) == 12
+    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-4, atol=1e-6)
+    assert max(losses_one) > 0.05  # a real loss, not zeros
+    for k, v in single["weights"].items():
+        torch.testing.assert_close(r0["weights"][k], v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def saved_teacher(tmp_path):
+    torch.manual_seed(1)
+    teacher = create_model("resnet18", small_input=True)
+    spec = spec_for(teacher, image_size=32, source={"kind": "test"})
+    folder = tmp_path / "teacher"
+    save_model(teacher, spec, folder)
+    return folder
+
+
+def _options(data, out, teacher, **kw):
+    train = dict(epochs=2, batch_size=6, workers=0, device="cpu", progress=False, lr=0.05)
+    train.update(kw.pop("train", {}))
+    base = dict(data=str(data), out=str(out), teacher=str(teacher), student_arch="mobilenet_v2",
+                student_kwargs={"width_mult": 0.35}, queue_size=12, train=TrainConfig(**train))
+    base.update(kw)
+    return DistillOptions(**base)
+
+
+def test_two_epochs_equal_one_epoch_resume_one_epoch(tmp_path, class_folder, saved_teacher):
+    straight = run_distill(_options(class_folder, tmp_path / "a", saved_teacher))
+    assert straight.epochs_done == 2
+    first = run_distill(_options(class_folder, tmp_path / "b", saved_teacher), stop_after_epochs=1)
+    assert first.epochs_done == 1
+    from compress_edge.distill import load_options
+
+    second = run_distill(load_options(tmp_path / "b"), resume=True)
+    assert second.epochs_done == 2 and second.global_step == straight.global_step
+    a, _ = load_model(tmp_path / "a" / "student")
+    b, _ = load_model(tmp_path / "b" / "student")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(va, vb, msg=f"{k} differs after resume")
+    ca = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)["task"]
+    cb = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["task"]
+    torch.testing.assert_close(ca["criterion.teacher_queue.bank"], cb["criterion.teacher_queue.bank"])
+    assert not any(k.startswith("teacher.") for k in ca)  # the frozen teacher is not checkpointed
+
+
+def test_a_run_folder_is_not_overwritten(tmp_path, class_folder, saved_teacher):
+    run_distill(_options(class_folder, tmp_path / "a", saved_teacher, train={"epochs": 1}))
+    with pytest.raises(TrainingError, match="--resume"):
+        run_distill(_options(class_folder, tmp_path / "a", saved_teacher, train={"epochs": 1}))
+
+
+def test_random_architecture_teacher_is_refused(tmp_path, class_folder):
+    with pytest.raises(TrainingError, match="--teacher-weights"):
+        run_distill(_options(class_folder, tmp_path / "a", "resnet18"))
+
+
+def _cache(tmp_path, data, teacher, out="cache", *extra):
+    result = runner.invoke(app, ["cache-teacher", str(data), "--teacher", str(teacher), "--out", str(tmp_path / out),
+                                 "--workers", "0", "--no-progress", "--batch-size", "8", *extra])
+    assert result.exit_code == 0, result.output
+    return tmp_path / out
+
+
+def test_cache_with_views_replays_the_teachers_pixels(tmp_path, class_folder, saved_teacher):
+    from compress_edge.data import TrainAugment, open_dataset
+    from compress_edge.teacher_cache import CachedTeacherDataset, open_cache
+
+    cache = open_cache(_cache(tmp_path, class_folder, saved_teacher, "cache", "--views", "3", "--shard-rows", "7"))
+    assert len(cache) == 18 and cache.views == 3 and len(cache.meta["emb_shards"]) == 3
+    teacher, spec = load_model(saved_teacher)
+    ds = open_dataset(str(class_folder))
+    augment = TrainAugment(spec.image_size, spec.mean, spec.std)
+    replay = CachedTeacherDataset(ds, cache, augment)
+    torch.manual_seed(0)
+    for i in (0, 9, 17):
+        image, emb, index = replay[i]
+        assert index == i
+        with torch.no_grad():
+            fresh = torch.nn.functional.normalize(teacher(image[None]), dim=1)[0]
+        # The student's image, embedded by the teacher now, is one of the recorded views: same pixels.
+        assert torch.nn.functional.cosine_similarity(fresh, emb, dim=0) > 0.999
+
+
+def test_cache_fingerprint_mismatch_is_refused(tmp_path, class_folder, saved_teacher, make_images):
+    cache = _cache(tmp_path, class_folder, saved_teacher)
+    with pytest.raises(DataError, match="another transform"):
+        run_distill(_options(class_folder, tmp_path / "run", None, teacher_cache=str(cache), image_size=48))
+    other = tmp_path / "other"
+    make_images(other, per_class=6, seed=5)
+    with pytest.raises(DataError, match="other data"):
+        run_distill(_options(other, tmp_path / "run2", None, teacher_cache=str(cache)))
+
+
+def test_interrupted_cache_resumes_from_complete_shards(tmp_path, class_folder, saved_teacher):
+    out = _cache(tmp_path, class_folder, saved_teacher, "cache", "--shard-rows", "5")
+    first = np.load(out / "emb-00001.npy")
+    (out / "meta.json").unlink()  # as if stopped before the end
+    (out / "emb-00003.npy").unlink()
+    mtime = (out / "emb-00001.npy").stat().st_mtime_ns
+    _cache(tmp_path, class_folder, saved_teacher, "cache", "--shard-rows", "5")
+    assert (out / "emb-00001.npy").stat().st_mtime_ns == mtime  # kept, not recomputed
+    assert np.array_equal(np.load(out / "emb-00001.npy"), first)
+    assert (out / "emb-00003.npy").is_file() and (out / "meta.json").is_file()
+
+
+def _top10_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    def knn(x):
+        x = torch.nn.functional.normalize(x, dim=1)
+        sim = x @ x.T
+        sim.fill_diagonal_(-2)
+        return sim.topk(10, dim=1).indices
+
+    na, nb = knn(a), knn(b)
+    return float(np.mean([len(set(na[i].tolist()) & set(nb[i].tolist())) / 10 for i in range(len(a))]))
+
+
+@pytest.mark.slow
+def test_tiny_distillation_lowers_the_loss_and_raises_neighbour_overlap(tmp_path, saved_teacher, make_images):
+    from compress_edge.data import eval_transform, open_dataset
+
+    data = make_images(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=16, size=32, seed=3)
+    teacher, spec = load_model(saved_teacher)
+    ds = open_dataset(str(data), transform=eval_transform(32, spec.mean, spec.std))
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        t_emb = teacher(images)
+        before = create_model("mobilenet_v2", small_input=True, width_mult=0.35).eval()
+        overlap_before = _top10_overlap(t_emb, before(images))
+
+    opts = _options(data, tmp_path / "run", saved_teacher, queue_size=48,
+                    train={"epochs": 12, "batch_size": 16, "lr": 0.1})
+    run_distill(opts)
+    student, student_spec = load_model(tmp_path / "run" / "student")
+    assert student_spec.source["method"] == "compress-2q" and student_spec.image_size == 32
+    with torch.no_grad():
+        overlap_after = _top10_overlap(t_emb, student(images))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epoch_losses = [r["loss"] for r in records if r["kind"] == "epoch"]
+    assert np.mean(epoch_losses[-3:]) < 0.8 * np.mean(epoch_losses[1:3]), epoch_losses
+    assert overlap_after > overlap_before + 0.1, (overlap_before, overlap_after)
+
+
+def test_distill_cli_end_to_end_and_errors(tmp_path, class_folder, saved_teacher):
+    out = tmp_path / "run"
+    args = ["distill", str(class_folder), "--teacher", str(saved_teacher), "--student-arch", "mobilenet_v3_small",
+            "--epochs", "1", "--batch-size", "6", "--queue-size", "12", "--workers", "0", "--no-progress",
+            "--out", str(out), "--method", "compress-1q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "student" / "model.safetensors").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["distill"]["method"] == "compress-1q" and "git_commit" in config["code"] or "compress_edge" in config["code"]
+    bad = runner.invoke(app, [*args[:-2], "--out", str(tmp_path / "r2"), "--method", "nope"])
+    assert bad.exit_code == 1 and "compress-2q" in bad.output
+    bad = runner.invoke(app, ["distill", str(class_folder), "--teacher", str(saved_teacher), "--student-kwargs", "oops"])
+    assert bad.exit_code == 1 and "key=value" in bad.output

@@ -260,5 +260,73 @@ def uses_momentum_encoder(method: str) -> bool:
 def commit_queues(module: nn.Module) -> None:
     """Write the pending keys of every queue loss inside ``module`` (after backward)."""
     for m in module.modules():
-        if isinstance(m, (CompRess2Q, CompRess1Q)):
+        if hasattr(m, "commit") and hasattr(m, "_pending"):
             m.commit()
+
+
+# ----------------------------------------------------------------------------------------------
+# self-supervised losses for teacher pretraining (and the from-scratch student baseline)
+# ----------------------------------------------------------------------------------------------
+class NTXent(nn.Module):
+    """SimCLR's NT-Xent loss (T. Chen et al., "A Simple Framework for Contrastive Learning of Visual
+    Representations", ICML 2020).
+
+    z1, z2: (B, D) projections of two views of the same B images. Each of the 2B vectors has its
+    other view as the positive and the 2(B - 1) other vectors as negatives; cross-entropy over
+    cosine similarities / T, averaged over the 2B anchors. With DDP, negatives come from every rank.
+    """
+
+    def __init__(self, temperature: float = 0.2):
+        super().__init__()
+        self.temperature = float(temperature)
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=z1.device.type, enabled=False):
+            z1 = F.normalize(z1.float(), dim=1)
+            z2 = F.normalize(z2.float(), dim=1)
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            b = z1.shape[0]
+            # Gradients flow through the local views only; other ranks' views are negatives.
+            all1, all2 = gather_from_all_ranks(z1.detach()), gather_from_all_ranks(z2.detach())
+            all1 = torch.cat([all1[: rank * b], z1, all1[(rank + 1) * b :]])
+            all2 = torch.cat([all2[: rank * b], z2, all2[(rank + 1) * b :]])
+            z = torch.cat([all1, all2])  # (2N, D)
+            n = all1.shape[0]
+            local = torch.arange(rank * b, (rank + 1) * b, device=z.device)
+            anchors = torch.cat([local, local + n])
+            positives = torch.cat([local + n, local])
+            logits = z[anchors] @ z.T / self.temperature  # (2B, 2N)
+            logits[torch.arange(2 * b, device=z.device), anchors] = float("-inf")  # not itself
+            return F.cross_entropy(logits, positives)
+
+
+class MoCoLoss(nn.Module):
+    """MoCo v2's InfoNCE with a queue of negative keys (X. Chen et al., "Improved Baselines with
+    Momentum Contrastive Learning", 2020).
+
+    q: (B, D) queries from the encoder, k: (B, D) keys of the other view from the momentum encoder.
+    logits = [q.k, q.queue] / T, target 0. Keys are enqueued in ``commit()`` after backward.
+    """
+
+    def __init__(self, dim: int, queue_size: int = 65_536, temperature: float = 0.2):
+        super().__init__()
+        self.temperature = float(temperature)
+        self.queue = RingQueue(queue_size, dim)
+        self._pending: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        self.commit()
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q = F.normalize(q.float(), dim=1)
+            k = F.normalize(k.detach().float(), dim=1)
+            pos = (q * k).sum(dim=1, keepdim=True)
+            logits = torch.cat([pos, q @ self.queue.anchors().T], dim=1) / self.temperature
+            loss = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+        self._pending = gather_from_all_ranks(k)
+        return loss
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        if self._pending is not None:
+            k, self._pending = self._pending, None
+            self.queue.push(k)

@@ -68,3 +68,32 @@ def _restore_package_logger():
     logger.handlers[:] = saved[0]
     logger.setLevel(saved[1])
     logger.propagate = saved[2]
+
+
+@pytest.fixture(scope="session")
+def torchfree_python():
+    """A Python without torch: numpy, pillow, onnxruntime, faiss-cpu and compress-edge (--no-deps).
+
+    The query path of a device is run in it. Built once in .venv-torchfree beside the project (kept
+    between runs; rebuilt when pyproject.toml changes). Returns the interpreter's path.
+    """
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    venv = root / ".venv-torchfree"
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    if not (stamp.is_file() and stamp.stat().st_mtime >= (root / "pyproject.toml").stat().st_mtime):
+        shutil.rmtree(venv, ignore_errors=True)
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "numpy", "pillow", "onnxruntime", "faiss-cpu"], check=True)
+        subprocess.run([*pip, "--no-deps", "-e", str(root)], check=True)
+        stamp.touch()
+    probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True)
+    assert probe.returncode != 0, "the torch-free environment has torch"
+    return python

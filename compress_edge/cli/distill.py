@@ -36,7 +36,7 @@ def parse_kwargs(items: list[str] | None) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise CompressEdgeError(f"--student-kwargs takes key=value pairs, got {item!r} (e.g. width_mult=0.5)")
+            raise CompressEdgeError(f"architecture options take key=value pairs, got {item!r} (e.g. width_mult=0.5)")
         key, value = item.split("=", 1)
         try:
             out[key.strip()] = json.loads(value)

@@ -1,0 +1,187 @@
+"""What a CompRess step costs beyond the work it cannot avoid (numbers, not a test).
+
+For each method: the time of one distillation step with a cached teacher (mobilenet_v2 student,
+64 px, batch 64, teacher dim 512, queue 16,384), through the real training engine's step, divided
+by the time of the work the method cannot avoid on the same batch: a plain forward + backward + SGD
+step of the same student, plus one forward of the key encoder for compress-2q. Goal: <= 1.25 on a
+CPU. Also the extra memory the method holds (peak RSS above the plain step's, each measured in a
+fresh process) against the size of its queues (goal: <= 1.5x). With a GPU: images/s of the default
+method with and without mixed precision.
+
+    python benchmarks/bench_distill.py            # the issue's setting
+    python benchmarks/bench_distill.py --quick    # smaller, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ["compress-2q", "compress-2q-nomomentum", "compress-1q", "regression", "regression-bn"]
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _setup(method: str, args, device: str, amp: str = "off"):
+    import torch
+
+    from compress_edge.distill import DistillTask
+    from compress_edge.losses import build_loss, uses_momentum_encoder
+    from compress_edge.models import create_model
+    from compress_edge.train import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    student = create_model("mobilenet_v2", small_input=args.image_size <= 64)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size)
+    teacher = torch.nn.functional.normalize(torch.randn(args.batch, args.teacher_dim), dim=1)
+    batch = (images, teacher, torch.arange(args.batch))
+    if method == "plain":
+        return student, batch, None
+    criterion = build_loss(method, args.teacher_dim, student.embed_dim, queue_size=args.queue)
+    for q in ("teacher_queue", "student_queue"):  # full queues: the steady-state cost
+        if hasattr(criterion, q):
+            queue = getattr(criterion, q)
+            queue.push(torch.nn.functional.normalize(torch.randn(queue.size, queue.dim), dim=1))
+    task = DistillTask(student, criterion, momentum_encoder=uses_momentum_encoder(method))
+    config = TrainConfig(batch_size=args.batch, device=device, amp=amp, progress=False, workers=0)
+    trainer = Trainer(task, config, "/tmp/compress-edge-bench-distill")
+    scheduler = trainer._make_scheduler(1000)
+    trainer.task.train()
+    return trainer, batch, scheduler
+
+
+def _time(fn, steps: int, warmup: int, sync) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure(method: str, args, device: str = "cpu", amp: str = "off") -> dict:
+    """Median step seconds of ``method`` ('plain' and 'key-forward' are the baselines)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if method in ("plain", "key-forward"):
+        student, batch, _ = _setup("plain", args, device)
+        student = student.to(device).train()
+        images = batch[0].to(device)
+        if method == "plain":
+            opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                student(images).pow(2).sum(dim=1).mean().backward()
+                opt.step()
+        else:
+
+            def step():
+                with torch.no_grad():
+                    student(images)
+    else:
+        trainer, batch, scheduler = _setup(method, args, device, amp)
+
+        def step():
+            trainer._step(batch, scheduler)
+
+    times = _time(step, args.steps, args.warmup, sync)
+    return {"method": method, "median_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb()}
+
+
+def _queue_bytes(method: str, args) -> int:
+    from compress_edge.losses import build_loss
+    from compress_edge.models import create_model
+
+    dim = create_model("mobilenet_v2", small_input=True).embed_dim
+    crit = build_loss(method, args.teacher_dim, dim, queue_size=args.queue)
+    return sum(b.numel() * b.element_size() for n, b in crit.named_buffers() if n.endswith("bank"))
+
+
+def _in_subprocess(method: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--one", method, "--batch", str(args.batch), "--image-size", str(args.image_size),
+           "--queue", str(args.queue), "--teacher-dim", str(args.teacher_dim), "--steps", str(args.steps),
+           "--warmup", str(args.warmup)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--queue", type=int, default=16384)
+    p.add_argument("--teacher-dim", type=int, default=512)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="batch 16, 32 px, queue 2048, 5 steps")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.batch, args.image_size, args.queue, args.steps = 16, 32, 2048, 5
+    if args.one:
+        import torch
+
+        torch.set_num_threads(torch.get_num_threads())
+        print(json.dumps(measure(args.one, args)))
+        return
+
+    import torch
+
+    base = {m: _in_subprocess(m, args) for m in ("plain", "key-forward")}
+    rows = []
+    for method in METHODS:
+        r = _in_subprocess(method, args)
+        unavoidable = base["plain"]["median_s"] + (base["key-forward"]["median_s"] if method == "compress-2q" else 0)
+        queue_mb = _queue_bytes(method, args) / 2**20
+        extra_mb = r["peak_rss_mb"] - base["plain"]["peak_rss_mb"]
+        rows.append({
+            "method": method, "step_ms": 1000 * r["median_s"], "unavoidable_ms": 1000 * unavoidable,
+            "ratio": r["median_s"] / unavoidable, "queues_mb": queue_mb, "extra_mb": extra_mb,
+            "extra_over_queues": extra_mb / queue_mb if queue_mb else float("nan"),
+        })
+    gpu = []
+    if torch.cuda.is_available():
+        for amp in ("off", "auto"):
+            r = measure("compress-2q", args, device="cuda", amp=amp)
+            gpu.append({"amp": amp, "images_per_s": args.batch / r["median_s"]})
+    result = {
+        "setting": {"student": "mobilenet_v2", "image_size": args.image_size, "batch": args.batch,
+                    "teacher_dim": args.teacher_dim, "queue": args.queue, "threads": torch.get_num_threads()},
+        "baseline_ms": {k: 1000 * v["median_s"] for k, v in base.items()},
+        "methods": rows, "gpu": gpu,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    s = result["setting"]
+    print(f"student mobilenet_v2 {s['image_size']} px, batch {s['batch']}, teacher dim {s['teacher_dim']}, "
+          f"queue {s['queue']}, {s['threads']} threads")
+    print(f"plain step {result['baseline_ms']['plain']:.1f} ms, key-encoder forward "
+          f"{result['baseline_ms']['key-forward']:.1f} ms")
+    print(f"{'method':<24}{'step ms':>9}{'unavoid. ms':>12}{'ratio':>7}{'queues MB':>11}{'extra MB':>10}{'extra/q':>8}")
+    for r in rows:
+        print(f"{r['method']:<24}{r['step_ms']:>9.1f}{r['unavoidable_ms']:>12.1f}{r['ratio']:>7.2f}"
+              f"{r['queues_mb']:>11.1f}{r['extra_mb']:>10.1f}{r['extra_over_queues']:>8.2f}")
+    for g in gpu:
+        print(f"GPU compress-2q amp={g['amp']}: {g['images_per_s']:.0f} images/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,666 @@
+"""Third-party checkpoints: read safely, recognise the layout, load the backbone, or refuse clearly.
+
+A self-supervised checkpoint is rarely a plain torchvision state dict. The layouts handled here:
+
+==============  ==============================================================================
+format          layout (keys of the state dict; what is dropped)
+==============  ==============================================================================
+torchvision     plain keys (``conv1.weight``); the classifier (``fc.``/``classifier.``) is ignored
+moco            MoCo v1/v2: ``state_dict`` with ``module.encoder_q.``; drops ``fc.`` (its MLP head),
+                ``module.encoder_k.`` and the queue
+moco-v3         MoCo v3: ``state_dict`` with ``module.base_encoder.``; drops its ``fc.``/``head.``
+                projector, ``module.momentum_encoder.`` and ``module.predictor.``
+simclr          converted SimCLR: ``{"state_dict": plain keys}`` (simclr-converter), ``encoder.`` +
+                ``projector.`` (Spijkervet/SimCLR) or ``backbone.`` with ``backbone.fc.`` (sthalles)
+swav            ``module.`` keys at the top or under ``state_dict``; drops ``projection_head.`` and
+                ``prototypes.``
+dino            ``teacher``/``student`` dicts with ``module.``/``backbone.`` prefixes; drops ``head.``;
+                the teacher unless ``key="student"``
+lightning       PyTorch Lightning: ``state_dict`` with ``backbone.`` / ``model.backbone.`` (also the
+                ``nn.Sequential(*children)`` numbering lightly uses)
+compress-edge   a compress-edge model folder or its ``model.safetensors``: ``backbone.``; drops ``head.``
+generic         anything else: the prefix under which most of the backbone's keys are found
+==============  ==============================================================================
+
+Files are read with ``torch.load(weights_only=True)`` or safetensors: never unpickling code. A file
+that holds Python objects besides tensors is refused with the one-off conversion to do instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress_edge.errors import ModelError
+from compress_edge.models import (
+    SPEC_METADATA_KEY,
+    EmbeddingModel,
+    create_model,
+    list_models,
+    model_files,
+    read_safetensors,
+    rebuild,
+    unknown_arch_message,
+)
+from compress_edge.spec import SPEC_FILENAME, ModelSpec
+from compress_edge.storage import sha256_file
+
+log = logging.getLogger(__name__)
+
+FORMATS = (
+    "torchvision",
+    "moco",
+    "moco-v3",
+    "simclr",
+    "swav",
+    "dino",
+    "lightning",
+    "compress-edge",
+    "generic",
+)
+
+#: Share of the backbone's tensors that must come from the checkpoint.
+MIN_MATCHED = 0.9
+
+#: After the backbone prefix is stripped: classification and projection heads, ignored when the
+#: backbone has no such tensor (the torchvision classifier, SimCLR/MoCo/SwAV/DINO projectors).
+HEAD_PREFIXES = ("fc.", "classifier.", "head.", "heads.", "projector.", "projection_head.", "prototypes.")
+
+# Containers a training script wraps its state dict in, in the order they are tried.
+_CONTAINERS = ("state_dict", "model", "model_state_dict", "model_state", "network", "net", "weights")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    name: str
+    prefixes: tuple[str, ...]  # where the backbone may live; the one matching the most keys wins
+    heads: tuple[str, ...] = HEAD_PREFIXES
+
+
+_LAYOUTS: dict[str, _Layout] = {
+    "torchvision": _Layout("torchvision", ("",)),
+    "moco": _Layout("moco", ("module.encoder_q.", "encoder_q.")),
+    "moco-v3": _Layout("moco-v3", ("module.base_encoder.", "base_encoder.")),
+    "simclr": _Layout(
+        "simclr", ("module.encoder.", "encoder.", "module.backbone.", "backbone.", "module.", "")
+    ),
+    # lightly's SwAV keeps the backbone under backbone. beside projection_head. and prototypes.
+    "swav": _Layout("swav", ("module.", "module.backbone.", "backbone.", "")),
+    "dino": _Layout("dino", ("module.backbone.", "backbone.", "module.", "")),
+    "lightning": _Layout(
+        "lightning", ("model.backbone.", "backbone.", "model.encoder.", "encoder.", "model.", "")
+    ),
+    "compress-edge": _Layout("compress-edge", ("backbone.",), heads=("head.",)),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class RawCheckpoint:
+    """A checkpoint file read into memory: its top-level mapping and, for our own files, the spec."""
+
+    path: Path
+    top: dict[str, Any]
+    spec: ModelSpec | None = None  # set for compress-edge models
+
+    @property
+    def is_own(self) -> bool:
+        return self.spec is not None
+
+
+def _trusted_conversion(path: Path) -> str:
+    return (
+        "if you trust the file, convert it once in a Python session: "
+        f"ckpt = torch.load('{path}', weights_only=False); sd = ckpt.get('state_dict', ckpt) "
+        "(ckpt['teacher'] for DINO); torch.save({k: v for k, v in sd.items()}, 'weights.pth') "
+        "(or safetensors.torch.save_file), then pass weights.pth"
+    )
+
+
+def _is_safetensors(head: bytes) -> bool:
+    # 8-byte little-endian header length, then the JSON header.
+    return len(head) >= 9 and head[8:9] == b"{"
+
+
+def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
+    """Read a checkpoint without running code from it.
+
+    path: a PyTorch file (.pt, .pth, .pth.tar, .ckpt: zip or legacy pickle), a .safetensors file, or
+    a compress-edge model / run folder. Raises ModelError for anything else, an empty or damaged
+    file, or a pickle that holds Python objects besides tensors and containers.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"no checkpoint at {path}: the path does not exist")
+    if path.is_dir():
+        spec_path, weights = model_files(path)
+        return _read_own(weights, spec_path)
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelError(f"{path} is empty (0 bytes): the download or copy was probably cut short")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+
+    if path.suffix == ".safetensors" or _is_safetensors(head):
+        spec_path = None
+        for candidate in (path.with_suffix(".json"), path.parent / SPEC_FILENAME):
+            if candidate.is_file():
+                spec_path = candidate
+                break
+        return _read_own(path, spec_path)
+
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise ModelError(
+            f"{path} is not a checkpoint: expected a PyTorch file (.pt/.pth/.pth.tar/.ckpt) or .safetensors"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "weights only" not in text.lower() and "weights_only" not in text:
+            raise ModelError(
+                f"{path} is not a readable PyTorch checkpoint ({text.splitlines()[0]})"
+            ) from None
+        found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        raise ModelError(
+            f"{path} holds Python objects{what} besides tensors, and compress-edge never unpickles code "
+            f"from a file; {_trusted_conversion(path)}"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        raise ModelError(
+            f"{path} is not a readable PyTorch checkpoint ({exc.__class__.__name__}: {str(exc)[:120]}); "
+            "is the file complete?"
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise ModelError(
+            f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead"
+        )
+    return RawCheckpoint(path, dict(obj))
+
+
+def _read_own(weights: Path, spec_path: Path | None) -> RawCheckpoint:
+    tensors, metadata = read_safetensors(weights)
+    spec = None
+    if spec_path is not None:
+        spec = ModelSpec.load(spec_path)
+    elif SPEC_METADATA_KEY in metadata:
+        spec = ModelSpec.from_json(metadata[SPEC_METADATA_KEY])
+    return RawCheckpoint(weights, tensors, spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recognising the layout
+# --------------------------------------------------------------------------------------------------
+def _is_state_dict(obj: Any) -> bool:
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+    return tensors > 0 and tensors >= 0.9 * len(obj) and all(isinstance(k, str) for k in obj)
+
+
+@dataclass
+class Detected:
+    """The state dict found in a checkpoint and the layout it was saved in."""
+
+    format: str
+    tensors: dict[str, torch.Tensor]
+    container: str | None  # the top-level key holding the state dict ("state_dict", "teacher"), if any
+    arch_hint: str | None = None  # an architecture name recorded in the file (MoCo saves "arch")
+
+
+def detect_format(raw: RawCheckpoint, *, fmt: str = "auto", key: str | None = None) -> Detected:
+    """Find the state dict in ``raw`` and name its layout (one of :data:`FORMATS`).
+
+    fmt: "auto" to detect, or a format name to force. key: the top-level entry to read (DINO's
+    "teacher" or "student", or any container); None picks the teacher of a DINO file.
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ModelError(f"unknown checkpoint format {fmt!r}; choose one of: auto, {', '.join(FORMATS)}")
+    top = raw.top
+    hint = top.get("arch") if isinstance(top.get("arch"), str) else None
+    if raw.is_own:
+        hint = raw.spec.arch if raw.spec else hint
+        return Detected("compress-edge" if fmt == "auto" else fmt, dict(top), None, hint)
+
+    sd, container = _unwrap(top, key, raw.path)
+    name = fmt if fmt != "auto" else _recognise(top, sd, container)
+    return Detected(name, sd, container, hint)
+
+
+def _unwrap(top: dict[str, Any], key: str | None, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    if key is not None:
+        if not _is_state_dict(top.get(key)):
+            entries = [k for k, v in top.items() if _is_state_dict(v)]
+            raise ModelError(
+                f"{path} has no state dict under {key!r}; it has: {', '.join(map(str, entries)) or 'none'}"
+            )
+        return dict(top[key]), key
+    # DINO keeps both networks; the teacher (an EMA of the student) is the one its papers evaluate.
+    for candidate in ("teacher", "student", *_CONTAINERS):
+        if _is_state_dict(top.get(candidate)):
+            return dict(top[candidate]), candidate
+    if _is_state_dict(top):
+        return {k: v for k, v in top.items() if isinstance(v, torch.Tensor)}, None
+    shown = ", ".join(map(str, list(top)[:8]))
+    raise ModelError(
+        f"{path} holds no state dict (its top-level entries: {shown}); "
+        "pass the entry that holds the weights with key="
+    )
+
+
+def _recognise(top: Mapping[str, Any], sd: Mapping[str, torch.Tensor], container: str | None) -> str:
+    keys = list(sd)
+
+    def any_startswith(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+
+    if container in ("teacher", "student"):
+        return "dino"
+    if any("encoder_q." in k for k in keys):
+        return "moco"
+    if any("base_encoder." in k for k in keys):
+        return "moco-v3"
+    if any(k.startswith("pytorch-lightning_version") or "lightning" in k for k in top if isinstance(k, str)):
+        return "lightning"
+    if any_startswith("module.prototypes", "module.projection_head", "prototypes.", "projection_head."):
+        return "swav"
+    if any_startswith("projector.", "encoder.", "module.encoder.") or any_startswith("backbone.fc."):
+        return "simclr"
+    if container == "state_dict" and set(top) == {"state_dict"} and not any_startswith("module."):
+        return "simclr"  # simclr-converter saves exactly {"state_dict": torchvision keys}
+    if any_startswith("backbone.", "model.backbone."):
+        return "lightning"
+    if any_startswith("module."):
+        return "swav" if container is None else "generic"
+    return "torchvision" if container is None else "generic"
+
+
+# --------------------------------------------------------------------------------------------------
+# Matching against a backbone
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class LoadReport:
+    """What a checkpoint gave a backbone.
+
+    matched / total: backbone tensors found with the right shape / all of them (BN step counters
+    left out of both). missing: backbone tensors not in the file; unexpected: tensors under the
+    backbone's prefix that fit nowhere; mismatched: "key: file shape vs model shape"; ignored: heads
+    and other networks saved beside the backbone (momentum encoder, projector, classifier).
+    """
+
+    format: str
+    matched: int
+    total: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    prefix: str = ""
+    container: str | None = None
+    path: str = ""
+    arch: str = ""
+    arch_hint: str | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.matched / self.total if self.total else 0.0
+
+    def fits(self, min_matched: float = MIN_MATCHED) -> bool:
+        """True when the backbone's weights load: no shape mismatch, nothing unexpected, enough matched."""
+        return not self.mismatched and not self.unexpected and self.fraction >= min_matched
+
+    def describe(self) -> str:
+        where = f", under {self.container!r}" if self.container else ""
+        return f"{self.format} format{where}, backbone prefix {self.prefix!r}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "container": self.container,
+            "prefix": self.prefix,
+            "arch": self.arch,
+            "matched": self.matched,
+            "total": self.total,
+            "missing": self.missing,
+            "unexpected": self.unexpected,
+            "mismatched": self.mismatched,
+            "ignored": self.ignored,
+            "arch_hint": self.arch_hint,
+        }
+
+
+def _counts(key: str) -> bool:
+    # BatchNorm's step counter only matters for momentum=None; files from older code lack it.
+    return not key.endswith("num_batches_tracked")
+
+
+def _renumber(inside: dict[str, torch.Tensor], child_names: list[str]) -> dict[str, torch.Tensor]:
+    """Map ``nn.Sequential(*list(net.children())[:-1])`` numbering (``4.0.conv1.weight``, lightly's
+    examples) back to the child names (``layer1.0.conv1.weight``)."""
+    out = {}
+    for k, v in inside.items():
+        first, _, rest = k.partition(".")
+        if first.isdigit() and int(first) < len(child_names) and rest:
+            k = f"{child_names[int(first)]}.{rest}"
+        out[k] = v
+    return out
+
+
+def _candidate_prefixes(keys: list[str]) -> list[str]:
+    prefixes = {""}
+    for k in keys:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            prefixes.add(".".join(parts[:i]) + ".")
+    return sorted(prefixes, key=len)
+
+
+def match_backbone(
+    detected: Detected,
+    shapes: Mapping[str, tuple[int, ...]],
+    child_names: list[str] | tuple[str, ...],
+    *,
+    arch: str = "",
+) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """Compare a detected state dict with a backbone's tensor shapes (``{key: shape}``).
+
+    The backbone prefix is the layout's candidate that holds the most backbone keys; when none holds
+    half of them, every prefix found in the file is tried (an unknown wrapper). Returns the report
+    and the tensors to load (backbone keys, right shapes).
+    """
+    sd = detected.tensors
+    keys = list(sd)
+    layout = _LAYOUTS.get(detected.format)
+    heads = layout.heads if layout else HEAD_PREFIXES
+    renumber = not any(n.isdigit() for n in child_names)
+    counted = [k for k in shapes if _counts(k)]
+
+    def best_of(prefixes: list[str]) -> tuple[int, str, dict[str, torch.Tensor]] | None:
+        best = None
+        for prefix in prefixes:
+            inside = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+            if not inside:
+                continue
+            options = [inside, _renumber(inside, child_names)] if renumber else [inside]
+            for option in options:
+                score = sum(1 for k in option if k in shapes)
+                if best is None or score > best[0]:
+                    best = (score, prefix, option)
+        return best
+
+    best = best_of(list(layout.prefixes)) if layout else None
+    if best is None or best[0] < 0.5 * len(counted):
+        fallback = best_of(_candidate_prefixes(keys))
+        if fallback is not None and (best is None or fallback[0] > best[0]):
+            best = fallback
+    _, prefix, inside = best if best is not None else (0, "", {})
+
+    matched: dict[str, torch.Tensor] = {}
+    mismatched, unexpected, ignored = [], [], []
+    for k, v in inside.items():
+        if k in shapes:
+            if tuple(v.shape) == tuple(shapes[k]):
+                matched[k] = v
+            else:
+                mismatched.append(f"{k}: file {tuple(v.shape)} vs model {tuple(shapes[k])}")
+        elif k.startswith(heads):
+            ignored.append(prefix + k)
+        else:
+            unexpected.append(prefix + k)
+    # Other networks saved beside the backbone: momentum encoder, predictor, queue, DINO head.
+    ignored.extend(k for k in keys if not k.startswith(prefix))
+    report = LoadReport(
+        format=detected.format,
+        matched=sum(1 for k in counted if k in matched),
+        total=len(counted),
+        missing=[k for k in counted if k not in inside],
+        unexpected=unexpected,
+        ignored=ignored,
+        mismatched=mismatched,
+        prefix=prefix,
+        container=detected.container,
+        arch=arch,
+        arch_hint=detected.arch_hint,
+    )
+    return report, matched
+
+
+def _backbone_of(model: EmbeddingModel) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...]]:
+    shapes = {k: tuple(v.shape) for k, v in model.backbone.state_dict().items()}
+    return shapes, tuple(n for n, _ in model.backbone.named_children())
+
+
+@functools.cache
+def _signature(name: str, small_input: bool) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...]]:
+    """Backbone tensor shapes and child names of a registered architecture (built on the meta device)."""
+    with torch.device("meta"):
+        meta = create_model(name, small_input=small_input)
+    return _backbone_of(meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Guessing the architecture of a checkpoint
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArchGuess:
+    arch: str
+    small_input: bool
+    score: float  # matched / (backbone tensors + unexpected ones); 1.0 is a perfect fit
+    report: LoadReport
+
+
+def guess_arch(detected: Detected) -> list[ArchGuess]:
+    """Every registered architecture (both stems) ranked by how well ``detected`` fits it, best first.
+
+    Architectures are built once on the meta device (no memory); options such as width_mult keep
+    their defaults.
+    """
+    guesses = []
+    for name in list_models():
+        for small in (False, True):
+            shapes, children = _signature(name, small)
+            report, _ = match_backbone(detected, shapes, children, arch=name)
+            bad = len(report.unexpected) + len(report.mismatched)
+            score = report.matched / (report.total + bad) if report.total else 0.0
+            guesses.append(ArchGuess(name, small, score, report))
+    guesses.sort(key=lambda g: (-g.score, g.small_input))
+    return guesses
+
+
+def _suggestion(detected: Detected, arch: str) -> str:
+    guesses = [g for g in guess_arch(detected) if g.score >= MIN_MATCHED]
+    if guesses:
+        g = guesses[0]
+        variant = " with its small-input stem" if g.small_input else ""
+        if g.arch == arch:
+            return f"; it fits {g.arch}{variant}: " + (
+                "pass small_input=True" if g.small_input else "use the ImageNet stem (small_input=False)"
+            )
+        return f"; it looks like a {g.arch} checkpoint{variant}: use that architecture (e.g. --teacher-arch {g.arch})"
+    if detected.arch_hint and detected.arch_hint != arch:
+        return f"; the file says it was trained with {detected.arch_hint!r} (e.g. --teacher-arch {detected.arch_hint})"
+    return "; no registered architecture fits it (" + ", ".join(list_models()) + ")"
+
+
+def _head(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def refusal(report: LoadReport, detected: Detected, path: str | os.PathLike) -> str:
+    """The one-line explanation of why a checkpoint does not fit ``report.arch``."""
+    parts = [f"{report.matched}/{report.total} backbone tensors matched"]
+    if report.mismatched:
+        parts.append(f"{len(report.mismatched)} of another shape ({_head(report.mismatched, 2)})")
+    if report.missing:
+        parts.append(f"missing {_head(report.missing)}")
+    if report.unexpected:
+        parts.append(f"unexpected {_head(report.unexpected)}")
+    return (
+        f"the weights in {path} do not fit {report.arch} ({report.describe()}): "
+        + "; ".join(parts)
+        + _suggestion(detected, report.arch)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def _log_report(report: LoadReport, path: str | os.PathLike) -> None:
+    log.info(
+        "loaded %d/%d backbone tensors of %s from %s (%s); %d ignored",
+        report.matched,
+        report.total,
+        report.arch,
+        path,
+        report.describe(),
+        len(report.ignored),
+    )
+    if report.missing:
+        log.warning(
+            "%d backbone tensors missing, kept at random init: %s",
+            len(report.missing),
+            _head(report.missing, 5),
+        )
+    if report.unexpected:
+        log.warning("%d unexpected tensors: %s", len(report.unexpected), _head(report.unexpected, 5))
+    log.debug("missing: %s", report.missing)
+    log.debug("unexpected: %s", report.unexpected)
+    log.debug("mismatched: %s", report.mismatched)
+    log.debug("ignored: %s", report.ignored)
+
+
+def load_backbone_weights(
+    model: EmbeddingModel,
+    path: str | os.PathLike,
+    *,
+    fmt: str = "auto",
+    key: str | None = None,
+    min_matched: float = MIN_MATCHED,
+) -> LoadReport:
+    """Load the backbone of a checkpoint into ``model.backbone`` (the head is left as it is).
+
+    fmt: "auto" or one of :data:`FORMATS`. key: DINO's "teacher" (default) or "student", or any
+    top-level entry holding the state dict. Raises ModelError, naming the detected format, a few
+    missing keys and the architecture the file looks like, when any shape differs, a tensor fits
+    nowhere, or fewer than ``min_matched`` of the backbone's tensors are in the file.
+    """
+    raw = read_checkpoint(path)
+    detected = detect_format(raw, fmt=fmt, key=key)
+    shapes, children = _backbone_of(model)
+    report, tensors = match_backbone(detected, shapes, children, arch=model.arch)
+    report.path = str(raw.path)
+    if not report.fits(min_matched):
+        log.debug("refused: %s", report.to_dict())
+        raise ModelError(refusal(report, detected, path))
+    # Strict load of the full backbone: what the file lacks (a BN step counter, or the few
+    # tensors min_matched lets pass) keeps the model's current value, and nothing is silently dropped.
+    state = {**model.backbone.state_dict(), **tensors}
+    model.backbone.load_state_dict(state, strict=True)
+    _log_report(report, path)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Inspection (``compress-edge models inspect``)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class CheckpointInfo:
+    """What a file holds and how it fits an architecture (given, from its spec, or guessed)."""
+
+    path: str
+    format: str
+    container: str | None
+    tensors: int
+    top_keys: list[str]
+    arch: str | None
+    small_input: bool | None
+    arch_source: str  # "given", "spec", "guessed" or "none"
+    report: LoadReport | None
+    spec: ModelSpec | None
+    weights_verified: bool | None = None  # our own files: the sha256 the spec recorded matches
+    detected: Detected | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "container": self.container,
+            "tensors": self.tensors,
+            "top_keys": self.top_keys,
+            "arch": self.arch,
+            "small_input": self.small_input,
+            "arch_source": self.arch_source,
+            "fits": self.report.fits() if self.report else None,
+            "report": self.report.to_dict() if self.report else None,
+            "spec": self.spec.to_dict() if self.spec else None,
+            "weights_verified": self.weights_verified,
+        }
+
+
+def inspect_checkpoint(
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    small_input: bool = False,
+    key: str | None = None,
+    fmt: str = "auto",
+) -> CheckpointInfo:
+    """Detect a checkpoint's format and match it against ``arch`` (or the spec's, or the best guess).
+
+    Never raises for a checkpoint that does not fit: ``info.report.fits()`` says whether it does.
+    """
+    if arch is not None and arch not in list_models():
+        raise ModelError(unknown_arch_message(arch))
+    raw = read_checkpoint(path)
+    detected = detect_format(raw, fmt=fmt, key=key)
+    info = CheckpointInfo(
+        path=str(raw.path),
+        format=detected.format,
+        container=detected.container,
+        tensors=len(detected.tensors),
+        top_keys=[str(k) for k in list(raw.top)[:20]] if not raw.is_own else [],
+        arch=None,
+        small_input=None,
+        arch_source="none",
+        report=None,
+        spec=raw.spec,
+        detected=detected,
+    )
+    if raw.spec is not None and raw.spec.weights_sha256:
+        info.weights_verified = sha256_file(raw.path) == raw.spec.weights_sha256
+    if arch is None and raw.spec is not None:
+        with torch.device("meta"):
+            meta = rebuild(raw.spec.arch, raw.spec.arch_kwargs, normalize=raw.spec.normalize)
+        small = bool(meta.arch_kwargs["small_input"])
+        info.arch, info.small_input, info.arch_source = raw.spec.arch, small, "spec"
+    elif arch is not None:
+        with torch.device("meta"):
+            meta = create_model(arch, small_input=small_input)
+        info.arch, info.small_input, info.arch_source = arch, small_input, "given"
+    else:
+        guesses = guess_arch(detected)
+        best = guesses[0] if guesses else None
+        if best is None or best.score <= 0:
+            return info
+        info.arch, info.small_input, info.arch_source = best.arch, best.small_input, "guessed"
+        info.report = best.report
+        info.report.path = str(raw.path)
+        return info
+    shapes, children = _backbone_of(meta)
+    info.report, _ = match_backbone(detected, shapes, children, arch=info.arch or "")
+    info.report.path = str(raw.path)
+    return info

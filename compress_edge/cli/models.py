@@ -1,0 +1,142 @@
+"""``compress-edge models``: the architectures on offer, and what a model file or checkpoint holds."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from compress_edge.cli import app
+
+models_app = typer.Typer(
+    help=(
+        "List architectures and inspect model files and third-party checkpoints.\n\n"
+        "Example: compress-edge models inspect moco_v2_800ep_pretrain.pth.tar --arch resnet50"
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e6:.1f} M"
+
+
+@models_app.command("list")
+def list_models_cmd(
+    image_size: Annotated[
+        int,
+        typer.Option("--image-size", min=8, help="Square input side in pixels used for the feature map."),
+    ] = 224,
+    small_input: Annotated[
+        bool | None,
+        typer.Option(
+            "--small-input/--no-small-input",
+            help="The stem for images of 64 px and below (default: chosen from --image-size).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the architectures: parameters, feature dimension and last feature map at an image size.
+
+    Example: compress-edge models list --image-size 32
+    """
+    from compress_edge.models import describe_model, list_models
+
+    infos = [describe_model(name, image_size=image_size, small_input=small_input) for name in list_models()]
+    if as_json:
+        typer.echo(json.dumps([i.to_dict() for i in infos], indent=2))
+        return
+
+    from rich.table import Table
+
+    from compress_edge.cli.common import console
+
+    table = Table(title=f"architectures at {image_size}px")
+    # The one-line summaries stay in --json: a sixth column would not fit an 80-column terminal.
+    for column in ("name", "stem", "params", "feature dim", "feature map"):
+        table.add_column(
+            column, justify="right" if column in ("params", "feature dim") else "left", no_wrap=True
+        )
+    for i in infos:
+        fmap = f"{i.feature_map[0]}x{i.feature_map[1]}" if i.feature_map else "image too small"
+        stem = "small-input" if i.small_input else "ImageNet"
+        table.add_row(i.name, stem, _params(i.params), str(i.feature_dim), fmap)
+    console.print(table)
+
+
+@models_app.command("inspect")
+def inspect_cmd(
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="A compress-edge model or run folder, its model.safetensors, or a third-party "
+            "checkpoint (.pth, .pth.tar, .ckpt, .safetensors)."
+        ),
+    ],
+    arch: Annotated[
+        str | None,
+        typer.Option("--arch", help="Match the weights against this architecture (default: guess it)."),
+    ] = None,
+    small_input: Annotated[
+        bool, typer.Option("--small-input", help="With --arch: its small-input stem.")
+    ] = False,
+    key: Annotated[
+        str | None,
+        typer.Option("--key", help="Top-level entry to read (DINO: teacher or student)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")] = False,
+) -> None:
+    """Show a checkpoint's format, which architecture its weights fit, and a model's ModelSpec.
+
+    Exits with 1 when the weights do not fit the architecture.
+
+    Example: compress-edge models inspect dino_resnet50.pth --arch resnet50 --key teacher
+    """
+    from compress_edge.checkpoints import inspect_checkpoint, refusal
+    from compress_edge.errors import ModelError
+
+    info = inspect_checkpoint(path, arch=arch, small_input=small_input, key=key)
+    report = info.report
+    if as_json:
+        typer.echo(json.dumps(info.to_dict(), indent=2))
+    else:
+        from compress_edge.cli.common import console
+
+        where = f" under {info.container!r}" if info.container else ""
+
+        # markup=False throughout: paths and keys may hold brackets that rich would read as styles.
+        def say(text: str) -> None:
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+        say(str(info.path))
+        say(f"format       {info.format}{where}, {info.tensors} tensors")
+        if info.arch:
+            stem = " (small-input stem)" if info.small_input else ""
+            say(f"architecture {info.arch}{stem} ({info.arch_source})")
+        if report is not None:
+            say(f"backbone     prefix {report.prefix!r}: {report.matched}/{report.total} tensors matched")
+            for label, items in (
+                ("missing", report.missing),
+                ("mismatched", report.mismatched),
+                ("unexpected", report.unexpected),
+                ("ignored", report.ignored),
+            ):
+                if items:
+                    more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                    say(f"{label:<12} {len(items)}: {', '.join(items[:3])}{more}")
+        if info.weights_verified is not None:
+            say(f"sha256       {'matches the spec' if info.weights_verified else 'DIFFERS from the spec'}")
+        if info.spec is not None:
+            say("spec")
+            console.print_json(info.spec.to_json())
+    if info.weights_verified is False:
+        raise ModelError(
+            f"{info.path} is not the weights file its spec was written for (sha256 differs): "
+            "it was changed or replaced; save the model again"
+        )
+    if report is None:
+        raise ModelError(f"no registered architecture fits the weights in {path}; pass --arch to compare")
+    if not report.fits() and info.detected is not None:
+        raise ModelError(refusal(report, info.detected, path))

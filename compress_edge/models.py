@@ -1,0 +1,745 @@
+"""Backbone registry, the embedding model every command uses, and compress-edge model files.
+
+One registry, one factory (as timm does): each architecture is a builder function decorated with
+``@register_model(name)`` that returns a torchvision backbone whose classifier was replaced by
+``nn.Identity`` (so torchvision state dicts load into ``model.backbone`` unchanged); ``create_model``
+wraps it in an :class:`EmbeddingModel` with an optional projection head.
+
+A saved model is a folder with ``model.safetensors`` (the weights, never pickled) and ``model.json``
+(the :class:`~compress_edge.spec.ModelSpec`, holding the sha256 of the weights file).
+
+Builders never download weights: every model starts from a random initialisation; pretrained
+weights come from a compress-edge model folder or a third-party checkpoint (``checkpoints.py``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress_edge.errors import ModelError
+from compress_edge.spec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SPEC_FILENAME,
+    WEIGHTS_FILENAME,
+    ModelSpec,
+)
+from compress_edge.storage import atomic_path, sha256_file
+
+log = logging.getLogger(__name__)
+
+#: Projection heads ``create_model`` knows; None means no head (the output is the backbone feature).
+HEADS = ("linear", "mlp")
+#: Output dimension of a projection head when none is given (MoCo / CompRess use 128).
+DEFAULT_EMBED_DIM = 128
+#: Images of this side or smaller are "small": ``resolve_model`` picks the small-input stem for them.
+SMALL_INPUT_MAX = 64
+#: Safetensors metadata key holding the spec (without its hash), so a lone weights file describes itself.
+SPEC_METADATA_KEY = "compress_edge.spec"
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Backbone:
+    """What a builder returns.
+
+    module: maps (B, 3, H, W) images to pooled features (B, feature_dim).
+    feature_dim: F.
+    feature_map: name (within ``module``) of the submodule whose output is the last spatial map
+        (B, C, h, w), before pooling.
+    """
+
+    module: nn.Module
+    feature_dim: int
+    feature_map: str
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    builder: Callable[..., Backbone]
+    defaults: dict[str, Any]  # the builder's own keyword arguments (besides small_input) and defaults
+    summary: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., Backbone]], Callable[..., Backbone]]:
+    """Decorator adding a backbone builder to the registry under ``name``.
+
+    The builder takes keyword-only arguments: ``small_input: bool`` and its own architecture options
+    (with defaults, JSON-serialisable), and returns a :class:`Backbone`.
+    """
+
+    def decorate(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")  # a programming error, not the user's
+        params = inspect.signature(fn).parameters
+        if "small_input" not in params:
+            raise TypeError(f"builder {fn.__name__} must accept small_input")
+        defaults = {
+            k: p.default for k, p in params.items() if k != "small_input" and p.default is not p.empty
+        }
+        summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
+        _REGISTRY[name] = _Entry(name, fn, defaults, summary)
+        return fn
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Registered architecture names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def model_summary(name: str) -> str:
+    """One-line description of a registered architecture."""
+    return _entry(name).summary
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ModelError(unknown_arch_message(name)) from None
+
+
+def unknown_arch_message(name: object) -> str:
+    """'unknown architecture X (did you mean Y?); choose one of: ...'."""
+    names = list_models()
+    close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown architecture {name!r}{hint}; choose one of: {', '.join(names)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Architectures. Each keeps torchvision's module names; only the stem changes for small inputs.
+# --------------------------------------------------------------------------------------------------
+def _tv():
+    import torchvision.models as tvm
+
+    return tvm
+
+
+def _resnet(fn_name: str, small_input: bool) -> Backbone:
+    net = getattr(_tv(), fn_name)(weights=None)
+    if small_input:
+        # CIFAR-style stem: the 7x7/2 conv and the max-pool would shrink 32 px to 8 px before layer1.
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return Backbone(net, dim, "layer4")
+
+
+@register_model("resnet18")
+def resnet18(*, small_input: bool = False) -> Backbone:
+    """ResNet-18 (11.2 M parameters, 512-d features)."""
+    return _resnet("resnet18", small_input)
+
+
+@register_model("resnet34")
+def resnet34(*, small_input: bool = False) -> Backbone:
+    """ResNet-34 (21.3 M parameters, 512-d features)."""
+    return _resnet("resnet34", small_input)
+
+
+@register_model("resnet50")
+def resnet50(*, small_input: bool = False) -> Backbone:
+    """ResNet-50 (23.5 M parameters, 2048-d features): the usual self-supervised teacher."""
+    return _resnet("resnet50", small_input)
+
+
+def _stride1_first_conv(features: nn.Sequential) -> None:
+    """Stride 1 in the first conv of a torchvision Conv2dNormActivation stem (mobilenets, efficientnet)."""
+    conv = features[0][0]
+    conv.stride = (1, 1)
+
+
+@register_model("alexnet")
+def alexnet(*, small_input: bool = False) -> Backbone:
+    """AlexNet (57 M parameters, 4096-d fc7 features), the CompRess small student of the paper."""
+    net = _tv().alexnet(weights=None)
+    if small_input:
+        # 11x11/4 would leave 7 px of a 32 px image and the three max-pools nothing at all.
+        net.features[0] = nn.Conv2d(3, 64, kernel_size=5, stride=1, padding=2)
+    dim = net.classifier[6].in_features
+    # fc7 (after its ReLU) is the feature; the dropouts before fc6/fc7 are AlexNet's own, kept as is.
+    net.classifier[6] = nn.Identity()
+    return Backbone(net, dim, "features")
+
+
+@register_model("mobilenet_v2")
+def mobilenet_v2(*, small_input: bool = False, width_mult: float = 1.0) -> Backbone:
+    """MobileNetV2 (2.2 M parameters at width 1.0, 1280-d features); width_mult scales the channels."""
+    width_mult = float(width_mult)
+    if not width_mult > 0:
+        raise ModelError(f"width_mult must be positive, got {width_mult}")
+    net = _tv().mobilenet_v2(weights=None, width_mult=width_mult)
+    if small_input:
+        _stride1_first_conv(net.features)
+    dim = net.classifier[1].in_features
+    # The dropout only regularises the ImageNet classifier: drop it with the classifier.
+    net.classifier = nn.Identity()
+    return Backbone(net, dim, "features")
+
+
+def _mobilenet_v3(fn_name: str, small_input: bool) -> Backbone:
+    net = getattr(_tv(), fn_name)(weights=None)
+    if small_input:
+        _stride1_first_conv(net.features)
+    # Keep the pre-logits layer (classifier.0, Linear + Hardswish): it is part of the network's
+    # feature extractor in the paper and in torchvision's weights; remove dropout and logits.
+    dim = net.classifier[3].in_features
+    net.classifier[2] = nn.Identity()
+    net.classifier[3] = nn.Identity()
+    return Backbone(net, dim, "features")
+
+
+@register_model("mobilenet_v3_small")
+def mobilenet_v3_small(*, small_input: bool = False) -> Backbone:
+    """MobileNetV3-Small (1.5 M parameters, 1024-d features)."""
+    return _mobilenet_v3("mobilenet_v3_small", small_input)
+
+
+@register_model("mobilenet_v3_large")
+def mobilenet_v3_large(*, small_input: bool = False) -> Backbone:
+    """MobileNetV3-Large (4.2 M parameters, 1280-d features)."""
+    return _mobilenet_v3("mobilenet_v3_large", small_input)
+
+
+@register_model("efficientnet_b0")
+def efficientnet_b0(*, small_input: bool = False) -> Backbone:
+    """EfficientNet-B0 (4.0 M parameters, 1280-d features)."""
+    net = _tv().efficientnet_b0(weights=None)
+    if small_input:
+        _stride1_first_conv(net.features)
+    dim = net.classifier[1].in_features
+    net.classifier = nn.Identity()
+    return Backbone(net, dim, "features")
+
+
+# --------------------------------------------------------------------------------------------------
+# The embedding model
+# --------------------------------------------------------------------------------------------------
+def build_head(kind: str | None, feature_dim: int, embed_dim: int) -> nn.Module:
+    """Projection head from F to D features.
+
+    None: identity (D == F). "linear": Linear(F, D). "mlp": Linear(F, F)-BN-ReLU-Linear(F, D), the
+    projection head of SimCLR (Chen et al., ICML 2020, with its BN) and MoCo v2 (Chen et al.,
+    arXiv:2003.04297); the hidden width is F as in both.
+    """
+    if kind is None:
+        return nn.Identity()
+    if kind == "linear":
+        return nn.Linear(feature_dim, embed_dim)
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Linear(feature_dim, feature_dim, bias=False),
+            nn.BatchNorm1d(feature_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(feature_dim, embed_dim),
+        )
+    raise ModelError(f"unknown head {kind!r}; choose one of: none, {', '.join(HEADS)}")
+
+
+class EmbeddingModel(nn.Module):
+    """Images (B, 3, H, W) -> embeddings (B, D), L2-normalised when ``normalize`` is True.
+
+    ``backbone``: (B, 3, H, W) -> pooled features (B, F), with torchvision's module names.
+    ``head``: (B, F) -> (B, D); ``nn.Identity`` (D == F) or a projection (see :func:`build_head`).
+
+    ``arch`` and ``arch_kwargs`` rebuild the same model: ``create_model(arch, normalize=normalize,
+    **arch_kwargs)``; ``normalize`` is kept out of ``arch_kwargs`` because the spec stores it itself.
+    ``feature_dim`` is F, ``embed_dim`` D; ``feature_map`` names the backbone submodule whose output
+    is the last spatial map (used for shape checks, never by ``forward``).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        *,
+        arch: str,
+        arch_kwargs: dict[str, Any],
+        head: str | None = None,
+        embed_dim: int | None = None,
+        normalize: bool = True,
+        feature_map: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = int(feature_dim)
+        self.embed_dim = int(embed_dim) if head is not None and embed_dim is not None else self.feature_dim
+        self.head = build_head(head, self.feature_dim, self.embed_dim)
+        self.head_kind = head
+        self.normalize = bool(normalize)
+        self.arch = arch
+        self.arch_kwargs = dict(arch_kwargs)
+        self.feature_map = feature_map
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, F) pooled backbone features."""
+        return self.backbone(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F) -> (B, D), normalised when the model normalises."""
+        z = self.head(features)
+        return F.normalize(z, dim=1) if self.normalize else z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D)."""
+        return self.forward_head(self.forward_features(x))
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch!r}, arch_kwargs={self.arch_kwargs}, F={self.feature_dim}, D={self.embed_dim}"
+
+
+def create_model(
+    name: str,
+    *,
+    small_input: bool = False,
+    head: str | None = None,
+    embed_dim: int | None = None,
+    normalize: bool = True,
+    **arch_kwargs: Any,
+) -> EmbeddingModel:
+    """Build a randomly initialised :class:`EmbeddingModel` from the registry.
+
+    small_input: stem for images of 64 px and below (stride 1, no early max-pool).
+    head: None (or "none") for no projection, "linear" or "mlp".
+    embed_dim: D of the head (default 128); without a head D is the feature dim F.
+    arch_kwargs: the architecture's own options (e.g. ``width_mult`` for mobilenet_v2).
+    """
+    entry = _entry(name)
+    unknown = sorted(set(arch_kwargs) - set(entry.defaults))
+    if unknown:
+        accepted = ", ".join(["small_input", "head", "embed_dim", "normalize", *entry.defaults]) or "none"
+        raise ModelError(f"{name} does not take {', '.join(unknown)}; it accepts: {accepted}")
+    if isinstance(head, str) and head.lower() in ("none", "identity", ""):
+        head = None
+    if head is not None and head not in HEADS:
+        raise ModelError(f"unknown head {head!r}; choose one of: none, {', '.join(HEADS)}")
+    if embed_dim is not None and int(embed_dim) <= 0:
+        raise ModelError(f"embed_dim must be positive, got {embed_dim}")
+
+    kwargs = {**entry.defaults, **{k: _coerce(name, k, v, entry.defaults[k]) for k, v in arch_kwargs.items()}}
+    backbone = entry.builder(small_input=bool(small_input), **kwargs)
+    if head is None and embed_dim is not None and int(embed_dim) != backbone.feature_dim:
+        raise ModelError(
+            f"{name} gives {backbone.feature_dim}-d features; embed_dim={embed_dim} needs a projection "
+            "head (head='linear' or 'mlp')"
+        )
+    if head is not None and embed_dim is None:
+        embed_dim = DEFAULT_EMBED_DIM
+    record = {
+        "small_input": bool(small_input),
+        "head": head,
+        "embed_dim": int(embed_dim) if head is not None else None,
+        **kwargs,
+    }
+    return EmbeddingModel(
+        backbone.module,
+        backbone.feature_dim,
+        arch=name,
+        arch_kwargs=record,
+        head=head,
+        embed_dim=embed_dim,
+        normalize=normalize,
+        feature_map=backbone.feature_map,
+    )
+
+
+def _coerce(arch: str, key: str, value: Any, default: Any) -> Any:
+    """Cast an option to its default's type, so width_mult=1 and width_mult=1.0 record the same model."""
+    if isinstance(default, bool) or default is None:
+        return value
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(value)
+        except (TypeError, ValueError):
+            raise ModelError(f"{arch} option {key} must be a number, got {value!r}") from None
+    return value
+
+
+def rebuild(arch: str, arch_kwargs: dict[str, Any], *, normalize: bool = True) -> EmbeddingModel:
+    """``create_model`` from a saved ``arch`` / ``arch_kwargs`` pair (a ModelSpec's)."""
+    if not isinstance(arch_kwargs, dict):
+        raise ModelError(f"arch_kwargs must be a JSON object, got {type(arch_kwargs).__name__}")
+    return create_model(arch, normalize=normalize, **arch_kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input sizes: shape inference on the meta device (no memory, no compute)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``compress-edge models list`` shows for one architecture at one image size."""
+
+    name: str
+    small_input: bool
+    image_size: int
+    params: int
+    feature_dim: int
+    feature_map: tuple[int, int] | None  # (h, w) of the last spatial map; None: image too small
+    summary: str
+    arch_kwargs: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "small_input": self.small_input,
+            "image_size": self.image_size,
+            "params": self.params,
+            "feature_dim": self.feature_dim,
+            "feature_map": list(self.feature_map) if self.feature_map else None,
+            "summary": self.summary,
+            "arch_kwargs": self.arch_kwargs,
+        }
+
+
+def _meta_model(arch: str, arch_kwargs: dict[str, Any]) -> EmbeddingModel:
+    with torch.device("meta"):
+        return rebuild(arch, arch_kwargs)
+
+
+def feature_map_size(model: EmbeddingModel, image_size: int) -> tuple[int, int] | None:
+    """(h, w) of the last spatial map for a square ``image_size`` input; None when it is too small.
+
+    Runs on a meta-device copy of the architecture, so it costs neither memory nor compute.
+    """
+    meta = _meta_model(model.arch, model.arch_kwargs).eval()
+    seen: list[tuple[int, int]] = []
+    target = meta.backbone.get_submodule(model.feature_map) if model.feature_map else meta.backbone
+    handle = target.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[-2:])))
+    try:
+        meta(torch.empty(1, 3, int(image_size), int(image_size), device="meta"))
+    except RuntimeError:  # a pooling or conv window larger than what is left of the image
+        return None
+    finally:
+        handle.remove()
+    return seen[-1] if seen else None
+
+
+def check_input_size(model: EmbeddingModel, image_size: int) -> None:
+    """Raise ModelError when ``model`` cannot take ``image_size`` px images; warn when it barely can."""
+    size = feature_map_size(model, image_size)
+    small = bool(model.arch_kwargs.get("small_input"))
+    if size is None:
+        hint = " or use its small-input variant (small_input=True)" if not small else ""
+        raise ModelError(f"{model.arch} cannot take {image_size}px images; use larger images{hint}")
+    if size == (1, 1) and not small and image_size <= SMALL_INPUT_MAX:
+        log.warning(
+            "%s leaves a 1x1 feature map of a %dpx image; its small-input variant keeps more detail",
+            model.arch,
+            image_size,
+        )
+
+
+def describe_model(
+    name: str, *, image_size: int = 224, small_input: bool | None = None, **arch_kwargs: Any
+) -> ModelInfo:
+    """Parameter count, feature dim and last feature map of ``name`` at ``image_size`` (meta device).
+
+    small_input None picks the variant ``resolve_model`` would: small for images of 64 px and below.
+    """
+    if small_input is None:
+        small_input = image_size <= SMALL_INPUT_MAX
+    with torch.device("meta"):
+        model = create_model(name, small_input=small_input, **arch_kwargs)
+    return ModelInfo(
+        name=name,
+        small_input=bool(small_input),
+        image_size=int(image_size),
+        params=sum(p.numel() for p in model.parameters()),
+        feature_dim=model.feature_dim,
+        feature_map=feature_map_size(model, image_size),
+        summary=model_summary(name),
+        arch_kwargs=model.arch_kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Specs and model files
+# --------------------------------------------------------------------------------------------------
+def spec_for(
+    model: EmbeddingModel,
+    *,
+    image_size: int,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    source: dict[str, Any] | None = None,
+) -> ModelSpec:
+    """The ModelSpec describing ``model`` fed ``image_size`` px images normalised with mean/std.
+
+    Raises ModelError when the architecture cannot take images that small.
+    """
+    check_input_size(model, image_size)
+    return ModelSpec(
+        arch=model.arch,
+        embed_dim=model.embed_dim,
+        image_size=int(image_size),
+        arch_kwargs=dict(model.arch_kwargs),
+        mean=tuple(mean),
+        std=tuple(std),
+        normalize=model.normalize,
+        source=dict(source or {}),
+    )
+
+
+def _spec_disagreements(model: EmbeddingModel, spec: ModelSpec) -> list[str]:
+    # Through JSON so that a tuple in the model and a list in a loaded spec compare equal.
+    model_kwargs = json.loads(json.dumps(model.arch_kwargs))
+    spec_kwargs = json.loads(json.dumps(spec.arch_kwargs))
+    problems = []
+    if spec.arch != model.arch:
+        problems.append(f"arch {spec.arch!r} vs model {model.arch!r}")
+    if spec_kwargs != model_kwargs:
+        problems.append(f"arch_kwargs {spec_kwargs} vs model {model_kwargs}")
+    if int(spec.embed_dim) != model.embed_dim:
+        problems.append(f"embed_dim {spec.embed_dim} vs model {model.embed_dim}")
+    if bool(spec.normalize) != model.normalize:
+        problems.append(f"normalize {spec.normalize} vs model {model.normalize}")
+    return problems
+
+
+def save_model(model: EmbeddingModel, spec: ModelSpec, folder: str | os.PathLike) -> ModelSpec:
+    """Write ``folder/model.safetensors`` and ``folder/model.json``; return the spec written.
+
+    The spec written carries the sha256 of the weights file. Both files are written atomically, the
+    weights first: a crash in between leaves a spec whose hash no longer matches, which load refuses.
+    """
+    from safetensors.torch import save_file
+
+    problems = _spec_disagreements(model, spec)
+    if problems:
+        raise ModelError(
+            f"the spec does not describe this model ({'; '.join(problems)}); build it with spec_for"
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # safetensors wants contiguous CPU tensors that share no memory.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt", SPEC_METADATA_KEY: spec.replace(weights_sha256=None).to_json()}
+    weights_path = folder / WEIGHTS_FILENAME
+    with atomic_path(weights_path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    written = spec.replace(weights_sha256=sha256_file(weights_path))
+    written.save(folder / SPEC_FILENAME)
+    log.debug("saved %s (%d tensors) to %s", model.arch, len(tensors), folder)
+    return written
+
+
+def model_files(path: str | os.PathLike) -> tuple[Path | None, Path]:
+    """(spec path or None, weights path) for a model folder, a run folder, or either file.
+
+    Accepted: a folder holding model.json + model.safetensors; a run folder with a ``student/``
+    subfolder holding them; the ``.safetensors`` file or the ``.json`` spec itself.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"no model at {path}: the path does not exist")
+    if path.is_dir():
+        for folder in (path, path / "student"):
+            if (folder / WEIGHTS_FILENAME).is_file() or (folder / SPEC_FILENAME).is_file():
+                spec = folder / SPEC_FILENAME
+                weights = folder / WEIGHTS_FILENAME
+                if not weights.is_file():
+                    raise ModelError(f"{folder} holds {SPEC_FILENAME} but no {WEIGHTS_FILENAME}")
+                return (spec if spec.is_file() else None), weights
+        raise ModelError(
+            f"{path} holds no {WEIGHTS_FILENAME} + {SPEC_FILENAME} (nor a student/ subfolder with them); "
+            "pass a model folder written by compress-edge"
+        )
+    if path.suffix == ".safetensors":
+        for spec in (path.with_suffix(".json"), path.parent / SPEC_FILENAME):
+            if spec.is_file():
+                return spec, path
+        return None, path
+    if path.suffix == ".json":
+        for weights in (path.with_suffix(".safetensors"), path.parent / WEIGHTS_FILENAME):
+            if weights.is_file():
+                return path, weights
+        raise ModelError(f"no weights beside {path}: expected {path.with_suffix('.safetensors').name}")
+    raise ModelError(
+        f"{path} is not a compress-edge model (its folder with model.json + model.safetensors, either "
+        f"file, or a run folder with student/); for a third-party checkpoint pass its architecture name "
+        f"as MODEL and the file as --weights {path.name}"
+    )
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors on CPU, metadata) of a safetensors file; ModelError when it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open is no dict
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path} is not a readable safetensors file ({exc}); is it complete?") from None
+    return tensors, metadata
+
+
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[EmbeddingModel, ModelSpec]:
+    """Load a compress-edge model (see :func:`model_files` for the accepted paths), in eval mode.
+
+    Refuses with ModelError weights and spec that disagree: a weights file whose sha256 is not the
+    one the spec recorded, missing or unexpected tensors, shapes or an embed_dim the spec's
+    architecture does not have.
+    """
+    spec_path, weights_path = model_files(path)
+    if spec_path is not None:
+        spec = ModelSpec.load(spec_path)
+        if spec.weights_sha256:
+            actual = sha256_file(weights_path)
+            if actual != spec.weights_sha256:
+                raise ModelError(
+                    f"{weights_path} is not the file {spec_path.name} was written for (sha256 {actual[:12]}… "
+                    f"vs {spec.weights_sha256[:12]}…): it was changed or replaced; save the model again"
+                )
+        else:
+            log.warning("%s records no weights hash; the weights file cannot be verified", spec_path)
+        tensors, _ = read_safetensors(weights_path)
+    else:
+        tensors, metadata = read_safetensors(weights_path)
+        if SPEC_METADATA_KEY not in metadata:
+            raise ModelError(
+                f"no {SPEC_FILENAME} beside {weights_path}, and the file carries no spec; pass the "
+                "folder compress-edge wrote, or for a third-party file its architecture name as MODEL "
+                f"and the file as --weights {weights_path.name}"
+            )
+        log.warning("no %s beside %s: using the spec stored inside it", SPEC_FILENAME, weights_path)
+        spec = ModelSpec.from_json(metadata[SPEC_METADATA_KEY])
+
+    try:
+        model = rebuild(spec.arch, spec.arch_kwargs, normalize=spec.normalize)
+    except ModelError as exc:
+        raise ModelError(f"cannot rebuild the model of {spec_path or weights_path}: {exc}") from None
+    if model.embed_dim != int(spec.embed_dim):
+        raise ModelError(
+            f"{spec_path} says embed_dim={spec.embed_dim} but {spec.arch} with {spec.arch_kwargs} "
+            f"gives {model.embed_dim}: the spec was edited or belongs to another model"
+        )
+    _check_state_dict(model, tensors, weights_path)
+    model.load_state_dict(tensors, strict=True)
+    model.to(device).eval()
+    return model, spec
+
+
+def _check_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    shapes = [
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
+    if shapes:
+        problems.append(f"{len(shapes)} of another shape (file vs spec: {', '.join(shapes[:3])})")
+    if problems:
+        raise ModelError(
+            f"the weights in {where} do not fit the model its spec describes: tensors {'; '.join(problems)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The one entry point for a MODEL argument
+# --------------------------------------------------------------------------------------------------
+MODEL_FORMS = (
+    "a compress-edge model folder (model.json + model.safetensors) or its run folder (with student/), "
+    "its .safetensors/.json file, or an architecture name ({names}) with --weights for a checkpoint"
+)
+
+
+def _looks_like_path(ref: str) -> bool:
+    return os.sep in ref or "/" in ref or ref.startswith(".") or Path(ref).suffix != ""
+
+
+def resolve_model(
+    ref: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+    small_input: bool | None = None,
+    weights_key: str | None = None,
+) -> tuple[EmbeddingModel, ModelSpec]:
+    """Turn a MODEL argument into (model in eval mode, its spec).
+
+    ref: a compress-edge model or run folder (or its .safetensors / .json file), or an architecture
+      name. A name gives a random initialisation (enough for profiling) unless ``weights`` names a
+      third-party checkpoint or compress-edge model, whose backbone is then loaded (checkpoints.py).
+    image_size: input side; for a saved model it overrides the spec's (with a warning); for a name
+      it defaults to 224.
+    small_input: for a name, the small-input stem; None picks it for images of 64 px and below when
+      no weights are given (pretrained checkpoints have the ImageNet stem).
+    weights_key: which network of a multi-network checkpoint to load (DINO: "teacher", "student").
+    """
+    ref = str(ref)
+    path = Path(ref)
+    if path.exists():
+        if weights is not None:
+            raise ModelError(
+                f"--weights goes with an architecture name, not with the model {ref}, which has its own"
+            )
+        model, spec = load_model(path, device=device)
+        if image_size is not None and int(image_size) != spec.image_size:
+            check_input_size(model, int(image_size))
+            log.warning(
+                "%s was made for %dpx images; using %dpx as asked (embeddings may differ)",
+                ref,
+                spec.image_size,
+                image_size,
+            )
+            spec = spec.replace(image_size=int(image_size))
+        return model, spec
+
+    if ref in _REGISTRY:
+        size = int(image_size) if image_size is not None else 224
+        if small_input is None:
+            small_input = weights is None and size <= SMALL_INPUT_MAX
+        model = create_model(ref, small_input=small_input)
+        source: dict[str, Any] = {"kind": "random-init"}
+        if weights is not None:
+            from compress_edge.checkpoints import load_backbone_weights
+
+            report = load_backbone_weights(model, weights, key=weights_key)
+            source = {"kind": "checkpoint", "path": str(weights), "format": report.format}
+            if report.container:
+                source["key"] = report.container
+        spec = spec_for(model, image_size=size, source=source)
+        return model.to(device).eval(), spec
+
+    names = ", ".join(list_models())
+    if _looks_like_path(ref):
+        raise ModelError(f"no such file or folder: {ref}; MODEL is {MODEL_FORMS.format(names=names)}")
+    close = difflib.get_close_matches(ref, list_models(), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ModelError(
+        f"{ref!r} is neither a path nor a known architecture{hint}; MODEL is {MODEL_FORMS.format(names=names)}"
+    )

@@ -1,0 +1,97 @@
+"""Self-supervised pretraining: the losses against NumPy, a few real steps lower the loss."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from compress_edge.cli import app
+from compress_edge.losses import MoCoLoss, NTXent
+from compress_edge.models import load_model
+
+runner = CliRunner()
+
+
+def _norm(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_ntxent_matches_numpy():
+    rng = np.random.default_rng(0)
+    z1, z2 = rng.normal(size=(5, 7)).astype(np.float32), rng.normal(size=(5, 7)).astype(np.float32)
+    t = 0.3
+    z = _norm(np.concatenate([z1, z2]))
+    sim = z @ z.T / t
+    losses = []
+    for i in range(10):
+        pos = (i + 5) % 10
+        others = [j for j in range(10) if j != i]
+        losses.append(-(sim[i, pos] - np.log(np.exp(sim[i, others]).sum())))
+    got = NTXent(t)(torch.from_numpy(z1), torch.from_numpy(z2)).item()
+    assert got == pytest.approx(float(np.mean(losses)), rel=1e-5)
+
+
+def test_moco_loss_matches_numpy_and_enqueues_after_commit():
+    rng = np.random.default_rng(1)
+    loss_fn = MoCoLoss(dim=6, queue_size=9, temperature=0.2)
+    queue = _norm(rng.normal(size=(9, 6))).astype(np.float32)
+    loss_fn.queue.push(torch.from_numpy(queue))
+    q, k = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=(4, 6)).astype(np.float32)
+    qn, kn = _norm(q), _norm(k)
+    logits = np.concatenate([np.sum(qn * kn, axis=1, keepdims=True), qn @ queue.T], axis=1) / 0.2
+    want = np.mean(-logits[:, 0] + np.log(np.exp(logits).sum(axis=1)))
+    assert loss_fn(torch.from_numpy(q), torch.from_numpy(k)).item() == pytest.approx(float(want), rel=1e-5)
+    loss_fn.commit()
+    np.testing.assert_allclose(loss_fn.queue.bank[:4].numpy(), kn, atol=1e-6)
+
+
+def test_moco_task_learns_a_generated_batch():
+    from compress_edge.models import create_model
+    from compress_edge.pretrain import MoCoTask
+
+    torch.manual_seed(0)
+    task = MoCoTask(create_model("mobilenet_v3_small", small_input=True, head="mlp", embed_dim=32), 32, 0.2, 0.9)
+    task.train()
+    opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    x = torch.randn(16, 2, 3, 32, 32)
+    x[:, 1] = x[:, 0] + 0.3 * torch.randn(16, 3, 32, 32)  # two "views" of each image
+    losses = []
+    for _ in range(20):
+        loss = task((x, None, None))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        task.after_step()
+        losses.append(loss.item())
+    assert losses[0] == 0.0  # empty queue: the positive is the only candidate
+    assert losses[-1] < 0.6 * losses[1], losses
+    before = [p.clone() for p in task.key_encoder.parameters()]
+    task.after_step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, task.key_encoder.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("method", ["simclr"])
+def test_a_few_pretraining_steps_lower_the_loss(tmp_path, make_images, method):
+    data = make_images(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=12, size=32, seed=2)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(data), "--arch", "mobilenet_v3_small", "--method", method,
+                                 "--epochs", "8", "--batch-size", "16", "--queue-size", "32", "--image-size", "32",
+                                 "--lr", "0.05", "--ema", "0.9", "--workers", "0", "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "epoch"]
+    assert len(losses) == 8
+    assert np.mean(losses[-2:]) < 0.95 * np.mean(losses[:2]), losses
+    model, spec = load_model(out / "student")
+    assert spec.source["kind"] == "pretrain" and spec.source["method"] == method
+    assert spec.arch_kwargs.get("head") in (None, "none")  # the projection head is not kept
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, spec.embed_dim)
+
+
+def test_unknown_pretrain_method_is_one_line(tmp_path, class_folder):
+    result = runner.invoke(app, ["pretrain", str(class_folder), "--method", "byol", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "simclr" in result.output

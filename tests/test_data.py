@@ -445,3 +445,19 @@ def test_make_loader_workers_give_distinct_views(class_folder):
     views = [b[0][0] for b in loader]
     assert len(views) == 4
     assert not torch.equal(views[0], views[1]) and not torch.equal(views[2], views[3])
+
+
+def test_subset_syntax_takes_n_images_in_order():
+    full = D.open_dataset("fashion-mnist:test")
+    sub = D.open_dataset("fashion-mnist:test@500")
+    assert len(sub) == 500 and sub.classes == full.classes
+    assert list(sub.files) == sorted(sub.files)  # original order kept
+    i = 123
+    j = full.files.index(sub.files[i])
+    assert sub.labels[i] == full.labels[j]
+    assert np.array_equal(np.asarray(sub.get_image(i)), np.asarray(full.get_image(j)))
+    assert sub.fingerprint() != full.fingerprint()
+    assert sub.fingerprint() == D.open_dataset("fashion-mnist:test@500").fingerprint()
+    assert len(np.unique(sub.labels)) == 10
+    with pytest.raises(DataError, match="has 10000"):
+        D.open_dataset("fashion-mnist:test@20000")

@@ -47,10 +47,12 @@ def _register() -> None:
     # Each command group lives in its own module; heavy imports stay inside the commands.
     from compress_edge.cli import data as _data  # noqa: F401
     from compress_edge.cli import distill as _distill  # noqa: F401
+    from compress_edge.cli import eval as _eval  # noqa: F401
     from compress_edge.cli import export as _export  # noqa: F401
     from compress_edge.cli import index as _index  # noqa: F401
     from compress_edge.cli import models as _models  # noqa: F401
     from compress_edge.cli import pretrain as _pretrain  # noqa: F401
+    from compress_edge.cli import profile as _profile  # noqa: F401
 
 
 _register()

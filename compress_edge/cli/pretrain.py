@@ -45,8 +45,10 @@ def pretrain(
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
-    """Pretrain a self-supervised model (SimCLR or MoCo v2) to serve as a teacher, or train a student from
-    scratch as a baseline. The backbone, without its projection head, is written to RUN_DIR/student/.
+    """Pretrain a self-supervised model (SimCLR or MoCo v2): a teacher, or a student from scratch.
+
+    The backbone, without its projection head, is written to RUN_DIR/student/ (the same layout as a
+    distillation run, so every later command takes the run folder).
 
     Example: compress-edge pretrain fashion-mnist:train --arch resnet18 --method simclr --epochs 20 --out runs/teacher
     """

@@ -1,0 +1,3 @@
+"""(being written)"""
+
+from compress_edge.cli import app  # noqa: F401

@@ -46,6 +46,7 @@ def _root(
 def _register() -> None:
     # Each command group lives in its own module; heavy imports stay inside the commands.
     from compress_edge.cli import data as _data  # noqa: F401
+    from compress_edge.cli import demo as _demo  # noqa: F401
     from compress_edge.cli import distill as _distill  # noqa: F401
     from compress_edge.cli import eval as _eval  # noqa: F401
     from compress_edge.cli import export as _export  # noqa: F401

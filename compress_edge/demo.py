@@ -1,0 +1,216 @@
+"""The main job, end to end, on the embedded default data: ``compress-edge demo``.
+
+Stages (each skipped when its output is already in the output folder; ``--fresh`` starts over):
+
+1. pretrain a self-supervised teacher (or take ``--teacher``);
+2. cache the teacher and distil a student with the default CompRess method;
+3. profile both (parameters, FLOPs);
+4. evaluate both, and the same student before distillation: kNN (1-NN and weighted), linear,
+   cluster alignment, teacher-student agreement;
+5. export the student to ONNX and ``int8 cpu`` (and TensorRT where a builder is installed), with
+   parity, and time each backend;
+6. build a FAISS index of the training images with the exported model, classify the test images
+   through it (kNN), and search a few test images;
+7. write ``report.md``, ``report.json`` and pictures (loss curve, accuracy and cost side by side,
+   latency per backend, a retrieval grid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compress_edge.errors import CompressEdgeError
+from compress_edge.storage import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoSettings:
+    """What the demo trains and measures; ``quick()`` is the small variant the tests use."""
+
+    train_data: str = "fashion-mnist:train@20000"
+    test_data: str = "fashion-mnist:test@2000"
+    image_size: int = 32
+    teacher_arch: str = "resnet18"
+    teacher_kwargs: dict[str, Any] = field(default_factory=lambda: {"small_input": False})
+    teacher_method: str = "simclr"
+    teacher_epochs: int = 6
+    teacher_batch: int = 256
+    teacher_lr: float = 0.3
+    student_arch: str = "mobilenet_v2"
+    student_kwargs: dict[str, Any] = field(default_factory=lambda: {"width_mult": 0.5, "small_input": False})
+    distill_method: str = "compress-2q"
+    distill_epochs: int = 8
+    distill_batch: int = 256
+    distill_lr: float = 0.05
+    queue_size: int = 8192
+    temperature: float = 0.04
+    ema: float = 0.99
+    calib_images: int = 256
+    search_queries: int = 6
+    workers: int = 2
+    device: str = "auto"
+    data_root: str | None = None
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoSettings:
+        base = cls(train_data="fashion-mnist:train@2000", test_data="fashion-mnist:test@500", teacher_epochs=2,
+                   teacher_batch=128, distill_epochs=2, distill_batch=128, queue_size=1024, calib_images=64,
+                   search_queries=4)
+        return dataclasses.replace(base, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    run: Callable[[Demo], dict[str, Any]]
+
+
+class Demo:
+    """Runs the stages in order into ``out``; each stage's result is saved in ``out/stages/NAME.json``
+    and reused when the demo runs again with the same settings."""
+
+    def __init__(self, out: str | Path, settings: DemoSettings, *, teacher: str | None = None,
+                 fresh: bool = False, progress: bool = True):
+        self.out = Path(out)
+        self.settings = settings
+        self.teacher_ref = teacher
+        self.progress = progress
+        if fresh and self.out.exists():
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_settings()
+        self.results: dict[str, dict[str, Any]] = {}
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _check_settings(self) -> None:
+        path = self.out / "settings.json"
+        current = {"settings": self.settings.to_dict(), "teacher": self.teacher_ref}
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved != current:
+                raise CompressEdgeError(
+                    f"{self.out} holds a demo made with other settings; add --fresh to start over there, "
+                    "or choose another --out"
+                )
+        else:
+            atomic_write_json(path, current)
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def run(self, stages: list[Stage]) -> dict[str, Any]:
+        for i, stage in enumerate(stages, 1):
+            record = self.path("stages", f"{stage.name}.json")
+            if record.is_file():
+                self.results[stage.name] = json.loads(record.read_text())
+                logger.info("[%d/%d] %s: done before, skipped", i, len(stages), stage.title)
+                continue
+            logger.info("[%d/%d] %s", i, len(stages), stage.title)
+            t0 = time.perf_counter()
+            result = stage.run(self)
+            result["seconds"] = round(time.perf_counter() - t0, 1)
+            atomic_write_json(record, result)
+            self.results[stage.name] = result
+        return self.results
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------------------------
+def _train_config(demo: Demo, *, epochs: int, batch: int, lr: float, warmup: float = 0.0):
+    from compress_edge.train import TrainConfig
+
+    s = demo.settings
+    return TrainConfig(epochs=epochs, batch_size=batch, lr=lr, warmup_epochs=warmup, workers=s.workers,
+                       device=s.device, progress=demo.progress, log_every=5)
+
+
+def stage_teacher(demo: Demo) -> dict[str, Any]:
+    from compress_edge.models import load_model
+    from compress_edge.pretrain import PretrainOptions, run_pretrain
+
+    s = demo.settings
+    if demo.teacher_ref:
+        _, spec = load_model(demo.teacher_ref)
+        return {"teacher": str(Path(demo.teacher_ref).resolve()), "pretrained_here": False, "spec": spec.to_dict()}
+    run_dir = demo.path("teacher")
+    opts = PretrainOptions(
+        data=s.train_data, out=str(run_dir), arch=s.teacher_arch, arch_kwargs=dict(s.teacher_kwargs),
+        method=s.teacher_method, image_size=s.image_size, data_root=s.data_root,
+        train=_train_config(demo, epochs=s.teacher_epochs, batch=s.teacher_batch, lr=s.teacher_lr,
+                            warmup=1 if s.teacher_epochs > 2 else 0),
+    )
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    result = run_pretrain(opts, resume=resume)
+    return {"teacher": str(run_dir / "student"), "pretrained_here": True, "epochs": result.epochs_done,
+            "last_loss": result.last_loss, "train_seconds": result.seconds}
+
+
+def stage_cache(demo: Demo) -> dict[str, Any]:
+    from compress_edge.data import TrainAugment, eval_transform, open_dataset
+    from compress_edge.distill import augment_settings, load_teacher
+    from compress_edge.teacher_cache import build_cache, fingerprint_parts, tensor_hash
+    from compress_edge.train import resolve_device
+
+    s = demo.settings
+    teacher_path = demo.results["teacher"]["teacher"]
+    dataset = open_dataset(s.train_data, data_root=s.data_root)
+    model, spec = load_teacher(teacher_path, None, s.train_data, None)
+    augment = TrainAugment(spec.image_size, spec.mean, spec.std)
+    parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=spec.image_size, mean=spec.mean,
+                              std=spec.std, mode="center", views=1, augment=augment_settings(augment), seed=0)
+    cache = build_cache(model, dataset, demo.path("teacher-cache"), parts=parts, teacher_sha256=tensor_hash(model),
+                        mode="center", views=1, eval_tf=eval_transform(spec.image_size, spec.mean, spec.std),
+                        augment=augment, seed=0, batch_size=256, workers=s.workers,
+                        device=resolve_device(s.device), progress=demo.progress,
+                        extra_meta={"teacher_spec": spec.to_dict(), "data": s.train_data})
+    return {"cache": str(demo.path("teacher-cache")), "images": len(cache), "dim": cache.dim}
+
+
+def stage_distill(demo: Demo) -> dict[str, Any]:
+    from compress_edge.distill import DistillOptions, load_options, run_distill
+
+    s = demo.settings
+    run_dir = demo.path("student")
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        result = run_distill(load_options(run_dir), resume=True)
+    else:
+        opts = DistillOptions(
+            data=s.train_data, out=str(run_dir), teacher_cache=demo.results["cache"]["cache"],
+            student_arch=s.student_arch, student_kwargs=dict(s.student_kwargs), method=s.distill_method,
+            queue_size=s.queue_size, temperature=s.temperature, ema=s.ema, data_root=s.data_root,
+            train=_train_config(demo, epochs=s.distill_epochs, batch=s.distill_batch, lr=s.distill_lr),
+        )
+        result = run_distill(opts)
+    return {"student": str(run_dir / "student"), "epochs": result.epochs_done, "last_loss": result.last_loss,
+            "train_seconds": result.seconds}
+
+
+def default_stages() -> list[Stage]:
+    return [
+        Stage("teacher", "pretrain a self-supervised teacher", stage_teacher),
+        Stage("cache", "cache the teacher's embeddings", stage_cache),
+        Stage("distill", "distil the student (CompRess)", stage_distill),
+    ]
+
+
+def run_demo(out: str | Path, settings: DemoSettings, *, teacher: str | None = None, fresh: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    demo = Demo(out, settings, teacher=teacher, fresh=fresh, progress=progress)
+    results = demo.run(default_stages())
+    atomic_write_json(demo.path("report.json"), {"settings": settings.to_dict(), "stages": results})
+    return results

@@ -54,7 +54,7 @@ def export(
                                                    "checks: an image folder, fashion-mnist:train|test, or a .npy of "
                                                    "preprocessed images.")] = None,
     calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images taken from --calib-data.")] = 256,
-    calib_method: Annotated[str, typer.Option("--calib-method", help="minmax, percentile or entropy.")] = "minmax",
+    calib_method: Annotated[str, typer.Option("--calib-method", help="percentile (99.999), minmax or entropy.")] = "percentile",
     parity_data: Annotated[str | None, typer.Option("--parity-data", help="Images for the parity checks "
                                                     "(default: --calib-data).")] = None,
     parity_images: Annotated[int, typer.Option("--parity-images", help="Images in the parity checks and the "
@@ -117,18 +117,22 @@ def _print_export(report: dict) -> None:
             f"{', simplified' if step['simplified'] else ''}; batch 1 and 7 run", markup=False, highlight=False)
     for name, info in report["files"].items():
         if name != "model.onnx":
-            console.print(f"{out / name}: {info['bytes'] / 2**20:.1f} MiB", markup=False, highlight=False)
+            console.print(f"{out / name}: {_size(info['bytes'])}", markup=False, highlight=False)
     from compress_edge.export.parity import ParityResult
 
     for result in report["parity"].values():
-        console.print(ParityResult(**result).line(), markup=False, highlight=False)
+        console.print(ParityResult(**result).line(), markup=False, highlight=False, soft_wrap=True)
     engine = report["steps"].get("engine")
     if engine:
         console.print(f"engine: {engine['module']} {engine['version']}, from {engine['from']} ({engine['precision']}), "
                       f"{engine['gpu']}, batch {engine['profile']['min'][0]}..{engine['profile']['max'][0]}"
                       f"{'; parity ' + engine['parity'] if isinstance(engine.get('parity'), str) else ''}",
-                      markup=False, highlight=False)
+                      markup=False, highlight=False, soft_wrap=True)
     console.print(f"report written to {out / 'export.json'}", markup=False, highlight=False)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
 @app.command("bench")
@@ -189,8 +193,16 @@ def bench(
         table.add_column(col, justify="left" if col in ("model", "backend", "precision") else "right")
     for r in rows:
         cos = cosines.get(r.model)
-        table.add_row(r.model, r.backend, r.precision, str(r.threads or "default"), str(r.batch), f"{r.p50_ms:.2f}",
+        table.add_row(_short_name(r.model), r.backend, r.precision, str(r.threads or "default"), str(r.batch), f"{r.p50_ms:.2f}",
                       f"{r.p95_ms:.2f}", f"{r.images_per_s:.0f}",
                       f"{r.achieved_gflops:.1f}" if r.achieved_gflops else "-",
                       f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "-", f"{cos:.4f}" if cos is not None else "-")
-    console.print(table)
+    # Piped or captured output has no terminal width to fit: give the table room instead of folding it.
+    from rich.console import Console
+
+    (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
+
+
+def _short_name(model: str) -> str:
+    parts = Path(model).parts
+    return str(Path(*parts[-2:])) if len(parts) > 2 else model

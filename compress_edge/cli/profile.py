@@ -1,3 +1,107 @@
-"""(being written)"""
+"""``compress-edge profile``: parameters, FLOPs and weight bytes of a teacher and a student."""
 
-from compress_edge.cli import app  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from compress_edge.cli import app
+
+ModelRefArg = "A compress-edge model or run folder, an exported .onnx / .engine file, or an architecture name."
+
+
+def _profile_one(ref: str, image_size: int | None, kwargs: dict, depth: int):
+    from compress_edge.cli.eval import exported_spec, is_exported
+    from compress_edge.errors import CompressEdgeError
+    from compress_edge.profile import profile_model, profile_spec, resolve_for_profile
+
+    if is_exported(ref):
+        if kwargs:
+            raise CompressEdgeError(f"architecture options go with an architecture name, not with {ref}")
+        # fvcore counts a torch graph: the exported file's architecture is rebuilt from its spec.
+        prof = profile_spec(exported_spec(ref), depth=depth, name=ref, image_size=image_size)
+        prof.file_bytes = Path(ref).stat().st_size
+        return prof
+    model, spec = resolve_for_profile(ref, image_size=image_size, arch_kwargs=kwargs)
+    prof = profile_model(model, spec.image_size, depth=depth, channels=spec.channels, name=ref, spec=spec)
+    return prof
+
+
+@app.command("profile")
+def profile(
+    teacher: Annotated[str, typer.Argument(help=f"The teacher. {ModelRefArg}")],
+    student: Annotated[str, typer.Argument(help=f"The student. {ModelRefArg}")],
+    image_size: Annotated[int | None, typer.Option("--image-size", min=8, help="Input side in pixels for both "
+                                                   "(default: each model's own; 224 for an architecture name).")] = None,
+    depth: Annotated[int, typer.Option("--depth", min=0, help="Module depth of the per-module tables (1: the "
+                                       "network's layers, 2: their children, ...; 0: no tables).")] = 2,
+    teacher_kwargs: Annotated[list[str] | None, typer.Option("--teacher-kwargs", help="Options of an "
+                              "architecture-name teacher as key=value (repeatable), e.g. small_input=false.")] = None,
+    student_kwargs: Annotated[list[str] | None, typer.Option("--student-kwargs", help="Options of an "
+                              "architecture-name student as key=value (repeatable), e.g. width_mult=0.5.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of tables.")] = False,
+) -> None:
+    """Parameters and FLOPs (fvcore) of a teacher and a student at an input size: totals, per-module tables,
+    the compression ratios (parameters, FLOPs, bytes of weights) and the embedding dimensions.
+
+    Example: compress-edge profile resnet50 mobilenet_v2 --image-size 224
+    """
+    from compress_edge.cli.distill import parse_kwargs
+    from compress_edge.profile import FLOPS_NOTE, compare, unsupported_summary
+
+    t = _profile_one(teacher, image_size, parse_kwargs(teacher_kwargs), depth)
+    s = _profile_one(student, image_size, parse_kwargs(student_kwargs), depth)
+    ratios = compare(t, s)
+    skipped = unsupported_summary(t, s)
+    if as_json:
+        typer.echo(json.dumps({"teacher": t.to_dict(), "student": s.to_dict(), "ratios": ratios,
+                               "flops_note": FLOPS_NOTE, "not_counted": skipped}, indent=2))
+        return
+    _print(t, s, ratios, skipped, depth)
+
+
+def _print(t, s, ratios: dict, skipped: str | None, depth: int) -> None:
+    from rich.table import Table
+
+    from compress_edge.cli.common import console
+    from compress_edge.profile import FLOPS_NOTE, human, human_bytes
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    table = Table(title=f"{FLOPS_NOTE}, one image", title_justify="left")
+    for col in ("", "model", "input", "params", "FLOPs", "weights", "dim"):
+        table.add_column(col, justify="left" if col in ("", "model") else "right",
+                         no_wrap=col != "model", overflow="fold")
+    for role, p in (("teacher", t), ("student", s)):
+        name = p.name if p.name == p.arch else f"{p.name} ({p.arch})"
+        table.add_row(role, name, f"{p.image_size}px", human(p.params), human(p.flops), human_bytes(p.weight_bytes),
+                      str(p.embed_dim))
+    console.print(table)
+
+    def x(v: float | None) -> str:
+        return f"{v:.1f}x" if v else "n/a"
+
+    line = (f"the student is {x(ratios['flops_ratio'])} cheaper in FLOPs, with {x(ratios['params_ratio'])} fewer "
+            f"parameters and {x(ratios['weight_bytes_ratio'])} fewer bytes of weights")
+    if ratios.get("file_bytes_ratio"):
+        line += f" ({x(ratios['file_bytes_ratio'])} smaller file)"
+    for role, p in (("teacher", t), ("student", s)):
+        if p.file_bytes:
+            say(f"{role} file {p.name}: {human_bytes(p.file_bytes)}")
+    say(f"{line}; embeddings: teacher {ratios['teacher_embed_dim']}-d, student {ratios['student_embed_dim']}-d")
+
+    if depth > 0:
+        for role, p in (("teacher", t), ("student", s)):
+            table = Table(title=f"{role} {p.name} by module (depth {depth})", title_justify="left")
+            for col in ("module", "type", "params", "FLOPs", "% FLOPs"):
+                table.add_column(col, justify="left" if col in ("module", "type") else "right", no_wrap=True)
+            for row in p.modules:
+                share = f"{100 * row.flops / p.flops:.1f}" if p.flops else "-"
+                table.add_row("  " * (row.depth - 1) + row.name, row.type, human(row.params), human(row.flops), share)
+            console.print(table)
+    if skipped:
+        say(skipped)

@@ -1,0 +1,220 @@
+"""Export benchmark: PyTorch eager vs onnxruntime float32 vs onnxruntime int8-cpu, side by side.
+
+Models: a distilled-like student (MobileNetV2, small-input stem) at 32 px and 64 px, and MobileNetV2
+at 224 px, all with the same weights trained briefly on Fashion-MNIST (see ``trained_weights``; a
+random initialisation says nothing about quantisation) and BatchNorm statistics re-estimated at each
+size. Each is exported with
+``compress-edge export --int8 cpu`` (calibration: fashion-mnist:train; parity: fashion-mnist:test),
+then every backend is timed at batch 1 and 32 in the same process, one after the other.
+
+    python benchmarks/bench_export.py                 # the table
+    python benchmarks/bench_export.py --json          # the numbers
+    python benchmarks/bench_export.py --student runs/distill   # a real student instead of the stand-in
+
+Goals (2-core x86 CPU with AVX-512 VNNI): onnxruntime fp32 >= 3x PyTorch eager at batch 1;
+int8-cpu >= 1.5x onnxruntime fp32 at batch 32 with cosine >= 0.98.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import sys
+from pathlib import Path
+
+CONFIGS = {
+    # name: (architecture, small_input, image size)
+    "student-32": ("mobilenet_v2", True, 32),
+    "student-64": ("mobilenet_v2", True, 64),
+    "mobilenet_v2-224": ("mobilenet_v2", False, 224),
+}
+
+
+def trained_weights(folder: Path, steps: int, threads: int) -> dict:
+    """MobileNetV2 (small-input stem) weights trained ``steps`` SGD steps on Fashion-MNIST at 32 px
+    (cross-entropy through a temporary linear classifier); cached in ``folder``.
+
+    A random initialisation is no stand-in for a student: its features are chaotic (quantisation
+    noise grows layer by layer) and nearly identical for every image. A few hundred supervised steps
+    give features with the statistics of a trained network. The same tensors fit the 224 px variant
+    (only the stem's stride differs), so every configuration uses them.
+    """
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from compress_edge.data import open_dataset
+    from compress_edge.images import preprocess_batch
+    from compress_edge.models import create_model, load_model, save_model, spec_for
+
+    if (folder / "model.json").is_file():
+        return load_model(folder)[0].state_dict()
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    ds = open_dataset("fashion-mnist:train")
+    model = create_model("mobilenet_v2", small_input=True)
+    spec = spec_for(model, image_size=32, source={"kind": "benchmark-stand-in", "recipe": f"supervised {steps} steps"})
+    head = nn.Linear(model.embed_dim, len(ds.classes))
+    opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.05, momentum=0.9, weight_decay=4e-5)
+    rng = np.random.default_rng(0)
+    model.train()
+    for step in range(steps):
+        idx = rng.integers(0, len(ds), 64)
+        x = torch.from_numpy(preprocess_batch([ds.get_image(int(i)) for i in idx], 32, spec.mean, spec.std))
+        loss = nn.functional.cross_entropy(head(model.forward_features(x)), torch.from_numpy(ds.labels[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            print(f"training the stand-in student: step {step}/{steps}, loss {loss.item():.3f}", file=sys.stderr,
+                  flush=True)
+    save_model(model.eval(), spec, folder)
+    return model.state_dict()
+
+
+def stand_in_student(arch: str, small_input: bool, size: int, folder: Path, state: dict, bn_images: int = 256) -> Path:
+    """A model folder with the trained ``state`` and BatchNorm statistics re-estimated at ``size`` px."""
+    import torch
+    from compress_edge.export.parity import load_check_images
+
+    from compress_edge.models import create_model, save_model, spec_for
+
+    model = create_model(arch, small_input=small_input)
+    model.load_state_dict(state)
+    spec = spec_for(model, image_size=size, source={"kind": "benchmark-stand-in", "data": "fashion-mnist"})
+    images, _ = load_check_images("fashion-mnist:train", spec, bn_images)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over every batch
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(images), 64):
+            model(torch.from_numpy(images[i : i + 64]))
+    save_model(model.eval(), spec, folder)
+    return folder
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    from compress_edge.export import ExportOptions, export_model
+    from compress_edge.export.runtimes import benchmark, count_gflops, machine_info, open_embedder
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    results: dict = {"machine": machine_info(), "threads": args.threads, "models": {}}
+    names = args.configs.split(",")
+    for name in names:
+        if name not in CONFIGS and name != "student":
+            raise SystemExit(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+    if args.student:
+        names = ["student", *names]
+    state = trained_weights(out / "trained-mobilenet_v2", args.train_steps, args.threads) if any(
+        n in CONFIGS for n in names) else None
+    for name in names:
+        folder = out / name
+        if name == "student":
+            model_ref = args.student
+        else:
+            arch, small, size = CONFIGS[name]
+            model_ref = str(stand_in_student(arch, small, size, folder / "model", state))
+        print(f"[{name}] exporting (calibration {args.calib_images} images) ...", file=sys.stderr, flush=True)
+        report = export_model(ExportOptions(
+            model=model_ref, out=str(folder), int8=["cpu"], calib_data="fashion-mnist:train",
+            calib_images=args.calib_images, calib_method=args.calib_method, parity_data="fashion-mnist:test",
+            parity_images=args.parity_images, strict=False,
+        ))
+        gc.collect()  # sessions left from the export's checks must not spin beside the timed runs
+        rows = []
+        embedders = [
+            open_embedder(model_ref, "torch", threads=args.threads),
+            open_embedder(folder / "model.onnx", threads=args.threads),
+            open_embedder(folder / "model.int8-cpu.onnx", threads=args.threads),
+        ]
+        gflops = count_gflops(embedders[0].spec)
+        for emb in embedders:
+            print(f"[{name}] timing {emb.name} {emb.precision} ...", file=sys.stderr, flush=True)
+            rows += [r.to_dict() for r in benchmark(emb, args.batch, warmup=args.warmup, iters=args.iters,
+                                                    min_seconds=args.min_seconds, gflop_per_image=gflops, label=name)]
+            emb.close()
+
+        b_small, b_big = min(args.batch), max(args.batch)
+        ort_vs_torch = _pick(rows, "p50_ms", "fp32", "torch", b_small) / _pick(rows, "p50_ms", "fp32", "onnxruntime",
+                                                                              b_small)
+        int8_vs_fp32 = _pick(rows, "images_per_s", "int8-cpu", "onnxruntime", b_big) / _pick(
+            rows, "images_per_s", "fp32", "onnxruntime", b_big)
+        cos = report["parity"]["int8-cpu"]["min_cosine"]
+        results["models"][name] = {
+            "spec": report["spec"],
+            "gflop_per_image": gflops,
+            "rows": rows,
+            "parity": report["parity"],
+            "speedups": {
+                f"ort_fp32_vs_torch_batch{b_small}": ort_vs_torch,
+                f"int8_vs_ort_fp32_batch{b_big}": int8_vs_fp32,
+            },
+            "goals": {
+                "ort_fp32_3x_torch": ort_vs_torch >= 3.0,
+                "int8_1.5x_fp32": int8_vs_fp32 >= 1.5,
+                "int8_cosine_0.98": cos >= 0.98,
+            },
+        }
+    return results
+
+
+def _pick(rows: list[dict], key: str, precision: str, backend: str, batch: int) -> float:
+    return next(r[key] for r in rows if r["precision"] == precision and r["backend"] == backend and r["batch"] == batch)
+
+
+def print_table(results: dict) -> None:
+    m = results["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {' '.join(m['simd'])}; threads {results['threads']}; "
+          f"onnxruntime {m.get('onnxruntime')}, torch {m.get('torch')}")
+    print()
+    print("| model | backend | precision | batch | p50 ms | p95 ms | images/s | GFLOP/s | peak RSS MB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, entry in results["models"].items():
+        for r in entry["rows"]:
+            gf = f"{r['achieved_gflops']:.1f}" if r["achieved_gflops"] else "-"
+            print(f"| {name} | {r['backend']} | {r['precision']} | {r['batch']} | {r['p50_ms']:.2f} | "
+                  f"{r['p95_ms']:.2f} | {r['images_per_s']:.0f} | {gf} | {r['peak_rss_mb']:.0f} |")
+    print()
+    print("| model | GFLOP/image | ORT fp32 / torch (b=1) | int8 / ORT fp32 (b=32) | int8 min cosine | int8 top-10 "
+          "overlap | goals met |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name, entry in results["models"].items():
+        sp = list(entry["speedups"].values())
+        p = entry["parity"]["int8-cpu"]
+        met = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in entry["goals"].items())
+        print(f"| {name} | {entry['gflop_per_image']:.3f} | {sp[0]:.2f}x | {sp[1]:.2f}x | {p['min_cosine']:.4f} | "
+              f"{p['topk_overlap']:.3f} | {met} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="Comma-separated: " + ", ".join(CONFIGS))
+    parser.add_argument("--student", help="A real compress-edge student (model or run folder) to add.")
+    parser.add_argument("--out", default="runs/bench-export", help="Where models and exports are written.")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--train-steps", type=int, default=300, help="Supervised steps of the stand-in student.")
+    parser.add_argument("--calib-images", type=int, default=256)
+    parser.add_argument("--calib-method", default="percentile")
+    parser.add_argument("--parity-images", type=int, default=200)
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of the tables.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results = run(args)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_table(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Weighted k-nearest-neighbour voting, with numpy only.
+
+The one vote every kNN classifier of compress-edge uses: ``compress-edge eval knn`` (exact search with
+torch), ``eval knn --index`` and retrieval's ``classify`` (FAISS search on a device). They find the
+neighbours their own way and hand (similarities, neighbour labels) to :func:`weighted_knn_vote` or
+:func:`knn_predict`, so every path scores a query the same.
+
+The vote is the one of Wu et al. 2018 ("Unsupervised Feature Learning via Non-Parametric Instance
+Discrimination") as used by DINO (Caron et al. 2021, ``eval_knn.py``): neighbour j of a query adds
+``exp(sim_j / T)`` to the score of its class, with T = 0.07 and k = 20 or 200 in DINO's tables.
+
+Torch-free on purpose: the query path of a device imports this module with numpy alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+#: DINO's kNN temperature and neighbour counts.
+DEFAULT_TEMPERATURE = 0.07
+DEFAULT_KS = (20, 200)
+
+
+def weighted_knn_vote(
+    sims: np.ndarray,
+    neighbor_labels: np.ndarray,
+    num_classes: int,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> np.ndarray:
+    """Class scores of each query from its neighbours: float64 (Q, C).
+
+    sims: (Q, k) similarities (cosine / inner product of L2-normalised embeddings) of each query's
+      neighbours, any order. neighbor_labels: (Q, k) int class of each neighbour; a negative label
+      (an unlabelled item, or FAISS's -1 padding when the gallery holds fewer than k) casts no vote.
+    num_classes: C. temperature: T > 0; neighbour j adds ``exp(sims[q, j] / T)`` to class
+      ``neighbor_labels[q, j]``.
+
+    Computed in float64 as written (no max subtraction), so scores of different calls compare; with
+    cosine similarities (at most 1) and T = 0.07 the largest weight is about 1.6e6.
+    """
+    sims = np.asarray(sims, dtype=np.float64)
+    labels = np.asarray(neighbor_labels)
+    if sims.ndim != 2 or labels.shape != sims.shape:
+        raise ValueError(f"sims and neighbor_labels must both be (Q, k), got {sims.shape} and {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"neighbor_labels must be integers, got {labels.dtype}")
+    num_classes = int(num_classes)
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if labels.size and int(labels.max()) >= num_classes:
+        raise ValueError(f"a neighbour has label {int(labels.max())}, not below num_classes={num_classes}")
+    q = sims.shape[0]
+    weights = np.exp(sims / float(temperature))
+    valid = labels >= 0
+    rows = np.broadcast_to(np.arange(q)[:, None], labels.shape)
+    flat = (rows[valid] * num_classes + labels[valid]).astype(np.int64)
+    scores = np.bincount(flat, weights=weights[valid], minlength=q * num_classes)
+    return scores.reshape(q, num_classes)
+
+
+def knn_predict(
+    sims: np.ndarray,
+    neighbor_labels: np.ndarray,
+    num_classes: int,
+    *,
+    k: int | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    topk: int = 1,
+) -> np.ndarray:
+    """Predicted classes of each query by the weighted vote of its ``k`` most similar neighbours.
+
+    sims, neighbor_labels: (Q, K) as for :func:`weighted_knn_vote`, sorted by decreasing similarity
+    (as FAISS and ``torch.topk`` return them); the first ``k`` columns vote (all when k is None).
+    Returns int64 (Q,) when ``topk`` is 1, else (Q, topk) classes by decreasing score. Ties go to the
+    lower class index; a query with no labelled neighbour gets -1.
+
+    k = 1 is the nearest-neighbour classifier (the "NN" column of the CompRess tables).
+    """
+    sims = np.asarray(sims)
+    neighbor_labels = np.asarray(neighbor_labels)
+    if k is not None:
+        if int(k) <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        sims, neighbor_labels = sims[:, : int(k)], neighbor_labels[:, : int(k)]
+    scores = weighted_knn_vote(sims, neighbor_labels, num_classes, temperature)
+    topk = max(1, min(int(topk), int(num_classes)))
+    # Stable sort of the negated scores: equal scores keep class order, so ties go to the lower index.
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :topk].astype(np.int64)
+    order[scores.max(axis=1) <= 0] = -1
+    return order[:, 0] if topk == 1 else order
+
+
+def topk_accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of queries whose label is among ``predictions`` ((Q,) or (Q, topk)); nan for none."""
+    predictions = np.asarray(predictions)
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return float("nan")
+    if predictions.ndim == 1:
+        predictions = predictions[:, None]
+    return float((predictions == labels[:, None]).any(axis=1).mean())
+
+
+def knn_accuracies(
+    sims: np.ndarray,
+    neighbor_labels: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    ks: Sequence[int] = (1, *DEFAULT_KS),
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> dict[int, dict[str, float]]:
+    """{k: {"top1": ..., "top5": ...}} for each k of ``ks`` from one search of max(ks) neighbours.
+
+    labels: (Q,) true classes of the queries. top5 is top-min(5, C).
+    """
+    out: dict[int, dict[str, float]] = {}
+    for k in ks:
+        pred = knn_predict(sims, neighbor_labels, num_classes, k=k, temperature=temperature, topk=5)
+        pred = pred if pred.ndim == 2 else pred[:, None]
+        out[int(k)] = {"top1": topk_accuracy(pred[:, 0], labels), "top5": topk_accuracy(pred, labels)}
+    return out

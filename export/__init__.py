@@ -1,0 +1,234 @@
+"""Export for devices: ONNX (with the ModelSpec inside), FP16 / INT8, TensorRT engines, and the one
+inference interface (:class:`~compress_edge.export.runtimes.Embedder`) that runs any of them.
+
+Modules: ``onnx`` (export, metadata), ``quantize`` (fp16, int8-cpu, int8-trt), ``tensorrt``
+(engine build and run), ``runtimes`` (Embedder backends; torch-free at import), ``parity``
+(cosine / neighbour-overlap checks, check images). :func:`export_model` runs the whole stage and
+writes ``export.json``. Heavy packages are imported where they are used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compress_edge.export.runtimes import Embedder, open_embedder
+
+__all__ = ["Embedder", "ExportOptions", "export_model", "open_embedder", "FILES"]
+
+log = logging.getLogger(__name__)
+
+#: File names inside an export folder, by precision.
+FILES = {
+    "fp32": "model.onnx",
+    "fp16": "model.fp16.onnx",
+    "int8-cpu": "model.int8-cpu.onnx",
+    "int8-trt": "model.int8-trt.onnx",
+    "engine": "model.engine",
+}
+REPORT = "export.json"
+
+
+@dataclass
+class ExportOptions:
+    """Everything ``compress-edge export`` takes (see the CLI help for each option)."""
+
+    model: str
+    out: str
+    weights: str | None = None
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    opset: int = 18
+    exporter: str = "auto"
+    simplify: bool = True
+    fp16: bool = False
+    int8: list[str] = field(default_factory=list)
+    calib_data: str | None = None
+    calib_images: int = 256
+    calib_method: str = "percentile"
+    parity_data: str | None = None
+    parity_images: int = 64
+    trt: bool = False
+    trt_from: str | None = None
+    min_batch: int = 1
+    opt_batch: int | None = None
+    max_batch: int = 32
+    workspace_mib: int = 1024
+    timing_cache: str | None = None
+    trt_module: str | None = None
+    strict: bool = True
+    progress: bool = False
+
+
+def export_model(opts: ExportOptions) -> dict[str, Any]:
+    """Export ``opts.model`` into ``opts.out`` and prove each file gives the same embeddings.
+
+    Writes ``model.onnx`` (always), ``model.fp16.onnx``, ``model.int8-cpu.onnx``,
+    ``model.int8-trt.onnx``, ``model.engine`` + ``model.engine.json`` as asked, and ``export.json``
+    (spec, files, parity numbers, settings, versions). Returns that report. With ``strict``, a parity
+    result below its goal raises ExportError after the report is written.
+    """
+    from compress_edge.export import parity as par
+    from compress_edge.export.quantize import INT8_TARGETS
+    from compress_edge.export.runtimes import ENGINE_SUFFIXES, ONNX_SUFFIXES, OnnxRuntimeEmbedder
+
+    from compress_edge.errors import DataError, ExportError, ModelError
+    from compress_edge.storage import atomic_write_json, sha256_file
+
+    unknown = [t for t in opts.int8 if t not in INT8_TARGETS]
+    if unknown:
+        raise ExportError(f"unknown --int8 target {unknown[0]!r}; choose one of: {', '.join(INT8_TARGETS)}")
+    if opts.trt_from is not None and opts.trt_from not in ("fp32", "fp16", "int8-trt"):
+        raise ExportError(f"--trt-from must be fp32, fp16 or int8-trt, got {opts.trt_from!r}")
+    trt_source = opts.trt_from or ("int8-trt" if "trt" in opts.int8 else "fp16" if opts.fp16 else "fp32")
+    if opts.trt and trt_source == "fp16" and not opts.fp16:
+        opts.fp16 = True
+    if opts.trt and trt_source == "int8-trt" and "trt" not in opts.int8:
+        opts.int8 = [*opts.int8, "trt"]
+    if opts.int8 and opts.calib_data is None:
+        raise DataError("--int8 needs calibration images: pass --calib-data (an image folder, fashion-mnist:train "
+                        "or a .npy of preprocessed images)")
+    suffix = Path(opts.model).suffix.lower()
+    if suffix in ENGINE_SUFFIXES:
+        raise ModelError(f"{opts.model} is already a TensorRT engine; export starts from a model or an ONNX file")
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    report: dict[str, Any] = {"model": str(opts.model), "out": str(out), "files": {}, "parity": {}, "steps": {}}
+    onnx_path = out / FILES["fp32"]
+
+    # -- float32 ONNX ---------------------------------------------------------------------------------
+    torch_model = None
+    if suffix in ONNX_SUFFIXES:
+        from compress_edge.export.onnx import check_dynamic_batch, with_spec
+
+        source = OnnxRuntimeEmbedder(opts.model, image_size=opts.image_size, mean=opts.mean, std=opts.std)
+        spec = source.spec
+        source.close()
+        if Path(opts.model).resolve() != onnx_path.resolve():
+            with_spec(opts.model, onnx_path, spec, precision="fp32")
+        report["steps"]["onnx"] = {"from": "onnx file", "batch_check": check_dynamic_batch(onnx_path, spec)}
+    else:
+        from compress_edge.export.onnx import export_onnx
+
+        from compress_edge.models import resolve_model
+
+        torch_model, spec = resolve_model(opts.model, weights=opts.weights, image_size=opts.image_size)
+        if opts.mean is not None or opts.std is not None:
+            spec = spec.replace(mean=tuple(opts.mean or spec.mean), std=tuple(opts.std or spec.std))
+        result = export_onnx(torch_model, spec, onnx_path, opset=opts.opset, exporter=opts.exporter,
+                             simplify=opts.simplify)
+        report["steps"]["onnx"] = result.to_dict()
+    report["spec"] = spec.to_dict()
+
+    # -- images for the checks ------------------------------------------------------------------------
+    check_data = opts.parity_data or opts.calib_data
+    if check_data is not None:
+        images, image_source = par.load_check_images(check_data, spec, opts.parity_images, purpose="parity checks")
+        kind = "real"
+    else:
+        log.warning("no --calib-data / --parity-data: parity is checked on synthetic pictures, not real images")
+        images, image_source, kind = par.synthetic_images(spec, opts.parity_images), "synthetic pictures", "synthetic"
+    report["check_images"] = {"source": image_source, "count": int(len(images))}
+
+    ort32 = OnnxRuntimeEmbedder(onnx_path)
+    ort_emb = ort32.embed(images)
+    ort32.close()
+    if torch_model is not None:
+        from compress_edge.export.runtimes import TorchEmbedder
+
+        reference = TorchEmbedder(opts.model, module=torch_model, spec=spec).embed(images)
+        ref_name = "pytorch fp32"
+        report["parity"]["fp32"] = par.compare(reference, ort_emb, name="onnxruntime fp32", reference_name=ref_name,
+                                               goal=par.GOALS["fp32"], image_source=kind).to_dict()
+    else:
+        reference, ref_name = ort_emb, "onnxruntime fp32"
+
+    def check(precision: str, path: Path, goal_key: str) -> None:
+        emb = OnnxRuntimeEmbedder(path)
+        try:
+            got = emb.embed(images)
+        finally:
+            emb.close()
+        report["parity"][precision] = par.compare(reference, got, name=f"onnxruntime {precision}",
+                                                  reference_name=ref_name, goal=par.GOALS[goal_key],
+                                                  image_source=kind).to_dict()
+
+    # -- reduced precision ------------------------------------------------------------------------------
+    if opts.fp16:
+        from compress_edge.export.quantize import to_fp16
+
+        report["steps"]["fp16"] = to_fp16(onnx_path, out / FILES["fp16"], spec).to_dict()
+        check("fp16", out / FILES["fp16"], "fp16")
+    if opts.int8:
+        from compress_edge.export.quantize import quantize_int8
+
+        calib, calib_source = par.load_check_images(opts.calib_data, spec, opts.calib_images,
+                                                    purpose="INT8 calibration", progress=opts.progress)
+        report["calibration"] = {"source": calib_source, "count": int(len(calib)), "method": opts.calib_method}
+        for target in dict.fromkeys(opts.int8):
+            key = f"int8-{target}"
+            report["steps"][key] = quantize_int8(onnx_path, out / FILES[key], spec, calib, target=target,
+                                                 calib_method=opts.calib_method, progress=opts.progress).to_dict()
+            check(key, out / FILES[key], key)
+
+    # -- TensorRT ------------------------------------------------------------------------------------------
+    if opts.trt:
+        from compress_edge.export.tensorrt import build_engine, gpu_name
+
+        built = build_engine(out / FILES[trt_source], out / FILES["engine"], min_batch=opts.min_batch,
+                             opt_batch=opts.opt_batch, max_batch=opts.max_batch, workspace_mib=opts.workspace_mib,
+                             timing_cache=opts.timing_cache, module=opts.trt_module)
+        report["steps"]["engine"] = {**built.to_dict(), "from": FILES[trt_source]}
+        if gpu_name() is not None:
+            from compress_edge.export.runtimes import TensorRTEmbedder
+
+            with TensorRTEmbedder(out / FILES["engine"]) as engine:
+                got = engine.embed(images)
+            goal = par.GOALS["fp32" if trt_source == "fp32" else trt_source]
+            report["parity"]["engine"] = par.compare(reference, got, name=f"tensorrt {trt_source}",
+                                                     reference_name=ref_name, goal=goal, image_source=kind).to_dict()
+        else:
+            report["steps"]["engine"]["parity"] = "not run: no GPU here (run the engine on the device)"
+
+    # -- report -------------------------------------------------------------------------------------------
+    for name in [*FILES.values(), FILES["engine"] + ".json"]:
+        path = out / name
+        if path.is_file():
+            report["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    report["versions"] = _versions()
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    failed = [k for k, v in report["parity"].items() if not v["passed"]]
+    report["passed"] = not failed
+    atomic_write_json(out / REPORT, report)
+    from compress_edge.export.onnx import share
+
+    share(out / REPORT)
+    if failed and opts.strict:
+        lines = "; ".join(
+            f"{k}: min cosine {report['parity'][k]['min_cosine']:.6f} < {report['parity'][k]['goal']}" for k in failed
+        )
+        raise ExportError(
+            f"the exported model does not give the same embeddings ({lines}); see {out / REPORT}, or pass "
+            "--no-strict to keep the files anyway"
+        )
+    return report
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("compress-edge", "torch", "onnx", "onnxruntime", "onnxslim", "tensorrt", "tensorrt-rtx-cu13",
+                 "tensorrt_rtx"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
+

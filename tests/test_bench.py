@@ -1,0 +1,161 @@
+"""``compress-edge bench`` and ``compress-edge export`` end to end through the CLI, and the benchmark rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from compress_edge.export.runtimes import benchmark, count_gflops, machine_info, open_embedder
+from typer.testing import CliRunner
+
+from compress_edge.cli import app
+from compress_edge.images import preprocess_batch, scan_images
+from compress_edge.models import create_model, save_model, spec_for
+from compress_edge.spec import ModelSpec
+
+runner = CliRunner()
+HAVE_TRT = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
+
+
+def _conftest():
+    spec = importlib.util.spec_from_file_location("_ce_conftest", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    images = _conftest().make_class_folder(root / "images", size=40)
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v3_small", small_input=True)
+    spec = spec_for(model, image_size=32, source={"kind": "distill", "run": "unit"})
+    files = scan_images(images).files
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(preprocess_batch(files, 32, spec.mean, spec.std)))
+    save_model(model.eval(), spec, root / "run" / "student")
+    return {"root": root, "images": images, "run": root / "run"}
+
+
+@pytest.fixture(scope="module")
+def exported(student):
+    out = student["root"] / "export"
+    args = ["export", str(student["run"]), "--onnx", "--fp16", "--int8", "cpu", "--calib-data", str(student["images"]),
+            "--calib-images", "12", "--parity-images", "18", "--out", str(out), "--no-strict", "--no-progress",
+            "--exporter", "torchscript"]  # the dynamo path is covered in test_export_onnx; this one is faster
+    if HAVE_TRT:
+        args += ["--trt", "--trt-from", "fp32", "--max-batch", "8", "--timing-cache", str(student["root"] / "tc")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return {"out": out, "output": result.output}
+
+
+def test_export_cli_writes_every_file_and_the_report(student, exported):
+    out = exported["out"]
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8-cpu.onnx", "export.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "export.json").read_text())
+    assert report["spec"]["source"] == {"kind": "distill", "run": "unit"}
+    assert report["steps"]["onnx"]["exporter"] == "torchscript"
+    assert report["parity"]["fp32"]["reference"] == "pytorch fp32"
+    assert report["parity"]["fp32"]["passed"] and report["parity"]["fp32"]["min_cosine"] >= 0.9999
+    assert report["parity"]["fp16"]["passed"]
+    assert report["parity"]["int8-cpu"]["topk_overlap"] is not None
+    assert report["check_images"]["source"].startswith("real")
+    text = exported["output"]
+    assert "min cosine" in text and "max |diff|" in text and "top-10 overlap" in text
+    if HAVE_TRT:
+        assert (out / "model.engine").is_file() and (out / "model.engine.json").is_file()
+        side = json.loads((out / "model.engine.json").read_text())
+        assert side["profile"]["max"][0] == 8
+        assert "engine:" in text
+
+
+def test_export_cli_strict_fails_on_a_missed_goal(student, tmp_path):
+    # A 2-image calibration of a random-weight MobileNetV3 cannot reach cosine 0.98 in int8.
+    result = runner.invoke(app, ["export", str(student["run"]), "--int8", "trt", "--calib-data", str(student["images"]),
+                                 "--calib-images", "2", "--out", str(tmp_path / "o"), "--exporter", "torchscript",
+                                 "--no-progress"])
+    assert result.exit_code == 1
+    assert "does not give the same embeddings" in result.output and "--no-strict" in result.output
+    assert (tmp_path / "o" / "export.json").is_file()  # the numbers are kept
+
+
+def test_bench_cli_json(student, exported):
+    out = exported["out"]
+    result = runner.invoke(app, ["bench", str(student["run"]), str(out / "model.onnx"), str(out / "model.int8-cpu.onnx"),
+                                 "--batch", "1", "--batch", "4", "--iters", "3", "--warmup", "1", "--min-seconds", "0",
+                                 "--threads", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows = data["rows"]
+    assert [(r["backend"], r["batch"]) for r in rows] == [
+        ("torch", 1), ("torch", 4), ("onnxruntime", 1), ("onnxruntime", 4), ("onnxruntime", 1), ("onnxruntime", 4)]
+    assert [r["precision"] for r in rows[2:]] == ["fp32", "fp32", "int8-cpu", "int8-cpu"]
+    for r in rows:
+        assert 0 < r["p50_ms"] <= r["p95_ms"] and r["images_per_s"] > 0 and r["iters"] == 3
+        assert r["gflop_per_image"] > 0 and r["achieved_gflops"] > 0 and r["peak_rss_mb"] > 0
+        assert r["threads"] == 2
+    assert data["min_cosine_vs_first"][str(out / "model.onnx")] > 0.9999
+    assert data["machine"]["cores"] >= 1
+
+
+def test_bench_cli_table(exported):
+    result = runner.invoke(app, ["bench", str(exported["out"] / "model.onnx"), "-b", "2", "--iters", "2",
+                                 "--warmup", "0", "--min-seconds", "0"])
+    assert result.exit_code == 0, result.output
+    assert "p50 ms" in result.output and "onnxruntime" in result.output
+
+
+def test_bench_and_export_refuse_bad_input(exported, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(exported["out"] / "model.onnx"))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    result = runner.invoke(app, ["bench", str(bare), "--iters", "1"])
+    assert result.exit_code == 1 and "--mean, --std" in result.output
+    result = runner.invoke(app, ["bench", str(bare), "--mean", "0.5,0.5", "--std", "0.2,0.2,0.2"])
+    assert result.exit_code == 1 and "--mean takes 3 numbers" in result.output
+    result = runner.invoke(app, ["bench", str(bare), "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2", "-b", "1",
+                                 "--iters", "1", "--warmup", "0", "--min-seconds", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"][0]["gflop_per_image"] is None  # unknown architecture
+    result = runner.invoke(app, ["export", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "no such file or folder" in result.output
+    result = runner.invoke(app, ["export", str(bare), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "--image-size" in result.output
+    result = runner.invoke(app, ["export", str(exported["out"] / "model.onnx"), "--int8", "arm",
+                                 "--calib-data", "x", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "choose one of: cpu, trt" in result.output
+    fake = tmp_path / "model.engine"
+    fake.write_bytes(b"not an engine")
+    result = runner.invoke(app, ["bench", str(fake)])
+    assert result.exit_code == 1 and "model.engine.json" in result.output
+
+
+def test_benchmark_rows_and_gflops(exported):
+    emb = open_embedder(exported["out"] / "model.onnx", threads=1)
+    rows = benchmark(emb, (1, 3), warmup=1, iters=4, gflop_per_image=0.5)
+    assert [r.batch for r in rows] == [1, 3]
+    for r in rows:
+        assert r.iters == 4 and r.p50_ms <= r.p95_ms
+        assert r.achieved_gflops == pytest.approx(0.5 * r.images_per_s)
+    spec = emb.spec
+    flops = count_gflops(spec)
+    assert flops and 0.001 < flops < 1.0  # MobileNetV3-Small at 32 px: a few MFLOP
+    assert count_gflops(ModelSpec(arch="external-onnx", embed_dim=8, image_size=32)) is None
+    info = machine_info()
+    assert info["cpu"] and isinstance(info["simd"], list)
+    assert np.isfinite(rows[0].images_per_s)

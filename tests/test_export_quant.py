@@ -1,0 +1,181 @@
+"""Reduced precision: fp16 and int8-cpu parity (cosine, top-10 overlap), the int8-trt graph's form,
+and calibration data that does not fit."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from compress_edge.export import ExportOptions, export_model
+from compress_edge.export import onnx as ce_onnx
+from compress_edge.export import quantize as q
+from compress_edge.export.parity import GOALS, compare, load_check_images
+from compress_edge.export.runtimes import open_embedder
+from onnx import TensorProto, numpy_helper
+
+from compress_edge.errors import DataError
+from compress_edge.models import create_model, save_model, spec_for
+
+
+def _conftest():
+    spec = importlib.util.spec_from_file_location("_ce_conftest", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _student(images: np.ndarray):
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v3_small", small_input=True)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(images))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    images_dir = _conftest().make_class_folder(root / "images", size=40)
+    spec = spec_for(create_model("mobilenet_v3_small", small_input=True), image_size=32)
+    images, _ = load_check_images(images_dir, spec, 64)
+    model = _student(images)
+    spec = save_model(model, spec, root / "student")
+    path = root / "model.onnx"
+    ce_onnx.export_onnx(model, spec, path, exporter="torchscript")
+    ref = open_embedder(path).embed(images)
+    return {"path": path, "spec": spec, "images": images, "ref": ref, "root": root, "images_dir": images_dir}
+
+
+def _inits(proto):
+    return {i.name: i for i in proto.graph.initializer}
+
+
+def test_fp16_parity(fp32):
+    dst = fp32["root"] / "model.fp16.onnx"
+    q.to_fp16(fp32["path"], dst, fp32["spec"])
+    proto = onnx.load(str(dst))
+    assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # float32 in
+    assert proto.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT  # float32 out
+    weights = [i for i in proto.graph.initializer if len(i.dims) == 4]
+    assert weights and all(i.data_type == TensorProto.FLOAT16 for i in weights)  # float16 conv weights
+    emb = open_embedder(dst)
+    assert emb.precision == "fp16" and emb.spec == fp32["spec"]
+    result = compare(fp32["ref"], emb.embed(fp32["images"]), name="fp16", reference_name="fp32", goal=GOALS["fp16"])
+    print(result.line())
+    assert result.passed, result.line()  # cosine >= 0.999
+    assert result.topk_overlap is not None and result.k == 10
+
+
+def test_int8_cpu_parity_and_form(fp32):
+    dst = fp32["root"] / "model.int8-cpu.onnx"
+    out = q.quantize_int8(fp32["path"], dst, fp32["spec"], fp32["images"], target="cpu")
+    assert out.calib_images == len(fp32["images"])
+    proto = onnx.load(str(dst))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    inits = _inits(proto)
+    act_zp = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[2] in inits]
+    assert act_zp and all(z.data_type == TensorProto.UINT8 for z in act_zp)  # unsigned activations
+    emb = open_embedder(dst)
+    assert emb.precision == "int8-cpu"
+    result = compare(fp32["ref"], emb.embed(fp32["images"]), name="int8-cpu", reference_name="fp32",
+                     goal=GOALS["int8-cpu"])
+    print(result.line())  # a random-weight MobileNetV3 quantises worse than a trained student
+    assert result.min_cosine > 0.8
+    assert result.topk_overlap is not None
+
+
+def test_int8_trt_graph_is_what_tensorrt_takes(fp32):
+    dst = fp32["root"] / "model.int8-trt.onnx"
+    q.quantize_int8(fp32["path"], dst, fp32["spec"], fp32["images"], target="trt")
+    proto = onnx.load(str(dst))
+    assert q.check_trt_int8(proto) == []
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}  # no com.microsoft
+    assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    inits = _inits(proto)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    zero_points = [inits[n.input[2]] for n in proto.graph.node
+                   if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits]
+    assert zero_points
+    for zp in zero_points:  # symmetric, signed
+        assert zp.data_type == TensorProto.INT8
+        assert not np.any(numpy_helper.to_array(zp))
+    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert convs
+    for node in convs:
+        dq = producers[node.input[1]]
+        assert dq.op_type == "DequantizeLinear"
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        weight = numpy_helper.to_array(inits[dq.input[0]])
+        assert scale.ndim == 1 and scale.shape[0] == weight.shape[0] > 1  # per output channel
+        if len(node.input) > 2 and node.input[2]:
+            bias = node.input[2]
+            assert bias in inits and inits[bias].data_type == TensorProto.FLOAT  # bias not quantised
+    result = compare(fp32["ref"], open_embedder(dst).embed(fp32["images"]), name="int8-trt",
+                     reference_name="fp32", goal=GOALS["int8-trt"])
+    print(result.line())
+    assert result.min_cosine > 0.7
+
+
+def test_check_trt_int8_finds_asymmetric_graphs(fp32):
+    proto = onnx.load(str(fp32["root"] / "model.int8-cpu.onnx")) if (fp32["root"] / "model.int8-cpu.onnx").exists() \
+        else None
+    if proto is None:
+        dst = fp32["root"] / "cpu2.onnx"
+        q.quantize_int8(fp32["path"], dst, fp32["spec"], fp32["images"][:8], target="cpu")
+        proto = onnx.load(str(dst))
+    assert any("not INT8" in p for p in q.check_trt_int8(proto))
+
+
+# -- calibration data that does not fit -----------------------------------------------------------------
+
+
+def test_calibration_array_of_wrong_channel_count_or_size(fp32, tmp_path):
+    gray = tmp_path / "gray.npy"
+    np.save(gray, np.zeros((4, 1, 32, 32), np.float32))
+    with pytest.raises(DataError, match="wrong channel count"):
+        load_check_images(gray, fp32["spec"], 8, purpose="INT8 calibration")
+    small = tmp_path / "small.npy"
+    np.save(small, np.zeros((4, 3, 28, 28), np.float32))
+    with pytest.raises(DataError, match=r"wrong size.*\(N, 3, 32, 32\)"):
+        load_check_images(small, fp32["spec"], 8, purpose="INT8 calibration")
+    with pytest.raises(DataError, match="wrong size or channel count"):
+        q.quantize_int8(fp32["path"], tmp_path / "x.onnx", fp32["spec"], np.zeros((2, 1, 32, 32), np.float32))
+    ints = tmp_path / "ints.npy"
+    np.save(ints, np.zeros((4, 3, 32, 32), np.uint8))
+    with pytest.raises(DataError, match="float32"):
+        load_check_images(ints, fp32["spec"], 8)
+
+
+def test_npy_calibration_data_is_used(fp32, tmp_path):
+    arr = tmp_path / "calib.npy"
+    np.save(arr, fp32["images"])
+    got, source = load_check_images(arr, fp32["spec"], 10)
+    assert got.shape == (10, 3, 32, 32) and "calib.npy" in source
+
+
+def test_int8_without_calibration_data_is_refused(fp32, tmp_path):
+    with pytest.raises(DataError, match="--calib-data"):
+        export_model(ExportOptions(model=str(fp32["path"]), out=str(tmp_path / "o"), int8=["cpu"]))
+
+
+def test_export_from_an_onnx_file_reports_reduced_precision(fp32, tmp_path):
+    report = export_model(ExportOptions(model=str(fp32["path"]), out=str(tmp_path / "o"), fp16=True, int8=["cpu"],
+                                        calib_data=str(fp32["images_dir"]), calib_images=12, strict=False))
+    assert set(report["parity"]) == {"fp16", "int8-cpu"}
+    for key in ("fp16", "int8-cpu"):
+        entry = report["parity"][key]
+        assert entry["reference"] == "onnxruntime fp32" and entry["image_source"] == "real"
+        assert entry["min_cosine"] > 0.5 and entry["topk_overlap"] is not None
+    assert report["calibration"]["count"] == 12
+    assert (tmp_path / "o" / "export.json").is_file()
+    assert report["files"]["model.int8-cpu.onnx"]["bytes"] > 0

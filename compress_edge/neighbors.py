@@ -58,7 +58,8 @@ def weighted_knn_vote(
     valid = labels >= 0
     rows = np.broadcast_to(np.arange(q)[:, None], labels.shape)
     flat = (rows[valid] * num_classes + labels[valid]).astype(np.int64)
-    scores = np.bincount(flat, weights=weights[valid], minlength=q * num_classes)
+    # astype: bincount of nothing (no labelled neighbour anywhere) comes back as int64.
+    scores = np.bincount(flat, weights=weights[valid], minlength=q * num_classes).astype(np.float64)
     return scores.reshape(q, num_classes)
 
 

@@ -23,6 +23,7 @@ from compress_edge.retrieval.index import RetrievalIndex, exact_knn
 from compress_edge.retrieval.shards import l2_normalize
 
 from compress_edge.errors import CompressEdgeError
+from compress_edge.neighbors import weighted_knn_vote
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -57,23 +58,19 @@ class KnnResult:
 
 def knn_vote(similarities: np.ndarray, neighbour_labels: np.ndarray, num_classes: int,
              temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
-    """Class scores (n, C) float64 from neighbours' similarities and labels (n, k).
+    """Class scores (n, C) float64 from neighbours' similarities and labels (n, k), rows summing to 1.
 
-    Each neighbour with a label >= 0 adds exp(s / T) to its class; rows are normalised to sum to 1.
-    Neighbours with label -1 (none, or a missing neighbour) do not vote.
+    The vote is :func:`compress_edge.neighbors.weighted_knn_vote` (each neighbour with a label >= 0
+    adds exp(s / T) to its class), the one every kNN of compress-edge uses, so ``classify`` and
+    ``eval knn`` score a query the same; here rows are normalised into confidences. Neighbours with
+    label -1 or a non-finite similarity (FAISS's padding) do not vote.
     """
     if temperature <= 0:
         raise CompressEdgeError(f"the temperature must be positive, got {temperature}")
     s = np.asarray(similarities, dtype=np.float64)
     lab = np.asarray(neighbour_labels, dtype=np.int64)
-    valid = (lab >= 0) & np.isfinite(s)
-    # Subtracting the row maximum leaves the normalised scores unchanged and keeps exp() finite.
-    top = np.max(np.where(valid, s, -np.inf), axis=1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    w = np.where(valid, np.exp((np.where(valid, s, 0.0) - top) / temperature), 0.0)
-    scores = np.zeros((len(s), int(num_classes)), dtype=np.float64)
-    rows = np.repeat(np.arange(len(s)), s.shape[1] if s.ndim == 2 else 0)
-    np.add.at(scores, (rows[valid.reshape(-1)], lab.reshape(-1)[valid.reshape(-1)]), w.reshape(-1)[valid.reshape(-1)])
+    finite = np.isfinite(s)
+    scores = weighted_knn_vote(np.where(finite, s, 0.0), np.where(finite, lab, -1), int(num_classes), temperature)
     total = scores.sum(axis=1, keepdims=True)
     return np.divide(scores, total, out=np.zeros_like(scores), where=total > 0)
 

@@ -124,11 +124,6 @@ def _spec_of(model: Any, spec: ModelSpec | None) -> ModelSpec:
     )
 
 
-def _labels_of(dataset: Any) -> np.ndarray | None:
-    labels = getattr(dataset, "labels", None)
-    return None if labels is None else np.asarray(labels, dtype=np.int64)
-
-
 def extract_features(
     model_or_embedder: Any,
     dataset: Any,

@@ -29,10 +29,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from compress_edge.defaults import METHODS, PAPER_QUEUE_SIZE, PAPER_TEMPERATURE
 from compress_edge.errors import TrainingError
 
-PAPER_QUEUE_SIZE = 128_000
-PAPER_TEMPERATURE = 0.04
+__all__ = ["METHODS", "PAPER_QUEUE_SIZE", "PAPER_TEMPERATURE"]
 
 
 def gather_from_all_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -225,9 +225,6 @@ class RegressionLoss(nn.Module):
             target = F.normalize(target, dim=1)
             pred = F.normalize(self.projection(student.float()), dim=1)
             return (pred - target).pow(2).sum(dim=1).mean()
-
-
-METHODS = ("compress-2q", "compress-2q-nomomentum", "compress-1q", "regression", "regression-bn")
 
 
 def build_loss(

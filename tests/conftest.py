@@ -72,7 +72,8 @@ def _restore_package_logger():
 
 @pytest.fixture(scope="session")
 def torchfree_python():
-    """A Python without torch: numpy, pillow, onnxruntime, faiss-cpu and compress-edge (--no-deps).
+    """A Python without torch: the ``device`` extra (numpy, pillow, onnxruntime, faiss-cpu, typer,
+    rich) and compress-edge installed with --no-deps.
 
     The query path of a device is run in it. Built once in .venv-torchfree beside the project (kept
     between runs; rebuilt when pyproject.toml changes). Returns the interpreter's path.
@@ -91,7 +92,7 @@ def torchfree_python():
         base = getattr(sys, "_base_executable", sys.executable)
         subprocess.run([base, "-m", "venv", str(venv)], check=True)
         pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, "numpy", "pillow", "onnxruntime", "faiss-cpu"], check=True)
+        subprocess.run([*pip, "numpy", "pillow", "onnxruntime", "faiss-cpu", "typer", "rich"], check=True)
         subprocess.run([*pip, "--no-deps", "-e", str(root)], check=True)
         stamp.touch()
     probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True)

@@ -196,3 +196,17 @@ def test_engine_gives_the_same_embeddings_on_gpu(exports, engines, precision, go
     result = compare(ref, got, name=precision, reference_name="fp32", goal=goal)
     assert result.passed, result.line()
     engine.close()
+
+
+def test_engine_rebuilt_from_a_reduced_export_keeps_its_precision(exports, tmp_path):
+    from compress_edge.export import ExportOptions, export_model
+
+    out = tmp_path / "device"
+    report = export_model(ExportOptions(model=str(exports["paths"]["int8-trt"]), out=str(out), trt=True, max_batch=4))
+    assert report["steps"]["engine"]["from"] == "model.int8-trt.onnx"
+    assert report["steps"]["engine"]["precision"] == "int8-trt"
+    assert not (out / "model.onnx").exists()  # the int8 file is not passed off as float32
+    side = json.loads((out / "model.engine.json").read_text())
+    assert side["precision"] == "int8-trt" and side["spec"] == exports["spec"].to_dict()
+    with pytest.raises(ExportError, match="already int8-trt"):
+        export_model(ExportOptions(model=str(exports["paths"]["int8-trt"]), out=str(tmp_path / "x"), fp16=True))

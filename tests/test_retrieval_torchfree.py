@@ -93,3 +93,11 @@ def test_query_path_runs_without_torch(torchfree_python, tmp_path):
     assert got["device_index"] == ["IDMap2,Flat", 18]
     assert got["refused"] is True
     assert (tmp_path / "grid.png").stat().st_size > 1000
+
+    # The command line too: compress-edge search / classify in the Python without torch.
+    for command in ("search", "classify"):
+        cli = subprocess.run([str(torchfree_python), "-m", "compress_edge", command, str(tmp_path / "index"),
+                              *query_files, "--model", str(onnx), "--json"], capture_output=True, text=True)
+        assert cli.returncode == 0, cli.stderr[-3000:]
+        payload = json.loads(cli.stdout)
+        assert json.dumps(payload).count(Path(query_files[0]).name) >= 1

@@ -59,6 +59,8 @@ class ErrorBoundaryGroup(TyperGroup):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # the reader went away (| head): nothing to report
+            raise typer.Exit(0) from None
         except FileNotFoundError as exc:
             _fail(f"file not found: {exc.filename or exc}; check the path", 1)
         except PermissionError as exc:

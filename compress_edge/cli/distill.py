@@ -10,8 +10,8 @@ import typer
 
 from compress_edge.cli import app
 from compress_edge.cli.common import console
+from compress_edge.defaults import METHODS, PAPER_QUEUE_SIZE, PAPER_TEMPERATURE
 from compress_edge.errors import CompressEdgeError
-from compress_edge.losses import METHODS, PAPER_QUEUE_SIZE, PAPER_TEMPERATURE
 
 DataArg = Annotated[str, typer.Argument(help="Images: a class folder, an image folder, or fashion-mnist:train|test.")]
 TeacherOpt = Annotated[

@@ -114,7 +114,9 @@ def _print(title: str, rows: list[tuple[str, str]], notes: list[str] = ()) -> No
 
     from compress_edge.cli.common import console
 
-    table = Table(title=title, title_justify="left")
+    # The title on its own line: as a table title it would wrap to the narrow table's width.
+    console.print(title, markup=False, highlight=False, soft_wrap=True)
+    table = Table()
     table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right", no_wrap=True)
     for k, v in rows:

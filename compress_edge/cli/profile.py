@@ -96,7 +96,7 @@ def _print(t, s, ratios: dict, skipped: str | None, depth: int) -> None:
 
     if depth > 0:
         for role, p in (("teacher", t), ("student", s)):
-            table = Table(title=f"{role} {p.name} by module (depth {depth})", title_justify="left")
+            table = Table(title=f"{role} by module (depth {depth}): {p.name}", title_justify="left")
             for col in ("module", "type", "params", "FLOPs", "% FLOPs"):
                 table.add_column(col, justify="left" if col in ("module", "type") else "right", no_wrap=True)
             for row in p.modules:

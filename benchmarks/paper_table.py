@@ -7,19 +7,14 @@ teacher and every student with frozen features: linear probe top-1, 1-NN top-1 (
 weighted 20-NN, cluster alignment (k-means, Hungarian matching); parameters and FLOPs (fvcore: one
 multiply-add is one FLOP). Prints the table, writes ``results.json`` and ``table.md`` in ``--work``.
 
-    python benchmarks/paper_table.py --quick          # CPU, minutes: a 4,000-image subset, few epochs
+    python benchmarks/paper_table.py --quick          # CPU, minutes: 4,000 training images, few epochs
     python benchmarks/paper_table.py --full           # a GPU: all 60,000 images, paper-like epochs
 
 Every setting can be overridden (``--train-images``, ``--epochs``, ...; see ``--help``). Finished
 stages are reused when the script is run again with the same ``--work`` folder (delete it to start
 over). The gallery of the kNN and the training split of the linear probe and of k-means is the
-training data (the subset in ``--quick``); the queries are fashion-mnist:test (a class-balanced
-subset in ``--quick``).
-
-A subset is written once as a class folder of PNG files (``WORK/data``), since the training functions
-take a DATA argument. Because compress-edge picks Fashion-MNIST's mean/std (and 32 px) from the DATA
-string ``fashion-mnist:*``, runs on a subset folder use ImageNet's mean/std instead: a fixed affine map
-of the pixels, which the networks absorb.
+training data (``fashion-mnist:train@4000`` in ``--quick``); the queries are fashion-mnist:test
+(``fashion-mnist:test@2000`` in ``--quick``).
 """
 
 from __future__ import annotations
@@ -103,36 +98,10 @@ PRESETS = {
 # --------------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------------
-def subset_folder(split: str, n: int | None, root: Path, seed: int) -> str:
-    """DATA for ``n`` class-balanced images of a Fashion-MNIST split (the split itself when n is None):
-    a class folder of PNGs, written once."""
-    if n is None:
-        return f"fashion-mnist:{split}"
-    import numpy as np
-    from PIL import Image
-
-    from compress_edge.data import open_dataset
-
-    folder = root / f"fashion-mnist-{split}-{n}-seed{seed}"
-    done = folder / ".complete"
-    if done.is_file():
-        return str(folder)
-    ds = open_dataset(f"fashion-mnist:{split}")
-    per_class = n // len(ds.classes)
-    if per_class * len(ds.classes) != n:
-        raise SystemExit(f"--{split}-images must be a multiple of {len(ds.classes)} (one share per class)")
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(ds.classes):
-        members = np.flatnonzero(ds.labels == c)
-        if per_class > len(members):
-            raise SystemExit(f"{split} has only {len(members)} images of class {name}")
-        chosen = np.sort(rng.choice(members, size=per_class, replace=False))
-        d = folder / f"{c}_{name.replace('/', '-').replace(' ', '-')}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in chosen:
-            Image.fromarray(np.asarray(ds.images[i])).save(d / f"{split}-{i:05d}.png")
-    done.write_text(json.dumps({"split": split, "images": n, "seed": seed}))
-    return str(folder)
+def split_data(split: str, n: int | None) -> str:
+    """DATA for ``n`` images of a Fashion-MNIST split (``fashion-mnist:SPLIT@N``: drawn once with a fixed
+    seed), or the whole split when n is None."""
+    return f"fashion-mnist:{split}" if n is None else f"fashion-mnist:{split}@{n}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,8 +306,8 @@ def run(s: Setting, work: Path) -> dict:
         out_json.write_text(json.dumps(results, indent=2) + "\n")
 
     t0 = time.perf_counter()
-    train_data = subset_folder("train", s.train_images, work / "data", s.seed)
-    test_data = subset_folder("test", s.test_images, work / "data", s.seed)
+    train_data = split_data("train", s.train_images)
+    test_data = split_data("test", s.test_images)
     results["data"] = {"train": train_data, "test": test_data}
     results["stages"]["data"] = round(time.perf_counter() - t0, 1)
     log.info("data: train %s, test %s (%.0f s)", train_data, test_data, results["stages"]["data"])

@@ -200,17 +200,159 @@ def stage_distill(demo: Demo) -> dict[str, Any]:
             "train_seconds": result.seconds}
 
 
+def _eval_sets(demo: Demo):
+    from compress_edge.data import open_dataset
+
+    s = demo.settings
+    return open_dataset(s.train_data, data_root=s.data_root), open_dataset(s.test_data, data_root=s.data_root)
+
+
+def _recalibrated_random_student(demo: Demo, spec, train) -> Any:
+    """The student before distillation: random weights, batch-norm statistics re-estimated on the
+    training images (fresh statistics would make a random network's features vanish)."""
+    import torch
+
+    from compress_edge.data import eval_transform
+    from compress_edge.models import rebuild
+
+    torch.manual_seed(0)
+    model = rebuild(spec.arch, spec.arch_kwargs, normalize=spec.normalize)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+    tf = eval_transform(spec.image_size, spec.mean, spec.std)
+    model.train()
+    with torch.no_grad():
+        for start in range(0, min(len(train), 2048), 256):
+            model(torch.stack([tf(train.get_image(i)) for i in range(start, min(start + 256, len(train)))]))
+    return model.eval()
+
+
+def stage_profile(demo: Demo) -> dict[str, Any]:
+    from compress_edge.models import load_model
+    from compress_edge.profile import compare, profile_model
+
+    t_model, t_spec = load_model(demo.results["teacher"]["teacher"])
+    s_model, s_spec = load_model(demo.results["distill"]["student"])
+    teacher = profile_model(t_model, t_spec.image_size, name="teacher", spec=t_spec, depth=1)
+    student = profile_model(s_model, s_spec.image_size, name="student", spec=s_spec, depth=1)
+    return {"teacher": {"arch": t_spec.arch, "params": teacher.params, "flops": teacher.flops,
+                        "weight_bytes": teacher.weight_bytes, "embed_dim": t_spec.embed_dim},
+            "student": {"arch": s_spec.arch, "params": student.params, "flops": student.flops,
+                        "weight_bytes": student.weight_bytes, "embed_dim": s_spec.embed_dim},
+            "ratios": compare(teacher, student)}
+
+
+def stage_evaluate(demo: Demo) -> dict[str, Any]:
+    from compress_edge.evaluate import (
+        cluster_alignment,
+        extract_features,
+        knn_eval,
+        linear_probe,
+        neighbor_agreement,
+    )
+    from compress_edge.models import load_model
+
+    s = demo.settings
+    train, test = _eval_sets(demo)
+    t_model, t_spec = load_model(demo.results["teacher"]["teacher"])
+    s_model, s_spec = load_model(demo.results["distill"]["student"])
+    models = {"teacher": (t_model, t_spec), "student": (s_model, s_spec),
+              "student before distillation": (_recalibrated_random_student(demo, s_spec, train), s_spec.replace(
+                  weights_sha256="random-init-bn-recalibrated"))}
+    cache = demo.path("features")
+    rows: dict[str, dict[str, Any]] = {}
+    feats: dict[str, tuple] = {}
+    for name, (model, spec) in models.items():
+        tr = extract_features(model, train, spec=spec, device=s.device, workers=s.workers, cache_dir=cache,
+                              progress=demo.progress)
+        te = extract_features(model, test, spec=spec, device=s.device, workers=s.workers, cache_dir=cache,
+                              progress=demo.progress)
+        feats[name] = (tr, te)
+        knn = knn_eval(tr[0], tr[1], te[0], te[1], device=s.device)
+        lin = linear_probe(tr[0], tr[1], te[0], te[1], device=s.device)
+        clu = cluster_alignment(tr[0], tr[1], te[0], te[1])
+        rows[name] = {"nn_top1": knn.nn_top1, "knn20_top1": knn.knn[20]["top1"], "knn200_top1": knn.knn[200]["top1"],
+                      "linear_top1": lin.top1, "linear_top5": lin.top5, "cluster_accuracy": clu.accuracy,
+                      "nmi": clu.nmi, "ari": clu.ari}
+    agree = neighbor_agreement(feats["teacher"][1][0], feats["student"][1][0], device=s.device)
+    before = neighbor_agreement(feats["teacher"][1][0], feats["student before distillation"][1][0], device=s.device)
+    return {"rows": rows, "agreement": agree.to_dict(), "agreement_before": before.to_dict(),
+            "train": s.train_data, "test": s.test_data}
+
+
+def stage_export(demo: Demo) -> dict[str, Any]:
+    from compress_edge.deps import available
+    from compress_edge.export import ExportOptions, export_model
+    from compress_edge.export.runtimes import benchmark, open_embedder
+
+    s = demo.settings
+    out = demo.path("export")
+    trt = available("tensorrt") or available("tensorrt_rtx")
+    opts = ExportOptions(model=demo.results["distill"]["student"], out=str(out), int8=["cpu"],
+                         calib_data=s.train_data, calib_images=s.calib_images, parity_data=s.test_data,
+                         trt=trt, strict=False, progress=demo.progress)
+    report = export_model(opts)
+    latency = []
+    for label, ref in (("PyTorch", demo.results["distill"]["student"]), ("onnxruntime fp32", out / "model.onnx"),
+                       ("onnxruntime int8", out / "model.int8-cpu.onnx")):
+        embedder = open_embedder(str(ref), threads=None)
+        try:
+            for row in benchmark(embedder, (1, 32), warmup=3, iters=20, label=label):
+                latency.append({"backend": label, "batch": row.batch, "p50_ms": row.p50_ms, "p95_ms": row.p95_ms})
+        finally:
+            embedder.close()
+    parity = {k: {"min_cosine": v["min_cosine"], "top10_overlap": v.get("top10_overlap"), "passed": v["passed"]}
+              for k, v in report["parity"].items()}
+    return {"folder": str(out), "files": report["files"], "parity": parity, "latency": latency,
+            "engine": report["steps"].get("engine")}
+
+
+def stage_retrieval(demo: Demo) -> dict[str, Any]:
+    from compress_edge.retrieval.grid import draw_grid
+    from compress_edge.retrieval.index import build_from_images
+    from compress_edge.retrieval.search import Searcher
+
+    s = demo.settings
+    model = str(demo.path("export", "model.onnx"))
+    index_dir = demo.path("index")
+    built = build_from_images(model, [s.train_data], index_dir, workers=s.workers, data_root=s.data_root,
+                              progress=demo.progress)
+    train, test = _eval_sets(demo)
+    with Searcher(index_dir, model=model) as searcher:
+        x = searcher.embed([test.get_image(i) for i in range(len(test))])
+        result = searcher.classify_embeddings(x)
+        accuracy = float((result.predictions == test.labels).mean())
+        queries = list(range(0, len(test), max(1, len(test) // s.search_queries)))[: s.search_queries]
+        hits = searcher.search_embeddings(x[queries], k=6)
+    names = test.classes
+    draw_grid([(test.get_image(i), names[test.labels[i]]) for i in queries], hits,
+              demo.path("report", "retrieval.png"), query_labels=[names[test.labels[i]] for i in queries])
+    return {"index": str(index_dir), "key": getattr(built, "key", None), "vectors": getattr(built, "ntotal", None),
+            "knn_accuracy_through_index": accuracy, "queries": len(test)}
+
+
+def stage_report(demo: Demo) -> dict[str, Any]:
+    from compress_edge.report import write_report
+
+    return write_report(demo)
+
+
 def default_stages() -> list[Stage]:
     return [
         Stage("teacher", "pretrain a self-supervised teacher", stage_teacher),
         Stage("cache", "cache the teacher's embeddings", stage_cache),
         Stage("distill", "distil the student (CompRess)", stage_distill),
+        Stage("profile", "profile teacher and student (fvcore)", stage_profile),
+        Stage("evaluate", "evaluate teacher, student and the student before distillation", stage_evaluate),
+        Stage("export", "export the student (ONNX, int8) with parity, and time each backend", stage_export),
+        Stage("retrieval", "index the training images, classify and search the test images", stage_retrieval),
+        Stage("report", "write the report", stage_report),
     ]
 
 
 def run_demo(out: str | Path, settings: DemoSettings, *, teacher: str | None = None, fresh: bool = False,
              progress: bool = True) -> dict[str, Any]:
     demo = Demo(out, settings, teacher=teacher, fresh=fresh, progress=progress)
-    results = demo.run(default_stages())
-    atomic_write_json(demo.path("report.json"), {"settings": settings.to_dict(), "stages": results})
-    return results
+    return demo.run(default_stages())

@@ -84,15 +84,26 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         raise ExportError(f"unknown --int8 target {unknown[0]!r}; choose one of: {', '.join(INT8_TARGETS)}")
     if opts.trt_from is not None and opts.trt_from not in ("fp32", "fp16", "int8-trt"):
         raise ExportError(f"--trt-from must be fp32, fp16 or int8-trt, got {opts.trt_from!r}")
-    trt_source = opts.trt_from or ("int8-trt" if "trt" in opts.int8 else "fp16" if opts.fp16 else "fp32")
-    if opts.trt and trt_source == "fp16" and not opts.fp16:
+    suffix = Path(opts.model).suffix.lower()
+    source_precision = "fp32"
+    if suffix in ONNX_SUFFIXES:
+        # An already reduced file (model.int8-trt.onnx, to build its engine on the device) stays what it is.
+        source_precision = _onnx_precision(opts.model)
+        if source_precision != "fp32" and (opts.fp16 or opts.int8):
+            raise ExportError(f"{opts.model} is already {source_precision}; --fp16 and --int8 start from the float32 "
+                              "model.onnx")
+    default_source = "int8-trt" if "trt" in opts.int8 else "fp16" if opts.fp16 else source_precision
+    trt_source = opts.trt_from or default_source
+    if source_precision != "fp32" and trt_source != source_precision:
+        raise ExportError(f"{opts.model} is {source_precision}: the engine can only be built from it (--trt-from "
+                          f"{source_precision})")
+    if opts.trt and trt_source == "fp16" and not opts.fp16 and source_precision == "fp32":
         opts.fp16 = True
-    if opts.trt and trt_source == "int8-trt" and "trt" not in opts.int8:
+    if opts.trt and trt_source == "int8-trt" and "trt" not in opts.int8 and source_precision == "fp32":
         opts.int8 = [*opts.int8, "trt"]
     if opts.int8 and opts.calib_data is None:
         raise DataError("--int8 needs calibration images: pass --calib-data (an image folder, fashion-mnist:train "
                         "or a .npy of preprocessed images)")
-    suffix = Path(opts.model).suffix.lower()
     if suffix in ENGINE_SUFFIXES:
         raise ModelError(f"{opts.model} is already a TensorRT engine; export starts from a model or an ONNX file")
 
@@ -100,7 +111,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report: dict[str, Any] = {"model": str(opts.model), "out": str(out), "files": {}, "parity": {}, "steps": {}}
-    onnx_path = out / FILES["fp32"]
+    onnx_path = out / FILES[source_precision]
 
     # -- float32 ONNX ---------------------------------------------------------------------------------
     torch_model = None
@@ -111,7 +122,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         spec = source.spec
         source.close()
         if Path(opts.model).resolve() != onnx_path.resolve():
-            with_spec(opts.model, onnx_path, spec, precision="fp32")
+            with_spec(opts.model, onnx_path, spec, precision=source_precision)
         report["steps"]["onnx"] = {"from": "onnx file", "batch_check": check_dynamic_batch(onnx_path, spec)}
     else:
         from compress_edge.export.onnx import export_onnx
@@ -147,7 +158,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         report["parity"]["fp32"] = par.compare(reference, ort_emb, name="onnxruntime fp32", reference_name=ref_name,
                                                goal=par.GOALS["fp32"], image_source=kind).to_dict()
     else:
-        reference, ref_name = ort_emb, "onnxruntime fp32"
+        reference, ref_name = ort_emb, f"onnxruntime {source_precision}"
 
     def check(precision: str, path: Path, goal_key: str) -> None:
         emb = OnnxRuntimeEmbedder(path)
@@ -218,6 +229,19 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
             "--no-strict to keep the files anyway"
         )
     return report
+
+
+def _onnx_precision(path: str) -> str:
+    """The precision an ONNX file's metadata records ("fp32" when it records none)."""
+    from compress_edge.export.onnx import read_metadata
+    from compress_edge.export.runtimes import PRECISION_KEY
+
+    from compress_edge.errors import ModelError
+
+    if not Path(path).is_file():
+        raise ModelError(f"no ONNX file at {path}")
+    precision = read_metadata(path).get(PRECISION_KEY, "fp32")
+    return precision if precision in FILES else "fp32"
 
 
 def _versions() -> dict[str, str]:

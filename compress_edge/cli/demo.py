@@ -35,5 +35,4 @@ def demo(
     settings = DemoSettings.quick() if quick else DemoSettings()
     settings = DemoSettings(**{**settings.to_dict(), "workers": workers, "device": device, "data_root": data_root})
     run_demo(out, settings, teacher=teacher, fresh=fresh, progress=progress)
-    report = out / "report.md"
-    console.print(f"report: {report if report.is_file() else out / 'report.json'}")
+    console.print(f"report: {out / 'report' / 'report.md'} (numbers in report.json, pictures beside it)")

@@ -137,7 +137,7 @@ def _size(n: int) -> str:
 
 @app.command("bench")
 def bench(
-    models: Annotated[list[str], typer.Argument(help="Model files to measure side by side: model folders / "
+    models: Annotated[list[str], typer.Argument(metavar="MODEL", help="Model files to measure side by side: model folders / "
                                                      "architecture names (PyTorch), .onnx (onnxruntime), .engine "
                                                      "(TensorRT).")],
     backend: Annotated[str, typer.Option("--backend", help="auto (by file type), torch, onnxruntime or tensorrt.")] = "auto",

@@ -71,6 +71,8 @@ def test_knn_predict_ties_go_to_the_lower_class_and_no_vote_gives_minus_one():
     sims = np.array([[0.5, 0.5], [0.9, 0.1]])
     labels = np.array([[2, 1], [-1, -1]])
     assert knn_predict(sims, labels, 3).tolist() == [1, -1]
+    empty = weighted_knn_vote(sims, np.full((2, 2), -1), 3)  # no labelled neighbour anywhere
+    assert empty.dtype == np.float64 and not empty.any()
     with pytest.raises(ValueError, match="num_classes"):
         weighted_knn_vote(sims, np.array([[3, 0], [0, 0]]), 3)
 

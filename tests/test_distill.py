@@ -291,3 +291,31 @@ def test_distill_cli_end_to_end_and_errors(tmp_path, class_folder, saved_teacher
     assert bad.exit_code == 1 and "compress-2q" in bad.output
     bad = runner.invoke(app, ["distill", str(class_folder), "--teacher", str(saved_teacher), "--student-kwargs", "oops"])
     assert bad.exit_code == 1 and "key=value" in bad.output
+
+
+def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, class_folder, saved_teacher):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "compress_edge", "distill", str(class_folder), "--teacher", str(saved_teacher),
+           "--student-arch", "mobilenet_v3_small", "--epochs", "200", "--batch-size", "6", "--queue-size", "12",
+           "--workers", "0", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "--resume" in err and "Traceback" not in err
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < state["global_step"] < 200 * 3
+    assert (out / "student" / "model.safetensors").is_file()  # a usable student is there already
+
+    resumed = runner.invoke(app, ["distill", "--resume", str(out), "--stop-after", "1", "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output
+    after = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert after["global_step"] > state["global_step"]
+    assert after["epoch"] == state["epoch"] + 1 and after["batch_in_epoch"] == 0

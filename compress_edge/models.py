@@ -437,6 +437,9 @@ def feature_map_size(model: EmbeddingModel, image_size: int) -> tuple[int, int] 
     return seen[-1] if seen else None
 
 
+_WARNED: set[tuple[str, int]] = set()
+
+
 def check_input_size(model: EmbeddingModel, image_size: int) -> None:
     """Raise ModelError when ``model`` cannot take ``image_size`` px images; warn when it barely can."""
     size = feature_map_size(model, image_size)
@@ -444,7 +447,8 @@ def check_input_size(model: EmbeddingModel, image_size: int) -> None:
     if size is None:
         hint = " or use its small-input variant (small_input=True)" if not small else ""
         raise ModelError(f"{model.arch} cannot take {image_size}px images; use larger images{hint}")
-    if size == (1, 1) and not small and image_size <= SMALL_INPUT_MAX:
+    if size == (1, 1) and not small and image_size <= SMALL_INPUT_MAX and (model.arch, image_size) not in _WARNED:
+        _WARNED.add((model.arch, image_size))  # once per process, not at every checkpoint
         log.warning(
             "%s leaves a 1x1 feature map of a %dpx image; its small-input variant keeps more detail",
             model.arch,

@@ -303,7 +303,7 @@ def stage_export(demo: Demo) -> dict[str, Any]:
                 latency.append({"backend": label, "batch": row.batch, "p50_ms": row.p50_ms, "p95_ms": row.p95_ms})
         finally:
             embedder.close()
-    parity = {k: {"min_cosine": v["min_cosine"], "top10_overlap": v.get("top10_overlap"), "passed": v["passed"]}
+    parity = {k: {"min_cosine": v["min_cosine"], "top10_overlap": v.get("topk_overlap"), "passed": v["passed"]}
               for k, v in report["parity"].items()}
     return {"folder": str(out), "files": report["files"], "parity": parity, "latency": latency,
             "engine": report["steps"].get("engine")}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,15 @@ from compress_edge.losses import (
     uses_momentum_encoder,
 )
 from compress_edge.spec import ModelSpec
-from compress_edge.train import TrainConfig, Trainer, TrainResult, ema_update, frozen, seed_everything
+from compress_edge.train import (
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    ema_update,
+    frozen,
+    read_run_options,
+    seed_everything,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -280,12 +287,4 @@ def run_distill(opts: DistillOptions, *, resume: bool = False, stop_after_epochs
 
 
 def load_options(run_dir: str | Path) -> DistillOptions:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise TrainingError(f"{run_dir} is not a distillation run folder (no config.json)")
-    config = json.loads(path.read_text())
-    if "distill" not in config:
-        raise TrainingError(f"{run_dir} was not made by 'compress-edge distill'")
-    opts = DistillOptions.from_dict(config["distill"])
-    opts.out = str(run_dir)
-    return opts
+    return DistillOptions.from_dict(read_run_options(run_dir, "distill", "distill"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,15 @@ from torch import nn
 
 from compress_edge.errors import TrainingError
 from compress_edge.losses import MoCoLoss, NTXent, commit_queues
-from compress_edge.train import TrainConfig, Trainer, TrainResult, ema_update, frozen, seed_everything
+from compress_edge.train import (
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    ema_update,
+    frozen,
+    read_run_options,
+    seed_everything,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -158,12 +165,4 @@ def run_pretrain(opts: PretrainOptions, *, resume: bool = False, stop_after_epoc
 
 
 def load_pretrain_options(run_dir: str | Path) -> PretrainOptions:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise TrainingError(f"{run_dir} is not a run folder (no config.json)")
-    config = json.loads(path.read_text())
-    if "pretrain" not in config:
-        raise TrainingError(f"{run_dir} was not made by 'compress-edge pretrain'")
-    opts = PretrainOptions.from_dict(config["pretrain"])
-    opts.out = str(run_dir)
-    return opts
+    return PretrainOptions.from_dict(read_run_options(run_dir, "pretrain", "pretrain"))

@@ -226,6 +226,22 @@ def code_version() -> dict[str, Any]:
     return info
 
 
+def read_run_options(run_dir: str | os.PathLike, section: str, command: str) -> dict[str, Any]:
+    """The options a run folder was started with (``config.json``'s ``section``), for --resume."""
+    import json
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise TrainingError(f"{run_dir} is not a run folder (no config.json); pass the folder given to --out")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise TrainingError(f"{path} is damaged; start a new run") from None
+    if section not in config:
+        raise TrainingError(f"{run_dir} was not made by 'compress-edge {command}'")
+    return {**config[section], "out": str(run_dir)}
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {

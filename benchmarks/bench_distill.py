@@ -25,14 +25,6 @@ import time
 METHODS = ["compress-2q", "compress-2q-nomomentum", "compress-1q", "regression", "regression-bn"]
 
 
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _setup(method: str, args, device: str, amp: str = "off"):
     import torch
 
@@ -75,6 +67,23 @@ def _time(fn, steps: int, warmup: int, sync) -> list[float]:
     return times
 
 
+def _plain_step(student, images):
+    """A plain forward + backward + SGD step of ``student`` on ``images``, as a callable."""
+    import torch
+
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    # A real target: the squared norm of an L2-normalised output is constant, and its ~0
+    # gradients run through backward as denormal floats, many times slower on a CPU.
+    target = torch.nn.functional.normalize(torch.randn(images.shape[0], student.embed_dim), dim=1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        (student(images) * target).sum(dim=1).mean().neg().backward()
+        opt.step()
+
+    return step
+
+
 def measure(method: str, args, device: str = "cpu", amp: str = "off") -> dict:
     """Median step seconds of ``method`` ('plain' and 'key-forward' are the baselines)."""
     import torch
@@ -85,15 +94,7 @@ def measure(method: str, args, device: str = "cpu", amp: str = "off") -> dict:
         student = student.to(device).train()
         images = batch[0].to(device)
         if method == "plain":
-            opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-            # A real target: the squared norm of an L2-normalised output is constant, and its ~0
-            # gradients run through backward as denormal floats, many times slower on a CPU.
-            target = torch.nn.functional.normalize(torch.randn(args.batch, student.embed_dim), dim=1)
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                (student(images) * target).sum(dim=1).mean().neg().backward()
-                opt.step()
+            step = _plain_step(student, images)
         else:
 
             def step():
@@ -106,7 +107,7 @@ def measure(method: str, args, device: str = "cpu", amp: str = "off") -> dict:
             trainer._step(batch, scheduler)
 
     times = _time(step, args.steps, args.warmup, sync)
-    return {"method": method, "median_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb()}
+    return {"method": method, "median_s": statistics.median(times)}
 
 
 def measure_interleaved(method: str, args) -> dict:
@@ -120,14 +121,11 @@ def measure_interleaved(method: str, args) -> dict:
     trainer, batch, scheduler = _setup(method, args, "cpu")
     student = copy.deepcopy(trainer.task.student).train()
     images = batch[0]
-    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    target = torch.nn.functional.normalize(torch.randn(args.batch, student.embed_dim), dim=1)
+    student_step = _plain_step(student, images)
     key = copy.deepcopy(student)
 
     def plain():
-        opt.zero_grad(set_to_none=True)
-        (student(images) * target).sum(dim=1).mean().neg().backward()
-        opt.step()
+        student_step()
         if method == "compress-2q":
             with torch.no_grad():
                 key(images)

@@ -79,20 +79,13 @@ def stand_in_student(arch: str, small_input: bool, size: int, folder: Path, stat
     import torch
     from compress_edge.export.parity import load_check_images
 
-    from compress_edge.models import create_model, save_model, spec_for
+    from compress_edge.models import create_model, recalibrate_batchnorm, save_model, spec_for
 
     model = create_model(arch, small_input=small_input)
     model.load_state_dict(state)
     spec = spec_for(model, image_size=size, source={"kind": "benchmark-stand-in", "data": "fashion-mnist"})
     images, _ = load_check_images("fashion-mnist:train", spec, bn_images)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over every batch
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(images), 64):
-            model(torch.from_numpy(images[i : i + 64]))
+    recalibrate_batchnorm(model, (torch.from_numpy(images[i : i + 64]) for i in range(0, len(images), 64)))
     save_model(model.eval(), spec, folder)
     return folder
 

@@ -213,20 +213,14 @@ def _recalibrated_random_student(demo: Demo, spec, train) -> Any:
     import torch
 
     from compress_edge.data import eval_transform
-    from compress_edge.models import rebuild
+    from compress_edge.models import rebuild, recalibrate_batchnorm
 
     torch.manual_seed(0)
     model = rebuild(spec.arch, spec.arch_kwargs, normalize=spec.normalize)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the batches below
     tf = eval_transform(spec.image_size, spec.mean, spec.std)
-    model.train()
-    with torch.no_grad():
-        for start in range(0, min(len(train), 2048), 256):
-            model(torch.stack([tf(train.get_image(i)) for i in range(start, min(start + 256, len(train)))]))
-    return model.eval()
+    batches = (torch.stack([tf(train.get_image(i)) for i in range(start, min(start + 256, len(train)))])
+               for start in range(0, min(len(train), 2048), 256))
+    return recalibrate_batchnorm(model, batches)
 
 
 def stage_profile(demo: Demo) -> dict[str, Any]:

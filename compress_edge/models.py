@@ -19,7 +19,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -435,6 +435,24 @@ def feature_map_size(model: EmbeddingModel, image_size: int) -> tuple[int, int] 
     finally:
         handle.remove()
     return seen[-1] if seen else None
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: torch.Tensor | Iterable[torch.Tensor]) -> nn.Module:
+    """Re-estimate every batch-norm layer's running statistics on ``batches`` (tensors (B, 3, H, W),
+    or one tensor) as a cumulative average; returns the model in eval mode.
+
+    A randomly initialised network needs it: with fresh statistics (mean 0, variance 1) its
+    activations shrink layer by layer and every image gets nearly the same embedding.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over every batch below
+    model.train()
+    for x in [batches] if isinstance(batches, torch.Tensor) else batches:
+        model(x)
+    return model.eval()
 
 
 _WARNED: set[tuple[str, int]] = set()

@@ -45,10 +45,10 @@ def make_class_folder(root, classes=("circle", "square", "stripes"), per_class=6
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_images():
-    """The generator above, for tests that need more than one folder (conftest is not importable
-    under --import-mode=importlib)."""
+    """The generator above, for tests that need more than one folder or a module-scoped one
+    (conftest is not importable under --import-mode=importlib)."""
     return make_class_folder
 
 

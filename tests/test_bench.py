@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,35 +13,22 @@ from typer.testing import CliRunner
 
 from compress_edge.cli import app
 from compress_edge.images import preprocess_batch, scan_images
-from compress_edge.models import create_model, save_model, spec_for
+from compress_edge.models import create_model, recalibrate_batchnorm, save_model, spec_for
 from compress_edge.spec import ModelSpec
 
 runner = CliRunner()
 HAVE_TRT = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
 
 
-def _conftest():
-    spec = importlib.util.spec_from_file_location("_ce_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
+def student(tmp_path_factory, make_images):
     root = tmp_path_factory.mktemp("bench")
-    images = _conftest().make_class_folder(root / "images", size=40)
+    images = make_images(root / "images", size=40)
     torch.manual_seed(0)
     model = create_model("mobilenet_v3_small", small_input=True)
     spec = spec_for(model, image_size=32, source={"kind": "distill", "run": "unit"})
     files = scan_images(images).files
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(preprocess_batch(files, 32, spec.mean, spec.std)))
+    recalibrate_batchnorm(model, torch.from_numpy(preprocess_batch(files, 32, spec.mean, spec.std)))
     save_model(model.eval(), spec, root / "run" / "student")
     return {"root": root, "images": images, "run": root / "run"}
 

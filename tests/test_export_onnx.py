@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -15,15 +14,7 @@ from compress_edge.export.parity import GOALS, compare, load_check_images
 from compress_edge.export.runtimes import PRECISION_KEY, open_embedder
 
 from compress_edge.errors import ExportError, ModelError
-from compress_edge.models import create_model, save_model, spec_for
-
-
-def _conftest():
-    # conftest.py is not importable under --import-mode=importlib; load its image generator by path.
-    spec = importlib.util.spec_from_file_location("_ce_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from compress_edge.models import create_model, recalibrate_batchnorm, save_model, spec_for
 
 
 def make_student(images: np.ndarray, normalize: bool = True, seed: int = 0):
@@ -31,20 +22,13 @@ def make_student(images: np.ndarray, normalize: bool = True, seed: int = 0):
     shrinks activations to ~1e-8 and every image gets the same embedding)."""
     torch.manual_seed(seed)
     model = create_model("mobilenet_v3_small", small_input=True, normalize=normalize)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(images))
-    return model.eval()
+    return recalibrate_batchnorm(model, torch.from_numpy(images))
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, make_images):
     root = tmp_path_factory.mktemp("onnx")
-    images_dir = _conftest().make_class_folder(root / "images", size=40)
+    images_dir = make_images(root / "images", size=40)
     model = create_model("mobilenet_v3_small", small_input=True)
     spec = spec_for(model, image_size=32, source={"kind": "distill", "run": "test"})
     images, _ = load_check_images(images_dir, spec, 64)

@@ -3,9 +3,6 @@ and calibration data that does not fit."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
@@ -18,33 +15,19 @@ from compress_edge.export.runtimes import open_embedder
 from onnx import TensorProto, numpy_helper
 
 from compress_edge.errors import DataError
-from compress_edge.models import create_model, save_model, spec_for
-
-
-def _conftest():
-    spec = importlib.util.spec_from_file_location("_ce_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from compress_edge.models import create_model, recalibrate_batchnorm, save_model, spec_for
 
 
 def _student(images: np.ndarray):
     torch.manual_seed(0)
     model = create_model("mobilenet_v3_small", small_input=True)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(images))
-    return model.eval()
+    return recalibrate_batchnorm(model, torch.from_numpy(images))
 
 
 @pytest.fixture(scope="module")
-def fp32(tmp_path_factory):
+def fp32(tmp_path_factory, make_images):
     root = tmp_path_factory.mktemp("quant")
-    images_dir = _conftest().make_class_folder(root / "images", size=40)
+    images_dir = make_images(root / "images", size=40)
     spec = spec_for(create_model("mobilenet_v3_small", small_input=True), image_size=32)
     images, _ = load_check_images(images_dir, spec, 64)
     model = _student(images)

@@ -28,17 +28,10 @@ HAVE_GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not HAVE_TRT, reason="neither tensorrt nor tensorrt_rtx is installed")
 
 
-def _conftest():
-    spec = importlib.util.spec_from_file_location("_ce_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
+def exports(tmp_path_factory, make_images):
     root = tmp_path_factory.mktemp("trt")
-    images_dir = _conftest().make_class_folder(root / "images", size=40)
+    images_dir = make_images(root / "images", size=40)
     torch.manual_seed(0)
     model = create_model("mobilenet_v3_small", small_input=True).eval()
     spec = spec_for(model, image_size=32)

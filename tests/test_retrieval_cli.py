@@ -3,7 +3,6 @@ images, through Typer's CliRunner, with a small real model (PyTorch and its ONNX
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -16,13 +15,6 @@ from compress_edge.cli import app
 
 runner = CliRunner()
 CLASSES = ("circle", "square", "stripes")
-
-
-def _conftest():
-    spec = importlib.util.spec_from_file_location("_ce_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_model(root: Path, size: int = 32, seed: int = 2) -> Path:
@@ -49,10 +41,10 @@ def _restore_logging():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, make_images):
     root = tmp_path_factory.mktemp("cli")
-    images = _conftest().make_class_folder(root / "gallery", classes=CLASSES, per_class=8, size=32)
-    queries = _conftest().make_class_folder(root / "queries", classes=CLASSES, per_class=2, size=32, seed=11)
+    images = make_images(root / "gallery", classes=CLASSES, per_class=8, size=32)
+    queries = make_images(root / "queries", classes=CLASSES, per_class=2, size=32, seed=11)
     model_dir = make_model(root / "student")
     index_dir = root / "index"
     result = runner.invoke(app, ["index", "build", str(model_dir), str(images), "--out", str(index_dir),
@@ -120,12 +112,12 @@ def test_mismatched_model_is_refused(built, tmp_path):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_add_and_remove_from_the_command_line(built, tmp_path):
+def test_add_and_remove_from_the_command_line(built, tmp_path, make_images):
     import shutil
 
     index = tmp_path / "index"
     shutil.copytree(built["index"], index)
-    new = _conftest().make_class_folder(tmp_path / "new", classes=("circle", "triangle"), per_class=2, size=32,
+    new = make_images(tmp_path / "new", classes=("circle", "triangle"), per_class=2, size=32,
                                         seed=5)
     result = runner.invoke(app, ["index", "add", str(index), str(new), "--json"])
     assert result.exit_code == 0, result.output

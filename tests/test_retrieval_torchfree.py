@@ -4,7 +4,6 @@ ONNX export (same ModelSpec), and the answers must be the ones PyTorch gives."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,13 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-
-def _conftest():
-    spec = importlib.util.spec_from_file_location("_ce_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_retrieval_modules_import_without_torch():
@@ -31,7 +23,7 @@ def test_retrieval_modules_import_without_torch():
 
 
 @pytest.mark.slow
-def test_query_path_runs_without_torch(torchfree_python, tmp_path):
+def test_query_path_runs_without_torch(torchfree_python, tmp_path, make_images):
     import torch
     from compress_edge.export.onnx import export_onnx
     from compress_edge.retrieval.index import build_from_images
@@ -39,8 +31,8 @@ def test_query_path_runs_without_torch(torchfree_python, tmp_path):
 
     from compress_edge.models import create_model, save_model, spec_for
 
-    gallery = _conftest().make_class_folder(tmp_path / "gallery", per_class=6, size=32)
-    queries = _conftest().make_class_folder(tmp_path / "queries", per_class=1, size=32, seed=11)
+    gallery = make_images(tmp_path / "gallery", per_class=6, size=32)
+    queries = make_images(tmp_path / "queries", per_class=1, size=32, seed=11)
     query_files = sorted(str(p) for p in queries.rglob("*.png"))
     torch.manual_seed(2)
     model = create_model("mobilenet_v3_small", small_input=True).eval()

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,33 +22,19 @@ from PIL import Image
 
 from compress_edge.errors import DataError, DependencyError, ModelError
 from compress_edge.images import open_image, preprocess_batch, scan_images
-from compress_edge.models import create_model, save_model, spec_for
-
-
-def _conftest():
-    spec = importlib.util.spec_from_file_location("_ce_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from compress_edge.models import create_model, recalibrate_batchnorm, save_model, spec_for
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, make_images):
     root = tmp_path_factory.mktemp("runtimes")
-    images_dir = _conftest().make_class_folder(root / "images", size=40)
+    images_dir = make_images(root / "images", size=40)
     files = [str(p) for p in scan_images(images_dir).files]
     torch.manual_seed(0)
     model = create_model("mobilenet_v3_small", small_input=True)
     spec = spec_for(model, image_size=32)
     batch = torch.from_numpy(preprocess_batch(files, 32, spec.mean, spec.std))
-    for m in model.modules():  # BatchNorm statistics from the images, so embeddings differ per image
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(batch)
-    model.eval()
+    recalibrate_batchnorm(model, batch)  # statistics from the images, so embeddings differ per image
     spec = save_model(model, spec, root / "student")
     onnx_path = root / "model.onnx"
     ce_onnx.export_onnx(model, spec, onnx_path, exporter="torchscript")

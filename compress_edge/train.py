@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -228,8 +229,6 @@ def code_version() -> dict[str, Any]:
 
 def read_run_options(run_dir: str | os.PathLike, section: str, command: str) -> dict[str, Any]:
     """The options a run folder was started with (``config.json``'s ``section``), for --resume."""
-    import json
-
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise TrainingError(f"{run_dir} is not a run folder (no config.json); pass the folder given to --out")
@@ -529,15 +528,16 @@ class Trainer:
                     if stop.signal is not None:
                         stopped = True
                         break
-                if stopped:
+                if stopped and self.batch_in_epoch < steps_per_epoch:
                     self.save_checkpoint(scheduler)
                     break
+                # A stop on the epoch's last batch completes the epoch first, so a resume starts the next.
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 self._log({"kind": "epoch", "epoch": self.epoch, "step": self.global_step,
                            "loss": epoch_loss / max(1, epoch_n), "seconds": time.perf_counter() - t0,
                            "images_per_s": seen / max(1e-9, time.perf_counter() - t0)})
-                if self.epoch % cfg.checkpoint_every == 0 or self.epoch == end_epoch:
+                if stopped or self.epoch % cfg.checkpoint_every == 0 or self.epoch == end_epoch:
                     self.save_checkpoint(scheduler)
         if self._writer is not None:
             self._writer.close()

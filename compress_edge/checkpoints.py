@@ -480,6 +480,18 @@ def guess_arch(detected: Detected) -> list[ArchGuess]:
     return guesses
 
 
+def checkpoint_stem(path: str | os.PathLike, arch: str, *, fmt: str = "auto", key: str | None = None) -> bool:
+    """Whether the checkpoint at ``path`` was trained with ``arch``'s small-input stem (a CIFAR-style
+    ResNet has a 3x3 ``conv1``, the ImageNet one a 7x7): the stem whose backbone it fits better.
+    Architectures whose stems hold the same tensors (a stride differs) read as the ImageNet stem."""
+    detected = detect_format(read_checkpoint(path), fmt=fmt, key=key)
+    fits = {}
+    for small in (False, True):
+        report, _ = match_backbone(detected, *_signature(arch, small), arch=arch)
+        fits[small] = (report.matched - len(report.mismatched), not small)
+    return max(fits, key=fits.get)
+
+
 def _suggestion(detected: Detected, arch: str) -> str:
     guesses = [g for g in guess_arch(detected) if g.score >= MIN_MATCHED]
     if guesses:

@@ -91,6 +91,10 @@ _FMNIST_RAW_SHA256 = {
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 
+#: Fashion-MNIST's pixel mean and standard deviation (grey, repeated over the three channels).
+FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
+FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
+
 ACCEPTED_DATA = (
     "a class folder (DIR/<class>/<image>), an unlabelled image folder, "
     "fashion-mnist:train or fashion-mnist:test"
@@ -323,15 +327,18 @@ def open_dataset(
 
 
 class SubsetDataset(ImageDataset):
-    """``count`` images of another dataset, drawn without replacement (seed 0), in their order."""
+    """``count`` images of another dataset, drawn without replacement (seed 0), in their order; or the
+    images at ``indices`` when given (``count`` is then ignored)."""
 
-    def __init__(self, name: str, base: ImageDataset, count: int) -> None:
-        if count < 1:
-            raise DataError(f"{name}: the count after @ must be at least 1")
-        if count > len(base):
-            raise DataError(f"{name}: asks for {count} images but {base.name} has {len(base)}")
+    def __init__(self, name: str, base: ImageDataset, count: int = 0, *, indices: Sequence[int] | None = None) -> None:
+        if indices is None:
+            if count < 1:
+                raise DataError(f"{name}: the count after @ must be at least 1")
+            if count > len(base):
+                raise DataError(f"{name}: asks for {count} images but {base.name} has {len(base)}")
+            indices = np.sort(np.random.default_rng(0).choice(len(base), size=count, replace=False))
         self.base = base
-        self.indices = np.sort(np.random.default_rng(0).choice(len(base), size=count, replace=False))
+        self.indices = np.asarray(indices, dtype=np.int64)
         self.kind = base.kind
         super().__init__(
             name=name,
@@ -342,7 +349,8 @@ class SubsetDataset(ImageDataset):
             transform=base.transform,
             skipped=base.skipped,
         )
-        base.transform = None
+        if count:  # a DATA@N subset owns its base; a view by indices leaves it as it is
+            base.transform = None
 
     def _load(self, i: int) -> Image.Image:
         return self.base._load(int(self.indices[i]))
@@ -579,6 +587,34 @@ def _fmnist_checksum_ok(path: Path, name: str) -> bool:
     return hashlib.sha256(raw).hexdigest() == _FMNIST_RAW_SHA256[name]
 
 
+# -- image size and normalisation ------------------------------------------------------------------------
+
+
+def default_normalisation(data: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std a model trained from scratch on DATA uses: Fashion-MNIST's own, else ImageNet's."""
+    if data.startswith(FASHION_MNIST):
+        return FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+#: The automatic training size is a multiple of this, between these bounds.
+SIZE_STEP, SIZE_MIN, SIZE_MAX = 32, 32, 224
+
+
+def native_image_size(dataset: ImageDataset, *, sample: int = 256, seed: int = 0) -> int:
+    """The training size that fits ``dataset``'s images: the median shorter side of up to ``sample``
+    of them, rounded to the nearest multiple of 32 and kept within [32, 224] px. Upscaling small
+    images only costs compute; downscaling large ones below 224 px loses what ImageNet-sized models
+    see."""
+    n = len(dataset)
+    chosen = np.random.default_rng(seed).choice(n, size=min(n, sample), replace=False) if n else []
+    sides = [min(dataset.get_image(int(i)).size) for i in chosen]
+    if not sides:
+        return SIZE_MAX
+    median = float(np.median(sides))
+    return int(min(SIZE_MAX, max(SIZE_MIN, SIZE_STEP * round(median / SIZE_STEP))))
+
+
 # -- transforms ----------------------------------------------------------------------------------------
 
 
@@ -684,6 +720,18 @@ class TrainAugment:
         self.blur_p = float(blur_p)
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
 
+    @classmethod
+    def for_image_size(cls, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD, **overrides: Any) -> TrainAugment:
+        """The SimCLR / MoCo v2 view with its blur scaled to the image: MoCo v2's sigma range (0.1, 2.0)
+        px is for 224 px images, so at S px it is (0.1, 2.0) * S / 224; where even its largest sigma
+        is under half a pixel (S < 56) there is no blur (it would only cost time). A sigma of 2 px on a
+        32 px image would erase what tells fine classes apart."""
+        k = float(image_size) / 224.0
+        blur = (0.1 * k, 2.0 * k)
+        settings: dict[str, Any] = {"blur_sigma": blur, "blur_p": 0.5 if blur[1] >= 0.5 else 0.0}
+        return cls(image_size, mean, std, **{**settings, **overrides})
+
     # -- sampling --------------------------------------------------------------------------------------
     def sample_params(self, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
         """Draw one view's random choices for a ``width`` x ``height`` image: float32 (PARAM_DIM,)."""
@@ -735,8 +783,13 @@ class TrainAugment:
         return (height - h) // 2, (width - w) // 2, h, w
 
     # -- applying ---------------------------------------------------------------------------------------
-    def apply(self, img: Image.Image, params: np.ndarray) -> torch.Tensor:
-        """Build the view described by ``params`` (from :meth:`sample_params`): float32 (3, S, S)."""
+    def apply(self, img: Image.Image, params: np.ndarray, *, drawn_at: int | None = None) -> torch.Tensor:
+        """Build the view described by ``params`` (from :meth:`sample_params`): float32 (3, S, S).
+
+        The crop is in source pixels and the colour changes have no size, so the same params give the
+        same view at any output size S; ``drawn_at`` is the output size the params were drawn for
+        (default S), and the blur's sigma, drawn in its pixels, is scaled to S.
+        """
         p = np.asarray(params, dtype=np.float32)
         if p.shape != (PARAM_DIM,):
             raise ValueError(f"params must have shape ({PARAM_DIM},), got {p.shape}")
@@ -773,7 +826,8 @@ class TrainAugment:
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
         if p[SLOTS.blur] > 0:
             # PIL's blur, as MoCo v2 does: the radius is the sigma.
-            img = img.filter(ImageFilter.GaussianBlur(radius=float(p[SLOTS.blur])))
+            scale = self.image_size / float(drawn_at) if drawn_at else 1.0
+            img = img.filter(ImageFilter.GaussianBlur(radius=float(p[SLOTS.blur]) * scale))
         return torch.from_numpy(to_normalized_array(img, self.mean, self.std))
 
     def sample_and_apply(

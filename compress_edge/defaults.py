@@ -4,3 +4,24 @@
 METHODS = ("compress-2q", "compress-2q-nomomentum", "compress-1q", "regression", "regression-bn")
 PAPER_QUEUE_SIZE = 128_000  # CompRess, NeurIPS 2020
 PAPER_TEMPERATURE = 0.04
+
+#: distill: SGD learning rate per 256 images of batch (scaled linearly), from the sweep in the README.
+DISTILL_BASE_LR = 0.05
+#: distill: run length when --epochs is not given: at least this many optimizer steps and epochs.
+DISTILL_MIN_STEPS = 600
+DISTILL_MIN_EPOCHS = 10
+DISTILL_MAX_EPOCHS = 200
+#: distill: the student's embedding size when --embed-dim is not given (a linear head), so that an
+#: on-device index costs 512 bytes an image in float32.
+DEFAULT_STUDENT_EMBED = 128
+#: Share of labelled images held out to compare a trained model with its baselines at the end.
+DEFAULT_HOLDOUT = 0.1
+
+#: pretrain: SGD learning rate per 256 images of batch (scaled linearly) for SimCLR and MoCo v2.
+PRETRAIN_BASE_LR = 0.3
+#: pretrain: run length when --epochs is not given: at least this many optimizer steps and epochs.
+PRETRAIN_MIN_STEPS = 1000
+PRETRAIN_MIN_EPOCHS = 20
+PRETRAIN_MAX_EPOCHS = 800
+#: pretrain: MoCo v2's key-encoder momentum at most (it follows the run length below it).
+PRETRAIN_EMA = 0.99

@@ -27,34 +27,58 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compress_edge.defaults import PAPER_TEMPERATURE
 from compress_edge.errors import CompressEdgeError
 from compress_edge.storage import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 
+#: The teacher the demo uses unless told otherwise: made by ``compress-edge pretrain`` (the command,
+#: machine and time are in the README), stored as float16 safetensors with its sha256 in model.json.
+SHIPPED_TEACHER = Path(__file__).resolve().parent / "assets" / "fashion-mnist-teacher"
+
+
+def shipped_teacher() -> Path:
+    """The folder of the teacher shipped with the package; a clear error when it is missing."""
+    if not (SHIPPED_TEACHER / "model.safetensors").is_file():
+        raise CompressEdgeError(
+            f"the shipped teacher is missing from {SHIPPED_TEACHER} (an incomplete install?); reinstall "
+            "compress-edge, or run the demo with --pretrain-teacher (or --teacher MODEL_DIR)"
+        )
+    return SHIPPED_TEACHER
+
+
 @dataclass
 class DemoSettings:
-    """What the demo trains and measures; ``quick()`` is the small variant the tests use."""
+    """What the demo trains and measures; ``quick()`` is the small variant the tests use.
+
+    teacher: "shipped" (the packaged teacher) or "pretrain" (train one here with the teacher_*
+    settings). The student sees the images at ``student_image_size``, the teacher at its own size;
+    a cache of ``cache_views`` recorded views per image lets both see the same view.
+    """
 
     train_data: str = "fashion-mnist:train@20000"
     test_data: str = "fashion-mnist:test@2000"
-    image_size: int = 32
+    teacher: str = "shipped"
     teacher_arch: str = "resnet18"
     teacher_kwargs: dict[str, Any] = field(default_factory=lambda: {"small_input": False})
+    teacher_image_size: int = 64
     teacher_method: str = "simclr"
-    teacher_epochs: int = 6
-    teacher_batch: int = 256
-    teacher_lr: float = 0.3
+    teacher_epochs: int | None = None
+    teacher_batch: int | None = None
+    teacher_amp: str = "auto"
     student_arch: str = "mobilenet_v2"
-    student_kwargs: dict[str, Any] = field(default_factory=lambda: {"width_mult": 0.5, "small_input": False})
+    student_kwargs: dict[str, Any] = field(default_factory=lambda: {"width_mult": 0.5, "small_input": True})
+    student_image_size: int = 32
+    embed_dim: int = 128
     distill_method: str = "compress-2q"
-    distill_epochs: int = 8
-    distill_batch: int = 256
-    distill_lr: float = 0.05
-    queue_size: int = 8192
-    temperature: float = 0.04
-    ema: float = 0.99
+    distill_epochs: int | None = 10
+    distill_batch: int | None = 256
+    queue_size: int | None = None
+    temperature: float = PAPER_TEMPERATURE
+    ema: float | None = None
+    cache_views: int = 4
     calib_images: int = 256
     search_queries: int = 6
     workers: int = 2
@@ -64,7 +88,7 @@ class DemoSettings:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoSettings:
         base = cls(train_data="fashion-mnist:train@2000", test_data="fashion-mnist:test@500", teacher_epochs=2,
-                   teacher_batch=128, distill_epochs=2, distill_batch=128, queue_size=1024, calib_images=64,
+                   teacher_batch=128, distill_epochs=6, distill_batch=128, cache_views=2, calib_images=64,
                    search_queries=4)
         return dataclasses.replace(base, **overrides)
 
@@ -131,12 +155,12 @@ class Demo:
 # ----------------------------------------------------------------------------------------------
 # stages
 # ----------------------------------------------------------------------------------------------
-def _train_config(demo: Demo, *, epochs: int, batch: int, lr: float, warmup: float = 0.0):
+def _train_config(demo: Demo, *, epochs: int | None, batch: int | None, amp: str = "auto"):
     from compress_edge.train import TrainConfig
 
     s = demo.settings
-    return TrainConfig(epochs=epochs, batch_size=batch, lr=lr, warmup_epochs=warmup, workers=s.workers,
-                       device=s.device, progress=demo.progress, log_every=5)
+    return TrainConfig(epochs=epochs, batch_size=batch, lr=None, warmup_epochs=None, workers=s.workers,
+                       device=s.device, amp=amp, progress=demo.progress, log_every=5)
 
 
 def stage_teacher(demo: Demo) -> dict[str, Any]:
@@ -144,15 +168,15 @@ def stage_teacher(demo: Demo) -> dict[str, Any]:
     from compress_edge.pretrain import PretrainOptions, run_pretrain
 
     s = demo.settings
-    if demo.teacher_ref:
-        _, spec = load_model(demo.teacher_ref)
-        return {"teacher": str(Path(demo.teacher_ref).resolve()), "pretrained_here": False, "spec": spec.to_dict()}
+    if demo.teacher_ref or s.teacher == "shipped":
+        folder = Path(demo.teacher_ref) if demo.teacher_ref else shipped_teacher()
+        _, spec = load_model(folder)  # checks the weights against the sha256 in model.json
+        return {"teacher": str(folder.resolve()), "pretrained_here": False, "spec": spec.to_dict()}
     run_dir = demo.path("teacher")
     opts = PretrainOptions(
         data=s.train_data, out=str(run_dir), arch=s.teacher_arch, arch_kwargs=dict(s.teacher_kwargs),
-        method=s.teacher_method, image_size=s.image_size, data_root=s.data_root,
-        train=_train_config(demo, epochs=s.teacher_epochs, batch=s.teacher_batch, lr=s.teacher_lr,
-                            warmup=1 if s.teacher_epochs > 2 else 0),
+        method=s.teacher_method, image_size=s.teacher_image_size, data_root=s.data_root, holdout=0.0,
+        train=_train_config(demo, epochs=s.teacher_epochs, batch=s.teacher_batch, amp=s.teacher_amp),
     )
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
     result = run_pretrain(opts, resume=resume)
@@ -161,24 +185,13 @@ def stage_teacher(demo: Demo) -> dict[str, Any]:
 
 
 def stage_cache(demo: Demo) -> dict[str, Any]:
-    from compress_edge.data import TrainAugment, eval_transform, open_dataset
-    from compress_edge.distill import augment_settings, load_teacher
-    from compress_edge.teacher_cache import build_cache, fingerprint_parts, tensor_hash
-    from compress_edge.train import resolve_device
+    from compress_edge.distill import cache_teacher
 
     s = demo.settings
-    teacher_path = demo.results["teacher"]["teacher"]
-    dataset = open_dataset(s.train_data, data_root=s.data_root)
-    model, spec = load_teacher(teacher_path, None, s.train_data, None)
-    augment = TrainAugment(spec.image_size, spec.mean, spec.std)
-    parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=spec.image_size, mean=spec.mean,
-                              std=spec.std, mode="center", views=1, augment=augment_settings(augment), seed=0)
-    cache = build_cache(model, dataset, demo.path("teacher-cache"), parts=parts, teacher_sha256=tensor_hash(model),
-                        mode="center", views=1, eval_tf=eval_transform(spec.image_size, spec.mean, spec.std),
-                        augment=augment, seed=0, batch_size=256, workers=s.workers,
-                        device=resolve_device(s.device), progress=demo.progress,
-                        extra_meta={"teacher_spec": spec.to_dict(), "data": s.train_data})
-    return {"cache": str(demo.path("teacher-cache")), "images": len(cache), "dim": cache.dim}
+    cache = cache_teacher(s.train_data, demo.path("teacher-cache"), teacher=demo.results["teacher"]["teacher"],
+                          views=s.cache_views, data_root=s.data_root, workers=s.workers, device=s.device,
+                          progress=demo.progress)
+    return {"cache": str(demo.path("teacher-cache")), "images": len(cache), "views": cache.views, "dim": cache.dim}
 
 
 def stage_distill(demo: Demo) -> dict[str, Any]:
@@ -190,14 +203,15 @@ def stage_distill(demo: Demo) -> dict[str, Any]:
         result = run_distill(load_options(run_dir), resume=True)
     else:
         opts = DistillOptions(
-            data=s.train_data, out=str(run_dir), teacher_cache=demo.results["cache"]["cache"],
-            student_arch=s.student_arch, student_kwargs=dict(s.student_kwargs), method=s.distill_method,
-            queue_size=s.queue_size, temperature=s.temperature, ema=s.ema, data_root=s.data_root,
-            train=_train_config(demo, epochs=s.distill_epochs, batch=s.distill_batch, lr=s.distill_lr),
+            data=s.train_data, out=str(run_dir), teacher=demo.results["teacher"]["teacher"],
+            teacher_cache=demo.results["cache"]["cache"], student_arch=s.student_arch,
+            student_kwargs=dict(s.student_kwargs), student_image_size=s.student_image_size, embed_dim=s.embed_dim,
+            method=s.distill_method, queue_size=s.queue_size, temperature=s.temperature, ema=s.ema, holdout=0.0,
+            data_root=s.data_root, train=_train_config(demo, epochs=s.distill_epochs, batch=s.distill_batch),
         )
         result = run_distill(opts)
-    return {"student": str(run_dir / "student"), "epochs": result.epochs_done, "last_loss": result.last_loss,
-            "train_seconds": result.seconds}
+    return {"student": str(run_dir / "student"), "epochs": result.epochs_done, "steps": result.global_step,
+            "last_loss": result.last_loss, "train_seconds": result.seconds}
 
 
 def _eval_sets(demo: Demo):
@@ -205,22 +219,6 @@ def _eval_sets(demo: Demo):
 
     s = demo.settings
     return open_dataset(s.train_data, data_root=s.data_root), open_dataset(s.test_data, data_root=s.data_root)
-
-
-def _recalibrated_random_student(demo: Demo, spec, train) -> Any:
-    """The student before distillation: random weights, batch-norm statistics re-estimated on the
-    training images (fresh statistics would make a random network's features vanish)."""
-    import torch
-
-    from compress_edge.data import eval_transform
-    from compress_edge.models import rebuild, recalibrate_batchnorm
-
-    torch.manual_seed(0)
-    model = rebuild(spec.arch, spec.arch_kwargs, normalize=spec.normalize)
-    tf = eval_transform(spec.image_size, spec.mean, spec.std)
-    batches = (torch.stack([tf(train.get_image(i)) for i in range(start, min(start + 256, len(train)))])
-               for start in range(0, min(len(train), 2048), 256))
-    return recalibrate_batchnorm(model, batches)
 
 
 def stage_profile(demo: Demo) -> dict[str, Any]:
@@ -247,29 +245,31 @@ def stage_evaluate(demo: Demo) -> dict[str, Any]:
         neighbor_agreement,
     )
     from compress_edge.models import load_model
+    from compress_edge.quality import embedding_spread, random_weights_model, raw_pixel_features
 
     s = demo.settings
     train, test = _eval_sets(demo)
     t_model, t_spec = load_model(demo.results["teacher"]["teacher"])
     s_model, s_spec = load_model(demo.results["distill"]["student"])
+    twin = random_weights_model(s_spec, train)
     models = {"teacher": (t_model, t_spec), "student": (s_model, s_spec),
-              "student before distillation": (_recalibrated_random_student(demo, s_spec, train), s_spec.replace(
-                  weights_sha256="random-init-bn-recalibrated"))}
+              "student before distillation": (twin, s_spec.replace(weights_sha256="random-init-bn-recalibrated"))}
     cache = demo.path("features")
-    rows: dict[str, dict[str, Any]] = {}
     feats: dict[str, tuple] = {}
     for name, (model, spec) in models.items():
-        tr = extract_features(model, train, spec=spec, device=s.device, workers=s.workers, cache_dir=cache,
-                              progress=demo.progress)
-        te = extract_features(model, test, spec=spec, device=s.device, workers=s.workers, cache_dir=cache,
-                              progress=demo.progress)
-        feats[name] = (tr, te)
+        kw = dict(spec=spec, device=s.device, workers=s.workers, cache_dir=cache, progress=demo.progress)
+        feats[name] = (extract_features(model, train, **kw), extract_features(model, test, **kw))
+    size = s_spec.image_size
+    feats["raw pixels"] = ((raw_pixel_features(train, size), train.labels), (raw_pixel_features(test, size), test.labels))
+    rows: dict[str, dict[str, Any]] = {}
+    for name, (tr, te) in feats.items():
         knn = knn_eval(tr[0], tr[1], te[0], te[1], device=s.device)
         lin = linear_probe(tr[0], tr[1], te[0], te[1], device=s.device)
         clu = cluster_alignment(tr[0], tr[1], te[0], te[1])
         rows[name] = {"nn_top1": knn.nn_top1, "knn20_top1": knn.knn[20]["top1"], "knn200_top1": knn.knn[200]["top1"],
                       "linear_top1": lin.top1, "linear_top5": lin.top5, "cluster_accuracy": clu.accuracy,
-                      "nmi": clu.nmi, "ari": clu.ari}
+                      "nmi": clu.nmi, "ari": clu.ari, "dim": int(te[0].shape[1]),
+                      "bytes_per_image": 4 * int(te[0].shape[1]), "spread": embedding_spread(te[0]).to_dict()}
     agree = neighbor_agreement(feats["teacher"][1][0], feats["student"][1][0], device=s.device)
     before = neighbor_agreement(feats["teacher"][1][0], feats["student before distillation"][1][0], device=s.device)
     return {"rows": rows, "agreement": agree.to_dict(), "agreement_before": before.to_dict(),
@@ -323,8 +323,12 @@ def stage_retrieval(demo: Demo) -> dict[str, Any]:
     names = test.classes
     draw_grid([(test.get_image(i), names[test.labels[i]]) for i in queries], hits,
               demo.path("report", "retrieval.png"), query_labels=[names[test.labels[i]] for i in queries])
-    return {"index": str(index_dir), "key": getattr(built, "key", None), "vectors": getattr(built, "ntotal", None),
-            "knn_accuracy_through_index": accuracy, "queries": len(test)}
+    vectors = getattr(built, "ntotal", None)
+    faiss_files = sorted(index_dir.rglob("*.faiss"), key=lambda p: p.stat().st_mtime)
+    index_bytes = faiss_files[-1].stat().st_size if faiss_files else None
+    return {"index": str(index_dir), "key": getattr(built, "key", None), "vectors": vectors,
+            "index_bytes": index_bytes, "index_bytes_per_image": round(index_bytes / vectors) if index_bytes and vectors
+            else None, "knn_accuracy_through_index": accuracy, "queries": len(test)}
 
 
 def stage_report(demo: Demo) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 ``DistillTask`` is the engine's task: ``forward((images, teacher_or_label, index))`` returns the loss
 of one batch. ``run_distill(options)`` wires a DATA argument, a teacher (live or cached), a student
-and a method into a run folder; ``resume_distill(run_dir)`` continues one.
+and a method into a run folder; ``run_distill(load_options(run_dir), resume=True)`` continues one.
 """
 
 from __future__ import annotations
@@ -15,14 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from compress_edge.defaults import (
+    DEFAULT_HOLDOUT,
+    DEFAULT_STUDENT_EMBED,
+    DISTILL_BASE_LR,
+    DISTILL_MAX_EPOCHS,
+    DISTILL_MIN_EPOCHS,
+    DISTILL_MIN_STEPS,
+    METHODS,
+    PAPER_TEMPERATURE,
+)
 from compress_edge.errors import TrainingError
 from compress_edge.losses import (
-    METHODS,
-    PAPER_QUEUE_SIZE,
-    PAPER_TEMPERATURE,
     build_loss,
     commit_queues,
     uses_momentum_encoder,
@@ -40,41 +46,12 @@ from compress_edge.train import (
 
 logger = logging.getLogger(__name__)
 
-FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
-FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
-
-
-class InputAdapter(nn.Module):
-    """Turns a student batch (B, 3, S, S), normalised with the student's mean/std, into the
-    teacher's input: resized to the teacher's size and renormalised with its mean/std."""
-
-    def __init__(self, src: ModelSpec | None, dst: ModelSpec | None):
-        super().__init__()
-        same = src is None or dst is None or (
-            src.image_size == dst.image_size and src.mean == dst.mean and src.std == dst.std
-        )
-        self.active = not same
-        if self.active:
-            self.size = dst.image_size
-            self.register_buffer("scale", (torch.tensor(src.std) / torch.tensor(dst.std)).view(1, -1, 1, 1))
-            self.register_buffer(
-                "shift", ((torch.tensor(src.mean) - torch.tensor(dst.mean)) / torch.tensor(dst.std)).view(1, -1, 1, 1)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return x
-        x = x * self.scale + self.shift
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        return x
-
-
 class DistillTask(nn.Module):
     """One distillation step: teacher embeddings (live, frozen, or from the batch when cached), the
     student's, and the momentum key encoder's for ``compress-2q``; the loss does the rest.
 
-    Batch: (images (B, 3, S, S), teacher embeddings (B, Dt) when cached else labels, indices (B,)).
+    Batch: (images (B, 3, s, s), then the teacher's embeddings (B, Dt) when cached, its own views
+    (B, 3, S, S) of the same images when it takes another size, else labels; indices (B,)).
     """
 
     def __init__(
@@ -83,7 +60,6 @@ class DistillTask(nn.Module):
         criterion: nn.Module,
         *,
         teacher: nn.Module | None = None,
-        adapter: nn.Module | None = None,
         momentum_encoder: bool = False,
         ema: float = 0.999,
     ):
@@ -91,7 +67,6 @@ class DistillTask(nn.Module):
         self.student = student
         self.criterion = criterion
         self.teacher = frozen(teacher) if teacher is not None else None
-        self.adapter = adapter if adapter is not None else nn.Identity()
         self.ema = float(ema)
         self.key_encoder = frozen(copy.deepcopy(student)).train() if momentum_encoder else None
 
@@ -102,10 +77,11 @@ class DistillTask(nn.Module):
         return self
 
     def forward(self, batch) -> torch.Tensor:
-        images, second, _ = batch
+        images, second, index = batch
         if self.teacher is not None:
             with torch.no_grad():
-                teacher = self.teacher(self.adapter(images)).float()
+                teacher_input = second if second.dim() == 4 else images
+                teacher = self.teacher(teacher_input).float()
         else:
             teacher = second.float()
         student = self.student(images)
@@ -113,7 +89,7 @@ class DistillTask(nn.Module):
         if self.key_encoder is not None:
             with torch.no_grad():
                 key = self.key_encoder(images)
-        return self.criterion(student, teacher, key)
+        return self.criterion(student, teacher, key, index)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -140,7 +116,11 @@ class DistillTask(nn.Module):
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class DistillOptions:
-    """Everything ``compress-edge distill`` takes; saved in the run's config.json for --resume."""
+    """Everything ``compress-edge distill`` takes; saved in the run's config.json for --resume.
+
+    None means "auto": resolved from the data and the run length by :func:`setup` (see
+    :mod:`compress_edge.schedule`), and recorded in config.json's ``plan``.
+    """
 
     data: str
     out: str
@@ -149,14 +129,17 @@ class DistillOptions:
     teacher_cache: str | None = None
     student_arch: str = "mobilenet_v2"
     student_kwargs: dict[str, Any] = field(default_factory=dict)
-    embed_dim: int | None = None  # None: the backbone's feature dimension
+    embed_dim: int | None = DEFAULT_STUDENT_EMBED  # 0: the backbone's feature dimension, no head
     method: str = "compress-2q"
-    queue_size: int = PAPER_QUEUE_SIZE
+    queue_size: int | None = None  # auto: min(128,000, training images)
     temperature: float = PAPER_TEMPERATURE
-    ema: float = 0.999
-    image_size: int | None = None
+    ema: float | None = None  # auto: follows the run length
+    mask_self: bool = True  # False: the paper's loss exactly
+    holdout: float = DEFAULT_HOLDOUT
+    image_size: int | None = None  # the teacher's input size (default: its own)
+    student_image_size: int | None = None  # the student's (default: the teacher's)
     data_root: str | None = None
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=None, batch_size=None, lr=None))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,14 +149,6 @@ class DistillOptions:
         d = dict(d)
         d["train"] = TrainConfig(**d.get("train", {}))
         return cls(**d)
-
-
-def default_normalisation(data: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    if data.startswith("fashion-mnist"):
-        return FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from compress_edge.spec import IMAGENET_MEAN, IMAGENET_STD
-
-    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def load_teacher(teacher: str | None, weights: str | None, data: str, image_size: int | None):
@@ -198,16 +173,52 @@ def load_teacher(teacher: str | None, weights: str | None, data: str, image_size
             )
         size = image_size or (32 if data.startswith("fashion-mnist") else 224)
         model, spec = resolve_model(teacher, weights=weights, image_size=size)
+        from compress_edge.data import default_normalisation
+
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if weights else default_normalisation(data)
         spec = spec.replace(image_size=size, mean=mean, std=std)
     return frozen(model), spec
 
 
-def prepare(opts: DistillOptions, *, device: str = "cpu"):
+@dataclass
+class DistillSetup:
+    """A distillation resolved from its options, before training.
+
+    dataset: the whole DATA; train_set: what the engine trains on (the held-out images left out);
+    heldout: dataset indices of the held-out images (empty when none); task: the engine's task;
+    spec: the student's ModelSpec; teacher / teacher_spec: the live teacher (None with a cache, where
+    teacher_spec comes from the cache); plan: batch, epochs, steps, lr; resolved: every other
+    setting chosen automatically (queue, key-encoder momentum, teacher dimension).
+    """
+
+    dataset: Any
+    train_set: Any
+    heldout: Any
+    task: DistillTask
+    spec: ModelSpec
+    teacher: nn.Module | None
+    teacher_spec: ModelSpec | None
+    cache: Any
+    plan: Any
+    resolved: dict[str, Any]
+
+
+def setup(opts: DistillOptions) -> DistillSetup:
     """Build the dataset, the task and the student's ModelSpec from options (no training)."""
+    from torch.utils.data import Subset
+
     from compress_edge.data import TrainAugment, open_dataset
-    from compress_edge.models import create_model, spec_for
-    from compress_edge.teacher_cache import CachedTeacherDataset, fingerprint_parts, open_cache
+    from compress_edge.models import SMALL_INPUT_MAX, create_model, spec_for
+    from compress_edge.quality import holdout_split
+    from compress_edge.schedule import auto_queue_size, key_encoder_momentum, plan_run
+    from compress_edge.teacher_cache import (
+        CachedTeacherDataset,
+        PairedDataset,
+        PairedViews,
+        fingerprint_parts,
+        open_cache,
+    )
+    from compress_edge.train import current_dist
 
     if opts.method not in METHODS:
         raise TrainingError(f"unknown --method {opts.method!r}; choose one of: {', '.join(METHODS)}")
@@ -217,47 +228,93 @@ def prepare(opts: DistillOptions, *, device: str = "cpu"):
         cache = open_cache(opts.teacher_cache)
         teacher_spec = ModelSpec.from_dict(cache.meta["teacher_spec"]) if "teacher_spec" in cache.meta else None
         transform = cache.meta["parts"]["transform"]
-        image_size = opts.image_size or transform["image_size"]
+        teacher_size = opts.image_size or transform["image_size"]
         mean, std = tuple(transform["mean"]), tuple(transform["std"])
     else:
         teacher, teacher_spec = load_teacher(opts.teacher, opts.teacher_weights, opts.data, opts.image_size)
-        image_size, mean, std = teacher_spec.image_size, teacher_spec.mean, teacher_spec.std
-    augment = TrainAugment(image_size, mean, std)
+        teacher_size, mean, std = teacher_spec.image_size, teacher_spec.mean, teacher_spec.std
+    image_size = opts.student_image_size or teacher_size
+    teacher_augment = TrainAugment.for_image_size(teacher_size, mean, std)
+    augment = teacher_augment if image_size == teacher_size else TrainAugment.for_image_size(image_size, mean, std)
     if cache is not None:
-        parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=image_size, mean=mean, std=std,
-                                  mode=cache.mode, views=cache.views, augment=augment_settings(augment),
+        parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=teacher_size, mean=mean,
+                                  std=std, mode=cache.mode, views=cache.views,
+                                  augment=augment_settings(teacher_augment),
                                   seed=cache.meta["parts"]["transform"].get("seed") or 0)
         cache.check(parts)
         if cache.mode == "center":
             logger.warning("the teacher cache holds one centre view per image (as the paper): the student trains on "
                            "augmented views whose teacher embedding came from the centre view")
-        train_set = CachedTeacherDataset(dataset, cache, augment)
+        full_set = CachedTeacherDataset(dataset, cache, augment)
         teacher_dim = cache.dim
+    elif image_size != teacher_size:  # the teacher gets its own, larger render of the same view
+        dataset.transform = PairedViews(augment, teacher_augment)
+        full_set = PairedDataset(dataset)
+        teacher_dim = teacher_spec.embed_dim
     else:
         dataset.transform = augment
-        train_set = dataset
+        full_set = dataset
         teacher_dim = teacher_spec.embed_dim
 
+    train_idx, heldout = holdout_split(dataset.labels, opts.holdout if dataset.has_labels else 0.0,
+                                       seed=opts.train.seed)
+    train_set = full_set if len(heldout) == 0 else Subset(full_set, train_idx.tolist())
+    world = current_dist().world_size
+    plan = plan_run(len(train_set), batch_size=opts.train.batch_size, epochs=opts.train.epochs, lr=opts.train.lr,
+                    base_lr=DISTILL_BASE_LR, min_steps=DISTILL_MIN_STEPS, min_epochs=DISTILL_MIN_EPOCHS,
+                    max_epochs=DISTILL_MAX_EPOCHS, world_size=world,
+                    max_steps_per_epoch=opts.train.max_steps_per_epoch)
+    queue_size = opts.queue_size or auto_queue_size(len(train_set))
+    if queue_size > len(train_set):
+        logger.warning("--queue-size %d is more than the %d training images; using %d", queue_size, len(train_set),
+                       len(train_set))
+        queue_size = len(train_set)
+    ema = opts.ema if opts.ema is not None else key_encoder_momentum(plan.steps)
+
     kwargs = dict(opts.student_kwargs)
-    kwargs.setdefault("small_input", image_size <= 64)
-    student = create_model(opts.student_arch, embed_dim=opts.embed_dim,
-                           head="linear" if opts.embed_dim else None, **kwargs)
-    queue_size = opts.queue_size
-    if queue_size > len(dataset):
-        logger.warning("--queue-size %d is more than the %d training images; using %d", queue_size, len(dataset),
-                       len(dataset))
-        queue_size = len(dataset)
+    # The student keeps the teacher's stem: a small-input stem under a teacher with an ImageNet stem
+    # would make the "compressed" student cost about what its teacher does.
+    teacher_stem = (teacher_spec.arch_kwargs or {}).get("small_input") if teacher_spec is not None else None
+    kwargs.setdefault("small_input", bool(teacher_stem) if teacher_stem is not None else image_size <= SMALL_INPUT_MAX)
+    embed = opts.embed_dim or None
+    student = create_model(opts.student_arch, embed_dim=embed, head="linear" if embed else None, **kwargs)
     criterion = build_loss(opts.method, teacher_dim=teacher_dim, student_dim=student.embed_dim,
-                           queue_size=queue_size, temperature=opts.temperature)
-    student_spec_base = ModelSpec(arch=student.arch, arch_kwargs=student.arch_kwargs, embed_dim=student.embed_dim,
-                                  image_size=image_size, mean=mean, std=std)
-    adapter = InputAdapter(student_spec_base, teacher_spec) if teacher is not None else None
-    task = DistillTask(student, criterion, teacher=teacher, adapter=adapter,
-                       momentum_encoder=uses_momentum_encoder(opts.method), ema=opts.ema)
+                           queue_size=queue_size, temperature=opts.temperature, mask_self=opts.mask_self)
+    task = DistillTask(student, criterion, teacher=teacher,
+                       momentum_encoder=uses_momentum_encoder(opts.method), ema=ema)
     source = {"kind": "distill", "method": opts.method, "teacher": opts.teacher or opts.teacher_cache,
               "teacher_sha256": (teacher_spec.weights_sha256 if teacher_spec else None), "run": Path(opts.out).name}
     spec = spec_for(student, image_size=image_size, mean=mean, std=std, source=source)
-    return train_set, task, spec, {"queue_size": queue_size, "teacher_dim": teacher_dim}
+    resolved = {"queue_size": queue_size, "teacher_dim": teacher_dim, "ema": ema, "temperature": opts.temperature,
+                "mask_self": opts.mask_self, "heldout_images": int(len(heldout)), "train_images": len(train_set)}
+    return DistillSetup(dataset=dataset, train_set=train_set, heldout=heldout, task=task, spec=spec, teacher=teacher,
+                        teacher_spec=teacher_spec, cache=cache, plan=plan, resolved=resolved)
+
+
+def cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_weights: str | None = None,
+                  views: int = 0, image_size: int | None = None, batch_size: int = 256, shard_rows: int = 65_536,
+                  seed: int = 0, data_root: str | None = None, workers: int = 2, device: str = "auto",
+                  progress: bool = True):
+    """Run the teacher once over ``data`` into a cache folder (``compress-edge cache-teacher``):
+    ``views`` 0 for one centre view per image (the paper), K for K recorded augmented views."""
+    from compress_edge.data import TrainAugment, eval_transform, open_dataset
+    from compress_edge.teacher_cache import build_cache, fingerprint_parts, tensor_hash
+    from compress_edge.train import resolve_device
+
+    dataset = open_dataset(data, data_root=data_root)
+    model, spec = load_teacher(teacher, teacher_weights, data, image_size)
+    augment = TrainAugment.for_image_size(spec.image_size, spec.mean, spec.std)
+    mode = "views" if views > 0 else "center"
+    parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=spec.image_size, mean=spec.mean,
+                              std=spec.std, mode=mode, views=max(1, views), augment=augment_settings(augment), seed=seed)
+    return build_cache(
+        model, dataset, out, parts=parts, teacher_sha256=tensor_hash(model), mode=mode, views=max(1, views),
+        eval_tf=eval_transform(spec.image_size, spec.mean, spec.std), augment=augment, seed=seed,
+        batch_size=batch_size, workers=workers, device=resolve_device(device), shard_rows=shard_rows,
+        progress=progress, extra_meta={"teacher_spec": spec.to_dict(), "data": data,
+                                       "teacher": str(Path(teacher).resolve()) if Path(teacher).exists() else teacher,
+                                       "teacher_weights": teacher_weights},
+    )
 
 
 def augment_settings(augment) -> dict[str, Any]:
@@ -273,17 +330,71 @@ def run_distill(opts: DistillOptions, *, resume: bool = False, stop_after_epochs
     if not resume and (run_dir / "checkpoints" / "last.pt").exists():
         raise TrainingError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pick another --out")
     seed_everything(opts.train.seed)  # the student's initial weights depend on it
-    train_set, task, spec, resolved = prepare(opts)
+    ready = setup(opts)
+    task, plan = ready.task, ready.plan
 
     def write_student(folder: Path) -> None:
-        save_model(task.student, spec, folder / "student")
+        save_model(task.student, ready.spec, folder / "student")
 
-    trainer = Trainer(task, opts.train, run_dir, extra_config={"distill": opts.to_dict(), "resolved": resolved},
-                      on_checkpoint=write_student)
-    logger.info("distilling %s -> %s with %s on %s (%s), %d images, queue %d", opts.teacher or opts.teacher_cache,
-                opts.student_arch, opts.method, trainer.device, trainer.precision.name, len(train_set),
-                resolved["queue_size"])
-    return trainer.fit(train_set, resume=resume, stop_after_epochs=stop_after_epochs)
+    config = opts.train.with_plan(plan)
+    trainer = Trainer(task, config, run_dir, on_checkpoint=write_student,
+                      extra_config={"distill": opts.to_dict(), "plan": plan.to_dict(), "resolved": ready.resolved})
+    logger.info("distilling %s -> %s with %s on %s (%s): %s; queue %d, T %g, key-encoder momentum %g%s",
+                opts.teacher or opts.teacher_cache, opts.student_arch, opts.method, trainer.device,
+                trainer.precision.name, plan.describe(), ready.resolved["queue_size"], opts.temperature,
+                ready.resolved["ema"], "" if opts.mask_self else " (own-image anchors kept, as the paper)")
+    if not resume and trainer.dist.is_main:
+        check_teacher(ready, run_dir, device=trainer.device)
+    result = trainer.fit(ready.train_set, resume=resume, stop_after_epochs=stop_after_epochs)
+    if result.epochs_done >= config.epochs and trainer.dist.is_main:
+        final_check(ready, run_dir, opts, device=trainer.device)
+    return result
+
+
+#: Training images the teacher embeds for the check at the start of a run.
+TEACHER_CHECK_IMAGES = 2048
+
+
+def teacher_sample(ready: DistillSetup, device, images: int = TEACHER_CHECK_IMAGES):
+    """The teacher's embeddings (N, Dt) of up to ``images`` training images: from the cache, or the
+    live teacher's evaluation views."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pool = np.setdiff1d(np.arange(len(ready.dataset)), ready.heldout)
+    chosen = np.sort(rng.choice(pool, size=min(len(pool), images), replace=False))
+    if ready.cache is not None:
+        return np.stack([ready.cache.embedding(int(i), 0) for i in chosen])
+    from compress_edge.data import SubsetDataset
+    from compress_edge.evaluate import extract_features
+
+    sample = SubsetDataset(f"{ready.dataset.name} (sample)", ready.dataset, indices=chosen)
+    return extract_features(ready.teacher, sample, spec=ready.teacher_spec, device=str(device), use_cache=False,
+                            progress=False)[0]
+
+
+def check_teacher(ready: DistillSetup, run_dir: Path, *, device) -> None:
+    """Before training: is the teacher's similarity distribution at this temperature worth copying?"""
+    from compress_edge.quality import record_quality, teacher_check
+
+    record = teacher_check(teacher_sample(ready, device), ready.resolved["temperature"])
+    record_quality(run_dir, "teacher", record)
+
+
+def final_check(ready: DistillSetup, run_dir: Path, opts: DistillOptions, *, device) -> None:
+    """After training: the student against raw pixels, its random weights and the teacher (kNN on
+    the held-out images), recorded in quality.json."""
+    from compress_edge.quality import heldout_check, record_quality
+
+    teacher, teacher_spec = ready.teacher, ready.teacher_spec
+    ref = opts.teacher or (ready.cache.meta.get("teacher") if ready.cache is not None else None)
+    if teacher is None and ref and Path(ref).exists():  # trained from a cache: load the teacher for the check
+        weights = opts.teacher_weights or ready.cache.meta.get("teacher_weights")
+        teacher, teacher_spec = load_teacher(ref, weights, opts.data, opts.image_size)
+    student = ready.task.student.eval()
+    record = heldout_check("the student", student, ready.spec, ready.dataset, ready.heldout, teacher=teacher,
+                           teacher_spec=teacher_spec, device=device, workers=opts.train.workers)
+    record_quality(run_dir, "heldout", record)
 
 
 def load_options(run_dir: str | Path) -> DistillOptions:

@@ -8,10 +8,15 @@ Compressing Representations", NeurIPS 2020. The student learns to reproduce the 
 
 with t, s and the anchors L2-normalised. Paper defaults: queue 128,000, T = 0.04.
 
-Every loss here is an ``nn.Module`` called as ``loss(student, teacher, student_key=None)`` with
-``student`` (B, Ds) the student's embeddings (with grad), ``teacher`` (B, Dt) the frozen teacher's
-and ``student_key`` (B, Ds) a momentum encoder's embeddings of the same images (2-queue only). It
-returns a scalar. The queue methods keep this step's keys pending and write them into the queues
+Every loss here is an ``nn.Module`` called as ``loss(student, teacher, student_key=None, index=None)``
+with ``student`` (B, Ds) the student's embeddings (with grad), ``teacher`` (B, Dt) the frozen
+teacher's, ``student_key`` (B, Ds) a momentum encoder's embeddings of the same images (2-queue only)
+and ``index`` (B,) the images' dataset indices. It returns a scalar.
+
+Each queue slot remembers the image it came from, and by default (``mask_self``) the anchors that
+came from the query's own image are left out of both softmaxes: when the queue holds the whole data
+set, each query would otherwise meet a stale copy of itself, whose logit (1/T) dominates. With
+``mask_self=False`` the loss is the paper's, exactly. The queue methods keep this step's keys pending and write them into the queues
 in ``commit()``, which the training engine calls after the backward pass (the next forward commits
 them too, if nobody did): the current batch is never its own anchor, as in the paper's code, and
 the anchors that autograd saved for the backward pass are not overwritten under it.
@@ -36,9 +41,10 @@ __all__ = ["METHODS", "PAPER_QUEUE_SIZE", "PAPER_TEMPERATURE"]
 
 
 def gather_from_all_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (B, D) from every rank in rank order -> (world * B, D); identity without DDP.
+    """Concatenate ``x`` (B, ...) from every rank in rank order -> (world * B, ...); identity without DDP.
 
-    Queue keys go through this before they are enqueued, so every rank's queue is identical (MoCo).
+    Queue keys (and the image ids beside them) go through this before they are enqueued, so every
+    rank's queue is identical (MoCo).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
@@ -47,11 +53,18 @@ def gather_from_all_ranks(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+#: The logit given to a masked anchor: finite, so that a row whose anchors are all masked gives a
+#: uniform distribution on both sides (a KL of 0) instead of NaN; exp() of it is exactly 0 in float32.
+MASKED_LOGIT = -1e9
+
+
 class RingQueue(nn.Module):
     """A ring buffer of ``size`` embeddings of dimension ``dim``, kept as module buffers.
 
-    ``bank`` (size, dim) float32, ``ptr`` the next write slot, ``filled`` how many slots hold real
-    keys. ``anchors()`` returns a view of the valid rows; ``push(keys)`` writes (B, dim) keys in place.
+    ``bank`` (size, dim) float32; ``ids`` (size,) int64, the dataset index of the image each slot
+    came from (-1: unknown or empty); ``ptr`` the next write slot; ``filled`` how many slots hold real
+    keys. ``anchors()`` / ``anchor_ids()`` return views of the valid rows; ``push(keys, ids)`` writes
+    (B, dim) keys and their (B,) image ids in place.
     """
 
     def __init__(self, size: int, dim: int):
@@ -61,6 +74,7 @@ class RingQueue(nn.Module):
         self.size = int(size)
         self.dim = int(dim)
         self.register_buffer("bank", torch.zeros(self.size, self.dim))
+        self.register_buffer("ids", torch.full((self.size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
@@ -68,19 +82,41 @@ class RingQueue(nn.Module):
         n = int(self.filled)
         return self.bank if n >= self.size else self.bank[:n]
 
+    def anchor_ids(self) -> torch.Tensor:
+        n = int(self.filled)
+        return self.ids if n >= self.size else self.ids[:n]
+
     @torch.no_grad()
-    def push(self, keys: torch.Tensor) -> None:
+    def push(self, keys: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         keys = keys.detach().to(self.bank.dtype)
+        ids = (torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device) if ids is None
+               else ids.detach().to(torch.long))
         if keys.shape[0] > self.size:  # only the newest `size` keys survive a wrap within one push
-            keys = keys[-self.size :]
+            keys, ids = keys[-self.size :], ids[-self.size :]
         b = keys.shape[0]
         p = int(self.ptr)
         first = min(b, self.size - p)
         self.bank[p : p + first].copy_(keys[:first])
+        self.ids[p : p + first].copy_(ids[:first])
         if first < b:
             self.bank[: b - first].copy_(keys[first:])
+            self.ids[: b - first].copy_(ids[first:])
         self.ptr.fill_((p + b) % self.size)
         self.filled.fill_(min(int(self.filled) + b, self.size))
+
+
+def same_image_mask(index: torch.Tensor | None, anchor_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, K) bool, True where anchor k came from the same image as query b; None when ``index`` is.
+
+    A queue that holds the whole data set (the usual case on a small one) holds a stale copy of
+    every query's own image; left in, that copy's logit (1/T = 25 at T = 0.04) dominates both
+    softmaxes and the loss drifts towards telling images apart instead of copying the teacher's
+    neighbourhoods. Slots of unknown origin (id -1) are never masked.
+    """
+    if index is None:
+        return None
+    index = index.to(device=anchor_ids.device, dtype=torch.long).view(-1, 1)
+    return (anchor_ids.view(1, -1) == index) & (index >= 0)
 
 
 def similarity_kl(
@@ -90,16 +126,20 @@ def similarity_kl(
     student_anchors: torch.Tensor,
     t_teacher: float,
     t_student: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(softmax(teacher @ Qt^T / Tt) || softmax(student @ Qs^T / Ts)), mean over the batch.
 
     teacher (B, Dt), teacher_anchors (K, Dt), student (B, Ds), student_anchors (K, Ds); all
-    normalised. Computed in float32 whatever autocast says: a softmax over 10^5 anchors at T = 0.04
-    is not safe in half precision.
+    normalised. ``mask`` (B, K), True for anchors left out of both softmaxes. Computed in float32
+    whatever autocast says: a softmax over 10^5 anchors at T = 0.04 is not safe in half precision.
     """
     with torch.autocast(device_type=student.device.type, enabled=False):
         logits_t = teacher.float() @ teacher_anchors.float().T / t_teacher
         logits_s = student.float() @ student_anchors.float().T / t_student
+        if mask is not None:
+            logits_t = logits_t.masked_fill(mask, MASKED_LOGIT)
+            logits_s = logits_s.masked_fill(mask, MASKED_LOGIT)
         log_p_t = F.log_softmax(logits_t, dim=1)
         log_p_s = F.log_softmax(logits_s, dim=1)
         return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
@@ -110,12 +150,41 @@ def _zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
     return sum((t.sum() * 0.0 for t in tensors), torch.zeros((), device=tensors[0].device))
 
 
-class CompRess2Q(nn.Module):
+class QueueLoss(nn.Module):
+    """Base of the losses that keep queues: a forward stages its keys, ``commit()`` enqueues them.
+
+    The engine calls ``commit()`` after the backward pass (the next forward commits too, if nobody
+    did): the current batch is never its own anchor, and the anchors autograd saved for the backward
+    pass are not overwritten under it. Keys and image ids are gathered from every rank first.
+    """
+
+    def __init__(self, mask_self: bool = True):
+        super().__init__()
+        self.mask_self = bool(mask_self)
+        self._pending: list[tuple[RingQueue, torch.Tensor, torch.Tensor | None]] = []
+
+    def stage(self, queue: RingQueue, keys: torch.Tensor, index: torch.Tensor | None) -> None:
+        ids = gather_from_all_ranks(index.to(keys.device, torch.long)) if index is not None else None
+        self._pending.append((queue, gather_from_all_ranks(keys), ids))
+
+    def mask_for(self, queue: RingQueue, index: torch.Tensor | None) -> torch.Tensor | None:
+        return same_image_mask(index, queue.anchor_ids()) if self.mask_self else None
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Enqueue the keys of the last forward (call after backward)."""
+        pending, self._pending = self._pending, []
+        for queue, keys, ids in pending:
+            queue.push(keys, ids)
+
+
+class CompRess2Q(QueueLoss):
     """CompRess with two queues: teacher anchors Q_t (K, Dt) and student anchors Q_s (K, Ds).
 
     Q_s holds the same images' embeddings as Q_t, from a momentum (EMA) copy of the student
     (``compress-2q``) or from the student's own detached embeddings (``compress-2q-nomomentum``,
-    call without ``student_key``). Shapes: student (B, Ds), teacher (B, Dt), student_key (B, Ds).
+    call without ``student_key``). Shapes: student (B, Ds), teacher (B, Dt), student_key (B, Ds),
+    index (B,) the images' dataset indices (for ``mask_self``; None: nothing is masked).
     """
 
     def __init__(
@@ -125,16 +194,20 @@ class CompRess2Q(nn.Module):
         queue_size: int = PAPER_QUEUE_SIZE,
         temperature: float = PAPER_TEMPERATURE,
         student_temperature: float | None = None,
+        mask_self: bool = True,
     ):
-        super().__init__()
+        super().__init__(mask_self)
         self.t_teacher = float(temperature)
         self.t_student = float(student_temperature or temperature)
         self.teacher_queue = RingQueue(queue_size, teacher_dim)
         self.student_queue = RingQueue(queue_size, student_dim)
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor, student_key: torch.Tensor | None = None
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        student_key: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.commit()
         s = F.normalize(student.float(), dim=1)
@@ -143,25 +216,16 @@ class CompRess2Q(nn.Module):
         if int(self.teacher_queue.filled) == 0:
             loss = _zero_loss(student)
         else:
-            loss = similarity_kl(
-                t, self.teacher_queue.anchors(), s, self.student_queue.anchors(), self.t_teacher, self.t_student
-            )
-        self._pending = (gather_from_all_ranks(t), gather_from_all_ranks(key))
+            loss = similarity_kl(t, self.teacher_queue.anchors(), s, self.student_queue.anchors(),
+                                 self.t_teacher, self.t_student, self.mask_for(self.teacher_queue, index))
+        self.stage(self.teacher_queue, t, index)
+        self.stage(self.student_queue, key, index)
         return loss
 
-    @torch.no_grad()
-    def commit(self) -> None:
-        """Enqueue the keys of the last forward (call after backward)."""
-        if self._pending is not None:
-            t, key = self._pending
-            self._pending = None
-            self.teacher_queue.push(t)
-            self.student_queue.push(key)
 
-
-class CompRess1Q(nn.Module):
+class CompRess1Q(QueueLoss):
     """CompRess with one queue: the student, through a learned linear map (Ds -> Dt), is scored
-    against the teacher's queue Q_t (K, Dt). Shapes: student (B, Ds), teacher (B, Dt)."""
+    against the teacher's queue Q_t (K, Dt). Shapes: student (B, Ds), teacher (B, Dt), index (B,)."""
 
     def __init__(
         self,
@@ -170,16 +234,20 @@ class CompRess1Q(nn.Module):
         queue_size: int = PAPER_QUEUE_SIZE,
         temperature: float = PAPER_TEMPERATURE,
         student_temperature: float | None = None,
+        mask_self: bool = True,
     ):
-        super().__init__()
+        super().__init__(mask_self)
         self.t_teacher = float(temperature)
         self.t_student = float(student_temperature or temperature)
         self.projection = nn.Linear(student_dim, teacher_dim)
         self.teacher_queue = RingQueue(queue_size, teacher_dim)
-        self._pending: torch.Tensor | None = None
 
     def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor, student_key: torch.Tensor | None = None
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        student_key: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.commit()
         with torch.autocast(device_type=student.device.type, enabled=False):
@@ -189,16 +257,10 @@ class CompRess1Q(nn.Module):
             loss = _zero_loss(s)
         else:
             anchors = self.teacher_queue.anchors()
-            loss = similarity_kl(t, anchors, s, anchors, self.t_teacher, self.t_student)
-        self._pending = gather_from_all_ranks(t)
+            loss = similarity_kl(t, anchors, s, anchors, self.t_teacher, self.t_student,
+                                 self.mask_for(self.teacher_queue, index))
+        self.stage(self.teacher_queue, t, index)
         return loss
-
-    @torch.no_grad()
-    def commit(self) -> None:
-        """Enqueue the keys of the last forward (call after backward)."""
-        if self._pending is not None:
-            t, self._pending = self._pending, None
-            self.teacher_queue.push(t)
 
 
 class RegressionLoss(nn.Module):
@@ -216,7 +278,11 @@ class RegressionLoss(nn.Module):
         self.teacher_bn = nn.BatchNorm1d(teacher_dim, affine=False) if batch_norm else None
 
     def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor, student_key: torch.Tensor | None = None
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        student_key: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         with torch.autocast(device_type=student.device.type, enabled=False):
             target = teacher.float().detach()
@@ -234,20 +300,15 @@ def build_loss(
     queue_size: int = PAPER_QUEUE_SIZE,
     temperature: float = PAPER_TEMPERATURE,
     student_temperature: float | None = None,
+    mask_self: bool = True,
 ) -> nn.Module:
     """The loss module for a ``--method`` name (one of ``METHODS``)."""
-    builders = {
-        "compress-2q": lambda: CompRess2Q(teacher_dim, student_dim, queue_size, temperature, student_temperature),
-        "compress-2q-nomomentum": lambda: CompRess2Q(
-            teacher_dim, student_dim, queue_size, temperature, student_temperature
-        ),
-        "compress-1q": lambda: CompRess1Q(teacher_dim, student_dim, queue_size, temperature, student_temperature),
-        "regression": lambda: RegressionLoss(teacher_dim, student_dim, batch_norm=False),
-        "regression-bn": lambda: RegressionLoss(teacher_dim, student_dim, batch_norm=True),
-    }
-    if method not in builders:
+    if method not in METHODS:
         raise TrainingError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    return builders[method]()
+    if method.startswith("compress-"):
+        cls = CompRess1Q if method == "compress-1q" else CompRess2Q
+        return cls(teacher_dim, student_dim, queue_size, temperature, student_temperature, mask_self=mask_self)
+    return RegressionLoss(teacher_dim, student_dim, batch_norm=method == "regression-bn")
 
 
 def uses_momentum_encoder(method: str) -> bool:
@@ -257,7 +318,7 @@ def uses_momentum_encoder(method: str) -> bool:
 def commit_queues(module: nn.Module) -> None:
     """Write the pending keys of every queue loss inside ``module`` (after backward)."""
     for m in module.modules():
-        if hasattr(m, "commit") and hasattr(m, "_pending"):
+        if isinstance(m, QueueLoss):
             m.commit()
 
 
@@ -297,33 +358,32 @@ class NTXent(nn.Module):
             return F.cross_entropy(logits, positives)
 
 
-class MoCoLoss(nn.Module):
+class MoCoLoss(QueueLoss):
     """MoCo v2's InfoNCE with a queue of negative keys (X. Chen et al., "Improved Baselines with
     Momentum Contrastive Learning", 2020).
 
-    q: (B, D) queries from the encoder, k: (B, D) keys of the other view from the momentum encoder.
-    logits = [q.k, q.queue] / T, target 0. Keys are enqueued in ``commit()`` after backward.
+    q: (B, D) queries from the encoder, k: (B, D) keys of the other view from the momentum encoder,
+    index (B,) the images' dataset indices. logits = [q.k, q.queue] / T, target 0. With
+    ``mask_self``, a queued key of the query's own image is not used as a negative (a queue that holds
+    the whole data set holds one for every image). Keys are enqueued in ``commit()`` after backward.
     """
 
-    def __init__(self, dim: int, queue_size: int = 65_536, temperature: float = 0.2):
-        super().__init__()
+    def __init__(self, dim: int, queue_size: int = 65_536, temperature: float = 0.2, mask_self: bool = True):
+        super().__init__(mask_self)
         self.temperature = float(temperature)
         self.queue = RingQueue(queue_size, dim)
-        self._pending: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         self.commit()
         with torch.autocast(device_type=q.device.type, enabled=False):
             q = F.normalize(q.float(), dim=1)
             k = F.normalize(k.detach().float(), dim=1)
             pos = (q * k).sum(dim=1, keepdim=True)
-            logits = torch.cat([pos, q @ self.queue.anchors().T], dim=1) / self.temperature
+            negatives = q @ self.queue.anchors().T
+            mask = self.mask_for(self.queue, index)
+            if mask is not None:
+                negatives = negatives.masked_fill(mask, MASKED_LOGIT)
+            logits = torch.cat([pos, negatives], dim=1) / self.temperature
             loss = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
-        self._pending = gather_from_all_ranks(k)
+        self.stage(self.queue, k, index)
         return loss
-
-    @torch.no_grad()
-    def commit(self) -> None:
-        if self._pending is not None:
-            k, self._pending = self._pending, None
-            self.queue.push(k)

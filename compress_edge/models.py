@@ -541,11 +541,13 @@ def _spec_disagreements(model: EmbeddingModel, spec: ModelSpec) -> list[str]:
     return problems
 
 
-def save_model(model: EmbeddingModel, spec: ModelSpec, folder: str | os.PathLike) -> ModelSpec:
+def save_model(model: EmbeddingModel, spec: ModelSpec, folder: str | os.PathLike, *, half: bool = False) -> ModelSpec:
     """Write ``folder/model.safetensors`` and ``folder/model.json``; return the spec written.
 
     The spec written carries the sha256 of the weights file. Both files are written atomically, the
     weights first: a crash in between leaves a spec whose hash no longer matches, which load refuses.
+    ``half`` stores floating-point tensors as float16 (half the bytes; loading casts them back to the
+    model's float32).
     """
     from safetensors.torch import save_file
 
@@ -558,6 +560,8 @@ def save_model(model: EmbeddingModel, spec: ModelSpec, folder: str | os.PathLike
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors wants contiguous CPU tensors that share no memory.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     metadata = {"format": "pt", SPEC_METADATA_KEY: spec.replace(weights_sha256=None).to_json()}
     weights_path = folder / WEIGHTS_FILENAME
     with atomic_path(weights_path, suffix=".safetensors") as tmp:
@@ -718,8 +722,9 @@ def resolve_model(
       third-party checkpoint or compress-edge model, whose backbone is then loaded (checkpoints.py).
     image_size: input side; for a saved model it overrides the spec's (with a warning); for a name
       it defaults to 224.
-    small_input: for a name, the small-input stem; None picks it for images of 64 px and below when
-      no weights are given (pretrained checkpoints have the ImageNet stem).
+    small_input: for a name, the small-input stem; None picks the stem the checkpoint's tensors fit
+      (a CIFAR-style ResNet's 3x3 conv1), and without weights the small stem for images of 64 px and
+      below.
     weights_key: which network of a multi-network checkpoint to load (DINO: "teacher", "student").
     """
     ref = str(ref)
@@ -743,8 +748,14 @@ def resolve_model(
 
     if ref in _REGISTRY:
         size = int(image_size) if image_size is not None else 224
-        if small_input is None:
-            small_input = weights is None and size <= SMALL_INPUT_MAX
+        if small_input is None and weights is not None:
+            from compress_edge.checkpoints import checkpoint_stem
+
+            small_input = checkpoint_stem(weights, ref, key=weights_key)  # the stem the weights were trained with
+            if small_input:
+                log.info("%s has %s's small-input stem: using it", weights, ref)
+        elif small_input is None:
+            small_input = size <= SMALL_INPUT_MAX
         model = create_model(ref, small_input=small_input)
         source: dict[str, Any] = {"kind": "random-init"}
         if weights is not None:

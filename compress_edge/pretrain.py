@@ -18,6 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress_edge.defaults import (
+    DEFAULT_HOLDOUT,
+    PRETRAIN_BASE_LR,
+    PRETRAIN_EMA,
+    PRETRAIN_MAX_EPOCHS,
+    PRETRAIN_MIN_EPOCHS,
+    PRETRAIN_MIN_STEPS,
+)
 from compress_edge.errors import TrainingError
 from compress_edge.losses import MoCoLoss, NTXent, commit_queues
 from compress_edge.train import (
@@ -33,6 +41,8 @@ from compress_edge.train import (
 logger = logging.getLogger(__name__)
 
 PRETRAIN_METHODS = ("simclr", "moco-v2")
+#: MoCo v2's queue of negatives when --queue-size is not given (or all training images when fewer).
+MOCO_QUEUE_SIZE = 16_384
 
 
 class TwoViews:
@@ -64,21 +74,23 @@ class SimCLRTask(nn.Module):
 class MoCoTask(nn.Module):
     """Batch (views (B, 2, 3, S, S), ...) -> symmetric MoCo v2 InfoNCE; the key encoder is an EMA."""
 
-    def __init__(self, model: nn.Module, queue_size: int, temperature: float = 0.2, ema: float = 0.99):
+    def __init__(self, model: nn.Module, queue_size: int, temperature: float = 0.2, ema: float = 0.99,
+                 mask_self: bool = True):
         super().__init__()
         self.model = model
         self.key_encoder = frozen(copy.deepcopy(model)).train()
         self.ema = float(ema)
-        self.criterion = MoCoLoss(model.embed_dim, queue_size, temperature)
+        self.criterion = MoCoLoss(model.embed_dim, queue_size, temperature, mask_self=mask_self)
 
     def forward(self, batch) -> torch.Tensor:
-        views = batch[0]
+        views, index = batch[0], batch[2]
         v1, v2 = views[:, 0], views[:, 1]
         with torch.no_grad():
             k1, k2 = self.key_encoder(v1), self.key_encoder(v2)
         q = self.model(views.transpose(0, 1).flatten(0, 1))  # (2B, D): view 1 of all, then view 2
         # Symmetric InfoNCE in one call: queries of view 1 against keys of view 2 and vice versa.
-        return self.criterion(q, torch.cat([k2, k1]))
+        both = None if index is None else torch.cat([index, index])
+        return self.criterion(q, torch.cat([k2, k1]), both)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -88,6 +100,8 @@ class MoCoTask(nn.Module):
 
 @dataclass
 class PretrainOptions:
+    """Everything ``compress-edge pretrain`` takes; None means "auto" (see :func:`setup`)."""
+
     data: str
     out: str
     arch: str = "resnet18"
@@ -95,11 +109,14 @@ class PretrainOptions:
     method: str = "simclr"
     proj_dim: int = 128
     temperature: float = 0.2
-    queue_size: int = 16_384
-    ema: float = 0.99
-    image_size: int | None = None
+    queue_size: int | None = None  # MoCo: auto, min(16,384, training images)
+    ema: float | None = None  # MoCo: auto, follows the run length up to 0.99
+    mask_self: bool = True
+    holdout: float = DEFAULT_HOLDOUT
+    image_size: int | None = None  # auto: the data's own size, within [32, 224]
     data_root: str | None = None
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.06, weight_decay=5e-4, warmup_epochs=1))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=None, batch_size=None, lr=None,
+                                                                   weight_decay=5e-4, warmup_epochs=None))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,28 +128,63 @@ class PretrainOptions:
         return cls(**d)
 
 
-def prepare(opts: PretrainOptions):
-    from compress_edge.data import TrainAugment, open_dataset
-    from compress_edge.distill import default_normalisation
-    from compress_edge.models import create_model
+@dataclass
+class PretrainSetup:
+    """A pretraining run resolved from its options: the data (``train_set`` without the held-out
+    images), the task, the network with its projection head, the preprocessing, the plan."""
+
+    dataset: Any
+    train_set: Any
+    heldout: Any
+    task: nn.Module
+    model: nn.Module
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    arch_kwargs: dict[str, Any]
+    plan: Any
+    resolved: dict[str, Any]
+
+
+def setup(opts: PretrainOptions) -> PretrainSetup:
+    from torch.utils.data import Subset
+
+    from compress_edge.data import TrainAugment, default_normalisation, native_image_size, open_dataset
+    from compress_edge.models import SMALL_INPUT_MAX, create_model
+    from compress_edge.quality import holdout_split
+    from compress_edge.schedule import key_encoder_momentum, plan_run
+    from compress_edge.train import current_dist
 
     if opts.method not in PRETRAIN_METHODS:
         raise TrainingError(f"unknown --method {opts.method!r}; choose one of: {', '.join(PRETRAIN_METHODS)}")
     dataset = open_dataset(opts.data, data_root=opts.data_root)
-    image_size = opts.image_size or (32 if opts.data.startswith("fashion-mnist") else 224)
+    image_size = opts.image_size or native_image_size(dataset)
     mean, std = default_normalisation(opts.data)
-    dataset.transform = TwoViews(TrainAugment(image_size, mean, std))
+    dataset.transform = TwoViews(TrainAugment.for_image_size(image_size, mean, std))
+    train_idx, heldout = holdout_split(dataset.labels, opts.holdout if dataset.has_labels else 0.0,
+                                       seed=opts.train.seed)
+    train_set = dataset if len(heldout) == 0 else Subset(dataset, train_idx.tolist())
+    plan = plan_run(len(train_set), batch_size=opts.train.batch_size, epochs=opts.train.epochs, lr=opts.train.lr,
+                    base_lr=PRETRAIN_BASE_LR, min_steps=PRETRAIN_MIN_STEPS, min_epochs=PRETRAIN_MIN_EPOCHS,
+                    max_epochs=PRETRAIN_MAX_EPOCHS, world_size=current_dist().world_size,
+                    max_steps_per_epoch=opts.train.max_steps_per_epoch)
     kwargs = dict(opts.arch_kwargs)
-    kwargs.setdefault("small_input", image_size <= 64)
+    kwargs.setdefault("small_input", image_size <= SMALL_INPUT_MAX)
     model = create_model(opts.arch, head="mlp", embed_dim=opts.proj_dim, **kwargs)
+    resolved: dict[str, Any] = {"image_size": image_size, "heldout_images": int(len(heldout)),
+                                "train_images": len(train_set)}
     if opts.method == "simclr":
         task: nn.Module = SimCLRTask(model, opts.temperature)
     else:
-        queue = min(opts.queue_size, len(dataset))
-        if queue < opts.queue_size:
-            logger.warning("--queue-size %d is more than the %d images; using %d", opts.queue_size, len(dataset), queue)
-        task = MoCoTask(model, queue, opts.temperature, opts.ema)
-    return dataset, task, model, (image_size, mean, std, kwargs)
+        queue = min(opts.queue_size or MOCO_QUEUE_SIZE, len(train_set))
+        if opts.queue_size and queue < opts.queue_size:
+            logger.warning("--queue-size %d is more than the %d images; using %d", opts.queue_size, len(train_set),
+                           queue)
+        ema = opts.ema if opts.ema is not None else key_encoder_momentum(plan.steps, paper=PRETRAIN_EMA)
+        task = MoCoTask(model, queue, opts.temperature, ema, mask_self=opts.mask_self)
+        resolved.update(queue_size=queue, ema=ema)
+    return PretrainSetup(dataset=dataset, train_set=train_set, heldout=heldout, task=task, model=model,
+                         image_size=image_size, mean=mean, std=std, arch_kwargs=kwargs, plan=plan, resolved=resolved)
 
 
 def backbone_only(model: nn.Module, arch: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -146,22 +198,35 @@ def backbone_only(model: nn.Module, arch: str, kwargs: dict[str, Any]) -> nn.Mod
 
 def run_pretrain(opts: PretrainOptions, *, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
     from compress_edge.models import save_model, spec_for
+    from compress_edge.quality import heldout_check, record_quality
 
     run_dir = Path(opts.out)
     if not resume and (run_dir / "checkpoints" / "last.pt").exists():
         raise TrainingError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pick another --out")
     seed_everything(opts.train.seed)
-    dataset, task, model, (image_size, mean, std, kwargs) = prepare(opts)
+    ready = setup(opts)
+    source = {"kind": "pretrain", "method": opts.method, "run": run_dir.name, "data": opts.data}
+
+    def trained() -> tuple[nn.Module, Any]:
+        plain = backbone_only(ready.model, opts.arch, ready.arch_kwargs)
+        return plain, spec_for(plain, image_size=ready.image_size, mean=ready.mean, std=ready.std, source=source)
 
     def write_model(folder: Path) -> None:
-        plain = backbone_only(model, opts.arch, kwargs)
-        source = {"kind": "pretrain", "method": opts.method, "run": run_dir.name, "data": opts.data}
-        save_model(plain, spec_for(plain, image_size=image_size, mean=mean, std=std, source=source), folder / "student")
+        save_model(*trained(), folder / "student")
 
-    trainer = Trainer(task, opts.train, run_dir, extra_config={"pretrain": opts.to_dict()}, on_checkpoint=write_model)
-    logger.info("pretraining %s with %s on %s (%s), %d images", opts.arch, opts.method, trainer.device,
-                trainer.precision.name, len(dataset))
-    return trainer.fit(dataset, resume=resume, stop_after_epochs=stop_after_epochs)
+    config = opts.train.with_plan(ready.plan)
+    trainer = Trainer(ready.task, config, run_dir, on_checkpoint=write_model,
+                      extra_config={"pretrain": opts.to_dict(), "plan": ready.plan.to_dict(),
+                                    "resolved": ready.resolved})
+    logger.info("pretraining %s with %s at %d px on %s (%s): %s", opts.arch, opts.method, ready.image_size,
+                trainer.device, trainer.precision.name, ready.plan.describe())
+    result = trainer.fit(ready.train_set, resume=resume, stop_after_epochs=stop_after_epochs)
+    if result.epochs_done >= config.epochs and trainer.dist.is_main:
+        model, spec = trained()
+        record = heldout_check("the pretrained model", model.to(trainer.device), spec, ready.dataset, ready.heldout,
+                               device=trainer.device, workers=opts.train.workers)
+        record_quality(run_dir, "heldout", record)
+    return result
 
 
 def load_pretrain_options(run_dir: str | Path) -> PretrainOptions:

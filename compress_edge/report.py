@@ -26,9 +26,10 @@ def _plots(demo, folder: Path) -> dict[str, str]:
     r = demo.results
     files: dict[str, str] = {}
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, (name, run) in zip(axes, (("teacher (SimCLR)", demo.path("teacher")),
-                                      ("student (CompRess)", demo.path("student"))), strict=True):
+    runs = [(name, run) for name, run in (("teacher (SimCLR)", demo.path("teacher")),
+                                           ("student (CompRess)", demo.path("student"))) if _epoch_losses(run)]
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5), squeeze=False)
+    for ax, (name, run) in zip(axes[0], runs, strict=True):
         losses = _epoch_losses(run)
         ax.plot(range(1, len(losses) + 1), losses, marker="o")
         ax.set_title(f"{name}: training loss")
@@ -89,6 +90,22 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
+def verdict_line(rows: dict[str, dict[str, Any]], prof: dict[str, Any]) -> str:
+    """One sentence: does the student beat both baselines, and how far is it from the teacher?"""
+    student = rows["student"]["knn20_top1"]
+    parts = []
+    for name in ("raw pixels", "student before distillation"):
+        if name in rows:
+            diff = 100 * (student - rows[name]["knn20_top1"])
+            parts.append(f"{diff:+.1f} points over {name}")
+    gap = 100 * (rows["teacher"]["knn20_top1"] - student)
+    ratio = prof.get("ratios", {}).get("flops_ratio")
+    cheaper = f", at {ratio:.1f}x fewer FLOPs" if ratio else ""
+    return (f"Student, weighted 20-NN: {', '.join(parts)}; {gap:.1f} points behind the teacher{cheaper}; "
+            f"{rows['student'].get('bytes_per_image', '?')} bytes an image in the index against the teacher's "
+            f"{rows['teacher'].get('bytes_per_image', '?')}.")
+
+
 def write_report(demo) -> dict[str, Any]:
     """Write report.md, report.json and the pictures into ``demo.out/report``; returns the summary."""
     folder = demo.path("report")
@@ -112,12 +129,20 @@ def write_report(demo) -> dict[str, Any]:
         lines.append(f"| {who} | {p['arch']} | {p['params'] / 1e6:.2f} M | {p['flops'] / 1e6:.1f} | "
                      f"{p['weight_bytes'] / 2**20:.1f} | {p['embed_dim']} |")
     lines += ["", "FLOPs as fvcore counts them (one multiply-add is one FLOP).", "",
-              "## Accuracy on the test images (%)", "",
-              "| model | 1-NN | kNN k=20 | kNN k=200 | linear top-1 | cluster alignment | NMI |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "## Accuracy on the test images (%), and what the embeddings cost", "",
+              "Gallery: the training images. Baselines: the student before distillation (its random weights, "
+              "batch-norm statistics re-estimated on the data) and plain cosine kNN on raw pixels. Spread: mean "
+              "pairwise cosine of the test embeddings (near 1: collapsed) and their effective rank.", "",
+              "| model | 1-NN | kNN k=20 | kNN k=200 | linear top-1 | cluster alignment | NMI | mean cosine "
+              "| effective rank | floats | index bytes / image |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in rows.items():
+        spread = row.get("spread", {})
         lines.append(f"| {name} | {_pct(row['nn_top1'])} | {_pct(row['knn20_top1'])} | {_pct(row['knn200_top1'])} | "
-                     f"{_pct(row['linear_top1'])} | {_pct(row['cluster_accuracy'])} | {row['nmi']:.3f} |")
+                     f"{_pct(row['linear_top1'])} | {_pct(row['cluster_accuracy'])} | {row['nmi']:.3f} | "
+                     f"{spread.get('mean_cosine', float('nan')):.3f} | {spread.get('effective_rank', float('nan')):.1f} "
+                     f"| {row.get('dim', '')} | {row.get('bytes_per_image', '')} |")
+    lines += ["", verdict_line(rows, prof)]
     agree, before = ev["agreement"], ev["agreement_before"]
     lines += ["", "Teacher-student agreement on the test images: top-10 neighbour overlap "
               f"{agree['overlap'].get('10', float('nan')):.3f} (before distillation "
@@ -132,7 +157,9 @@ def write_report(demo) -> dict[str, Any]:
     for row in ex["latency"]:
         lines.append(f"| {row['backend']} | {row['batch']} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} |")
     lines += ["", "## Retrieval on the device path", "",
-              f"Index `{rt['key']}` of {rt['vectors']} training images, built with the exported ONNX model; "
+              f"Index `{rt['key']}` of {rt['vectors']} training images "
+              f"({rt.get('index_bytes_per_image') or '?'} bytes an image in the FAISS file), built with the exported "
+              "ONNX model; "
               f"weighted kNN (k = 20, T = 0.07) through it classifies the {rt['queries']} test images with "
               f"{_pct(rt['knn_accuracy_through_index'])} % accuracy.", ""]
     for key, title in (("loss", "Training loss"), ("accuracy_cost", "Accuracy and cost"),

@@ -286,14 +286,16 @@ def _save_npy(target: Path, array: np.ndarray) -> None:
 class CachedTeacherDataset(Dataset):
     """Student images with the cached teacher embedding of the same image: (image, teacher (Dt,), i).
 
-    Mode ``views``: a random recorded view k, its parameters replayed for the student (same pixels).
-    Mode ``center``: a fresh random augmentation for the student (the paper's setting).
+    Mode ``views``: a random recorded view k, its parameters replayed for the student (same pixels;
+    at the student's own size when ``augment`` has another one). Mode ``center``: a fresh random
+    augmentation for the student (the paper's setting).
     """
 
     def __init__(self, base, cache: TeacherCache, augment):
         if len(base) != len(cache):
             raise DataError(f"the teacher cache holds {len(cache)} images, the data {len(base)}; they do not match")
         self.base, self.cache, self.augment = base, cache, augment
+        self.drawn_at = int(cache.meta["parts"]["transform"]["image_size"])
 
     def __len__(self) -> int:
         return len(self.base)
@@ -302,8 +304,35 @@ class CachedTeacherDataset(Dataset):
         img = self.base.get_image(i)
         if self.cache.mode == "views":
             k = int(torch.randint(self.cache.views, (1,)).item())
-            x = self.augment.apply(img, self.cache.params(i, k))
+            x = self.augment.apply(img, self.cache.params(i, k), drawn_at=self.drawn_at)
         else:
             k = 0
             x = self.augment(img)
         return x, torch.from_numpy(self.cache.embedding(i, k)), i
+
+
+class PairedViews:
+    """One random view of an image at two sizes, for a live teacher that takes larger images than its
+    student: PIL image -> (student view (3, s, s), teacher view (3, S, S)), the same crop, flip,
+    colours and (scaled) blur. The parameters are drawn by the teacher's augmentation."""
+
+    def __init__(self, student_augment, teacher_augment):
+        self.student, self.teacher = student_augment, teacher_augment
+
+    def __call__(self, img):
+        x_teacher, params = self.teacher.sample_and_apply(img)
+        return self.student.apply(img, params, drawn_at=self.teacher.image_size), x_teacher
+
+
+class PairedDataset(Dataset):
+    """(student view, teacher view, index) from a dataset whose transform is :class:`PairedViews`."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        (student, teacher), _, index = self.base[i]
+        return student, teacher, index

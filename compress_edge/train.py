@@ -43,14 +43,19 @@ CHECKPOINT_FORMAT = "compress-edge-train/1"
 
 @dataclass
 class TrainConfig:
-    """The engine's settings (a method's own settings live with the method)."""
+    """The engine's settings (a method's own settings live with the method).
 
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 0.01
+    ``epochs``, ``batch_size``, ``lr`` and ``warmup_epochs`` may be None ("auto") in a command's
+    options; the command resolves them (:func:`compress_edge.schedule.plan_run`) before the engine runs.
+    """
+
+    epochs: int | None = 10
+    batch_size: int | None = 256
+    lr: float | None = 0.01
+    optimizer: str = "sgd"  # or "adamw"
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_epochs: float = 0.0
+    warmup_epochs: float | None = 0.0
     schedule: str = "cosine"  # or "constant"
     workers: int = 2
     device: str = "auto"
@@ -65,6 +70,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_plan(self, plan) -> TrainConfig:
+        """These settings with a :class:`~compress_edge.schedule.RunPlan`'s batch, epochs, lr and (when
+        on auto) warm-up filled in."""
+        warmup = self.warmup_epochs
+        if warmup is None:
+            warmup = plan.warmup_steps / max(1, plan.steps_per_epoch)
+        return dataclasses.replace(self, epochs=plan.epochs, batch_size=plan.batch_size, lr=plan.lr,
+                                   warmup_epochs=warmup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +122,18 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     if amp == "fp16" and device.type != "cuda":
         raise TrainingError("--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 or off")
     return Precision(True, torch.bfloat16 if amp == "bf16" else torch.float16, amp == "fp16")
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the papers' choice), or AdamW (``momentum`` is its beta1)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
+    raise TrainingError(f"unknown optimizer {config.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
 
 
 @dataclass
@@ -170,8 +196,9 @@ class EpochSampler(Sampler[int]):
         self.start_batch = 0
 
     def batches_per_epoch(self) -> int:
-        full = self.n // (self.batch_size * self.world_size)  # drop the last partial global batch
-        return min(full, self.max_batches) if self.max_batches else full
+        from compress_edge.schedule import steps_per_epoch
+
+        return steps_per_epoch(self.n, self.batch_size, self.world_size, self.max_batches)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -346,6 +373,9 @@ class Trainer:
         on_checkpoint: Callable[[Path], None] | None = None,
         collate_fn: Callable | None = None,
     ):
+        unresolved = [k for k in ("epochs", "batch_size", "lr", "warmup_epochs") if getattr(config, k) is None]
+        if unresolved:
+            raise TrainingError(f"the engine needs concrete settings; {', '.join(unresolved)} left on auto")
         self.config = config
         self.run_dir = Path(run_dir)
         self.dist = current_dist()
@@ -373,9 +403,7 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,  # queues are kept identical by gathering keys, not by copying
             )
-        self.optimizer = torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        self.optimizer = make_optimizer(params, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scaler)
         self.epoch = 0  # epochs fully done
         self.batch_in_epoch = 0

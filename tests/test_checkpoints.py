@@ -426,3 +426,19 @@ def test_inspect_a_compress_edge_model(tmp_path):
     info = inspect_checkpoint(tmp_path / "m")
     assert info.format == "compress-edge" and info.spec == written and info.weights_verified is True
     assert info.arch == "resnet18" and info.small_input is True and info.report.fits()
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_a_cifar_style_resnet_checkpoint_gets_its_small_stem(tmp_path, small):
+    from compress_edge.models import resolve_model
+
+    torch.manual_seed(0)
+    net = create_model("resnet18", small_input=small).eval()
+    randomize_bn(net)
+    path = tmp_path / "resnet18.pth"
+    torch.save({**net.backbone.state_dict(), "fc.weight": torch.randn(10, 512), "fc.bias": torch.zeros(10)}, path)
+    loaded, spec = resolve_model("resnet18", weights=path, image_size=32)
+    assert spec.arch_kwargs["small_input"] is small  # read from conv1: 3x3 (CIFAR-style) or 7x7
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x), atol=1e-5, rtol=1e-5)

@@ -107,7 +107,8 @@ _DDP_SCRIPT = textwrap.dedent("""
     task = DistillTask(TinyStudent(), build_loss("compress-2q", 16, 12, queue_size=40), momentum_encoder=True, ema=0.9)
     Trainer(task, _config(batch_size=batch), out + "/run").fit(TensorSet())
     torch.save({"teacher": task.criterion.teacher_queue.bank, "student": task.criterion.student_queue.bank,
-                "weights": task.student.state_dict()}, f"{out}/rank{info.rank}.pt")
+                "ids": task.criterion.teacher_queue.ids, "weights": task.student.state_dict()},
+               f"{out}/rank{info.rank}.pt")
 """)
 
 
@@ -133,6 +134,9 @@ def test_two_process_gloo_run_matches_one_process_on_the_same_global_batch(tmp_p
     for key in ("teacher", "student"):
         assert torch.equal(r0[key], r1[key]), f"{key} queues differ across ranks"
         torch.testing.assert_close(r0[key], single[key], atol=1e-5, rtol=1e-4)
+    # The image ids travel with the keys: gathered in rank order, the same queue as one process.
+    assert torch.equal(r0["ids"], r1["ids"]) and torch.equal(r0["ids"], single["ids"])
+    assert (r0["ids"] >= 0).all()
     losses_two, losses_one = _losses(tmp_path / "two" / "run"), _losses(tmp_path / "one" / "run")
     assert len(losses_two) == len(losses_one) == 12
     np.testing.assert_allclose(losses_two, losses_one, rtol=1e-4, atol=1e-6)

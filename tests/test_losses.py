@@ -141,3 +141,98 @@ def test_only_the_student_side_gets_gradients():
 def test_unknown_method_lists_the_choices():
     with pytest.raises(TrainingError, match="compress-2q"):
         build_loss("compress-3q", 4, 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# anchors from the query's own image are masked
+# --------------------------------------------------------------------------------------------------
+def _filled_with_ids(loss_fn, rng, ids):
+    """Fill every queue of ``loss_fn`` with random keys tagged with ``ids``; returns the keys per queue."""
+    queues = [m for m in loss_fn.modules() if isinstance(m, RingQueue)]
+    keys = [_np_normalise(rng.normal(size=(q.size, q.dim))).astype(np.float32) for q in queues]
+    for q, k in zip(queues, keys, strict=True):
+        q.push(torch.from_numpy(k), torch.as_tensor(ids))
+    return keys
+
+
+@pytest.mark.parametrize("method", ["compress-2q", "compress-1q"])
+def test_masked_loss_ignores_a_planted_copy_of_the_query(method):
+    rng = np.random.default_rng(7)
+    ids = np.arange(100, 120)
+    ids[5] = 3  # slot 5 holds a (stale) copy of image 3, the first query below
+    masked = build_loss(method, teacher_dim=8, student_dim=6, queue_size=20, temperature=0.04)
+    keys = _filled_with_ids(masked, rng, ids)
+    teacher = rng.normal(size=(4, 8)).astype(np.float32)
+    student = rng.normal(size=(4, 6)).astype(np.float32)
+    index = torch.tensor([3, 40, 41, 42])
+    got = masked(torch.from_numpy(student), torch.from_numpy(teacher), None, index).item()
+
+    # The reference: query 0 against every slot but 5, the others against all 20 slots.
+    q_t = keys[0]
+    if method == "compress-1q":
+        w, b = masked.projection.weight.detach().numpy(), masked.projection.bias.detach().numpy()
+        s_in, q_s = student @ w.T + b, q_t
+    else:
+        s_in, q_s = student, keys[1]
+    keep = np.arange(20) != 5
+    want = np.mean([_np_kl(teacher[:1], q_t[keep], s_in[:1], q_s[keep], 0.04)]
+                   + [_np_kl(teacher[i : i + 1], q_t, s_in[i : i + 1], q_s, 0.04) for i in range(1, 4)])
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+    # Whatever the planted copy holds, the masked loss of its own image does not change; the paper's does.
+    paper = build_loss(method, teacher_dim=8, student_dim=6, queue_size=20, temperature=0.04, mask_self=False)
+    paper.load_state_dict(masked.state_dict())
+    first = (torch.from_numpy(student[:1]), torch.from_numpy(teacher[:1]), None, index[:1])
+    results = []
+    own = {8: torch.from_numpy(teacher[0]), 6: torch.from_numpy(student[0])}  # by queue dimension
+    for value in (1.0, -1.0):  # the slot holds the query's own embeddings, then their opposite
+        row = []
+        for m in (masked, paper):
+            m._pending.clear()
+            for q in (mod for mod in m.modules() if isinstance(mod, RingQueue)):
+                q.bank[5] = value * torch.nn.functional.normalize(own[q.dim], dim=0)
+            row.append(m(*first).item())
+        results.append(row)
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert results[0][1] != pytest.approx(results[1][1], rel=1e-3)
+
+
+def test_masked_self_copy_gets_no_gradient_and_a_fully_masked_row_is_finite():
+    loss_fn = CompRess2Q(teacher_dim=4, student_dim=4, queue_size=3, temperature=0.04)
+    loss_fn.teacher_queue.push(torch.nn.functional.normalize(torch.randn(3, 4), dim=1), torch.tensor([7, 7, 7]))
+    loss_fn.student_queue.push(torch.nn.functional.normalize(torch.randn(3, 4), dim=1), torch.tensor([7, 7, 7]))
+    student = torch.randn(2, 4, requires_grad=True)
+    loss = loss_fn(student, torch.randn(2, 4), None, torch.tensor([7, 8]))  # row 0: every anchor is its own
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(student.grad).all()
+    assert student.grad[0].abs().sum() == 0  # nothing to learn from a row with no other image
+
+
+def test_queue_remembers_image_ids_through_a_wrap():
+    q = RingQueue(size=4, dim=2)
+    q.push(torch.zeros(3, 2), torch.tensor([1, 2, 3]))
+    q.push(torch.zeros(2, 2), torch.tensor([4, 5]))
+    assert q.ids.tolist() == [5, 2, 3, 4]
+    q.push(torch.zeros(1, 2))  # unknown origin: never masked
+    assert q.ids.tolist() == [5, -1, 3, 4]
+
+
+def test_moco_never_uses_a_key_of_the_query_image_as_a_negative():
+    from compress_edge.losses import MoCoLoss
+
+    torch.manual_seed(0)
+    masked, paper = MoCoLoss(dim=4, queue_size=6), MoCoLoss(dim=4, queue_size=6, mask_self=False)
+    keys = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    ids = torch.tensor([10, 11, 12, 13, 14, 15])
+    for m in (masked, paper):
+        m.queue.push(keys, ids)
+    q = torch.nn.functional.normalize(torch.randn(2, 4), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(2, 4), dim=1)
+    index = torch.tensor([12, 99])
+    got = masked(q, k, index).item()
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ keys.T], dim=1) / 0.2
+    logits[0, 1 + 2] = float("-inf")  # slot 2 holds image 12's key
+    want = torch.nn.functional.cross_entropy(logits, torch.zeros(2, dtype=torch.long)).item()
+    assert got == pytest.approx(want, rel=1e-5)
+    assert paper(q, k, index).item() != pytest.approx(got, rel=1e-4)

@@ -10,7 +10,15 @@ import typer
 
 from compress_edge.cli import app
 from compress_edge.cli.common import console
-from compress_edge.defaults import METHODS, PAPER_QUEUE_SIZE, PAPER_TEMPERATURE
+from compress_edge.defaults import (
+    DEFAULT_HOLDOUT,
+    DEFAULT_STUDENT_EMBED,
+    DISTILL_BASE_LR,
+    DISTILL_MIN_EPOCHS,
+    DISTILL_MIN_STEPS,
+    METHODS,
+    PAPER_TEMPERATURE,
+)
 from compress_edge.errors import CompressEdgeError
 
 DataArg = Annotated[str, typer.Argument(help="Images: a class folder, an image folder, or fashion-mnist:train|test.")]
@@ -56,19 +64,41 @@ def distill(
     student_arch: Annotated[str, typer.Option("--student-arch", help="Student architecture.")] = "mobilenet_v2",
     student_kwargs: Annotated[list[str] | None, typer.Option("--student-kwargs", help="Architecture options as "
                                                              "key=value, e.g. width_mult=0.5 (repeatable).")] = None,
-    embed_dim: Annotated[int | None, typer.Option("--embed-dim", help="Add a linear head to this dimension "
-                                                  "(default: the backbone's features).")] = None,
+    embed_dim: Annotated[int, typer.Option("--embed-dim", help="Size of the student's embedding: a linear head "
+                                           "to this many floats (an index then costs 4 x this many bytes an "
+                                           "image); 0: the backbone's features, no head.")] = DEFAULT_STUDENT_EMBED,
     method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")] = "compress-2q",
-    queue_size: Annotated[int, typer.Option("--queue-size", help="Anchors in each queue (clipped to the number "
-                                            "of images).")] = PAPER_QUEUE_SIZE,
-    temperature: Annotated[float, typer.Option("--temperature", "-T", help="Softmax temperature.")] = PAPER_TEMPERATURE,
-    ema: Annotated[float, typer.Option("--ema", help="Momentum of the key encoder (compress-2q).")] = 0.999,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step per process.")] = 256,
-    lr: Annotated[float, typer.Option("--lr", help="SGD learning rate (cosine schedule).")] = 0.01,
-    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
+    queue_size: Annotated[int | None, typer.Option("--queue-size", help="Anchors in each queue [default: auto, "
+                                                   "the paper's 128,000 or all training images when fewer].",
+                                                   show_default=False)] = None,
+    temperature: Annotated[float, typer.Option("--temperature", "-T", help="Softmax temperature of the similarity "
+                                               "distributions.")] = PAPER_TEMPERATURE,
+    ema: Annotated[float | None, typer.Option("--ema", help="Momentum of the key encoder (compress-2q) [default: "
+                                              "auto, from the run length: its memory is at most 1/20 of the run "
+                                              "and at most the paper's 0.999].", show_default=False)] = None,
+    mask_self: Annotated[bool, typer.Option("--mask-self/--no-mask-self", help="Leave the anchors that came "
+                                            "from a query's own image out of both softmaxes; --no-mask-self is "
+                                            "the paper's loss exactly.")] = True,
+    holdout: Annotated[float, typer.Option("--holdout", help="Share of labelled images (at most 1,000) kept out "
+                                           "of training to compare the student with its teacher, raw pixels and "
+                                           "its random weights at the end (quality.json); 0: none.")] = DEFAULT_HOLDOUT,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data [default: auto, at least "
+                                               f"{DISTILL_MIN_STEPS} optimizer steps and {DISTILL_MIN_EPOCHS} "
+                                               "epochs].", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per step per process "
+                                                   "[default: auto, 256 or fewer so an epoch has 8 steps].",
+                                                   show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate, warm-up then cosine [default: auto, "
+                                             f"{DISTILL_BASE_LR:g} per 256 images of batch].",
+                                             show_default=False)] = None,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd or adamw.")] = "sgd",
+    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (AdamW: beta1).")] = 0.9,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="SGD weight decay.")] = 1e-4,
     image_size: ImageSizeOpt = None,
+    student_image_size: Annotated[int | None, typer.Option("--student-image-size", help="The student's input "
+                                                           "size, if smaller than the teacher's: both see the same "
+                                                           "view of each image, each at its own size [default: the "
+                                                           "teacher's].", show_default=False)] = None,
     data_root: DataRootOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The run folder.")] = Path("runs/distill"),
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder "
@@ -86,10 +116,14 @@ def distill(
 ) -> None:
     """Distil a teacher into a small student with CompRess.
 
-    The run folder gets the student (student/model.safetensors + model.json), config.json,
-    metrics.jsonl and checkpoints/. Many GPUs: torchrun --nproc-per-node 4 -m compress_edge distill ...
+    Give the data and the teacher; the batch, the run length, the learning rate, the queue and the
+    key-encoder momentum follow the data (printed at the start, recorded in config.json). The run
+    folder gets the student (student/model.safetensors + model.json), config.json, metrics.jsonl,
+    checkpoints/ and quality.json (the teacher's similarity spread, and the student against raw
+    pixels, its random weights and the teacher on held-out images). Many GPUs:
+    torchrun --nproc-per-node 4 -m compress_edge distill ...
 
-    Example: compress-edge distill fashion-mnist:train --teacher runs/teacher/student --student-arch mobilenet_v2 --epochs 10 --out runs/distill
+    Example: compress-edge distill images/ --teacher resnet50 --teacher-weights moco_v2.pth.tar --image-size 96 --out runs/distill
     """
     from compress_edge.distill import DistillOptions, load_options, run_distill
     from compress_edge.train import TrainConfig, init_distributed
@@ -105,17 +139,17 @@ def distill(
         opts = DistillOptions(
             data=data, out=str(out), teacher=teacher, teacher_weights=teacher_weights, teacher_cache=teacher_cache,
             student_arch=student_arch, student_kwargs=parse_kwargs(student_kwargs), embed_dim=embed_dim,
-            method=method, queue_size=queue_size, temperature=temperature, ema=ema, image_size=image_size,
-            data_root=data_root,
-            train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                              weight_decay=weight_decay, workers=workers, device=device, amp=amp,
+            method=method, queue_size=queue_size, temperature=temperature, ema=ema, mask_self=mask_self,
+            holdout=holdout, image_size=image_size, student_image_size=student_image_size, data_root=data_root,
+            train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+                              weight_decay=weight_decay, warmup_epochs=None, workers=workers, device=device, amp=amp,
                               checkpoint_every=checkpoint_every, seed=seed, max_steps_per_epoch=max_steps_per_epoch,
                               progress=progress),
         )
         result = run_distill(opts, stop_after_epochs=stop_after)
     console.print(f"student written to {Path(opts.out) / 'student'} "
                   f"({result.epochs_done} epochs, {result.global_step} steps, last loss {result.last_loss:.4f}, "
-                  f"{result.seconds:.0f} s)")
+                  f"{result.seconds:.0f} s); checks in {Path(opts.out) / 'quality.json'}")
 
 
 @app.command("cache-teacher")
@@ -141,24 +175,10 @@ def cache_teacher(
 
     Example: compress-edge cache-teacher fashion-mnist:train --teacher runs/teacher/student --views 4 --out runs/cache
     """
-    from compress_edge.data import TrainAugment, eval_transform, open_dataset
-    from compress_edge.distill import augment_settings, load_teacher
-    from compress_edge.teacher_cache import build_cache, fingerprint_parts
-    from compress_edge.train import resolve_device
+    from compress_edge.distill import cache_teacher as build
 
-    dataset = open_dataset(data, data_root=data_root)
-    model, spec = load_teacher(teacher, teacher_weights, data, image_size)
-    augment = TrainAugment(spec.image_size, spec.mean, spec.std)
-    mode = "views" if views > 0 else "center"
-    parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=spec.image_size, mean=spec.mean,
-                              std=spec.std, mode=mode, views=max(1, views), augment=augment_settings(augment), seed=seed)
-    from compress_edge.teacher_cache import tensor_hash
-
-    cache = build_cache(
-        model, dataset, out, parts=parts, teacher_sha256=tensor_hash(model), mode=mode, views=max(1, views),
-        eval_tf=eval_transform(spec.image_size, spec.mean, spec.std), augment=augment, seed=seed,
-        batch_size=batch_size, workers=workers, device=resolve_device(device), shard_rows=shard_rows,
-        progress=progress, extra_meta={"teacher_spec": spec.to_dict(), "data": data},
-    )
+    cache = build(data, out, teacher=teacher, teacher_weights=teacher_weights, views=views, image_size=image_size,
+                  batch_size=batch_size, shard_rows=shard_rows, seed=seed, data_root=data_root, workers=workers,
+                  device=device, progress=progress)
     console.print(f"teacher cache written to {out}: {len(cache)} images x {cache.views} view(s) x {cache.dim} dims "
                   f"(float16), mode {cache.mode}")

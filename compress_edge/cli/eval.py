@@ -157,19 +157,26 @@ def knn_cmd(
     image_size: ImageSizeOpt = None,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
+    baselines: Annotated[bool, typer.Option("--baselines", help="Also measure the two baselines a model has to "
+                                            "beat: cosine kNN on raw pixels, and the same network with random "
+                                            "weights (batch-norm statistics re-estimated on --train).")] = False,
     as_json: JsonOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """1-NN accuracy (the CompRess paper's NN column) and weighted kNN accuracy (DINO's protocol: weights
-    exp(sim / T), T = 0.07, k = 20 and 200), by exact search over the gallery.
+    exp(sim / T), T = 0.07, k = 20 and 200), by exact search over the gallery; and the spread of the
+    query embeddings (mean pairwise cosine, effective rank), with a warning when they have collapsed.
 
-    Example: compress-edge eval knn runs/distill --train fashion-mnist:train --test fashion-mnist:test
+    Example: compress-edge eval knn runs/distill --train fashion-mnist:train --test fashion-mnist:test --baselines
     """
     from compress_edge.evaluate import knn_eval
+    from compress_edge.quality import embedding_spread, spread_warnings
 
     ks = sorted(set(k or [20, 200]))
     if (train is None) == (index is None):
         raise CompressEdgeError("pass the gallery: either --train DATA or --index INDEX_DIR (one of them)")
+    if baselines and index is not None:
+        raise CompressEdgeError("--baselines needs the gallery images: pass --train DATA instead of --index")
     net, spec, backend = open_model(model, device=device, image_size=image_size)
     opts = dict(data_root=data_root, batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
                 no_cache=no_cache, progress=progress and not as_json)
@@ -181,7 +188,15 @@ def knn_cmd(
         xtr, ytr, _ = features(net, spec, train, **opts)
         result = knn_eval(xtr, ytr, xte, yte, ks=ks, temperature=temperature, device=device)
         gallery = train
-    payload = {**_describe(model, spec, backend), "gallery": gallery, "test": test, **result.to_dict()}
+    spread = embedding_spread(xte)
+    for warning in spread_warnings(spread, str(model)):
+        log.warning("%s", warning)
+    payload = {**_describe(model, spec, backend), "gallery": gallery, "test": test, **result.to_dict(),
+               "spread": spread.to_dict()}
+    compared = None
+    if baselines:
+        compared = _baselines(xtr, xte, train, test, spec, ks=ks, temperature=temperature, opts=opts)
+        payload["baselines"] = compared
     if as_json:
         _emit(payload)
         return
@@ -190,10 +205,34 @@ def knn_cmd(
         rows.append((f"{kk}-NN top-1 %", _pct(result.knn[kk]["top1"])))
         if result.num_classes > 5:
             rows.append((f"{kk}-NN top-5 %", _pct(result.knn[kk]["top5"])))
-    rows += [("queries", str(result.queries)), ("gallery", str(result.gallery))]
+    rows += [("mean pairwise cosine", f"{spread.mean_cosine:.3f}"),
+             ("effective rank", f"{spread.effective_rank:.1f} of {spread.dim}"),
+             ("queries", str(result.queries)), ("gallery", str(result.gallery))]
+    for name, row in (compared or {}).items():
+        rows.append((f"{name}: 1-NN / {ks[0]}-NN %", f"{_pct(row['nn_top1'])} / {_pct(row['knn_top1'])}"))
     _print(f"kNN of {model} ({spec.arch}, {backend}), gallery {gallery}, queries {test}", rows,
            [f"weights exp(sim / {temperature:g}); exact search ({result.seconds:.1f} s after extraction)"
             if index is None else f"weights exp(sim / {temperature:g}); neighbours from the index {index}"])
+
+
+def _baselines(xtr, xte, train: str, test: str, spec, *, ks: list[int], temperature: float, opts: dict) -> dict:
+    """kNN of raw pixels and of the same network with random weights on the same gallery and queries."""
+    from compress_edge.data import open_dataset
+    from compress_edge.evaluate import extract_features, knn_eval
+    from compress_edge.quality import random_weights_model, raw_pixel_features
+
+    gallery = open_dataset(train, data_root=opts["data_root"])
+    queries = open_dataset(test, data_root=opts["data_root"])
+    twin = random_weights_model(spec, gallery)
+    kw = dict(spec=spec, batch_size=opts["batch_size"], device=opts["device"], workers=opts["workers"],
+              use_cache=False, progress=opts["progress"])
+    pairs = {"raw pixels": (raw_pixel_features(gallery, spec.image_size), raw_pixel_features(queries, spec.image_size)),
+             "random weights": (extract_features(twin, gallery, **kw)[0], extract_features(twin, queries, **kw)[0])}
+    out = {}
+    for name, (g, q) in pairs.items():
+        r = knn_eval(g, gallery.labels, q, queries.labels, ks=ks, temperature=temperature, device=opts["device"])
+        out[name] = {"nn_top1": r.nn_top1, "knn_top1": r.knn[ks[0]]["top1"], "k": ks[0]}
+    return out
 
 
 def _knn_with_index(index_dir: Path, spec, xte, yte, test_classes: list[str], ks: list[int], temperature: float):

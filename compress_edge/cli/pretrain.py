@@ -9,7 +9,8 @@ import typer
 
 from compress_edge.cli import app
 from compress_edge.cli.common import console
-from compress_edge.cli.distill import DataRootOpt, DeviceOpt, ImageSizeOpt, WorkersOpt, parse_kwargs
+from compress_edge.cli.distill import DataRootOpt, DeviceOpt, WorkersOpt, parse_kwargs
+from compress_edge.defaults import DEFAULT_HOLDOUT, PRETRAIN_BASE_LR, PRETRAIN_MIN_EPOCHS, PRETRAIN_MIN_STEPS
 from compress_edge.errors import CompressEdgeError
 
 
@@ -25,14 +26,28 @@ def pretrain(
     proj_dim: Annotated[int, typer.Option("--proj-dim", help="Output of the MLP projection head used in "
                                           "training (not kept).")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-T", help="Contrastive temperature.")] = 0.2,
-    queue_size: Annotated[int, typer.Option("--queue-size", help="MoCo negatives (clipped to the number of "
-                                            "images).")] = 16_384,
-    ema: Annotated[float, typer.Option("--ema", help="MoCo key-encoder momentum.")] = 0.99,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.")] = 20,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step per process.")] = 256,
-    lr: Annotated[float, typer.Option("--lr", help="SGD learning rate (warm-up, then cosine).")] = 0.06,
+    queue_size: Annotated[int | None, typer.Option("--queue-size", help="MoCo negatives [default: auto, 16,384 or "
+                                                   "all training images when fewer].", show_default=False)] = None,
+    ema: Annotated[float | None, typer.Option("--ema", help="MoCo key-encoder momentum [default: auto, from the "
+                                              "run length, at most 0.99].", show_default=False)] = None,
+    mask_self: Annotated[bool, typer.Option("--mask-self/--no-mask-self", help="MoCo: never use a queued key of "
+                                            "the query's own image as a negative.")] = True,
+    holdout: Annotated[float, typer.Option("--holdout", help="Share of labelled images (at most 1,000) kept out "
+                                           "of training to compare the model with raw pixels and its random "
+                                           "weights at the end (quality.json); 0: none.")] = DEFAULT_HOLDOUT,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data [default: auto, at least "
+                                               f"{PRETRAIN_MIN_STEPS} optimizer steps and {PRETRAIN_MIN_EPOCHS} "
+                                               "epochs].", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per step per process "
+                                                   "[default: auto, 256 or fewer so an epoch has 8 steps].",
+                                                   show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate, warm-up then cosine [default: auto, "
+                                             f"{PRETRAIN_BASE_LR:g} per 256 images of batch].",
+                                             show_default=False)] = None,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="SGD weight decay.")] = 5e-4,
-    image_size: ImageSizeOpt = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Training size in pixels [default: auto, "
+                                                   "the images' own median size rounded to 32, within 32-224].",
+                                                   show_default=False)] = None,
     data_root: DataRootOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The run folder.")] = Path("runs/pretrain"),
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder.")] = None,
@@ -47,10 +62,13 @@ def pretrain(
 ) -> None:
     """Pretrain a self-supervised model (SimCLR or MoCo v2): a teacher, or a student from scratch.
 
-    The backbone, without its projection head, is written to RUN_DIR/student/ (the same layout as a
-    distillation run, so every later command takes the run folder).
+    Give the data; the image size, batch, run length and learning rate follow it (printed at the
+    start, recorded in config.json). The backbone, without its projection head, is written to
+    RUN_DIR/student/ (the same layout as a distillation run, so every later command takes the run
+    folder); with labelled data, quality.json compares it with raw pixels and its random weights on
+    held-out images.
 
-    Example: compress-edge pretrain fashion-mnist:train --arch resnet18 --method simclr --epochs 20 --out runs/teacher
+    Example: compress-edge pretrain fashion-mnist:train --out runs/teacher
     """
     from compress_edge.pretrain import PretrainOptions, load_pretrain_options, run_pretrain
     from compress_edge.train import TrainConfig, init_distributed
@@ -65,11 +83,11 @@ def pretrain(
             raise CompressEdgeError("DATA is missing: pass the training images, or --resume RUN_DIR")
         opts = PretrainOptions(
             data=data, out=str(out), arch=arch, arch_kwargs=parse_kwargs(arch_kwargs), method=method,
-            proj_dim=proj_dim, temperature=temperature, queue_size=queue_size, ema=ema, image_size=image_size,
-            data_root=data_root,
+            proj_dim=proj_dim, temperature=temperature, queue_size=queue_size, ema=ema, mask_self=mask_self,
+            holdout=holdout, image_size=image_size, data_root=data_root,
             train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                              warmup_epochs=1 if epochs > 2 else 0, workers=workers, device=device, amp=amp,
-                              seed=seed, max_steps_per_epoch=max_steps_per_epoch, progress=progress),
+                              warmup_epochs=None, workers=workers, device=device, amp=amp, seed=seed,
+                              max_steps_per_epoch=max_steps_per_epoch, progress=progress),
         )
         result = run_pretrain(opts, stop_after_epochs=stop_after)
     console.print(f"model written to {Path(opts.out) / 'student'} ({result.epochs_done} epochs, "

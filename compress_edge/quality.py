@@ -1,0 +1,364 @@
+"""Is a model worth keeping? Embedding spread, the teacher's similarity distribution, and the two
+baselines a user thinks of first: plain cosine kNN on raw pixels, and the same network with random
+weights.
+
+One module, called by ``pretrain``, ``distill``, ``eval`` and the demo, so they all measure and warn
+alike:
+
+- :func:`embedding_spread`: mean pairwise cosine similarity and effective rank (RankMe: Garrido et
+  al., "RankMe: Assessing the Downstream Performance of Pretrained Self-Supervised Representations by
+  Their Rank", ICML 2023) of L2-normalised embeddings; a collapsed model gives every image nearly the
+  same embedding (mean cosine near 1, effective rank near 1) and its search scores say nothing.
+- :func:`anchor_entropy`: how many anchors the teacher's softmax(sim / T) really spreads over; a
+  distribution near uniform at the chosen temperature teaches the student nothing, one near one-hot
+  teaches instance discrimination.
+- :func:`raw_pixel_features` and :func:`random_weights_model`: the baselines.
+- :func:`compare_with_baselines`: kNN of a model, its random-weights twin and raw pixels (and the
+  teacher, when given) on a gallery and held-out queries, with warnings that say what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Above this mean pairwise cosine, or below this effective rank, embeddings count as collapsed.
+COLLAPSE_MEAN_COSINE = 0.9
+COLLAPSE_EFFECTIVE_RANK = 2.0
+#: The teacher's softmax over the anchors counts as near uniform when its perplexity covers more than
+#: this share of them, and as near one-hot below this many anchors.
+UNIFORM_SHARE = 0.5
+ONE_HOT_ANCHORS = 1.5
+#: Raw pixels are compared at most at this side (kNN on raw pixels barely changes with resolution).
+RAW_PIXELS_MAX_SIDE = 64
+#: A random network's batch-norm statistics are re-estimated on this many images.
+RECALIBRATION_IMAGES = 1024
+
+
+@dataclass
+class Spread:
+    """How spread out a set of embeddings is. mean_cosine: average cosine similarity of two different
+    images; effective_rank: exp(entropy) of the normalised singular values (RankMe), between 1 and D."""
+
+    mean_cosine: float
+    effective_rank: float
+    dim: int
+    images: int
+
+    @property
+    def collapsed(self) -> bool:
+        return self.mean_cosine > COLLAPSE_MEAN_COSINE or self.effective_rank < COLLAPSE_EFFECTIVE_RANK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "collapsed": self.collapsed}
+
+    def describe(self) -> str:
+        return f"mean pairwise cosine {self.mean_cosine:.3f}, effective rank {self.effective_rank:.1f} of {self.dim}"
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _sample_rows(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    if len(x) <= limit:
+        return x
+    return x[np.sort(np.random.default_rng(seed).choice(len(x), size=limit, replace=False))]
+
+
+def embedding_spread(embeddings: np.ndarray, *, max_images: int = 2000, seed: int = 0) -> Spread:
+    """:class:`Spread` of (N, D) embeddings (normalised here), on at most ``max_images`` of them."""
+    x = _normalise(_sample_rows(np.asarray(embeddings), max_images, seed))
+    n, d = x.shape
+    if n < 2:
+        raise ValueError("embedding_spread needs at least two embeddings")
+    total = x.sum(axis=0, dtype=np.float64)
+    mean_cos = float((total @ total - n) / (n * (n - 1)))  # sum over pairs i != j of x_i . x_j
+    s = np.linalg.svd(x.astype(np.float64), compute_uv=False)
+    p = s / max(s.sum(), 1e-12)
+    p = p[p > 0]
+    rank = float(np.exp(-(p * np.log(p)).sum()))
+    return Spread(mean_cosine=round(mean_cos, 4), effective_rank=round(rank, 2), dim=int(d), images=int(n))
+
+
+def anchor_entropy(queries: np.ndarray, anchors: np.ndarray, temperature: float) -> dict[str, float]:
+    """The perplexity exp(H) of softmax(q . anchors^T / T) for each query, averaged: how many anchors
+    the distribution really covers. A query's own row (an anchor equal to it) is left out, as the
+    loss leaves out an image's own anchors. Returns {"anchors", "effective", "share"}."""
+    q, a = _normalise(queries), _normalise(anchors)
+    logits = (q @ a.T).astype(np.float64) / float(temperature)
+    logits[np.isclose(q @ a.T, 1.0, atol=1e-6)] = -np.inf  # the query itself
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+    effective = float(np.exp(h).mean())
+    return {"anchors": int(len(a)), "effective": round(effective, 1), "share": round(effective / len(a), 4)}
+
+
+def temperature_warnings(entropy: dict[str, float], temperature: float, who: str = "the teacher") -> list[str]:
+    """What to tell the user about a softmax over anchors (see :func:`anchor_entropy`)."""
+    out = []
+    if entropy["share"] > UNIFORM_SHARE:
+        out.append(
+            f"{who}'s similarity distribution at T = {temperature:g} is near uniform (it covers "
+            f"{entropy['effective']:.0f} of {entropy['anchors']} anchors): the student would learn little; "
+            f"lower --temperature (e.g. {temperature / 2:g}), or check that {who} gives distinct embeddings"
+        )
+    elif entropy["effective"] < ONE_HOT_ANCHORS:
+        out.append(
+            f"{who}'s similarity distribution at T = {temperature:g} is nearly one-hot ({entropy['effective']:.1f} "
+            f"anchors): raise --temperature (e.g. {temperature * 2:g}) so the student learns neighbourhoods"
+        )
+    return out
+
+
+def spread_warnings(spread: Spread, who: str, *, reference: Spread | None = None) -> list[str]:
+    """A warning when ``who``'s embeddings have collapsed (and ``reference``'s, e.g. its teacher's, have not)."""
+    if not spread.collapsed or (reference is not None and reference.collapsed):
+        return []
+    return [
+        f"{who}'s embeddings have nearly collapsed ({spread.describe()}): every image gets almost the "
+        "same embedding and search scores say little; train longer or with a lower --lr, check the teacher, "
+        "or compare with --method regression-bn"
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# baselines
+# --------------------------------------------------------------------------------------------------
+def raw_pixel_features(dataset, image_size: int, *, max_side: int = RAW_PIXELS_MAX_SIDE) -> np.ndarray:
+    """Each image's evaluation view (shorter side to ``image_size``, centre crop; at most ``max_side``
+    px) as plain pixels in [0, 1], flattened and L2-normalised: float32 (N, 3 * S * S). Cosine kNN on
+    these is the first baseline any model has to beat."""
+    from compress_edge.images import preprocess_eval
+
+    side = min(int(image_size), int(max_side))
+    zero, one = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    rows = [preprocess_eval(dataset.get_image(i), side, zero, one).reshape(-1) for i in range(len(dataset))]
+    return _normalise(np.stack(rows))
+
+
+def random_weights_model(spec, dataset, *, seed: int = 0, images: int = RECALIBRATION_IMAGES):
+    """The network of ``spec`` with random weights and its batch-norm statistics re-estimated on
+    ``images`` images of ``dataset`` (with fresh statistics a random network's activations shrink
+    layer by layer and every image gets nearly the same embedding). The "same network before
+    training" baseline; eval mode, on the CPU."""
+    import torch
+
+    from compress_edge.data import eval_transform
+    from compress_edge.models import rebuild, recalibrate_batchnorm
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = rebuild(spec.arch, spec.arch_kwargs, normalize=spec.normalize)
+    tf = eval_transform(spec.image_size, spec.mean, spec.std)
+    n = min(len(dataset), int(images))
+    order = np.random.default_rng(seed).permutation(len(dataset))[:n]
+    batches = (torch.stack([tf(dataset.get_image(int(i))) for i in order[s : s + 256]]) for s in range(0, n, 256))
+    return recalibrate_batchnorm(model, batches)
+
+
+# --------------------------------------------------------------------------------------------------
+# the comparison a run ends with
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    """kNN (1-NN and weighted 20-NN, %) and spread of a model and its baselines on held-out queries."""
+
+    rows: dict[str, dict[str, Any]]
+    gallery: int
+    queries: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "gallery": self.gallery, "queries": self.queries, "warnings": self.warnings}
+
+    def beats(self, who: str, baseline: str, metric: str = "knn20") -> bool:
+        return self.rows[who][metric] > self.rows[baseline][metric]
+
+
+def knn_row(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
+            *, spread_of: np.ndarray | None = None, device: str = "cpu") -> dict[str, Any]:
+    """1-NN and weighted 20-NN accuracy (%) of ``queries`` against ``gallery``, and their spread."""
+    from compress_edge.evaluate import knn_eval
+
+    k = max(1, min(20, len(gallery)))
+    knn = knn_eval(_normalise(gallery), gallery_labels, _normalise(queries), query_labels, ks=(k,), device=device)
+    spread = embedding_spread(queries if spread_of is None else spread_of)
+    return {"nn": round(100 * knn.nn_top1, 2), "knn20": round(100 * knn.knn[k]["top1"], 2),
+            "spread": spread.to_dict()}
+
+
+def compare_with_baselines(
+    name: str,
+    features: tuple[np.ndarray, np.ndarray],
+    gallery,
+    queries,
+    spec,
+    *,
+    random_features: tuple[np.ndarray, np.ndarray] | None = None,
+    teacher_features: tuple[np.ndarray, np.ndarray] | None = None,
+    device: str = "cpu",
+    workers: int = 0,
+    progress: bool = False,
+    use_cache: bool = False,
+) -> Comparison:
+    """Compare a model with raw pixels and its random-weights twin (and its teacher) by kNN.
+
+    features: the model's (gallery (N, D), queries (Q, D)) embeddings of the ``gallery`` and
+    ``queries`` datasets (labelled). random_features / teacher_features: the same pairs for the
+    random-weights twin (computed here from ``spec`` when None) and the teacher (optional).
+    """
+    from compress_edge.evaluate import extract_features
+
+    yg, yq = np.asarray(gallery.labels), np.asarray(queries.labels)
+    if random_features is None:
+        twin = random_weights_model(spec, gallery)
+        kw = dict(spec=spec, device=device, workers=workers, use_cache=use_cache, progress=progress)
+        random_features = (extract_features(twin, gallery, **kw)[0], extract_features(twin, queries, **kw)[0])
+    rows = {name: knn_row(features[0], yg, features[1], yq, device=device)}
+    if teacher_features is not None:
+        rows["teacher"] = knn_row(teacher_features[0], yg, teacher_features[1], yq, device=device)
+    rows["same network, random weights"] = knn_row(random_features[0], yg, random_features[1], yq, device=device)
+    raw_g, raw_q = raw_pixel_features(gallery, spec.image_size), raw_pixel_features(queries, spec.image_size)
+    rows["raw pixels"] = knn_row(raw_g, yg, raw_q, yq, device=device)
+    result = Comparison(rows=rows, gallery=len(yg), queries=len(yq))
+    result.warnings = comparison_warnings(result, name)
+    return result
+
+
+def comparison_warnings(result: Comparison, name: str) -> list[str]:
+    """Plain warnings when ``name`` does not beat a baseline (or, for a student, trails its teacher)."""
+    out = []
+    for baseline in ("raw pixels", "same network, random weights"):
+        if not result.beats(name, baseline):
+            out.append(
+                f"{name} does not beat {baseline} on {result.queries} held-out images (weighted 20-NN "
+                f"{result.rows[name]['knn20']:.1f} % vs {result.rows[baseline]['knn20']:.1f} %): "
+                + ("train longer (more --epochs), use more images, or check the teacher"
+                   if baseline == "raw pixels" else "this model has learned little; train longer or on more images")
+            )
+    if "teacher" in result.rows:
+        gap = result.rows["teacher"]["knn20"] - result.rows[name]["knn20"]
+        if gap > 5.0:
+            out.append(f"{name} trails its teacher by {gap:.1f} points of weighted 20-NN on the held-out images; "
+                       "more --epochs usually closes most of it")
+    teacher_spread = None
+    if "teacher" in result.rows:
+        t = result.rows["teacher"]["spread"]
+        teacher_spread = Spread(t["mean_cosine"], t["effective_rank"], t["dim"], t["images"])
+    s = result.rows[name]["spread"]
+    out += spread_warnings(Spread(s["mean_cosine"], s["effective_rank"], s["dim"], s["images"]), name,
+                           reference=teacher_spread)
+    return out
+
+
+def holdout_split(labels: np.ndarray, fraction: float, *, cap: int = 1000, minimum: int = 100,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices) for a labelled dataset: ``fraction`` of the images (at most
+    ``cap``), drawn with a fixed seed and stratified by class; nothing is held out for fewer than
+    ``minimum`` labelled images or a fraction of 0."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    everything = np.arange(n)
+    if fraction <= 0 or n < minimum or (labels < 0).any():
+        return everything, everything[:0]
+    want = min(int(cap), max(1, int(math.floor(n * float(fraction)))))
+    rng = np.random.default_rng(seed)
+    held: list[np.ndarray] = []
+    for c in np.unique(labels):
+        members = everything[labels == c]
+        take = int(round(want * len(members) / n))
+        held.append(rng.choice(members, size=min(take, len(members) - 1), replace=False) if take else members[:0])
+    out = np.sort(np.concatenate(held))
+    mask = np.ones(n, dtype=bool)
+    mask[out] = False
+    return everything[mask], out
+
+
+# --------------------------------------------------------------------------------------------------
+# what a training run records at its start and end (quality.json in the run folder)
+# --------------------------------------------------------------------------------------------------
+QUALITY_FILE = "quality.json"
+#: The gallery of the end-of-run kNN check is at most this many training images.
+CHECK_GALLERY = 10_000
+
+
+def record_quality(run_dir, key: str, record: dict[str, Any]) -> None:
+    """Merge ``{key: record}`` into ``RUN_DIR/quality.json`` (written atomically)."""
+    import json
+    from pathlib import Path
+
+    from compress_edge.storage import atomic_write_json
+
+    path = Path(run_dir) / QUALITY_FILE
+    current: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            current = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s was damaged; writing it anew", path)
+    current[key] = record
+    atomic_write_json(path, current)
+
+
+def _warn_all(warnings: list[str]) -> None:
+    for w in warnings:
+        log.warning("%s", w)
+
+
+def teacher_check(embeddings: np.ndarray, temperature: float, *, queries: int = 512) -> dict[str, Any]:
+    """Spread of a teacher's embeddings of some training images, and how many of them its softmax at
+    ``temperature`` covers (the first ``queries`` rows against all of them); warns when the
+    distribution is near uniform or one-hot, or the embeddings have collapsed."""
+    spread = embedding_spread(embeddings)
+    entropy = anchor_entropy(embeddings[:queries], embeddings, temperature)
+    warnings = temperature_warnings(entropy, temperature) + spread_warnings(spread, "the teacher")
+    _warn_all(warnings)
+    log.info("teacher: %s; at T = %g its softmax covers %.0f of %d anchors", spread.describe(), temperature,
+             entropy["effective"], entropy["anchors"])
+    return {"spread": spread.to_dict(), "softmax": entropy, "temperature": temperature, "warnings": warnings}
+
+
+def heldout_check(name: str, model, spec, dataset, heldout: np.ndarray, *, teacher=None, teacher_spec=None,
+                  device="cpu", workers: int = 0, seed: int = 0) -> dict[str, Any]:
+    """The end-of-run check: ``model`` against raw pixels and its random-weights twin (and its
+    teacher) by kNN, the held-out images of ``dataset`` searched among (at most CHECK_GALLERY of) its
+    other images. Without held-out images (unlabelled data), only the spread. Logs a summary and
+    plain warnings; returns the record for quality.json."""
+    from compress_edge.data import SubsetDataset
+    from compress_edge.evaluate import extract_features
+
+    kw = dict(device=str(device), workers=workers, use_cache=False, progress=False)
+    rng = np.random.default_rng(seed)
+    rest = np.setdiff1d(np.arange(len(dataset)), heldout)
+    gallery_idx = np.sort(rng.choice(rest, size=min(len(rest), CHECK_GALLERY), replace=False))
+    gallery = SubsetDataset(f"{dataset.name} (training images)", dataset, indices=gallery_idx)
+    if len(heldout) == 0:
+        feats = extract_features(model, gallery, spec=spec, **kw)[0]
+        spread = embedding_spread(feats)
+        warnings = spread_warnings(spread, name)
+        _warn_all(warnings)
+        log.info("%s: %s (no labels: no held-out kNN check)", name, spread.describe())
+        return {"spread": spread.to_dict(), "warnings": warnings}
+    queries = SubsetDataset(f"{dataset.name} (held out)", dataset, indices=heldout)
+    feats = (extract_features(model, gallery, spec=spec, **kw)[0], extract_features(model, queries, spec=spec, **kw)[0])
+    teacher_feats = None
+    if teacher is not None:
+        tkw = dict(kw, spec=teacher_spec)
+        teacher_feats = (extract_features(teacher, gallery, **tkw)[0], extract_features(teacher, queries, **tkw)[0])
+    result = compare_with_baselines(name, feats, gallery, queries, spec, teacher_features=teacher_feats, **kw)
+    summary = ", ".join(f"{who} {row['knn20']:.1f} % ({row['nn']:.1f} %)" for who, row in result.rows.items())
+    log.info("held-out check, %d images searched among %d: weighted 20-NN (1-NN): %s", result.queries,
+             result.gallery, summary)
+    _warn_all(result.warnings)
+    return result.to_dict()

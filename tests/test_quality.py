@@ -1,0 +1,90 @@
+"""Quality checks: spread, the teacher's softmax over anchors, held-out split, baselines, warnings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compress_edge.quality import (
+    Comparison,
+    anchor_entropy,
+    comparison_warnings,
+    embedding_spread,
+    holdout_split,
+    raw_pixel_features,
+    temperature_warnings,
+)
+
+
+def test_spread_tells_a_collapsed_set_from_a_spread_one():
+    rng = np.random.default_rng(0)
+    spread_out = embedding_spread(rng.normal(size=(500, 64)))
+    assert abs(spread_out.mean_cosine) < 0.05 and spread_out.effective_rank > 40 and not spread_out.collapsed
+    base = rng.normal(size=64)
+    collapsed = embedding_spread(base + 0.05 * rng.normal(size=(500, 64)))
+    assert collapsed.mean_cosine > 0.95 and collapsed.collapsed
+
+
+def test_spread_mean_cosine_is_the_average_over_distinct_pairs():
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    n = x / np.linalg.norm(x, axis=1, keepdims=True)
+    g = n @ n.T
+    want = (g.sum() - 3) / 6
+    assert embedding_spread(x).mean_cosine == pytest.approx(want, abs=1e-4)
+
+
+def test_anchor_entropy_is_near_uniform_at_a_high_temperature_and_one_hot_at_a_low_one():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 16))
+    hot = anchor_entropy(x[:50], x, temperature=1e-3)
+    flat = anchor_entropy(x[:50], x, temperature=100.0)
+    assert hot["effective"] < 1.2 and flat["share"] > 0.95
+    assert "near uniform" in temperature_warnings(flat, 100.0)[0]
+    assert "one-hot" in temperature_warnings(hot, 1e-3)[0]
+    assert temperature_warnings(anchor_entropy(x[:50], x, temperature=0.1), 0.1) == []
+
+
+def test_anchor_entropy_leaves_the_query_itself_out():
+    x = np.eye(4)
+    # Each query's only close anchor is itself; without it the other three are equally likely.
+    assert anchor_entropy(x, x, temperature=0.01)["effective"] == pytest.approx(3.0, rel=1e-3)
+
+
+def test_holdout_is_stratified_capped_and_skipped_for_small_or_unlabelled_data():
+    labels = np.repeat(np.arange(4), 250)
+    train, held = holdout_split(labels, 0.1)
+    assert len(held) == 100 and len(train) == 900 and not set(train) & set(held)
+    assert np.bincount(labels[held]).tolist() == [25, 25, 25, 25]
+    assert len(holdout_split(np.repeat(np.arange(10), 10_000), 0.1)[1]) == 1000  # capped
+    assert len(holdout_split(labels[:60], 0.1)[1]) == 0  # too few images to spare
+    assert len(holdout_split(np.full(1000, -1), 0.1)[1]) == 0  # unlabelled
+    again = holdout_split(labels, 0.1)[1]
+    assert np.array_equal(held, again)  # the same images every time
+
+
+def test_raw_pixels_are_plain_unit_vectors(class_folder):
+    from compress_edge.data import open_dataset
+
+    ds = open_dataset(str(class_folder))
+    x = raw_pixel_features(ds, 24)
+    assert x.shape == (len(ds), 3 * 24 * 24)
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    assert (x >= 0).all()  # pixels in [0, 1], no mean subtracted
+
+
+def _row(knn20, mean_cos=0.3, rank=20.0):
+    return {"nn": knn20, "knn20": knn20, "spread": {"mean_cosine": mean_cos, "effective_rank": rank, "dim": 128,
+                                                    "images": 100}}
+
+
+def test_warnings_say_plainly_when_a_model_does_not_beat_its_baselines():
+    worse = Comparison(rows={"the student": _row(40.0, mean_cos=0.97), "teacher": _row(60.0),
+                             "same network, random weights": _row(45.0), "raw pixels": _row(50.0)},
+                       gallery=900, queries=100)
+    text = " ".join(comparison_warnings(worse, "the student"))
+    assert "does not beat raw pixels" in text and "does not beat same network, random weights" in text
+    assert "trails its teacher by 20.0 points" in text and "collapsed" in text
+    better = Comparison(rows={"the student": _row(58.0), "teacher": _row(60.0),
+                              "same network, random weights": _row(45.0), "raw pixels": _row(50.0)},
+                        gallery=900, queries=100)
+    assert comparison_warnings(better, "the student") == []

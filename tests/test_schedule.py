@@ -1,0 +1,65 @@
+"""Run settings that follow the data: batch, run length, key-encoder momentum, queue, learning rate."""
+
+from __future__ import annotations
+
+import pytest
+
+from compress_edge.schedule import (
+    auto_batch_size,
+    auto_queue_size,
+    key_encoder_momentum,
+    plan_run,
+    steps_per_epoch,
+)
+
+
+@pytest.mark.parametrize(("images", "batch"), [(100, 16), (500, 32), (640, 64), (2_000, 128), (20_000, 256),
+                                               (2_000_000, 256)])
+def test_the_batch_leaves_at_least_eight_steps_an_epoch(images, batch):
+    assert auto_batch_size(images) == batch
+    assert steps_per_epoch(images, batch) >= 8 or batch == 16
+
+
+def test_the_batch_is_per_process_and_counts_every_process():
+    assert auto_batch_size(2_000, world_size=4) == 32  # 4 x 32 x 8 <= 2,000 < 4 x 64 x 8
+
+
+@pytest.mark.parametrize("steps", [20, 200, 1_000, 20_000, 650_000])
+def test_the_key_encoder_forgets_its_initialisation_well_before_the_end(steps):
+    m = key_encoder_momentum(steps)
+    assert 0 <= m <= 0.999
+    # The share of the random initialisation left in the key encoder halfway through the run.
+    assert m ** (steps / 2) < 1e-3 or m == 0.999
+    if steps >= 20_000:
+        assert m == pytest.approx(0.999)  # long runs keep the paper's momentum
+
+
+def test_a_short_run_does_not_keep_the_papers_momentum():
+    # 800 steps at 0.999 would leave 45 % of the random initialisation in the key encoder at the end.
+    assert 0.999**800 > 0.4
+    assert key_encoder_momentum(800) ** 800 < 1e-6
+
+
+def test_queue_is_the_papers_or_the_whole_data():
+    assert auto_queue_size(640) == 640
+    assert auto_queue_size(2_000_000) == 128_000
+
+
+@pytest.mark.parametrize("images", [500, 2_000, 20_000, 2_000_000])
+def test_plan_counts_steps_not_epochs(images):
+    plan = plan_run(images, batch_size=None, epochs=None, lr=None, base_lr=0.05, min_steps=600, min_epochs=10,
+                    max_epochs=200)
+    assert plan.steps >= 600 or plan.epochs == 200
+    assert plan.epochs >= 10
+    assert plan.lr == pytest.approx(0.05 * plan.batch_size / 256)
+    assert set(plan.automatic) == {"batch", "epochs", "lr"}
+    assert plan.steps == plan.epochs * plan.steps_per_epoch
+    assert 0 < plan.warmup_steps < plan.steps
+
+
+def test_a_given_setting_is_kept():
+    plan = plan_run(20_000, batch_size=100, epochs=3, lr=0.2, base_lr=0.05, min_steps=600, min_epochs=10,
+                    max_epochs=200)
+    assert (plan.batch_size, plan.epochs, plan.lr, plan.steps) == (100, 3, 0.2, 600)
+    assert plan.automatic == ()
+    assert "batch 100" in plan.describe() and "600 steps" in plan.describe()

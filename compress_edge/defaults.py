@@ -4,6 +4,11 @@
 METHODS = ("compress-2q", "compress-2q-nomomentum", "compress-1q", "regression", "regression-bn")
 PAPER_QUEUE_SIZE = 128_000  # CompRess, NeurIPS 2020
 PAPER_TEMPERATURE = 0.04
+#: distill's method when --method is not given. compress-1q scores the student against the frozen
+#: teacher's anchors; compress-2q (the paper's best at 130 epochs of ImageNet) scores it against
+#: anchors from a momentum copy of itself, which on short runs drift together with the student into
+#: a collapsed state (README, "Which method by default").
+DEFAULT_METHOD = "compress-1q"
 
 #: distill: SGD learning rate per 256 images of batch (scaled linearly), from the sweep in the README.
 DISTILL_BASE_LR = 0.05

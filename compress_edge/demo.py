@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress_edge.defaults import PAPER_TEMPERATURE
+from compress_edge.defaults import DEFAULT_METHOD, PAPER_TEMPERATURE
 from compress_edge.errors import CompressEdgeError
 from compress_edge.storage import atomic_write_json
 
@@ -72,7 +72,7 @@ class DemoSettings:
     student_kwargs: dict[str, Any] = field(default_factory=lambda: {"width_mult": 0.5, "small_input": True})
     student_image_size: int = 32
     embed_dim: int = 128
-    distill_method: str = "compress-2q"
+    distill_method: str = DEFAULT_METHOD
     distill_epochs: int | None = 10
     distill_batch: int | None = 256
     queue_size: int | None = None

@@ -19,6 +19,7 @@ from torch import nn
 
 from compress_edge.defaults import (
     DEFAULT_HOLDOUT,
+    DEFAULT_METHOD,
     DEFAULT_STUDENT_EMBED,
     DISTILL_BASE_LR,
     DISTILL_MAX_EPOCHS,
@@ -130,7 +131,7 @@ class DistillOptions:
     student_arch: str = "mobilenet_v2"
     student_kwargs: dict[str, Any] = field(default_factory=dict)
     embed_dim: int | None = DEFAULT_STUDENT_EMBED  # 0: the backbone's feature dimension, no head
-    method: str = "compress-2q"
+    method: str = DEFAULT_METHOD
     queue_size: int | None = None  # auto: min(128,000, training images)
     temperature: float = PAPER_TEMPERATURE
     ema: float | None = None  # auto: follows the run length

@@ -215,3 +215,51 @@ def make_shapes(root: str | Path, per_class: int, *, size: int = 32, seed: int =
 
 def make_textures(root: str | Path, per_class: int, *, size: int = 32, seed: int = 0) -> Path:
     return make_image_set(root, "textures", per_class, size=size, seed=seed)
+
+
+def train_labelled_teacher(train_root: str | Path, out: str | Path, *, image_size: int, epochs: int,
+                           small_input: bool = False, batch_size: int = 64, lr: float = 2e-3, seed: int = 0) -> Path:
+    """Train a torchvision ``resnet18`` with labels on a class folder and save its plain state dict.
+
+    The kind of checkpoint a user brings as ``--teacher resnet18 --teacher-weights FILE``: torchvision
+    layout, ImageNet normalisation, an ImageNet stem (or the 3x3 stem of small-image models when
+    ``small_input``). AdamW with a one-cycle schedule, flips and shifts; the images are held in
+    memory, so this is for the few hundred to few thousand images of tests and benchmarks.
+    """
+    import torch
+    import torchvision
+    from torch import nn
+
+    from compress_edge.data import EvalTransform, open_dataset
+
+    torch.manual_seed(seed)
+    ds = open_dataset(str(train_root), transform=EvalTransform(image_size))
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    labels = torch.as_tensor(ds.labels, dtype=torch.long)
+    model = torchvision.models.resnet18(num_classes=len(ds.classes))
+    if small_input:
+        model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    steps_per_epoch = (len(images) + batch_size - 1) // batch_size
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    model.train()
+    pad = max(1, image_size // 10)
+    for _ in range(epochs):
+        order = torch.randperm(len(images))
+        for start in range(0, len(images), batch_size):
+            idx = order[start:start + batch_size]
+            x = images[idx].clone()
+            flip = torch.rand(len(x)) < 0.5
+            x[flip] = x[flip].flip(-1)
+            dy, dx = (int(v) for v in torch.randint(-pad, pad + 1, (2,)))
+            x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+            loss = nn.functional.cross_entropy(model(x), labels[idx], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.eval().state_dict(), out)
+    return out

@@ -272,7 +272,7 @@ def test_tiny_distillation_lowers_the_loss_and_raises_neighbour_overlap(tmp_path
                     train={"epochs": 12, "batch_size": 16, "lr": 0.1})
     run_distill(opts)
     student, student_spec = load_model(tmp_path / "run" / "student")
-    assert student_spec.source["method"] == "compress-2q" and student_spec.image_size == 32
+    assert student_spec.source["method"] == "compress-1q" and student_spec.image_size == 32
     with torch.no_grad():
         overlap_after = _top10_overlap(t_emb, student(images))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -12,6 +12,7 @@ from compress_edge.cli import app
 from compress_edge.cli.common import console
 from compress_edge.defaults import (
     DEFAULT_HOLDOUT,
+    DEFAULT_METHOD,
     DEFAULT_STUDENT_EMBED,
     DISTILL_BASE_LR,
     DISTILL_MIN_EPOCHS,
@@ -67,7 +68,8 @@ def distill(
     embed_dim: Annotated[int, typer.Option("--embed-dim", help="Size of the student's embedding: a linear head "
                                            "to this many floats (an index then costs 4 x this many bytes an "
                                            "image); 0: the backbone's features, no head.")] = DEFAULT_STUDENT_EMBED,
-    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")] = "compress-2q",
+    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)} (see the README: "
+                                        "compress-2q is the paper's, for long runs).")] = DEFAULT_METHOD,
     queue_size: Annotated[int | None, typer.Option("--queue-size", help="Anchors in each queue [default: auto, "
                                                    "the paper's 128,000 or all training images when fewer].",
                                                    show_default=False)] = None,

@@ -1,0 +1,66 @@
+"""Distillation on a data set nobody tuned for, with distill's defaults: the check a new user's first run is.
+
+Generated textures (not Fashion-MNIST, not the benchmark's shapes), a torchvision resnet18 trained
+with labels in the test (the kind of checkpoint a user brings), then ``compress-edge distill DATA
+--teacher resnet18 --teacher-weights FILE --image-size S`` and nothing else. The student must beat
+raw pixels and its own random weights on held-out test images, and must not collapse. (How far it stays below its teacher is measured by
+benchmarks/heldout_check.py; see the README.)
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from compress_edge.cli import app
+from compress_edge.data import open_dataset
+from compress_edge.evaluate import extract_features, knn_eval
+from compress_edge.models import load_model, resolve_model
+from compress_edge.quality import random_weights_model, raw_pixel_features
+from compress_edge.synthetic import make_textures, train_labelled_teacher
+
+SIZE = 64
+
+
+def _weighted_knn(gallery, gallery_labels, queries, query_labels) -> float:
+    return 100 * knn_eval(gallery, gallery_labels, queries, query_labels, ks=(10,), device="cpu").knn[10]["top1"]
+
+
+def _features(model, spec, data):
+    ds = open_dataset(str(data))
+    feats, labels = extract_features(model, ds, spec=spec, batch_size=64, device="cpu", workers=0, use_cache=False,
+                                      progress=False)
+    return feats, labels
+
+
+@pytest.mark.slow
+def test_distill_defaults_transfer_to_unseen_textures(tmp_path):
+    train = make_textures(tmp_path / "train", 24, size=SIZE, seed=11)
+    test = make_textures(tmp_path / "test", 20, size=SIZE, seed=12)
+    weights = train_labelled_teacher(train, tmp_path / "teacher.pth", image_size=SIZE, epochs=25)
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["distill", str(train), "--teacher", "resnet18", "--teacher-weights", str(weights),
+                                      "--image-size", str(SIZE), "--out", str(out), "--no-progress", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+
+    teacher, t_spec = resolve_model("resnet18", weights=weights, image_size=SIZE)
+    student, s_spec = load_model(out / "student")
+    scores = {}
+    for name, (model, spec) in {"teacher": (teacher, t_spec), "student": (student, s_spec),
+                                "random": (random_weights_model(s_spec, open_dataset(str(train))), s_spec)}.items():
+        g, gl = _features(model, spec, train)
+        q, ql = _features(model, spec, test)
+        scores[name] = _weighted_knn(g, gl, q, ql)
+    ds_train, ds_test = open_dataset(str(train)), open_dataset(str(test))
+    scores["raw pixels"] = _weighted_knn(raw_pixel_features(ds_train, SIZE), np.asarray(ds_train.labels),
+                                         raw_pixel_features(ds_test, SIZE), np.asarray(ds_test.labels))
+    quality = json.loads((out / "quality.json").read_text())
+    assert "heldout" in quality and "teacher" in quality
+    assert scores["teacher"] > scores["raw pixels"] + 10, scores  # the set is one where a model matters
+    assert scores["student"] > scores["raw pixels"] + 5, scores
+    assert scores["student"] > scores["random"] + 5, scores
+    assert quality["heldout"]["rows"]["the student"]["spread"]["mean_cosine"] < 0.9, quality  # not collapsed

@@ -243,42 +243,46 @@ def test_interrupted_cache_resumes_from_complete_shards(tmp_path, class_folder, 
     assert (out / "emb-00003.npy").is_file() and (out / "meta.json").is_file()
 
 
-def _top10_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
-    def knn(x):
-        x = torch.nn.functional.normalize(x, dim=1)
-        sim = x @ x.T
-        sim.fill_diagonal_(-2)
-        return sim.topk(10, dim=1).indices
-
-    na, nb = knn(a), knn(b)
-    return float(np.mean([len(set(na[i].tolist()) & set(nb[i].tolist())) / 10 for i in range(len(a))]))
+def _leave_one_out_1nn(x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Cosine 1-NN accuracy of each image against all the others."""
+    x = torch.nn.functional.normalize(x, dim=1)
+    sim = x @ x.T
+    sim.fill_diagonal_(-2)
+    return float((labels[sim.argmax(1)] == labels).float().mean())
 
 
-@pytest.mark.slow
-def test_tiny_distillation_lowers_the_loss_and_raises_neighbour_overlap(tmp_path, saved_teacher, make_images):
+def test_tiny_distillation_lowers_the_loss_on_training_and_clean_images(tmp_path, make_images):
     from compress_edge.data import eval_transform, open_dataset
+    from compress_edge.distill import load_teacher
+    from compress_edge.models import recalibrate_batchnorm
+    from compress_edge.synthetic import train_labelled_teacher
 
     data = make_images(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=16, size=32, seed=3)
-    teacher, spec = load_model(saved_teacher)
+    # A teacher with something to teach: a torchvision resnet18 trained on the folder's labels, loaded
+    # the way a user's third-party checkpoint is (--teacher resnet18 --teacher-weights FILE).
+    weights = train_labelled_teacher(data, tmp_path / "teacher.pth", image_size=32, epochs=15, batch_size=16)
+    teacher, spec = load_teacher("resnet18", str(weights), str(data), 32)
     ds = open_dataset(str(data), transform=eval_transform(32, spec.mean, spec.std))
     images = torch.stack([ds[i][0] for i in range(len(ds))])
+    labels = torch.as_tensor(ds.labels)
     torch.manual_seed(0)
     with torch.no_grad():
-        t_emb = teacher(images)
-        before = create_model("mobilenet_v2", small_input=True, width_mult=0.35).eval()
-        overlap_before = _top10_overlap(t_emb, before(images))
+        assert _leave_one_out_1nn(teacher(images), labels) > 0.9  # the teacher learned the classes
+        # The baseline the project reports: the same student, random weights, batch norm re-estimated.
+        before = recalibrate_batchnorm(create_model("mobilenet_v2", small_input=True, width_mult=0.35), images)
+        acc_before = _leave_one_out_1nn(before(images), labels)
 
-    opts = _options(data, tmp_path / "run", saved_teacher, queue_size=48,
-                    train={"epochs": 12, "batch_size": 16, "lr": 0.1})
+    opts = _options(data, tmp_path / "run", "resnet18", teacher_weights=str(weights), image_size=32,
+                    queue_size=48, train={"epochs": 12, "batch_size": 16, "lr": 0.1})
     run_distill(opts)
     student, student_spec = load_model(tmp_path / "run" / "student")
     assert student_spec.source["method"] == "compress-1q" and student_spec.image_size == 32
     with torch.no_grad():
-        overlap_after = _top10_overlap(t_emb, student(images))
+        acc_after = _leave_one_out_1nn(student(images), labels)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     epoch_losses = [r["loss"] for r in records if r["kind"] == "epoch"]
     assert np.mean(epoch_losses[-3:]) < 0.8 * np.mean(epoch_losses[1:3]), epoch_losses
-    assert overlap_after > overlap_before + 0.1, (overlap_before, overlap_after)
+    assert acc_after > acc_before + 0.25, (acc_before, acc_after)
 
 
 def test_distill_cli_end_to_end_and_errors(tmp_path, class_folder, saved_teacher):

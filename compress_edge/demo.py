@@ -2,7 +2,7 @@
 
 Stages (each skipped when its output is already in the output folder; ``--fresh`` starts over):
 
-1. pretrain a self-supervised teacher (or take ``--teacher``);
+1. take the shipped self-supervised teacher (or ``--teacher``, or pretrain one with ``--pretrain-teacher``);
 2. cache the teacher and distil a student with the default CompRess method;
 3. profile both (parameters, FLOPs);
 4. evaluate both, and the same student before distillation: kNN (1-NN and weighted), linear,
@@ -339,7 +339,7 @@ def stage_report(demo: Demo) -> dict[str, Any]:
 
 def default_stages() -> list[Stage]:
     return [
-        Stage("teacher", "pretrain a self-supervised teacher", stage_teacher),
+        Stage("teacher", "the self-supervised teacher (shipped, given, or pretrained here)", stage_teacher),
         Stage("cache", "cache the teacher's embeddings", stage_cache),
         Stage("distill", "distil the student (CompRess)", stage_distill),
         Stage("profile", "profile teacher and student (fvcore)", stage_profile),

@@ -38,9 +38,9 @@ def _features(model, spec, data):
 
 @pytest.mark.slow
 def test_distill_defaults_transfer_to_unseen_textures(tmp_path):
-    train = make_textures(tmp_path / "train", 24, size=SIZE, seed=11)
-    test = make_textures(tmp_path / "test", 20, size=SIZE, seed=12)
-    weights = train_labelled_teacher(train, tmp_path / "teacher.pth", image_size=SIZE, epochs=25)
+    train = make_textures(tmp_path / "train", 48, size=SIZE, seed=11)
+    test = make_textures(tmp_path / "test", 30, size=SIZE, seed=12)
+    weights = train_labelled_teacher(train, tmp_path / "teacher.pth", image_size=SIZE, epochs=30)
 
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["distill", str(train), "--teacher", "resnet18", "--teacher-weights", str(weights),

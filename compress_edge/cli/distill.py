@@ -70,28 +70,28 @@ def distill(
                                            "image); 0: the backbone's features, no head.")] = DEFAULT_STUDENT_EMBED,
     method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)} (see the README: "
                                         "compress-2q is the paper's, for long runs).")] = DEFAULT_METHOD,
-    queue_size: Annotated[int | None, typer.Option("--queue-size", help="Anchors in each queue [default: auto, "
-                                                   "the paper's 128,000 or all training images when fewer].",
+    queue_size: Annotated[int | None, typer.Option("--queue-size", help="Anchors in each queue (default: auto, "
+                                                   "the paper's 128,000 or all training images when fewer).",
                                                    show_default=False)] = None,
     temperature: Annotated[float, typer.Option("--temperature", "-T", help="Softmax temperature of the similarity "
                                                "distributions.")] = PAPER_TEMPERATURE,
-    ema: Annotated[float | None, typer.Option("--ema", help="Momentum of the key encoder (compress-2q) [default: "
+    ema: Annotated[float | None, typer.Option("--ema", help="Momentum of the key encoder (compress-2q) (default: "
                                               "auto, from the run length: its memory is at most 1/20 of the run "
-                                              "and at most the paper's 0.999].", show_default=False)] = None,
+                                              "and at most the paper's 0.999).", show_default=False)] = None,
     mask_self: Annotated[bool, typer.Option("--mask-self/--no-mask-self", help="Leave the anchors that came "
                                             "from a query's own image out of both softmaxes; --no-mask-self is "
                                             "the paper's loss exactly.")] = True,
     holdout: Annotated[float, typer.Option("--holdout", help="Share of labelled images (at most 1,000) kept out "
                                            "of training to compare the student with its teacher, raw pixels and "
                                            "its random weights at the end (quality.json); 0: none.")] = DEFAULT_HOLDOUT,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data [default: auto, at least "
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data (default: auto, at least "
                                                f"{DISTILL_MIN_STEPS} optimizer steps and {DISTILL_MIN_EPOCHS} "
-                                               "epochs].", show_default=False)] = None,
+                                               "epochs).", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per step per process "
-                                                   "[default: auto, 256 or fewer so an epoch has 8 steps].",
+                                                   "(default: auto, 256 or fewer so an epoch has 8 steps).",
                                                    show_default=False)] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate, warm-up then cosine [default: auto, "
-                                             f"{DISTILL_BASE_LR:g} per 256 images of batch].",
+    lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate, warm-up then cosine (default: auto, "
+                                             f"{DISTILL_BASE_LR:g} per 256 images of batch).",
                                              show_default=False)] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd or adamw.")] = "sgd",
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (AdamW: beta1).")] = 0.9,
@@ -99,8 +99,8 @@ def distill(
     image_size: ImageSizeOpt = None,
     student_image_size: Annotated[int | None, typer.Option("--student-image-size", help="The student's input "
                                                            "size, if smaller than the teacher's: both see the same "
-                                                           "view of each image, each at its own size [default: the "
-                                                           "teacher's].", show_default=False)] = None,
+                                                           "view of each image, each at its own size (default: the "
+                                                           "teacher's).", show_default=False)] = None,
     data_root: DataRootOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The run folder.")] = Path("runs/distill"),
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder "

@@ -26,27 +26,27 @@ def pretrain(
     proj_dim: Annotated[int, typer.Option("--proj-dim", help="Output of the MLP projection head used in "
                                           "training (not kept).")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-T", help="Contrastive temperature.")] = 0.2,
-    queue_size: Annotated[int | None, typer.Option("--queue-size", help="MoCo negatives [default: auto, 16,384 or "
-                                                   "all training images when fewer].", show_default=False)] = None,
-    ema: Annotated[float | None, typer.Option("--ema", help="MoCo key-encoder momentum [default: auto, from the "
-                                              "run length, at most 0.99].", show_default=False)] = None,
+    queue_size: Annotated[int | None, typer.Option("--queue-size", help="MoCo negatives (default: auto, 16,384 or "
+                                                   "all training images when fewer).", show_default=False)] = None,
+    ema: Annotated[float | None, typer.Option("--ema", help="MoCo key-encoder momentum (default: auto, from the "
+                                              "run length, at most 0.99).", show_default=False)] = None,
     mask_self: Annotated[bool, typer.Option("--mask-self/--no-mask-self", help="MoCo: never use a queued key of "
                                             "the query's own image as a negative.")] = True,
     holdout: Annotated[float, typer.Option("--holdout", help="Share of labelled images (at most 1,000) kept out "
                                            "of training to compare the model with raw pixels and its random "
                                            "weights at the end (quality.json); 0: none.")] = DEFAULT_HOLDOUT,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data [default: auto, at least "
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data (default: auto, at least "
                                                f"{PRETRAIN_MIN_STEPS} optimizer steps and {PRETRAIN_MIN_EPOCHS} "
-                                               "epochs].", show_default=False)] = None,
+                                               "epochs).", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per step per process "
-                                                   "[default: auto, 256 or fewer so an epoch has 8 steps].",
+                                                   "(default: auto, 256 or fewer so an epoch has 8 steps).",
                                                    show_default=False)] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate, warm-up then cosine [default: auto, "
-                                             f"{PRETRAIN_BASE_LR:g} per 256 images of batch].",
+    lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate, warm-up then cosine (default: auto, "
+                                             f"{PRETRAIN_BASE_LR:g} per 256 images of batch).",
                                              show_default=False)] = None,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="SGD weight decay.")] = 5e-4,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Training size in pixels [default: auto, "
-                                                   "the images' own median size rounded to 32, within 32-224].",
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Training size in pixels (default: auto, "
+                                                   "the images' own median size rounded to 32, within 32-224).",
                                                    show_default=False)] = None,
     data_root: DataRootOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The run folder.")] = Path("runs/pretrain"),

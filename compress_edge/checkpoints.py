@@ -501,9 +501,9 @@ def _suggestion(detected: Detected, arch: str) -> str:
             return f"; it fits {g.arch}{variant}: " + (
                 "pass small_input=True" if g.small_input else "use the ImageNet stem (small_input=False)"
             )
-        return f"; it looks like a {g.arch} checkpoint{variant}: use that architecture (e.g. --teacher-arch {g.arch})"
+        return f"; it looks like a {g.arch} checkpoint{variant}: name that architecture instead: {g.arch} (distill --teacher {g.arch} --teacher-weights FILE)"
     if detected.arch_hint and detected.arch_hint != arch:
-        return f"; the file says it was trained with {detected.arch_hint!r} (e.g. --teacher-arch {detected.arch_hint})"
+        return f"; the file says it was trained with {detected.arch_hint!r} (distill --teacher {detected.arch_hint} --teacher-weights FILE)"
     return "; no registered architecture fits it (" + ", ".join(list_models()) + ")"
 
 

@@ -371,10 +371,10 @@ def test_a_missing_path_is_refused(tmp_path):
         (
             "resnet34",
             "resnet18",
-            r"unexpected module\.encoder_q\.layer1\.2\..*looks like a resnet34 checkpoint.*--teacher-arch resnet34",
+            r"unexpected module\.encoder_q\.layer1\.2\..*looks like a resnet34 checkpoint.*--teacher resnet34 --teacher-weights",
         ),
-        ("resnet18", "resnet50", r"of another shape.*--teacher-arch resnet18"),
-        ("mobilenet_v2", "resnet18", r"0/\d+ backbone tensors matched.*--teacher-arch mobilenet_v2"),
+        ("resnet18", "resnet50", r"of another shape.*--teacher resnet18 --teacher-weights"),
+        ("mobilenet_v2", "resnet18", r"0/\d+ backbone tensors matched.*--teacher mobilenet_v2 --teacher-weights"),
     ],
 )
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, source, target, words):

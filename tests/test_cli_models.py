@@ -113,7 +113,7 @@ def test_inspect_a_tampered_model_fails(tmp_path):
 
 def test_inspect_with_the_wrong_arch_fails_and_names_the_right_one(moco_file):
     line = one_error_line(invoke("models", "inspect", str(moco_file), "--arch", "resnet50"))
-    assert "do not fit resnet50" in line and "--teacher-arch resnet18" in line
+    assert "do not fit resnet50" in line and "--teacher resnet18 --teacher-weights" in line
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ app = typer.Typer(
     help=(
         "Distil a big self-supervised image model into a small one (CompRess), export it for a "
         "device and serve image search.\n\n"
-        "Example: compress-edge distill fashion-mnist:train --teacher-arch resnet18 --student-arch mobilenet_v2"
+        "Example: compress-edge distill fashion-mnist:train --teacher runs/teacher --student-arch mobilenet_v2"
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,

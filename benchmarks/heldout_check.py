@@ -9,8 +9,9 @@ The check a new user's first run amounts to, made reproducible:
    with every other option at its default (extra options can be passed to compare settings).
 4. ``compress-edge eval knn`` scores teacher, student, raw pixels and the student's random weights.
 
-Run:  python benchmarks/heldout_check.py --out runs/heldout [--per-class 64] [-- --method compress-1q]
-Prints a table and writes ``results.json`` in the output folder.
+Run:  python benchmarks/heldout_check.py --out runs/heldout --tag TAG [--per-class 64] [-- --method compress-2q]
+Prints the scores and writes ``results-TAG.json`` in the output folder; data, teacher and finished
+runs already there are reused.
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ def _cli(*args: str) -> str:
 
 
 def _knn(model: str, train: Path, test: Path, size: int, *extra: str) -> dict:
-    out = json.loads(_cli("eval", "knn", model, "--train", str(train), "--test", str(test), "--image-size",
-                          str(size), "--json", *extra))
-    return out
+    return json.loads(_cli("eval", "knn", model, "--train", str(train), "--test", str(test), "--image-size",
+                           str(size), "--json", *extra))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,11 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         train_labelled_teacher(train, teacher, image_size=a.size, epochs=a.teacher_epochs)
         print(f"teacher trained in {time.time() - t0:.0f}s", flush=True)
     run = root / f"distill-{a.tag}"
-    t0 = time.time()
-    if not (run / "model.safetensors").exists():
+    took = None  # a finished run reused: its time is in its own metrics.jsonl
+    if not (run / "student" / "model.safetensors").exists():
+        t0 = time.time()
         _cli("distill", str(train), "--teacher", "resnet18", "--teacher-weights", str(teacher), "--image-size",
              str(a.size), "--out", str(run), "--no-progress", *a.distill_args)
-    took = time.time() - t0
+        took = time.time() - t0
     student = _knn(str(run), train, test, a.size, "--baselines")
     teacher_model = root / "teacher-model"
     if not (teacher_model / "model.safetensors").exists():

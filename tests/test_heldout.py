@@ -29,11 +29,9 @@ def _weighted_knn(gallery, gallery_labels, queries, query_labels) -> float:
     return 100 * knn_eval(gallery, gallery_labels, queries, query_labels, ks=(10,), device="cpu").knn[10]["top1"]
 
 
-def _features(model, spec, data):
-    ds = open_dataset(str(data))
-    feats, labels = extract_features(model, ds, spec=spec, batch_size=64, device="cpu", workers=0, use_cache=False,
-                                      progress=False)
-    return feats, labels
+def _features(model, spec, ds):
+    return extract_features(model, ds, spec=spec, batch_size=64, device="cpu", workers=0, use_cache=False,
+                            progress=False)
 
 
 @pytest.mark.slow
@@ -49,13 +47,13 @@ def test_distill_defaults_transfer_to_unseen_textures(tmp_path):
 
     teacher, t_spec = resolve_model("resnet18", weights=weights, image_size=SIZE)
     student, s_spec = load_model(out / "student")
+    ds_train, ds_test = open_dataset(str(train)), open_dataset(str(test))
     scores = {}
     for name, (model, spec) in {"teacher": (teacher, t_spec), "student": (student, s_spec),
-                                "random": (random_weights_model(s_spec, open_dataset(str(train))), s_spec)}.items():
-        g, gl = _features(model, spec, train)
-        q, ql = _features(model, spec, test)
+                                "random": (random_weights_model(s_spec, ds_train), s_spec)}.items():
+        g, gl = _features(model, spec, ds_train)
+        q, ql = _features(model, spec, ds_test)
         scores[name] = _weighted_knn(g, gl, q, ql)
-    ds_train, ds_test = open_dataset(str(train)), open_dataset(str(test))
     scores["raw pixels"] = _weighted_knn(raw_pixel_features(ds_train, SIZE), np.asarray(ds_train.labels),
                                          raw_pixel_features(ds_test, SIZE), np.asarray(ds_test.labels))
     quality = json.loads((out / "quality.json").read_text())

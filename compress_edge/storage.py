@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from compress_edge.errors import CompressEdgeError
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
@@ -88,3 +90,40 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, default=_json_default) + "\n")
         fh.flush()
+
+
+class FolderBusy(CompressEdgeError):
+    """Raised by :func:`folder_lock` when another live process holds the folder."""
+
+    def __init__(self, folder: Path, holder: str):
+        self.folder, self.holder = folder, holder
+        super().__init__(f"{folder} is in use by another process ({holder}); wait for it to finish, "
+                         "or use another folder")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, *, what: str = "this folder") -> Iterator[Path]:
+    """One writer per folder: hold an exclusive ``flock`` on ``FOLDER/.lock`` while the block runs.
+
+    The lock file records the holder's pid and command so that a refused second writer can name it.
+    The kernel drops the lock when the holder exits, however it exits (kill -9 included), so a stale
+    lock file never blocks anyone. Raises :class:`FolderBusy` when another process holds it.
+    """
+    import fcntl
+    import sys
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "pid unknown"
+            raise FolderBusy(folder, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:400]} ({what})\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -81,3 +82,81 @@ def test_missing_optional_package_names_the_extra():
         require("tensorrt", "building TensorRT engines")
     with pytest.raises(DependencyError, match="pip install"):
         require("compress_edge_no_such_module")
+
+
+# A Python whose imports of the named packages fail, as on an install without them.
+_BLOCKING_CLI = """
+import sys
+
+BLOCKED = set(sys.argv[1].split(","))
+
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Block())
+sys.argv = ["compress-edge", *sys.argv[2:]]
+from compress_edge.cli import main
+
+main()
+"""
+
+
+def _without(packages: str, *args: str) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", _BLOCKING_CLI, packages, *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args", [
+    ["pretrain", "fashion-mnist:train", "--out", "{tmp}/run"],
+    ["distill", "fashion-mnist:train", "--teacher", "resnet18", "--out", "{tmp}/run"],
+    ["models", "list"],
+    ["profile", "resnet18", "mobilenet_v2"],
+])
+def test_a_command_without_torch_says_what_to_install(tmp_path, args):
+    out = _without("torch,torchvision", *[a.format(tmp=tmp_path) for a in args])
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the package 'torch'"), out.stderr
+    assert "pip install torch torchvision" in lines[0] and "[device]" in lines[0]
+    assert "Traceback" not in out.stderr and "internal error" not in out.stderr
+
+
+def test_a_missing_optional_package_names_its_extra(tmp_path):
+    out = _without("fvcore", "profile", "mobilenet_v3_small", "mobilenet_v3_small", "--image-size", "32")
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: the package 'fvcore' this command needs is not installed; install it with: pip install fvcore "
+        "(a dependency of compress-edge that the torch-free [device] install leaves out)"]
+
+
+def test_every_known_module_names_an_extra_that_installs_it():
+    """deps' table against pyproject.toml: an extra must exist and list the package; a core dependency must
+    be one."""
+    from pathlib import Path
+
+    from compress_edge.deps import _EXTRAS, missing_package_message
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    core, extras = names(project["dependencies"]), project["optional-dependencies"]
+    for module, (extra, packages) in _EXTRAS.items():
+        for package in packages.split():
+            where = names(extras[extra]) if extra else core
+            assert package.lower() in where, (module, extra, package)
+        message = missing_package_message(ModuleNotFoundError(f"No module named {module!r}", name=module))
+        assert message and (f"compress-edge[{extra}]" in message if extra else f"pip install {packages}" in message)
+    for sub in ("torch.nn", "faiss.contrib", "tensorrt_rtx"):  # a submodule belongs to its package
+        assert missing_package_message(ModuleNotFoundError(name=sub))
+    assert missing_package_message(ModuleNotFoundError(name="compress_edge.no_such")) is None  # a bug, not a package

@@ -15,11 +15,11 @@ app = typer.Typer(
     help=(
         "Distil a big self-supervised image model into a small one (CompRess), export it for a "
         "device and serve image search.\n\n"
-        "Example: compress-edge distill fashion-mnist:train --teacher runs/teacher --student-arch mobilenet_v2"
+        "Example: compress-edge distill fashion-mnist:train --teacher runs/teacher --arch mobilenet_v2"
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

@@ -6,16 +6,34 @@ import logging
 import sys
 import traceback
 from dataclasses import dataclass
+from typing import Literal
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from typer.core import TyperGroup
 
+from compress_edge.defaults import METHODS
+from compress_edge.deps import missing_package_message
 from compress_edge.errors import CompressEdgeError
 from compress_edge.progress import err_console  # noqa: E402,F401 - one stderr console for all
 
 console = Console()
+
+# Fixed choices: typer lists a Literal's values in --help (instead of <str>) and refuses any other.
+# Written out here, where no heavy import is needed; tests/test_cli_vocabulary.py checks them against
+# the library's own lists.
+DistillMethod = Literal[METHODS]  # type: ignore[valid-type]
+PretrainMethod = Literal["simclr", "moco-v2"]
+Amp = Literal["auto", "bf16", "fp16", "off"]
+Optimizer = Literal["sgd", "adamw"]
+Backend = Literal["auto", "torch", "onnxruntime", "tensorrt"]
+Exporter = Literal["auto", "dynamo", "torchscript"]
+CalibMethod = Literal["percentile", "minmax", "entropy"]
+EngineSource = Literal["fp32", "fp16", "int8-trt"]
+#: --device is open-ended (cuda:N): its forms are shown instead of <str>. Every command defaults to
+#: auto: the GPU when the runtime sees one (torch: CUDA; onnxruntime: its CUDA provider), else the CPU.
+DEVICE_METAVAR = "<auto|cpu|cuda|cuda:N>"
 
 
 @dataclass
@@ -46,8 +64,42 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+#: Old spellings of options, still accepted but left out of the help: command path -> {old: new}.
+#: The one vocabulary: the network a command trains is --arch / --arch-kwargs (pretrain, distill);
+#: neighbour counts are -k.
+OPTION_ALIASES: dict[tuple[str, ...], dict[str, str]] = {
+    ("distill",): {"--student-arch": "--arch", "--student-kwargs": "--arch-kwargs"},
+    ("search",): {"--k": "-k"},
+    ("classify",): {"--k": "-k"},
+    ("eval", "knn"): {"--k": "-k"},
+    ("eval", "agreement"): {"--k": "-k"},
+}
+
+
+def rewrite_aliases(args: list[str], aliases: dict[str, str]) -> list[str]:
+    """``args`` with each old option spelling replaced by the current one (also in NAME=VALUE form; not after ``--``)."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        name, sep, value = arg.partition("=")
+        if name in aliases:
+            out += [aliases[name], value] if sep else [aliases[name]]
+        else:
+            out.append(arg)
+    return out
+
+
 class ErrorBoundaryGroup(TyperGroup):
     """Turns a user's mistake into one line on stderr and exit code 1 (traceback with --verbose)."""
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        sub = getattr(cmd, "commands", None)
+        if sub is not None and rest and rest[0] in sub:  # a group: the alias table is per subcommand
+            aliases = OPTION_ALIASES.get((name, rest[0]), {})
+            return name, cmd, [rest[0], *rewrite_aliases(rest[1:], aliases)]
+        return name, cmd, rewrite_aliases(rest, OPTION_ALIASES.get((name,), {}))
 
     def invoke(self, ctx):  # noqa: D401
         try:
@@ -61,6 +113,11 @@ class ErrorBoundaryGroup(TyperGroup):
             raise typer.Exit(130) from None
         except BrokenPipeError:  # the reader went away (| head): nothing to report
             raise typer.Exit(0) from None
+        except ModuleNotFoundError as exc:  # an optional package: name the extra that installs it
+            message = missing_package_message(exc)
+            if message is None:  # not one of ours: a bug
+                _internal(exc)
+            _fail(message, 1)
         except FileNotFoundError as exc:
             _fail(f"file not found: {exc.filename or exc}; check the path", 1)
         except PermissionError as exc:
@@ -70,11 +127,15 @@ class ErrorBoundaryGroup(TyperGroup):
         except Exception as exc:  # a bug, not the user's fault: still one line, traceback on demand
             if _is_usage_error(exc):
                 raise
-            _fail(
-                f"internal error: {exc.__class__.__name__}: {exc} "
-                "(run again with --verbose for the traceback, and please report it)",
-                1,
-            )
+            _internal(exc)
+
+
+def _internal(exc: Exception) -> None:
+    _fail(
+        f"internal error: {exc.__class__.__name__}: {exc} "
+        "(run again with --verbose for the traceback, and please report it)",
+        1,
+    )
 
 
 def _is_usage_error(exc: Exception) -> bool:

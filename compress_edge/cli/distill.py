@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from compress_edge.cli import app
-from compress_edge.cli.common import console
+from compress_edge.cli.common import DEVICE_METAVAR, Amp, DistillMethod, Optimizer, console
 from compress_edge.defaults import (
     DEFAULT_HOLDOUT,
     DEFAULT_METHOD,
@@ -17,7 +17,6 @@ from compress_edge.defaults import (
     DISTILL_BASE_LR,
     DISTILL_MIN_EPOCHS,
     DISTILL_MIN_STEPS,
-    METHODS,
     PAPER_TEMPERATURE,
 )
 from compress_edge.errors import CompressEdgeError
@@ -36,7 +35,8 @@ TeacherWeightsOpt = Annotated[
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Input side in pixels (default: the "
                                                                        "teacher's; 32 for Fashion-MNIST).")]
 DataRootOpt = Annotated[str | None, typer.Option("--data-root", help="Where to look for Fashion-MNIST first.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar=DEVICE_METAVAR, help="auto (CUDA when present), cpu, "
+                                                                             "cuda or cuda:N.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Data-loader worker processes.")]
 
 
@@ -62,14 +62,14 @@ def distill(
     teacher_weights: TeacherWeightsOpt = None,
     teacher_cache: Annotated[str | None, typer.Option("--teacher-cache", help="A folder made by "
                                                       "'compress-edge cache-teacher' (no teacher is run).")] = None,
-    student_arch: Annotated[str, typer.Option("--student-arch", help="Student architecture.")] = "mobilenet_v2",
-    student_kwargs: Annotated[list[str] | None, typer.Option("--student-kwargs", help="Architecture options as "
+    student_arch: Annotated[str, typer.Option("--arch", help="Student architecture (see 'compress-edge models list').")] = "mobilenet_v2",
+    student_kwargs: Annotated[list[str] | None, typer.Option("--arch-kwargs", help="Student architecture options as "
                                                              "key=value, e.g. width_mult=0.5 (repeatable).")] = None,
     embed_dim: Annotated[int, typer.Option("--embed-dim", help="Size of the student's embedding: a linear head "
                                            "to this many floats (an index then costs 4 x this many bytes an "
                                            "image); 0: the backbone's features, no head.")] = DEFAULT_STUDENT_EMBED,
-    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)} (see the README: "
-                                        "compress-2q is the paper's, for long runs).")] = DEFAULT_METHOD,
+    method: Annotated[DistillMethod, typer.Option("--method", help="The loss (see the README: compress-2q is the "
+                                                  "paper's, for long runs).")] = DEFAULT_METHOD,
     queue_size: Annotated[int | None, typer.Option("--queue-size", help="Anchors in each queue (default: auto, "
                                                    "the paper's 128,000 or all training images when fewer).",
                                                    show_default=False)] = None,
@@ -93,7 +93,7 @@ def distill(
     lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate, warm-up then cosine (default: auto, "
                                              f"{DISTILL_BASE_LR:g} per 256 images of batch).",
                                              show_default=False)] = None,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd or adamw.")] = "sgd",
+    optimizer: Annotated[Optimizer, typer.Option("--optimizer", help="The optimizer.")] = "sgd",
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (AdamW: beta1).")] = 0.9,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="SGD weight decay.")] = 1e-4,
     image_size: ImageSizeOpt = None,
@@ -112,7 +112,7 @@ def distill(
                                                             "each epoch (quick trials).")] = None,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
-    amp: Annotated[str, typer.Option("--amp", help="Mixed precision: auto (bf16/fp16 on GPU), bf16, fp16, off.")] = "auto",
+    amp: Annotated[Amp, typer.Option("--amp", help="Mixed precision: auto (bf16/fp16 on GPU), bf16, fp16, off.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:

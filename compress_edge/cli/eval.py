@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from compress_edge.cli import app
+from compress_edge.cli.common import DEVICE_METAVAR
 from compress_edge.errors import CompressEdgeError
 
 log = logging.getLogger("compress_edge.cli.eval")
@@ -39,7 +40,11 @@ TestOpt = Annotated[str, typer.Option("--test", help="Query / test images: a cla
 DataRootOpt = Annotated[str | None, typer.Option("--data-root", help="Where to look for Fashion-MNIST first.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Data-loader worker processes.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar=DEVICE_METAVAR, help="auto (CUDA when present), cpu, "
+                                                                             "cuda or cuda:N.")]
+WeightsOpt = Annotated[str | None, typer.Option("--weights", help="A third-party checkpoint for an architecture-name "
+                                                                   "MODEL (torchvision, MoCo, SimCLR, SwAV, DINO, "
+                                                                   "Lightning): detected automatically.")]
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", min=8, help="Input side in pixels (default: "
                                                   "the model's; 224 for an architecture name).")]
 CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Features cache (default: "
@@ -79,16 +84,24 @@ def exported_spec(ref: str):
     return ModelSpec.from_dict(runtimes.read_sidecar(ref)["spec"])
 
 
-def open_model(ref: str, *, device: str, image_size: int | None) -> tuple[Any, Any, str]:
-    """(model or embedder, spec, backend) for a MODEL argument."""
+def open_model(ref: str, *, device: str, image_size: int | None, weights: str | None = None,
+               weights_option: str = "--weights") -> tuple[Any, Any, str]:
+    """(model or embedder, spec, backend) for a MODEL argument (an architecture name with ``weights``: its
+    checkpoint, given with ``weights_option``)."""
     if is_exported(ref):
+        if weights is not None:
+            raise CompressEdgeError(f"{weights_option} goes with an architecture name, not with {ref}")
         runtimes = _runtimes()
         emb = runtimes.open_embedder(ref, device=device, image_size=image_size)
         return emb, emb.spec, f"{emb.name} {emb.precision}"
+    from compress_edge.errors import ModelError
     from compress_edge.models import resolve_model
     from compress_edge.train import resolve_device
 
-    model, spec = resolve_model(ref, image_size=image_size, device=resolve_device(device))
+    try:
+        model, spec = resolve_model(ref, weights=weights, image_size=image_size, device=resolve_device(device))
+    except ModelError as exc:  # the library names --weights: say the option of this command
+        raise ModelError(str(exc).replace("--weights", weights_option)) from None
     if spec.source.get("kind") == "random-init":
         log.warning("%s is an architecture name: its weights are random (a baseline, not a trained model)", ref)
     return model, spec, "torch fp32"
@@ -147,9 +160,10 @@ def knn_cmd(
     index: Annotated[Path | None, typer.Option("--index", help="Search this index folder (built by 'compress-edge "
                                                                "index build' with the same model) instead of "
                                                                "embedding --train.")] = None,
-    k: Annotated[list[int] | None, typer.Option("--k", "-k", min=1, help="Neighbours of the weighted vote "
+    k: Annotated[list[int] | None, typer.Option("-k", min=1, help="Neighbours of the weighted vote "
                                                 "(repeatable; default 20 and 200).")] = None,
     temperature: Annotated[float, typer.Option("--temperature", "-T", min=1e-6, help="Vote weight exp(sim / T).")] = 0.07,
+    weights: WeightsOpt = None,
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
     workers: WorkersOpt = 2,
@@ -177,7 +191,7 @@ def knn_cmd(
         raise CompressEdgeError("pass the gallery: either --train DATA or --index INDEX_DIR (one of them)")
     if baselines and index is not None:
         raise CompressEdgeError("--baselines needs the gallery images: pass --train DATA instead of --index")
-    net, spec, backend = open_model(model, device=device, image_size=image_size)
+    net, spec, backend = open_model(model, device=device, image_size=image_size, weights=weights)
     opts = dict(data_root=data_root, batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
                 no_cache=no_cache, progress=progress and not as_json)
     xte, yte, test_ds = features(net, spec, test, **opts)
@@ -276,6 +290,7 @@ def linear_cmd(
                                                        "chosen on a held-out 10% of --train).")] = None,
     max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="L-BFGS iterations per fit.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split.")] = 0,
+    weights: WeightsOpt = None,
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
     workers: WorkersOpt = 2,
@@ -293,7 +308,7 @@ def linear_cmd(
     """
     from compress_edge.evaluate import linear_probe
 
-    net, spec, backend = open_model(model, device=device, image_size=image_size)
+    net, spec, backend = open_model(model, device=device, image_size=image_size, weights=weights)
     opts = dict(data_root=data_root, batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
                 no_cache=no_cache, progress=progress and not as_json)
     xtr, ytr, _ = features(net, spec, train, **opts)
@@ -324,6 +339,7 @@ def cluster_cmd(
     niter: Annotated[int, typer.Option("--niter", min=1, help="k-means iterations.")] = 50,
     nredo: Annotated[int, typer.Option("--nredo", min=1, help="k-means runs from different starts; the best "
                                        "(lowest objective) is kept.")] = 5,
+    weights: WeightsOpt = None,
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
     workers: WorkersOpt = 2,
@@ -342,7 +358,7 @@ def cluster_cmd(
     """
     from compress_edge.evaluate import cluster_alignment
 
-    net, spec, backend = open_model(model, device=device, image_size=image_size)
+    net, spec, backend = open_model(model, device=device, image_size=image_size, weights=weights)
     opts = dict(data_root=data_root, batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
                 no_cache=no_cache, progress=progress and not as_json)
     xtr, ytr, _ = features(net, spec, train, **opts)
@@ -369,11 +385,15 @@ def agreement_cmd(
     student: Annotated[str, typer.Argument(help="The student, in any of the same forms.")],
     data: Annotated[str, typer.Argument(help="Images both embed: a class folder, an image folder or "
                                              "fashion-mnist:train|test.")],
-    k: Annotated[list[int] | None, typer.Option("--k", "-k", min=1, help="Neighbourhood sizes of the overlap "
+    k: Annotated[list[int] | None, typer.Option("-k", min=1, help="Neighbourhood sizes of the overlap "
                                                 "(repeatable; default 10 and 100).")] = None,
     queries: Annotated[int, typer.Option("--queries", min=1, help="Images used as queries (drawn with --seed; "
                                          "each is compared with all the others).")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the query sample.")] = 0,
+    teacher_weights: Annotated[str | None, typer.Option("--teacher-weights", help="A third-party checkpoint for an "
+                                                        "architecture-name teacher.")] = None,
+    student_weights: Annotated[str | None, typer.Option("--student-weights", help="A third-party checkpoint for an "
+                                                        "architecture-name student.")] = None,
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
     workers: WorkersOpt = 2,
@@ -393,9 +413,11 @@ def agreement_cmd(
 
     opts = dict(data_root=data_root, batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
                 no_cache=no_cache, progress=progress and not as_json)
-    t_net, t_spec, t_backend = open_model(teacher, device=device, image_size=None)
+    t_net, t_spec, t_backend = open_model(teacher, device=device, image_size=None, weights=teacher_weights,
+                                          weights_option="--teacher-weights")
     xt, _, _ = features(t_net, t_spec, data, **opts)
-    s_net, s_spec, s_backend = open_model(student, device=device, image_size=None)
+    s_net, s_spec, s_backend = open_model(student, device=device, image_size=None, weights=student_weights,
+                                          weights_option="--student-weights")
     xs, _, _ = features(s_net, s_spec, data, **opts)
     result = neighbor_agreement(xt, xs, ks=sorted(set(k or [10, 100])), max_queries=queries, seed=seed, device=device)
     if as_json:

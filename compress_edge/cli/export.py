@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from compress_edge.cli import app
-from compress_edge.cli.common import console
+from compress_edge.cli.common import DEVICE_METAVAR, Backend, CalibMethod, EngineSource, Exporter, console
 from compress_edge.errors import CompressEdgeError
 
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Input side in pixels (an ONNX file without "
@@ -45,22 +45,23 @@ def export(
     model: Annotated[str, typer.Argument(help="A compress-edge model or run folder, an architecture name (with "
                                               "--weights), or a .onnx file to quantise / build an engine from.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: exports/<model name>).")] = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Write model.onnx (always done: every other file starts "
-                                                      "from it).")] = True,
+    onnx: Annotated[bool, typer.Option("--onnx", hidden=True, help="Write model.onnx (always done: every other "
+                                                                   "file starts from it).")] = True,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write model.fp16.onnx (float16 compute, float32 I/O).")] = False,
-    int8: Annotated[list[str] | None, typer.Option("--int8", help="Also write an INT8 model: 'cpu' (onnxruntime on "
+    int8: Annotated[list[str] | None, typer.Option("--int8", metavar="<cpu|trt>", help="Also write an INT8 model: 'cpu' (onnxruntime on "
                                                     "x86) or 'trt' (TensorRT); repeatable.")] = None,
     calib_data: Annotated[str | None, typer.Option("--calib-data", help="Images for INT8 calibration and the parity "
                                                    "checks: an image folder, fashion-mnist:train|test, or a .npy of "
                                                    "preprocessed images.")] = None,
     calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images taken from --calib-data.")] = 256,
-    calib_method: Annotated[str, typer.Option("--calib-method", help="percentile (99.999), minmax or entropy.")] = "percentile",
+    calib_method: Annotated[CalibMethod, typer.Option("--calib-method", help="percentile (99.999), minmax or "
+                                                                            "entropy.")] = "percentile",
     parity_data: Annotated[str | None, typer.Option("--parity-data", help="Images for the parity checks "
                                                     "(default: --calib-data).")] = None,
     parity_images: Annotated[int, typer.Option("--parity-images", help="Images in the parity checks and the "
                                                "top-10 gallery.")] = 64,
     trt: Annotated[bool, typer.Option("--trt", help="Also build model.engine with TensorRT (or TensorRT-RTX).")] = False,
-    trt_from: Annotated[str | None, typer.Option("--trt-from", help="Which ONNX the engine is built from: fp32, fp16 "
+    trt_from: Annotated[EngineSource | None, typer.Option("--trt-from", help="Which ONNX the engine is built from: fp32, fp16 "
                                                  "or int8-trt (default: the lowest precision asked for).")] = None,
     min_batch: Annotated[int, typer.Option("--min-batch", help="Smallest batch of the engine's profile.")] = 1,
     opt_batch: Annotated[int | None, typer.Option("--opt-batch", help="Batch the engine is tuned for (default: "
@@ -70,7 +71,7 @@ def export(
     timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="TensorRT timing cache reused across "
                                                       "builds (default: ~/.cache/compress-edge).")] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 18 to 20.")] = 18,
-    exporter: Annotated[str, typer.Option("--exporter", help="auto (dynamo, then TorchScript), dynamo or "
+    exporter: Annotated[Exporter, typer.Option("--exporter", help="auto (dynamo, then TorchScript), dynamo or "
                                           "torchscript.")] = "auto",
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="Simplify the graph with onnxslim.")] = True,
     weights: Annotated[str | None, typer.Option("--weights", help="Checkpoint for an architecture-name MODEL.")] = None,
@@ -140,13 +141,15 @@ def bench(
     models: Annotated[list[str], typer.Argument(metavar="MODEL", help="Model files to measure side by side: model folders / "
                                                      "architecture names (PyTorch), .onnx (onnxruntime), .engine "
                                                      "(TensorRT).")],
-    backend: Annotated[str, typer.Option("--backend", help="auto (by file type), torch, onnxruntime or tensorrt.")] = "auto",
+    backend: Annotated[Backend, typer.Option("--backend", help="auto (by file type), torch, onnxruntime or "
+                                                               "tensorrt.")] = "auto",
     batch: Annotated[list[int] | None, typer.Option("--batch", "-b", help="Batch sizes (repeatable; default 1 and 32).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: the runtime's).")] = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 5,
     iters: Annotated[int, typer.Option("--iters", help="Timed runs per batch size.")] = 30,
     min_seconds: Annotated[float, typer.Option("--min-seconds", help="Keep timing until this long.")] = 1.0,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N (TensorRT always uses the GPU).")] = "cpu",
+    device: Annotated[str, typer.Option("--device", metavar=DEVICE_METAVAR, help="auto (the GPU when the runtime "
+                                         "sees one), cpu, cuda or cuda:N (TensorRT always uses the GPU).")] = "auto",
     image_size: ImageSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,

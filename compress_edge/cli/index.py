@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from compress_edge.cli import app
+from compress_edge.cli.common import DEVICE_METAVAR, Backend
 from compress_edge.errors import CompressEdgeError
 
 index_app = typer.Typer(
@@ -26,8 +27,10 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="The model that embeds the images: a .onnx file, a .engine, or a compress-edge "
                                        "model folder (default: the model the index was built with)."),
 ]
-BackendOpt = Annotated[str, typer.Option("--backend", help="auto (by what --model is), torch, onnxruntime or tensorrt.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Where the model runs: cpu, cuda, cuda:N or auto.")]
+BackendOpt = Annotated[Backend, typer.Option("--backend", help="auto (by what --model is), torch, onnxruntime or tensorrt.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar=DEVICE_METAVAR, help="Where the model runs: auto (the "
+                                                                             "GPU when the runtime sees one), cpu, "
+                                                                             "cuda or cuda:N.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 ParamOpt = Annotated[
     list[str] | None,
@@ -133,7 +136,7 @@ def build(
     on_disk: Annotated[bool | None, typer.Option("--on-disk/--in-memory", help="IVF inverted lists on disk, "
                                                  "memory-mapped (default: when auto decides so).")] = None,
     backend: BackendOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     gpu: Annotated[bool, typer.Option("--gpu", help="FAISS on the GPU(s) for training and adding, and torch "
                                                     "for exact search, when available.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 64,
@@ -177,7 +180,7 @@ def add(
     images: Annotated[list[str], typer.Argument(help="Image files or folders to add.")],
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 64,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = False,
     as_json: JsonOpt = False,
@@ -240,10 +243,10 @@ def info(
 def search(
     index_dir: IndexDirArg,
     queries: Annotated[list[str], typer.Argument(help="Query images (files or folders).")],
-    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Neighbours per query.")] = 5,
+    k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 5,
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
     grid: Annotated[Path | None, typer.Option("--grid", help="Also draw the queries and their neighbours "
                                                              "(with scores and labels) into this PNG.")] = None,
@@ -288,11 +291,11 @@ def search(
 def classify(
     index_dir: IndexDirArg,
     images: Annotated[list[str], typer.Argument(help="Images to classify (files or folders).")],
-    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Neighbours that vote.")] = 20,
+    k: Annotated[int, typer.Option("-k", min=1, help="Neighbours that vote.")] = 20,
     temperature: Annotated[float, typer.Option("--temperature", "-T", help="Vote weight exp(similarity / T).")] = 0.07,
     model: ModelOpt = None,
     backend: BackendOpt = "auto",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
     param: ParamOpt = None,
     as_json: JsonOpt = False,

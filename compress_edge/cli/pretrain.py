@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from compress_edge.cli import app
-from compress_edge.cli.common import console
+from compress_edge.cli.common import Amp, PretrainMethod, console
 from compress_edge.cli.distill import DataRootOpt, DeviceOpt, WorkersOpt, parse_kwargs
 from compress_edge.defaults import DEFAULT_HOLDOUT, PRETRAIN_BASE_LR, PRETRAIN_MIN_EPOCHS, PRETRAIN_MIN_STEPS
 from compress_edge.errors import CompressEdgeError
@@ -21,8 +21,8 @@ def pretrain(
     arch: Annotated[str, typer.Option("--arch", help="Architecture (see 'compress-edge models list').")] = "resnet18",
     arch_kwargs: Annotated[list[str] | None, typer.Option("--arch-kwargs", help="Architecture options as key=value, "
                                                           "e.g. width_mult=0.5 (repeatable).")] = None,
-    method: Annotated[str, typer.Option("--method", help="simclr (NT-Xent) or moco-v2 (queue + momentum "
-                                        "encoder).")] = "simclr",
+    method: Annotated[PretrainMethod, typer.Option("--method", help="simclr (NT-Xent) or moco-v2 (queue + "
+                                                   "momentum encoder).")] = "simclr",
     proj_dim: Annotated[int, typer.Option("--proj-dim", help="Output of the MLP projection head used in "
                                           "training (not kept).")] = 128,
     temperature: Annotated[float, typer.Option("--temperature", "-T", help="Contrastive temperature.")] = 0.2,
@@ -56,7 +56,7 @@ def pretrain(
                                                             "epoch (quick trials).")] = None,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
-    amp: Annotated[str, typer.Option("--amp", help="auto, bf16, fp16 or off.")] = "auto",
+    amp: Annotated[Amp, typer.Option("--amp", help="Mixed precision: auto (bf16/fp16 on GPU), bf16, fp16, off.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:

@@ -13,19 +13,30 @@ from compress_edge.cli import app
 ModelRefArg = "A compress-edge model or run folder, an exported .onnx / .engine file, or an architecture name."
 
 
-def _profile_one(ref: str, image_size: int | None, kwargs: dict, depth: int):
+def _profile_one(ref: str, image_size: int | None, kwargs: dict, depth: int, weights: str | None, role: str):
     from compress_edge.cli.eval import exported_spec, is_exported
-    from compress_edge.errors import CompressEdgeError
+    from compress_edge.errors import CompressEdgeError, ModelError
     from compress_edge.profile import profile_model, profile_spec, resolve_for_profile
 
+    option = f"--{role}-weights"
     if is_exported(ref):
-        if kwargs:
-            raise CompressEdgeError(f"architecture options go with an architecture name, not with {ref}")
+        if kwargs or weights:
+            raise CompressEdgeError(f"architecture options and {option} go with an architecture name, not with {ref}")
         # fvcore counts a torch graph: the exported file's architecture is rebuilt from its spec.
         prof = profile_spec(exported_spec(ref), depth=depth, name=ref, image_size=image_size)
         prof.file_bytes = Path(ref).stat().st_size
         return prof
-    model, spec = resolve_for_profile(ref, image_size=image_size, arch_kwargs=kwargs)
+    try:
+        if weights is not None:
+            if kwargs:
+                raise ModelError(f"{option} sets the architecture's options itself: drop --{role}-kwargs")
+            from compress_edge.models import resolve_model
+
+            model, spec = resolve_model(ref, weights=weights, image_size=image_size)
+        else:
+            model, spec = resolve_for_profile(ref, image_size=image_size, arch_kwargs=kwargs)
+    except ModelError as exc:  # the library names --weights: say the option of this command
+        raise ModelError(str(exc).replace("--weights", option)) from None
     prof = profile_model(model, spec.image_size, depth=depth, channels=spec.channels, name=ref, spec=spec)
     return prof
 
@@ -42,6 +53,11 @@ def profile(
                               "architecture-name teacher as key=value (repeatable), e.g. small_input=false.")] = None,
     student_kwargs: Annotated[list[str] | None, typer.Option("--student-kwargs", help="Options of an "
                               "architecture-name student as key=value (repeatable), e.g. width_mult=0.5.")] = None,
+    teacher_weights: Annotated[str | None, typer.Option("--teacher-weights", help="A third-party checkpoint for "
+                               "an architecture-name teacher (torchvision, MoCo, SimCLR, SwAV, DINO, "
+                               "Lightning): detected automatically.")] = None,
+    student_weights: Annotated[str | None, typer.Option("--student-weights", help="A third-party checkpoint for "
+                               "an architecture-name student.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of tables.")] = False,
 ) -> None:
     """Parameters and FLOPs (fvcore) of a teacher and a student at an input size: totals, per-module tables,
@@ -52,8 +68,8 @@ def profile(
     from compress_edge.cli.distill import parse_kwargs
     from compress_edge.profile import FLOPS_NOTE, compare, unsupported_summary
 
-    t = _profile_one(teacher, image_size, parse_kwargs(teacher_kwargs), depth)
-    s = _profile_one(student, image_size, parse_kwargs(student_kwargs), depth)
+    t = _profile_one(teacher, image_size, parse_kwargs(teacher_kwargs), depth, teacher_weights, "teacher")
+    s = _profile_one(student, image_size, parse_kwargs(student_kwargs), depth, student_weights, "student")
     ratios = compare(t, s)
     skipped = unsupported_summary(t, s)
     if as_json:

@@ -1,0 +1,239 @@
+"""One vocabulary across commands: every option a message, help text or the README names exists;
+fixed choices are listed in --help; old spellings still parse; shell completion installs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from compress_edge.cli import app
+from compress_edge.cli.common import DEVICE_METAVAR, OPTION_ALIASES, rewrite_aliases
+from compress_edge.errors import CompressEdgeError
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+WIDE = {"COLUMNS": "400", "NO_COLOR": "1"}
+
+#: '--name' where it starts an option: not in the middle of a word or of another option.
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+
+#: Options of other programs that the README and messages quote, by program.
+OTHER_TOOLS = {
+    "--nproc-per-node": "torchrun",
+    "--standalone": "torchrun",
+    "--no-deps": "pip",
+    "--porcelain": "git status",
+    "--untracked-files": "git status",
+    "--reinstall": "apt-get",
+}
+
+
+def _commands(cmd=None, path=()):
+    cmd = cmd or typer.main.get_command(app)
+    yield path, cmd
+    for name, sub in getattr(cmd, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def _options(cmd) -> set[str]:
+    names = {"--help"}
+    for p in cmd.params:
+        names.update(o for o in (*p.opts, *p.secondary_opts) if o.startswith("--"))
+    return names
+
+
+def _all_options() -> set[str]:
+    return set().union(*(_options(cmd) for _, cmd in _commands()))
+
+
+def _script_options() -> set[str]:
+    """Options of the benchmark and example scripts (argparse), which the README also documents."""
+    found = set()
+    for script in [*ROOT.glob("benchmarks/*.py"), *ROOT.glob("examples/*.py")]:
+        found.update(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", script.read_text()))
+    return found
+
+
+def _named(files) -> list[tuple[str, str]]:
+    out = []
+    for path in files:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            out += [(f"{path.relative_to(ROOT)}:{number}", name) for name in OPTION.findall(line)]
+    return out
+
+
+def test_every_option_named_in_the_package_exists():
+    have = _all_options()
+    aliases = {old for table in OPTION_ALIASES.values() for old in table}
+    sources = [p for d in ("compress_edge", "export", "retrieval") for p in sorted((ROOT / d).rglob("*.py"))]
+    missing = [
+        f"{where}: {name}" for where, name in _named(sources)
+        if name not in have and name not in OTHER_TOOLS
+        and not (where.startswith("compress_edge/cli/common.py") and name in aliases)  # the alias table itself
+    ]
+    assert not missing, "options no command has:\n" + "\n".join(missing)
+
+
+def test_every_option_the_readme_names_exists():
+    have = _all_options() | _script_options()
+    missing = [f"{where}: {name}" for where, name in _named([ROOT / "README.md"])
+               if name not in have and name not in OTHER_TOOLS]
+    assert not missing, "options the README names that nothing has:\n" + "\n".join(missing)
+
+
+def test_the_option_check_can_fail():
+    assert "--teacher-arch" not in _all_options()  # named in old messages; no command has it
+    assert [n for _, n in _named([Path(__file__)]) if n == "--teacher-arch"]
+
+
+def _command(*path):
+    cmd = typer.main.get_command(app)
+    for name in path:
+        cmd = cmd.commands[name]
+    return cmd
+
+
+@pytest.mark.parametrize("args, command", [
+    (["profile", "{ckpt}", "mobilenet_v2"], ("profile",)),
+    (["profile", "mobilenet_v2", "{ckpt}"], ("profile",)),
+    (["eval", "knn", "{ckpt}", "--train", "x", "--test", "y"], ("eval", "knn")),
+    (["eval", "agreement", "{ckpt}", "mobilenet_v2", "x"], ("eval", "agreement")),
+])
+def test_a_refusal_names_options_of_the_command_that_refused(tmp_path, args, command):
+    """A third-party checkpoint given as a model: the fix the message names is an option of this command."""
+    ckpt = tmp_path / "moco.pth"
+    ckpt.write_bytes(b"not read")
+    result = runner.invoke(app, [a.format(ckpt=ckpt) for a in args], env=WIDE)
+    assert result.exit_code == 1, result.output
+    named = set(OPTION.findall(result.output))
+    assert named and "weights" in " ".join(named), result.output
+    assert named <= _options(_command(*command)), (named - _options(_command(*command)), result.output)
+
+
+def _literal_choices(param) -> tuple[str, ...] | None:
+    annotation = param.type_descriptor.annotation
+    for candidate in (annotation, *typing.get_args(annotation)):  # Literal[...] | None too
+        if typing.get_origin(candidate) is typing.Literal:
+            return typing.get_args(candidate)
+    return None
+
+
+#: Options whose values are a fixed list, wherever they appear.
+CHOICE_OPTIONS = {"--method", "--amp", "--optimizer", "--backend", "--exporter", "--calib-method", "--trt-from"}
+
+
+def test_help_lists_the_choices():
+    checked = 0
+    for path, cmd in _commands():
+        if getattr(cmd, "commands", None) is not None:
+            continue
+        help_text = runner.invoke(app, [*path, "--help"], env=WIDE).output
+        for param in cmd.params:
+            names = set(param.opts)
+            if getattr(param, "hidden", False):
+                continue
+            choices = _literal_choices(param)
+            if names & CHOICE_OPTIONS:
+                assert choices, f"{' '.join(path)} {param.opts[0]} takes any string"
+            if choices:
+                assert f"<{'|'.join(choices)}>" in help_text, (path, param.opts, help_text)
+                checked += 1
+            if "--device" in names:
+                assert param.metavar == DEVICE_METAVAR and DEVICE_METAVAR in help_text, path
+                assert param.default == "auto", f"{' '.join(path)} --device defaults to {param.default!r}"
+                checked += 1
+    assert checked >= 20
+
+
+def test_choices_match_the_library():
+    from compress_edge.export.onnx import EXPORTERS
+    from compress_edge.export.quantize import CALIB_METHODS
+    from compress_edge.export.runtimes import BACKENDS
+
+    from compress_edge.defaults import METHODS
+    from compress_edge.pretrain import PRETRAIN_METHODS
+    from compress_edge.train import OPTIMIZERS
+
+    def choices(path, option):
+        param = next(p for p in _command(*path).params if option in p.opts)
+        return set(_literal_choices(param))
+
+    assert choices(("distill",), "--method") == set(METHODS)
+    assert choices(("pretrain",), "--method") == set(PRETRAIN_METHODS)
+    assert choices(("distill",), "--optimizer") == set(OPTIMIZERS)
+    assert choices(("export",), "--exporter") == set(EXPORTERS)
+    assert choices(("export",), "--calib-method") == set(CALIB_METHODS)
+    for path in (("bench",), ("search",), ("classify",), ("index", "build"), ("index", "add")):
+        assert choices(path, "--backend") == {"auto", *BACKENDS}, path
+
+
+def test_a_value_off_the_list_is_bad_usage():
+    result = runner.invoke(app, ["distill", "x", "--amp", "fp8"], env=WIDE)
+    assert result.exit_code == 2 and "fp8" in result.output
+
+
+def test_rewrite_aliases():
+    table = {"--student-arch": "--arch", "--k": "-k"}
+    assert rewrite_aliases(["d", "--student-arch", "a", "--k=3", "--", "--k"], table) == \
+        ["d", "--arch", "a", "-k", "3", "--", "--k"]
+
+
+@pytest.mark.parametrize("args, hidden", [
+    (["distill", "--student-arch", "resnet18", "--student-kwargs", "width_mult=0.5"], ["--student-arch", "--student-kwargs"]),
+    (["search", "idx", "q.png", "--k", "3"], ["--k "]),
+    (["classify", "idx", "q.png", "--k=3"], ["--k "]),
+    (["eval", "knn", "m", "--test", "t", "--k", "5", "--k", "7"], ["--k "]),
+    (["eval", "agreement", "t", "s", "d", "--k", "5"], ["--k "]),
+    (["export", "m", "--onnx"], ["--onnx"]),
+])
+def test_old_spellings_parse_and_stay_out_of_the_help(args, hidden):
+    result = runner.invoke(app, [*args, "--help"], env=WIDE)  # an unknown option would be exit 2
+    assert result.exit_code == 0, result.output
+    for name in hidden:
+        assert name not in result.output
+
+
+def test_old_distill_spellings_reach_the_run(monkeypatch, tmp_path):
+    import compress_edge.distill as distill_mod
+
+    seen = {}
+
+    def fake_run(opts, **_):
+        seen.update(arch=opts.student_arch, kwargs=opts.student_kwargs, method=opts.method)
+        raise CompressEdgeError("stopped by the test")
+
+    monkeypatch.setattr(distill_mod, "run_distill", fake_run)
+    monkeypatch.setattr("compress_edge.train.init_distributed", lambda device: None)
+    for spelling in (["--student-arch", "resnet18", "--student-kwargs", "width_mult=0.5"],
+                     ["--arch", "resnet18", "--arch-kwargs", "width_mult=0.5"]):
+        seen.clear()
+        result = runner.invoke(app, ["distill", "imgs", "--teacher", "t", *spelling, "--method", "regression",
+                                     "--out", str(tmp_path / "run")])
+        assert "stopped by the test" in result.output
+        assert seen == {"arch": "resnet18", "kwargs": {"width_mult": 0.5}, "method": "regression"}
+
+
+def test_shell_completion_shows_and_completes(tmp_path):
+    env = {**os.environ, "SHELL": "/bin/bash", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "compress_edge"]
+    shown = subprocess.run([*cli, "--show-completion"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0 and "complete" in shown.stdout, shown.stderr
+    installed = subprocess.run([*cli, "--install-completion"], capture_output=True, text=True, env=env)
+    assert installed.returncode == 0, installed.stderr
+    assert "compress" in (tmp_path / ".bashrc").read_text()
+    # What bash asks when the user presses tab after 'distill --amp '.
+    ask = {**env, "_COMPRESS_EDGE_COMPLETE": "complete_bash", "COMP_WORDS": "compress-edge distill --amp ",
+           "COMP_CWORD": "3"}
+    script = Path(sys.executable).with_name("compress-edge")  # the installed command: its name picks the variable
+    if not script.is_file():
+        pytest.skip("compress-edge is not installed as a command beside this Python")
+    completed = subprocess.run([str(script)], capture_output=True, text=True, env=ask)
+    assert completed.stdout.split() == ["auto", "bf16", "fp16", "off"], completed

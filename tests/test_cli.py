@@ -160,3 +160,16 @@ def test_every_known_module_names_an_extra_that_installs_it():
     for sub in ("torch.nn", "faiss.contrib", "tensorrt_rtx"):  # a submodule belongs to its package
         assert missing_package_message(ModuleNotFoundError(name=sub))
     assert missing_package_message(ModuleNotFoundError(name="compress_edge.no_such")) is None  # a bug, not a package
+
+
+def test_training_on_the_torch_free_install_says_what_to_install(torchfree_python, tmp_path):
+    """The [device] install as a user has it (no torch at all): a training command ends in one line."""
+    import os
+
+    for args in (["pretrain", "fashion-mnist:train", "--out", str(tmp_path / "run")], ["models", "list"]):
+        out = subprocess.run([str(torchfree_python), "-m", "compress_edge", *args], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.strip().splitlines() == [
+            "error: the package 'torch' this command needs is not installed; install it with: pip install torch "
+            "torchvision (a dependency of compress-edge that the torch-free [device] install leaves out)"], out.stderr

@@ -77,7 +77,8 @@ OPTION_ALIASES: dict[tuple[str, ...], dict[str, str]] = {
 
 
 def rewrite_aliases(args: list[str], aliases: dict[str, str]) -> list[str]:
-    """``args`` with each old option spelling replaced by the current one (also in NAME=VALUE form; not after ``--``)."""
+    """``args`` with each old option spelling replaced by the current one (also in NAME=VALUE form; not
+    after ``--``)."""
     out: list[str] = []
     for i, arg in enumerate(args):
         if arg == "--":

@@ -62,7 +62,8 @@ def distill(
     teacher_weights: TeacherWeightsOpt = None,
     teacher_cache: Annotated[str | None, typer.Option("--teacher-cache", help="A folder made by "
                                                       "'compress-edge cache-teacher' (no teacher is run).")] = None,
-    student_arch: Annotated[str, typer.Option("--arch", help="Student architecture (see 'compress-edge models list').")] = "mobilenet_v2",
+    student_arch: Annotated[str, typer.Option("--arch", help="Student architecture (see 'compress-edge models "
+                                              "list').")] = "mobilenet_v2",
     student_kwargs: Annotated[list[str] | None, typer.Option("--arch-kwargs", help="Student architecture options as "
                                                              "key=value, e.g. width_mult=0.5 (repeatable).")] = None,
     embed_dim: Annotated[int, typer.Option("--embed-dim", help="Size of the student's embedding: a linear head "
@@ -112,7 +113,8 @@ def distill(
                                                             "each epoch (quick trials).")] = None,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
-    amp: Annotated[Amp, typer.Option("--amp", help="Mixed precision: auto (bf16/fp16 on GPU), bf16, fp16, off.")] = "auto",
+    amp: Annotated[Amp, typer.Option("--amp", help="Mixed precision: auto (bf16/fp16 on GPU), bf16, fp16, "
+                                      "off.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:

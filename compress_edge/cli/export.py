@@ -48,8 +48,9 @@ def export(
     onnx: Annotated[bool, typer.Option("--onnx", hidden=True, help="Write model.onnx (always done: every other "
                                                                    "file starts from it).")] = True,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write model.fp16.onnx (float16 compute, float32 I/O).")] = False,
-    int8: Annotated[list[str] | None, typer.Option("--int8", metavar="<cpu|trt>", help="Also write an INT8 model: 'cpu' (onnxruntime on "
-                                                    "x86) or 'trt' (TensorRT); repeatable.")] = None,
+    int8: Annotated[list[str] | None, typer.Option("--int8", metavar="<cpu|trt>", help="Also write an INT8 model: "
+                                                    "'cpu' (onnxruntime on x86) or 'trt' (TensorRT); "
+                                                    "repeatable.")] = None,
     calib_data: Annotated[str | None, typer.Option("--calib-data", help="Images for INT8 calibration and the parity "
                                                    "checks: an image folder, fashion-mnist:train|test, or a .npy of "
                                                    "preprocessed images.")] = None,
@@ -61,8 +62,9 @@ def export(
     parity_images: Annotated[int, typer.Option("--parity-images", help="Images in the parity checks and the "
                                                "top-10 gallery.")] = 64,
     trt: Annotated[bool, typer.Option("--trt", help="Also build model.engine with TensorRT (or TensorRT-RTX).")] = False,
-    trt_from: Annotated[EngineSource | None, typer.Option("--trt-from", help="Which ONNX the engine is built from: fp32, fp16 "
-                                                 "or int8-trt (default: the lowest precision asked for).")] = None,
+    trt_from: Annotated[EngineSource | None, typer.Option("--trt-from", help="Which ONNX the engine is built "
+                                                          "from: fp32, fp16 or int8-trt (default: the lowest "
+                                                          "precision asked for).")] = None,
     min_batch: Annotated[int, typer.Option("--min-batch", help="Smallest batch of the engine's profile.")] = 1,
     opt_batch: Annotated[int | None, typer.Option("--opt-batch", help="Batch the engine is tuned for (default: "
                                                   "--max-batch).")] = None,

@@ -27,7 +27,8 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="The model that embeds the images: a .onnx file, a .engine, or a compress-edge "
                                        "model folder (default: the model the index was built with)."),
 ]
-BackendOpt = Annotated[Backend, typer.Option("--backend", help="auto (by what --model is), torch, onnxruntime or tensorrt.")]
+BackendOpt = Annotated[Backend, typer.Option("--backend", help="auto (by what --model is), torch, onnxruntime or "
+                                                              "tensorrt.")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar=DEVICE_METAVAR, help="Where the model runs: auto (the "
                                                                              "GPU when the runtime sees one), cpu, "
                                                                              "cuda or cuda:N.")]

@@ -56,7 +56,8 @@ def pretrain(
                                                             "epoch (quick trials).")] = None,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
-    amp: Annotated[Amp, typer.Option("--amp", help="Mixed precision: auto (bf16/fp16 on GPU), bf16, fp16, off.")] = "auto",
+    amp: Annotated[Amp, typer.Option("--amp", help="Mixed precision: auto (bf16/fp16 on GPU), bf16, fp16, "
+                                      "off.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:

@@ -296,7 +296,7 @@ def test_distill_cli_end_to_end_and_errors(tmp_path, class_folder, saved_teacher
     config = json.loads((out / "config.json").read_text())
     assert config["distill"]["method"] == "compress-1q" and "git_commit" in config["code"] or "compress_edge" in config["code"]
     bad = runner.invoke(app, [*args[:-2], "--out", str(tmp_path / "r2"), "--method", "nope"])
-    assert bad.exit_code == 1 and "compress-2q" in bad.output
+    assert bad.exit_code == 2 and "compress-2q" in bad.output
     bad = runner.invoke(app, ["distill", str(class_folder), "--teacher", str(saved_teacher), "--student-kwargs", "oops"])
     assert bad.exit_code == 1 and "key=value" in bad.output
 

@@ -195,10 +195,18 @@ def main() -> int:
     ap.add_argument("--uniform-budgets", default="auto", help="Memory budgets for the uniform set.")
     ap.add_argument("--datasets", default="clustered,uniform,fashion-mnist")
     ap.add_argument("--model", default=None, help="Model for Fashion-MNIST (default: random-init).")
-    ap.add_argument("--workdir", default=None, help="Scratch folder (default: a temporary one).")
+    ap.add_argument("--workdir", default=None, help="Scratch folder, created if missing (default: a temporary one).")
     ap.add_argument("--json", default=None, help="Also write the rows here.")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.workdir is not None:
+        work_root = Path(args.workdir)
+        if work_root.exists() and not work_root.is_dir():
+            ap.error(f"--workdir {work_root} is a file, not a folder; pass a folder (it is created if missing)")
+        try:
+            work_root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            ap.error(f"cannot create --workdir {work_root} ({exc.strerror or exc}); pass a folder you can write to")
 
     print(f"machine: {machine()}", flush=True)
     rng = np.random.default_rng(args.seed)

@@ -26,12 +26,14 @@ Torch-free: faiss and numpy. torch is imported only for exact search on a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -41,6 +43,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from compress_edge.retrieval.safety import check_model, dataset_id_ok, is_inside, model_record, shown
 from compress_edge.retrieval.shards import (
     EMBEDDINGS_DIR,
     EmbeddingStore,
@@ -50,7 +53,7 @@ from compress_edge.retrieval.shards import (
 
 from compress_edge.errors import CompressEdgeError, DependencyError, IndexError_
 from compress_edge.spec import ModelSpec
-from compress_edge.storage import atomic_path, atomic_write_json, sha256_file
+from compress_edge.storage import FolderBusy, atomic_path, atomic_write_json, folder_lock, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +178,51 @@ def _quiet_native() -> Iterator[None]:
     finally:
         for fd in saved:
             os.close(fd)
+
+
+_HELD = threading.local()
+
+
+@contextlib.contextmanager
+def writing(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """One writer per index folder: hold ``folder_lock`` on FOLDER/.lock (FolderBusy when another
+    process holds it). Re-entrant within a thread, so a build that commits does not refuse itself."""
+    key = os.path.normpath(os.path.abspath(folder))
+    held = getattr(_HELD, "folders", None)
+    if held is None:
+        held = _HELD.folders = set()
+    if key in held:
+        yield
+        return
+    try:
+        lock = folder_lock(folder, what=what)
+        lock.__enter__()
+    except FolderBusy as exc:
+        raise FolderBusy(exc.folder, shown(exc.holder)) from None
+    held.add(key)
+    try:
+        yield
+    finally:
+        held.discard(key)
+        lock.__exit__(None, None, None)
+
+
+def _one_writer(what: str, pos: int, name: str, existing: bool = False):
+    """Decorate a function that writes the index folder in its argument ``name`` (position ``pos``)
+    to hold :func:`writing` while it runs. existing: say "no index at" before creating any lock."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            folder = kwargs[name] if name in kwargs else args[pos]
+            if existing:
+                read_sidecar(folder)
+            with writing(folder, what):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco
 
 
 def _now() -> str:
@@ -621,9 +669,13 @@ class RetrievalIndex:
         if threads:
             faiss.omp_set_num_threads(int(threads))
         path = Path(path)
-        meta = read_sidecar(path)
-        info = meta["index"]
-        file = path / info["file"]
+        for _ in range(5):  # a writer may replace the generation between reading the sidecar and the file
+            meta = read_sidecar(path)
+            check_sidecar(path, meta)
+            info = meta["index"]
+            file = path / info["file"]
+            if file.is_file() or read_sidecar(path).get("generation") == meta.get("generation"):
+                break
         if not file.is_file():
             raise IndexError_(f"the index file {file} named by {path / SIDECAR} is missing; rebuild the index "
                               "with 'compress-edge index build'")
@@ -731,15 +783,33 @@ class RetrievalIndex:
         pos = self.positions(ids.reshape(-1)).reshape(ids.shape)
         return np.where(pos >= 0, self.labels[np.clip(pos, 0, None)], -1)
 
-    def resolve(self, file: str, root: str | os.PathLike | None = None) -> str:
-        """Where an item's file is now: absolute paths and dataset ids as they are, relative ones under
-        ``root`` (default: the root recorded at build time)."""
+    def resolve(self, file: str, root: str | os.PathLike | None = None) -> str | None:
+        """Where an item's file is now: relative paths under ``root`` (default: the root recorded at build
+        time), dataset ids and absolute paths (images added from outside the root) as they are.
+
+        None, with a warning, for a stored path that leads outside the gallery (``../``, an absolute
+        path outside the root and the folders images were added from, a malformed dataset id): the
+        sidecar is data, and what it names is never shown or opened unchecked."""
         from compress_edge.retrieval.shards import is_dataset_id
 
-        if is_dataset_id(file) or os.path.isabs(file):
-            return file
-        base = root if root is not None else self.root
-        return str(Path(base) / file) if base else file
+        base = str(root) if root is not None else self.root
+        if is_dataset_id(file):
+            return file if dataset_id_ok(file) else self._outside(file)
+        if os.path.isabs(file):
+            allowed = [b for b in (base, self.root, *(self.meta.get("roots") or [])) if b]
+            return os.path.normpath(file) if any(is_inside(file, b) for b in allowed) else self._outside(file)
+        if not base:
+            return self._outside(file)
+        full = os.path.normpath(os.path.join(base, file))
+        return full if is_inside(full, base) else self._outside(file)
+
+    def _outside(self, file: str) -> None:
+        warned = self.__dict__.setdefault("_warned", set())
+        if file not in warned:
+            warned.add(file)
+            log.warning("skipped %s: the path %s stores leads outside the gallery %s", shown(file),
+                        self.path / SIDECAR, shown(self.root))
+        return None
 
     def store(self) -> EmbeddingStore:
         """The stored embeddings of the items in the index (memory-mapped shards)."""
@@ -827,7 +897,9 @@ class RetrievalIndex:
             table: dict[str, int] = {}
             for f, i in zip(self.files, self.ids.tolist(), strict=True):
                 table[f] = i
-                table[os.path.normpath(self.resolve(f, root))] = i
+                full = self.resolve(f, root)
+                if full is not None:
+                    table[os.path.normpath(full)] = i
             self._file_to_id = table
         found, missing = [], []
         for f in files:
@@ -873,7 +945,8 @@ class RetrievalIndex:
         self.meta["updated"] = _now()
         self.meta.update(extra or {})
         gen_dir = self._gen_dir if self.meta["index"].get("ivfdata") else _next_generation_dir(self.path, self.meta)
-        write_generation(self.index, self.path, gen_dir, self.meta)
+        with writing(self.path, "index commit"):
+            write_generation(self.index, self.path, gen_dir, self.meta)
         self._gen_dir = gen_dir
         self._changed = False
 
@@ -929,6 +1002,86 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
         if key not in meta:
             raise IndexError_(f"{side} has no {key!r}; rebuild the index")
     return meta
+
+
+_GENERATION_FILE = re.compile(r"v\d{4,}/index\.(faiss|ivfdata)")
+
+
+def check_sidecar(path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Check the sidecar field by field (ids, files, labels, classes, the files it names) and that the
+    embedding store it lists is there; IndexError_ naming what is wrong otherwise."""
+    side = Path(path) / SIDECAR
+
+    def bad(what: str) -> IndexError_:
+        return IndexError_(f"{side} is damaged: {what}; rebuild the index with 'compress-edge index build'")
+
+    ids = meta.get("ids") or []
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise bad("its ids are not a list of integers")
+    if any(b <= a for a, b in zip(ids, ids[1:], strict=False)) or (ids and ids[0] < 0):
+        raise bad("its ids are not sorted, distinct and non-negative")
+    n = len(ids)
+    files, labels, classes = meta.get("files"), meta.get("labels"), meta.get("classes") or []
+    if files is not None and (not isinstance(files, list) or not all(isinstance(f, str) for f in files)):
+        raise bad("its file list is not a list of paths")
+    if files is not None and len(files) != n:
+        raise bad(f"it lists {len(files)} files for {n} ids")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise bad("its class list is not a list of names")
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+            raise bad("its labels are not a list of integers")
+        if len(labels) != n:
+            raise bad(f"it lists {len(labels)} labels for {n} ids")
+        wrong = [v for v in labels if not -1 <= v < len(classes)]
+        if wrong:
+            raise bad(f"label {wrong[0]} is not one of its {len(classes)} classes" if classes
+                      else "it has labels but no class names")
+    for key in ("root",):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise bad(f"its {key!r} is not a path")
+    roots = meta.get("roots") or []
+    if not isinstance(roots, list) or not all(isinstance(r, str) and os.path.isabs(r) for r in roots):
+        raise bad("its 'roots' are not absolute folders")
+    info = meta.get("index")
+    if not isinstance(info, dict) or not isinstance(info.get("file"), str):
+        raise bad("it names no index file")
+    for key in ("file", "ivfdata"):
+        if info.get(key) is not None and not (isinstance(info[key], str) and _GENERATION_FILE.fullmatch(info[key])):
+            raise bad(f"its index file {shown(info[key])!r} is not a generation file inside the index folder")
+    if not isinstance(meta.get("next_id", 0), int) or (ids and meta.get("next_id", ids[-1] + 1) <= ids[-1]):
+        raise bad("its next_id is not above every id")
+    _check_store(Path(path), meta, bad)
+
+
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name
+
+
+def _check_store(path: Path, meta: dict[str, Any], bad: Any) -> None:
+    """The embedding store the sidecar lists: every manifest and every shard it names is there."""
+    manifests = meta.get("manifests") or []
+    if not isinstance(manifests, list) or not all(_plain_name(m) for m in manifests):
+        raise bad("its manifests are not file names inside embeddings/")
+    folder = path / EMBEDDINGS_DIR
+    for name in manifests:
+        file = folder / name
+        try:
+            shards = json.loads(file.read_text(encoding="utf-8"))["shards"]
+        except FileNotFoundError:
+            raise IndexError_(f"the embedding store {folder} is missing {shown(name)} (removal and rebuilds need "
+                              "it); rebuild the index with 'compress-edge index build'") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise IndexError_(f"the embeddings manifest {file} is damaged ({shown(_short(exc))}); rebuild the "
+                              "index") from None
+        for shard in shards if isinstance(shards, list) else [None]:
+            names = [shard.get("x"), shard.get("ids")] if isinstance(shard, dict) else [None]
+            if not all(_plain_name(v) for v in names):
+                raise IndexError_(f"the embeddings manifest {file} names shards outside {folder}; rebuild the index")
+            for v in names:
+                if not (folder / v).is_file():
+                    raise IndexError_(f"the embedding store {folder} is missing {shown(v)} (removal and rebuilds "
+                                      "need it); rebuild the index with 'compress-edge index build'")
 
 
 def _next_generation_dir(path: Path, meta: dict[str, Any]) -> Path:
@@ -988,6 +1141,7 @@ def _drop_unused_shards(path: Path, meta: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Building
 # --------------------------------------------------------------------------------------------------
+@_one_writer("index build", 1, "out_dir")
 def build_index(
     store: EmbeddingStore,
     out_dir: str | os.PathLike,
@@ -1008,6 +1162,7 @@ def build_index(
     seed: int = 0,
     tune: bool = True,
     model: str | None = None,
+    model_file: dict[str, Any] | None = None,
     generation: int | None = None,
     build_record: dict[str, Any] | None = None,
 ) -> RetrievalIndex:
@@ -1018,7 +1173,8 @@ def build_index(
     "4G"); default half this machine's memory. queries: held-out vectors for tuning (taken out of the
     index while it is tuned, added back afterwards). on_disk: IVF inverted lists on disk (default: when
     ``auto`` decides so). gpu: FAISS on the GPU(s) for training and adding when available, and torch
-    for the exact ground truth. model: the model reference recorded for queries.
+    for the exact ground truth. model: the model reference recorded for queries; model_file: the
+    {"path", "sha256"} of its file (an .onnx or an engine), checked when the index is queried.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -1104,6 +1260,7 @@ def build_index(
         "updated": _now(),
         "spec": spec.to_dict(),
         "model": model,
+        "model_file": model_file,
         "dim": d,
         "metric": "inner_product",
         "normalized": True,
@@ -1187,6 +1344,7 @@ def ondisk_append(index: faiss.Index, x: np.ndarray, ids: np.ndarray, gen_dir: P
     new.filename = str(final)
 
 
+@_one_writer("index build", 1, "out_dir")
 def build_index_from_array(x: np.ndarray, out_dir: str | os.PathLike, *, spec: ModelSpec | None = None,
                            shard_rows: int | None = None, **kwargs: Any) -> RetrievalIndex:
     """``build_index`` for embeddings already in memory (N, D): written as shards first (ids 0..N-1)."""
@@ -1263,17 +1421,31 @@ def build_from_images(
     Under ``torchrun`` every rank embeds its part and writes its own shards; rank 0 waits for the
     others, builds the index and returns it, the other ranks return None.
     """
+    from compress_edge.retrieval.shards import rank_and_world
+
+    out = Path(out_dir)
+    r, w = rank_and_world(rank, world_size)
+    stack = contextlib.ExitStack()
+    if r == 0:  # rank 0 writes the index; the other ranks only their own shards
+        stack.enter_context(writing(out, "index build"))
+    with stack:
+        return _build_from_images(model, data, out, backend=backend, device=device, image_size=image_size,
+                                  batch_size=batch_size, workers=workers, shard_rows=shard_rows, data_root=data_root,
+                                  progress=progress, overwrite=overwrite, r=r, w=w, threads=threads, **build_kwargs)
+
+
+def _build_from_images(model: Any, data: Sequence[str], out: Path, *, backend: str, device: str,
+                       image_size: int | None, batch_size: int, workers: int | None, shard_rows: int | None,
+                       data_root: str | None, progress: bool, overwrite: bool, r: int, w: int,
+                       threads: int | None, **build_kwargs: Any) -> RetrievalIndex | None:
     from compress_edge.retrieval.shards import (
         SHARD_ROWS,
         extract_embeddings,
         open_gallery,
-        rank_and_world,
         wait_for_manifests,
     )
 
-    out = Path(out_dir)
     generation = _refuse_existing(out, overwrite)
-    r, w = rank_and_world(rank, world_size)
     if w > 1 and device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per rank
     embedder, owned = _open_embedder(model, backend, device, threads, image_size)
@@ -1298,12 +1470,14 @@ def build_from_images(
                   "batch_size": batch_size}
         return build_index(store, out, spec=embedder.spec, files=gallery.files, labels=gallery.labels,
                            classes=gallery.classes, root=gallery.root, model=_model_ref(model),
-                           generation=generation, build_record=record, threads=threads, **build_kwargs)
+                           model_file=model_record(embedder), generation=generation, build_record=record,
+                           threads=threads, **build_kwargs)
     finally:
         if owned:
             embedder.close()
 
 
+@_one_writer("index add", 0, "index_dir", existing=True)
 def add_images(
     index_dir: str | os.PathLike,
     data: Sequence[str],
@@ -1315,11 +1489,13 @@ def add_images(
     workers: int | None = None,
     data_root: str | None = None,
     progress: bool = False,
+    trust_model: bool = False,
 ) -> dict[str, Any]:
     """Embed new images (folders, files, datasets) and add them to the index in ``index_dir``.
 
-    model: the embedder (default: the model the index was built with). Images already in the index
-    are skipped. Returns {"added", "skipped", "ntotal"}.
+    model: the embedder (default: the model the index was built with), checked against the index
+    (see :func:`~compress_edge.retrieval.safety.check_model`; ``trust_model`` relaxes the hash checks).
+    Images already in the index are skipped. Returns {"added", "skipped", "ntotal"}.
     """
     from compress_edge.retrieval.shards import SHARD_ROWS, extract_embeddings, open_gallery
 
@@ -1329,7 +1505,7 @@ def add_images(
         raise IndexError_(f"{index_dir} records no model; pass the model the index was built with (--model)")
     embedder, owned = _open_embedder(ref, backend, device)
     try:
-        idx.spec.check_compatible(embedder.spec, what=f"the index {index_dir}")
+        check_model(idx.spec, embedder, idx.meta, what=f"the index {shown(index_dir)}", trust=trust_model)
         gallery = open_gallery(list(data), data_root=data_root, classes=idx.classes, root=idx.root)
         known = set(idx.files or [])
         keep = [i for i, f in enumerate(gallery.files) if f not in known]
@@ -1348,6 +1524,12 @@ def add_images(
         store = EmbeddingStore.open(idx.path / EMBEDDINGS_DIR, [manifest])
         x, got = store.to_array()
         idx.classes = list(gallery.classes)
+        outside = [f for f in sub.files if os.path.isabs(f)]
+        if outside:  # images outside the gallery root: their folder joins the folders the index may show
+            roots = list(idx.meta.get("roots") or [])
+            common = os.path.commonpath([os.path.dirname(f) for f in outside])
+            if not any(is_inside(common, r) for r in roots):
+                idx.meta["roots"] = [*roots, common]
         idx.add(x, files=sub.files if idx.files is not None or not len(idx.ids) else None,
                 labels=sub.labels, ids=got, manifest=manifest)
         idx.commit()
@@ -1366,6 +1548,7 @@ def _subset(gallery: Any, keep: list[int]) -> Any:
                    sources=gallery.sources)
 
 
+@_one_writer("index remove", 0, "index_dir", existing=True)
 def remove_files(index_dir: str | os.PathLike, files: Sequence[str | os.PathLike], *,
                  missing_ok: bool = False) -> dict[str, Any]:
     """Remove images (by path) from the index in ``index_dir``. Returns {"removed", "missing", "ntotal"}.
@@ -1381,7 +1564,7 @@ def remove_files(index_dir: str | os.PathLike, files: Sequence[str | os.PathLike
     ids, missing = idx.ids_of_files(files)
     if missing and not missing_ok:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise IndexError_(f"not in the index: {', '.join(missing[:3])}{more}; 'compress-edge index info "
+        raise IndexError_(f"not in the index: {shown(', '.join(missing[:3]))}{more}; 'compress-edge index info "
                           f"{index_dir}' shows where its images are")
     removed = idx.remove(ids) if len(ids) else 0
     if removed:

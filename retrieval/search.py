@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from compress_edge.retrieval.index import RetrievalIndex, open_index
 from compress_edge.retrieval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, KnnResult, knn_classify
+from compress_edge.retrieval.safety import check_finite, check_model, shown
 from compress_edge.retrieval.shards import l2_normalize
 from PIL import Image
 
@@ -84,12 +85,13 @@ class Searcher:
     index: a :class:`RetrievalIndex` or an index folder. model: an Embedder, or a model reference
     (.onnx, .engine, a compress-edge model folder); default: the model recorded when the index was
     built. Raises :class:`~compress_edge.errors.SpecMismatchError` when the model's spec is not the
-    index's. root: where the gallery's files are now, when they moved since the build.
+    index's (and, unless ``trust_model``, one whose weights cannot be checked against it). root: where
+    the gallery's files are now, when they moved since the build.
     """
 
     def __init__(self, index: RetrievalIndex | str | os.PathLike, model: Any = None, *, backend: str = "auto",
                  device: str = "cpu", threads: int | None = None, root: str | os.PathLike | None = None,
-                 params: dict[str, Any] | None = None) -> None:
+                 params: dict[str, Any] | None = None, trust_model: bool = False) -> None:
         self.index = index if isinstance(index, RetrievalIndex) else open_index(index)
         self.root = root
         self.params = dict(params or {})
@@ -100,14 +102,15 @@ class Searcher:
             self.embedder, self._owned = ref, False
         else:
             if model is None and not _exists_or_name(str(ref)):
-                raise IndexError_(f"the model the index was built with ({ref}) is not here; pass it (or its "
+                raise IndexError_(f"the model the index was built with ({shown(ref)}) is not here; pass it (or its "
                                   "ONNX export) with --model")
             from compress_edge.export.runtimes import open_embedder
 
             self.embedder = open_embedder(str(ref), backend, device=device, threads=threads)
             self._owned = True
         try:
-            self.index.spec.check_compatible(self.embedder.spec, what=f"the index {self.index.path}")
+            check_model(self.index.spec, self.embedder, self.index.meta, what=f"the index {shown(self.index.path)}",
+                        trust=trust_model)
         except Exception:
             self.close()
             raise
@@ -116,12 +119,15 @@ class Searcher:
     def embed(self, images: Sequence[Image.Image | str | os.PathLike] | np.ndarray) -> np.ndarray:
         """L2-normalised float32 (N, D) embeddings of images (PIL images, paths or a preprocessed batch)."""
         if isinstance(images, np.ndarray):
-            return l2_normalize(self.embedder.embed(images))
-        items = list(images)
-        paths = [i for i in items if not isinstance(i, Image.Image)]
-        if len(paths) == len(items) and items:
-            return l2_normalize(self.embedder.embed_paths([str(p) for p in items]))
-        return l2_normalize(self.embedder.embed(items))
+            x = self.embedder.embed(images)
+        else:
+            items = list(images)
+            paths = [i for i in items if not isinstance(i, Image.Image)]
+            if len(paths) == len(items) and items:
+                x = self.embedder.embed_paths([str(p) for p in items])
+            else:
+                x = self.embedder.embed(items)
+        return l2_normalize(check_finite(x, getattr(self.embedder, "path", None) or self.embedder.spec.arch))
 
     # -- searching -------------------------------------------------------------------------------------
     def search(self, images: Sequence[Image.Image | str | os.PathLike] | np.ndarray, k: int = 10) -> list[list[Hit]]:
@@ -142,8 +148,9 @@ class Searcher:
             file = idx.files[p] if idx.files is not None else None
             label = int(idx.labels[p]) if idx.labels is not None and idx.labels[p] >= 0 else None
             name = idx.classes[label] if label is not None and label < len(idx.classes) else None
-            hits.append(Hit(rank=rank, id=int(id_), score=float(score), file=file,
-                            path=idx.resolve(file, self.root) if file else None, label=label, label_name=name))
+            path = idx.resolve(file, self.root) if file else None
+            hits.append(Hit(rank=rank, id=int(id_), score=float(score), file=file, path=path, label=label,
+                            label_name=name))
         return hits
 
     # -- classifying -----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from compress_edge.retrieval.safety import check_finite
 from PIL import Image
 
 from compress_edge.errors import DataError, IndexError_
@@ -388,7 +389,7 @@ def extract_embeddings(
             for j, start in enumerate(starts):
                 batch = pending.result()  # type: ignore[union-attr]
                 pending = prefetch.submit(load, starts[j + 1]) if j + 1 < len(starts) else None
-                x = l2_normalize(embedder.embed(batch))
+                x = l2_normalize(check_finite(embedder.embed(batch), getattr(embedder, "path", None) or spec.arch))
                 writer.write(x, ids[start : start + len(batch)])
                 if bar is not None:
                     bar.advance(task, len(batch))

@@ -303,7 +303,7 @@ class FakeEmbedder:
     name = "fake"
 
     def __init__(self, dim: int = 8, image_size: int = 16) -> None:
-        self.spec = ModelSpec(arch="fake", embed_dim=dim, image_size=image_size)
+        self.spec = ModelSpec(arch="fake", embed_dim=dim, image_size=image_size, weights_sha256="fake-weights")
         self.calls = 0
 
     def embed(self, batch):
@@ -375,6 +375,7 @@ def test_build_from_images_with_an_embedder(tmp_path, make_images):
     again = open_index(tmp_path / "idx")
     assert again.labels[-2:].tolist() == [0, 1]
     assert again.files[-1].startswith("..") or again.files[-1].startswith("/")
+    assert again.resolve(again.files[-1]) == again.files[-1]  # its folder is recorded as one the index shows
 
 
 def test_gallery_object_is_plain(tmp_path):

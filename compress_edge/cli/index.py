@@ -40,10 +40,27 @@ ParamOpt = Annotated[
 ]
 
 
+TrustOpt = Annotated[
+    bool,
+    typer.Option("--trust-model", help="Use --model even when its weights cannot be checked against the index (a "
+                                       "weights hash missing on either side, or a file changed since its record)."),
+]
+
+
 def _console():
     from compress_edge.cli.common import console
 
     return console
+
+
+def _text(value: Any):
+    """A name that comes from data (a file, a folder, a class, a stored path) as Rich text: never read
+    as markup, control characters shown as escapes (ESC as \\x1b)."""
+    from rich.text import Text
+
+    from compress_edge.retrieval.safety import shown
+
+    return Text(shown("" if value is None else value))
 
 
 def _params(items: list[str] | None) -> dict[str, Any]:
@@ -85,7 +102,7 @@ def _print_info(info: dict[str, Any]) -> None:
     from compress_edge.retrieval.index import format_bytes
 
     console = _console()
-    table = Table(show_header=False, title=f"index {info['index_dir']}")
+    table = Table(show_header=False, title=_text(f"index {info['index_dir']}"))
     table.add_column(style="bold")
     table.add_column()
     tuning = info.get("tuning") or {}
@@ -94,7 +111,8 @@ def _print_info(info: dict[str, Any]) -> None:
     rows = [
         ("index", f"{info['key']} ({info['kind']}{', lists on disk' if info['on_disk'] else ''})"),
         ("vectors", f"{info['vectors']:,} x {info['dim']} dims"),
-        ("model", f"{info['spec']['arch']} at {info['spec']['image_size']}px ({info.get('model') or 'not recorded'})"),
+        ("model", _text(f"{info['spec']['arch']} at {info['spec']['image_size']}px "
+                        f"({info.get('model') or 'not recorded'})")),
         ("labels", f"{len(info['classes'])} classes" if info["labelled"] else "none"),
         ("search parameters", ", ".join(f"{a}={b}" for a, b in info["search_params"].items()) or "none (exact)"),
         ("size", f"{format_bytes(info['bytes'] or 0)} ({(info['bytes_per_vector'] or 0):,.0f} bytes a vector)"),
@@ -172,7 +190,7 @@ def build(
         typer.echo(json.dumps(info, indent=2, default=str))
         return
     _print_info(info)
-    _console().print(f"index written to {out}")
+    _console().print(_text(f"index written to {out}"))
 
 
 @index_app.command("add")
@@ -184,6 +202,7 @@ def add(
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 64,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = False,
+    trust_model: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed new images and add them to an index (images already in it are skipped).
@@ -193,7 +212,7 @@ def add(
     from compress_edge.retrieval.index import add_images
 
     result = add_images(index_dir, images, model=model, backend=backend, device=device, batch_size=batch_size,
-                        progress=progress)
+                        progress=progress, trust_model=trust_model)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -254,6 +273,7 @@ def search(
     root: Annotated[str | None, typer.Option("--root", help="Where the gallery images are now, if they "
                                                             "moved since the build.")] = None,
     param: ParamOpt = None,
+    trust_model: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Find the nearest gallery images of each query image.
@@ -264,7 +284,7 @@ def search(
 
     paths = expand_queries(queries)
     with Searcher(index_dir, model, backend=backend, device=device, threads=threads, root=root,
-                  params=_params(param)) as searcher:
+                  params=_params(param), trust_model=trust_model) as searcher:
         results = searcher.search(paths, k=k)
     if grid is not None:
         from compress_edge.retrieval.grid import draw_grid
@@ -278,14 +298,15 @@ def search(
 
     console = _console()
     for p, hits in zip(paths, results, strict=True):
-        table = Table(title=p, title_justify="left")
+        table = Table(title=_text(p), title_justify="left")
         for col in ("rank", "score", "label", "path"):
             table.add_column(col, justify="right" if col in ("rank", "score") else "left")
         for h in hits:
-            table.add_row(str(h.rank), f"{h.score:.4f}", h.label_name or "", h.path or str(h.id))
+            where = h.path or (f"(skipped: {h.file} is outside the gallery)" if h.file else str(h.id))
+            table.add_row(str(h.rank), f"{h.score:.4f}", _text(h.label_name), _text(where))
         console.print(table)
     if grid is not None:
-        console.print(f"grid written to {grid}")
+        console.print(_text(f"grid written to {grid}"))
 
 
 @app.command("classify")
@@ -299,6 +320,7 @@ def classify(
     device: DeviceOpt = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
     param: ParamOpt = None,
+    trust_model: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Label images by a weighted vote of their k nearest labelled gallery images.
@@ -311,7 +333,7 @@ def classify(
         raise CompressEdgeError(f"--temperature must be positive, got {temperature}")
     paths = expand_queries(images)
     with Searcher(index_dir, model, backend=backend, device=device, threads=threads,
-                  params=_params(param)) as searcher:
+                  params=_params(param), trust_model=trust_model) as searcher:
         preds = searcher.classify(paths, k=k, temperature=temperature)
     if as_json:
         typer.echo(json.dumps([{"image": p, **pr.to_dict()} for p, pr in zip(paths, preds, strict=True)], indent=2))
@@ -324,5 +346,6 @@ def classify(
     for p, pr in zip(paths, preds, strict=True):
         others = sorted(((v, n) for n, v in pr.scores.items() if n != pr.label_name), reverse=True)
         runner = f"{others[0][1]} ({others[0][0]:.2f})" if others else ""
-        table.add_row(p, pr.label_name or "(no labelled neighbours)", f"{pr.confidence:.2f}", runner)
+        table.add_row(_text(p), _text(pr.label_name or "(no labelled neighbours)"), f"{pr.confidence:.2f}",
+                      _text(runner))
     _console().print(table)

@@ -297,7 +297,19 @@ def cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_we
                   seed: int = 0, data_root: str | None = None, workers: int = 2, device: str = "auto",
                   progress: bool = True):
     """Run the teacher once over ``data`` into a cache folder (``compress-edge cache-teacher``):
-    ``views`` 0 for one centre view per image (the paper), K for K recorded augmented views."""
+    ``views`` 0 for one centre view per image (the paper), K for K recorded augmented views. The
+    cache folder's lock is held for the whole run (one writer per cache folder)."""
+    from compress_edge.train import run_folder_lock
+
+    with run_folder_lock(out, "cache-teacher"):
+        return _cache_teacher(data, out, teacher=teacher, teacher_weights=teacher_weights, views=views,
+                              image_size=image_size, batch_size=batch_size, shard_rows=shard_rows, seed=seed,
+                              data_root=data_root, workers=workers, device=device, progress=progress)
+
+
+def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_weights: str | None, views: int,
+                   image_size: int | None, batch_size: int, shard_rows: int, seed: int, data_root: str | None,
+                   workers: int, device: str, progress: bool):
     from compress_edge.data import TrainAugment, eval_transform, open_dataset
     from compress_edge.teacher_cache import build_cache, fingerprint_parts, tensor_hash
     from compress_edge.train import resolve_device
@@ -324,7 +336,15 @@ def augment_settings(augment) -> dict[str, Any]:
 
 
 def run_distill(opts: DistillOptions, *, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
-    """Train a student into ``opts.out`` (see the module docstring); returns the engine's result."""
+    """Train a student into ``opts.out`` (see the module docstring); returns the engine's result. The
+    run folder's lock is held for the whole run (one writer per run folder)."""
+    from compress_edge.train import run_folder_lock
+
+    with run_folder_lock(opts.out, "distill"):
+        return _run_distill(opts, resume=resume, stop_after_epochs=stop_after_epochs)
+
+
+def _run_distill(opts: DistillOptions, *, resume: bool, stop_after_epochs: int | None) -> TrainResult:
     from compress_edge.models import save_model
 
     run_dir = Path(opts.out)

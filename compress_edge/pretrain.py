@@ -197,6 +197,14 @@ def backbone_only(model: nn.Module, arch: str, kwargs: dict[str, Any]) -> nn.Mod
 
 
 def run_pretrain(opts: PretrainOptions, *, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
+    """Pretrain into ``opts.out``, holding its lock for the whole run (one writer per run folder)."""
+    from compress_edge.train import run_folder_lock
+
+    with run_folder_lock(opts.out, "pretrain"):
+        return _run_pretrain(opts, resume=resume, stop_after_epochs=stop_after_epochs)
+
+
+def _run_pretrain(opts: PretrainOptions, *, resume: bool, stop_after_epochs: int | None) -> TrainResult:
     from compress_edge.models import save_model, spec_for
     from compress_edge.quality import heldout_check, record_quality
 

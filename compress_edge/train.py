@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from compress_edge import __version__
 from compress_edge.errors import TrainingError
-from compress_edge.storage import append_jsonl, atomic_path, atomic_write_json
+from compress_edge.storage import append_jsonl, atomic_path, atomic_write_json, folder_lock
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,14 @@ def current_dist() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return DistInfo()
+
+
+def run_folder_lock(folder: str | os.PathLike, what: str) -> contextlib.AbstractContextManager:
+    """One writer per run or cache folder: the main process holds ``FOLDER/.lock`` for the whole run
+    (the other ranks of a ``torchrun`` write nothing there). A second run raises FolderBusy."""
+    if not current_dist().is_main:
+        return contextlib.nullcontext()
+    return folder_lock(folder, what=what)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""Training runs (pretrain, distill, cache-teacher) against what users and schedulers do to them: two
+runs on one folder, SIGTERM to the process group, a damaged checkpoint, hostile file names, a model
+that cannot take the image size, torchrun's extra ranks. Real processes and signals throughout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from compress_edge.cli import app
+
+runner = CliRunner()
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+CLI = [sys.executable, "-m", "compress_edge"]
+
+
+def _one_line_error(result) -> str:
+    out = result.output.strip().splitlines()
+    errors = [line for line in out if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    assert "internal error" not in errors[0] and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+@pytest.fixture
+def saved_teacher(tmp_path):
+    from compress_edge.models import create_model, save_model, spec_for
+
+    torch.manual_seed(1)
+    teacher = create_model("mobilenet_v3_small", small_input=True)
+    folder = tmp_path / "teacher"
+    save_model(teacher, spec_for(teacher, image_size=32, source={"kind": "test"}), folder)
+    return folder
+
+
+@pytest.fixture
+def images(tmp_path, make_images):
+    return make_images(tmp_path / "images", classes=("a", "b"), per_class=6, size=32, seed=4)
+
+
+def _pretrain_args(data, out, *extra):
+    return ["pretrain", str(data), "--arch", "mobilenet_v3_small", "--image-size", "32", "--batch-size", "4",
+            "--holdout", "0", "--workers", "0", "--no-progress", "--device", "cpu", "--out", str(out), *extra]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. one writer per run folder
+# ----------------------------------------------------------------------------------------------
+_HOLD = textwrap.dedent("""
+    import sys
+    from compress_edge.storage import folder_lock
+    with folder_lock(sys.argv[1], what="pretrain"):
+        print("held", flush=True)
+        sys.stdin.read()
+""")
+
+
+@pytest.fixture
+def held_folder(tmp_path):
+    """A run folder whose lock another live process holds (a first run still going)."""
+    folder = tmp_path / "busy"
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline().strip() == "held"
+    yield folder, proc.pid
+    proc.stdin.close()
+    proc.wait(timeout=30)
+
+
+def _command(kind, images, out, teacher):
+    if kind == "pretrain":
+        return _pretrain_args(images, out, "--epochs", "1")
+    if kind == "distill":
+        return ["distill", str(images), "--teacher", str(teacher), "--arch", "mobilenet_v3_small", "--epochs", "1",
+                "--batch-size", "4", "--queue-size", "8", "--holdout", "0", "--workers", "0", "--no-progress",
+                "--device", "cpu", "--out", str(out)]
+    return ["cache-teacher", str(images), "--teacher", str(teacher), "--workers", "0", "--no-progress",
+            "--device", "cpu", "--out", str(out)]
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "distill", "cache-teacher"])
+def test_a_second_writer_of_a_folder_is_refused_naming_the_holder(held_folder, images, saved_teacher, kind):
+    folder, pid = held_folder
+    before = sorted(p.name for p in folder.iterdir())
+    result = runner.invoke(app, _command(kind, images, folder, saved_teacher))
+    assert result.exit_code == 1, result.output
+    line = _one_line_error(result)
+    assert "in use by another process" in line and f"pid {pid}" in line, line
+    assert sorted(p.name for p in folder.iterdir()) == before == [".lock"]  # nothing written
+
+
+def test_a_resume_while_the_run_is_going_is_refused(tmp_path, images):
+    out = tmp_path / "run"
+    assert runner.invoke(app, _pretrain_args(images, out, "--epochs", "1")).exit_code == 0
+    # The run finished; another process now holds its folder (a second --resume started first).
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        stamp = (out / "checkpoints" / "last.pt").stat().st_mtime_ns
+        result = runner.invoke(app, ["pretrain", "--resume", str(out), "--no-progress"])
+        assert result.exit_code == 1 and f"pid {holder.pid}" in _one_line_error(result)
+        assert (out / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    # Once the holder is gone, the lock is free again (however it ended).
+    assert runner.invoke(app, ["pretrain", "--resume", str(out), "--no-progress"]).exit_code == 0

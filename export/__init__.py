@@ -17,7 +17,9 @@ from typing import Any
 
 from compress_edge.export.runtimes import Embedder, open_embedder
 
-__all__ = ["Embedder", "ExportOptions", "export_model", "open_embedder", "FILES"]
+from compress_edge.errors import ExportError
+
+__all__ = ["Embedder", "ExportOptions", "ParityFailed", "export_model", "open_embedder", "FILES"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,14 @@ FILES = {
     "engine": "model.engine",
 }
 REPORT = "export.json"
+
+
+class ParityFailed(ExportError):
+    """A strict export whose files miss a parity goal; ``report`` holds what was written to export.json."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass
@@ -70,13 +80,13 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     Writes ``model.onnx`` (always), ``model.fp16.onnx``, ``model.int8-cpu.onnx``,
     ``model.int8-trt.onnx``, ``model.engine`` + ``model.engine.json`` as asked, and ``export.json``
     (spec, files, parity numbers, settings, versions). Returns that report. With ``strict``, a parity
-    result below its goal raises ExportError after the report is written.
+    result below its goal raises :class:`ParityFailed` (with the report) after the report is written.
     """
     from compress_edge.export import parity as par
     from compress_edge.export.quantize import INT8_TARGETS
     from compress_edge.export.runtimes import ENGINE_SUFFIXES, ONNX_SUFFIXES, OnnxRuntimeEmbedder
 
-    from compress_edge.errors import DataError, ExportError, ModelError
+    from compress_edge.errors import DataError, ModelError
     from compress_edge.storage import atomic_write_json, sha256_file
 
     unknown = [t for t in opts.int8 if t not in INT8_TARGETS]
@@ -140,12 +150,13 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     # -- images for the checks ------------------------------------------------------------------------
     check_data = opts.parity_data or opts.calib_data
     if check_data is not None:
-        images, image_source = par.load_check_images(check_data, spec, opts.parity_images, purpose="parity checks")
+        images, image_source = par.load_check_images(check_data, spec, opts.parity_images, purpose="parity checks",
+                                                     progress=opts.progress)
         kind = "real"
     else:
         log.warning("no --calib-data / --parity-data: parity is checked on synthetic pictures, not real images")
         images, image_source, kind = par.synthetic_images(spec, opts.parity_images), "synthetic pictures", "synthetic"
-    report["check_images"] = {"source": image_source, "count": int(len(images))}
+    report["check_images"] = {"source": image_source, "count": int(len(images)), "data": check_data}
 
     ort32 = OnnxRuntimeEmbedder(onnx_path)
     ort_emb = ort32.embed(images)
@@ -181,12 +192,24 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
 
         calib, calib_source = par.load_check_images(opts.calib_data, spec, opts.calib_images,
                                                     purpose="INT8 calibration", progress=opts.progress)
-        report["calibration"] = {"source": calib_source, "count": int(len(calib)), "method": opts.calib_method}
+        used: dict[str, str] = {}
+        batches: dict[str, int] = {}
         for target in dict.fromkeys(opts.int8):
             key = f"int8-{target}"
-            report["steps"][key] = quantize_int8(onnx_path, out / FILES[key], spec, calib, target=target,
-                                                 calib_method=opts.calib_method, progress=opts.progress).to_dict()
+            step = quantize_int8(onnx_path, out / FILES[key], spec, calib, target=target,
+                                 calib_method=opts.calib_method, progress=opts.progress).to_dict()
+            report["steps"][key] = step
+            used[key] = step["settings"]["calibration"]
+            batches[key] = step["settings"]["calibration_batch"]
             check(key, out / FILES[key], key)
+        # What the calibrators really did (a fallback to minmax shows here), not only what was asked.
+        methods = set(used.values())
+        report["calibration"] = {
+            "source": calib_source, "data": str(opts.calib_data), "count": int(len(calib)),
+            "requested_method": opts.calib_method,
+            "method": methods.pop() if len(methods) == 1 else "; ".join(f"{k}: {v}" for k, v in used.items()),
+            "batch": max(batches.values()), "per_file": used,
+        }
 
     # -- TensorRT ------------------------------------------------------------------------------------------
     if opts.trt:
@@ -224,9 +247,10 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         lines = "; ".join(
             f"{k}: min cosine {report['parity'][k]['min_cosine']:.6f} < {report['parity'][k]['goal']}" for k in failed
         )
-        raise ExportError(
+        raise ParityFailed(
             f"the exported model does not give the same embeddings ({lines}); see {out / REPORT}, or pass "
-            "--no-strict to keep the files anyway"
+            "--no-strict to keep the files anyway",
+            report,
         )
     return report
 

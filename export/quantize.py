@@ -136,6 +136,10 @@ def quantize_int8(
 
     settings = int8_settings(target, calib_method)
     calib = check_calibration(calib, spec)
+    # onnxruntime's histogram calibrators (percentile, entropy) stack every batch's outputs into one
+    # array: a ragged last batch makes them fail. Equal batches that cover every image once instead.
+    batch_size = calibration_batch(len(calib), batch_size)
+    settings["calibration_batch"] = batch_size
     input_name = _input_name(src)
     start = time.perf_counter()
 
@@ -214,6 +218,7 @@ def quantize_int8(
             # Histogram calibration fails on degenerate activations (a constant tensor): MinMax does not.
             log.warning("%s calibration failed (%s); calibrating with minmax instead", calib_method, exc)
             settings["calibration"] = "minmax (fallback)"
+            settings["calibration_fallback_reason"] = f"{calib_method} failed: {type(exc).__name__}: {exc}"
             try:
                 run("minmax")
             except Exception as exc2:
@@ -243,6 +248,12 @@ def quantize_int8(
         settings=settings,
         calib_images=int(len(calib)),
     )
+
+
+def calibration_batch(n: int, batch_size: int) -> int:
+    """The largest batch size up to ``batch_size`` that splits ``n`` images into equal batches."""
+    batch_size = max(1, min(int(batch_size), int(n)))
+    return next(b for b in range(batch_size, 0, -1) if n % b == 0)
 
 
 def check_calibration(calib: np.ndarray, spec: ModelSpec) -> np.ndarray:

@@ -75,6 +75,51 @@ def test_export_cli_strict_fails_on_a_missed_goal(student, tmp_path):
     assert result.exit_code == 1
     assert "does not give the same embeddings" in result.output and "--no-strict" in result.output
     assert (tmp_path / "o" / "export.json").is_file()  # the numbers are kept
+    # The per-file lines (which file missed, by how much) are printed first, then the error.
+    text = result.output
+    assert "onnxruntime int8-trt vs pytorch fp32" in text and "BELOW GOAL 0.98" in text
+    assert "onnxruntime fp32 vs pytorch fp32" in text and "max |diff|" in text
+    assert text.index("BELOW GOAL") < text.index("does not give the same embeddings")
+    assert "report written to" in text
+
+
+def test_export_cli_strict_failure_as_json_still_prints_the_report(student, tmp_path):
+    result = runner.invoke(app, ["export", str(student["run"]), "--int8", "trt", "--calib-data", str(student["images"]),
+                                 "--calib-images", "2", "--out", str(tmp_path / "o"), "--exporter", "torchscript",
+                                 "--no-progress", "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["passed"] is False and report["parity"]["int8-trt"]["passed"] is False
+    assert "does not give the same embeddings" in result.stderr
+
+
+def test_calibration_with_a_ragged_last_batch_uses_the_method_asked_for(student, make_images, tmp_path):
+    # 25 images do not split into batches of 16: onnxruntime's percentile calibrator used to fail on
+    # the ragged last batch and the export fell back to minmax while export.json said "percentile".
+    images = make_images(tmp_path / "calib", per_class=9, size=40)
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["export", str(student["run"]), "--int8", "cpu", "--calib-data", str(images),
+                                 "--calib-images", "25", "--calib-method", "percentile", "--out", str(out),
+                                 "--exporter", "torchscript", "--no-progress", "--no-strict"])
+    assert result.exit_code == 0, result.output
+    assert "calibrating with minmax instead" not in result.output
+    report = json.loads((out / "export.json").read_text())
+    step = report["steps"]["int8-cpu"]
+    assert step["settings"]["calibration"] == "percentile"  # what the calibrator really ran
+    assert step["calib_images"] == 25 and 25 % step["settings"]["calibration_batch"] == 0
+    calib = report["calibration"]
+    assert calib["method"] == "percentile" and calib["requested_method"] == "percentile"
+    assert calib["count"] == 25 and calib["batch"] == 5 and calib["per_file"] == {"int8-cpu": "percentile"}
+    assert "int8 calibration: 25 images" in result.output and "percentile, batches of 5" in result.output
+
+
+def test_calibration_batch_splits_the_images_evenly():
+    from compress_edge.export.quantize import calibration_batch
+
+    assert calibration_batch(250, 16) == 10
+    assert calibration_batch(256, 16) == 16
+    assert calibration_batch(12, 16) == 12
+    assert calibration_batch(251, 16) == 1  # a prime: one image at a time, every image still used once
 
 
 def test_bench_cli_json(student, exported):

@@ -92,7 +92,7 @@ def export(
 
     Example: compress-edge export runs/distill --fp16 --int8 cpu --calib-data fashion-mnist:train --out exports/student
     """
-    from compress_edge.export import ExportOptions, export_model
+    from compress_edge.export import ExportOptions, ParityFailed, export_model
 
     del onnx  # always on; the flag exists so that the documented command reads naturally
     opts = ExportOptions(
@@ -104,11 +104,20 @@ def export(
         workspace_mib=workspace, timing_cache=str(timing_cache) if timing_cache else None, strict=strict,
         progress=progress,
     )
-    report = export_model(opts)
+    try:
+        report = export_model(opts)
+    except ParityFailed as exc:
+        # Which file missed its goal, and by how much, comes before the one-line error.
+        _show_export(exc.report, as_json)
+        raise
+    _show_export(report, as_json)
+
+
+def _show_export(report: dict, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(report, indent=2))
-        return
-    _print_export(report)
+    else:
+        _print_export(report)
 
 
 def _print_export(report: dict) -> None:
@@ -123,6 +132,12 @@ def _print_export(report: dict) -> None:
             console.print(f"{out / name}: {_size(info['bytes'])}", markup=False, highlight=False)
     from compress_edge.export.parity import ParityResult
 
+    calib = report.get("calibration")
+    if calib:
+        asked = calib.get("requested_method")
+        console.print(f"int8 calibration: {calib['count']} images from {calib['source']}, {calib['method']}"
+                      f"{f' (asked for {asked})' if asked and asked != calib['method'] else ''}, "
+                      f"batches of {calib.get('batch', '?')}", markup=False, highlight=False, soft_wrap=True)
     for result in report["parity"].values():
         console.print(ParityResult(**result).line(), markup=False, highlight=False, soft_wrap=True)
     engine = report["steps"].get("engine")

@@ -26,6 +26,7 @@ Torch-free: faiss and numpy. torch is imported only for exact search on a GPU.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -202,9 +203,57 @@ def writing(folder: str | os.PathLike, what: str) -> Iterator[None]:
     held.add(key)
     try:
         yield
+    except (OSError, RuntimeError) as exc:
+        if not _disk_full(exc):
+            raise
+        _drop_leftovers(Path(folder))
+        kept = ("the partial files were removed, the previous index is unchanged" if (Path(folder) / SIDECAR).is_file()
+                else "the partial files were removed")
+        need = getattr(_HELD, "need", {}).get(key)
+        try:
+            free = f"{format_bytes(shutil.disk_usage(folder).free)} free"
+        except OSError:
+            free = "free space unknown"
+        raise IndexError_(f"no space left on the disk of {shown(folder)} ({free}"
+                          f"{f'; this needs about {format_bytes(need)}' if need else ''}): free some space or use "
+                          f"another folder, then run the command again ({kept})") from None
     finally:
         held.discard(key)
+        getattr(_HELD, "need", {}).pop(key, None)
         lock.__exit__(None, None, None)
+
+
+def _expect(folder: str | os.PathLike, nbytes: float) -> None:
+    """Note the disk space a write into ``folder`` needs, for the message when the disk is full."""
+    if not hasattr(_HELD, "need"):
+        _HELD.need = {}
+    _HELD.need[os.path.normpath(os.path.abspath(folder))] = int(nbytes)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)  # numpy's and FAISS's short writes carry no errno
+    return "No space left" in text or bool(re.search(r"\d+ requested and \d+ written", text))
+
+
+def _drop_leftovers(path: Path) -> None:
+    """After a failed write: remove generation folders and embedding shards the sidecar does not use
+    (all of them when there is no index yet)."""
+    meta = None
+    if (path / SIDECAR).is_file():
+        try:
+            meta = read_sidecar(path)
+        except IndexError_:
+            return  # unsure what is in use: leave everything
+    keep = (path / meta["index"]["file"]).parent if meta else None
+    for old in path.glob("v[0-9][0-9][0-9][0-9]*"):
+        if old.is_dir() and old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+    if meta is not None:
+        _drop_unused_shards(path, meta)
+    else:
+        shutil.rmtree(path / EMBEDDINGS_DIR, ignore_errors=True)
 
 
 def _one_writer(what: str, pos: int, name: str, existing: bool = False):
@@ -1185,6 +1234,7 @@ def build_index(
     if not 0 < target_recall <= 1:
         raise CompressEdgeError(f"--target-recall must be in (0, 1], got {target_recall}")
     plan = plan_index(index, n, d, budget, points_per_centroid=points_per_centroid, on_disk=on_disk)
+    _expect(out, plan.est_bytes + n * d * 4)
     log.info("index %s for %d vectors of %d dims: %s", plan.key, n, d, plan.reason)
     rng = np.random.default_rng(seed)
     all_ids = store.ids()
@@ -1451,6 +1501,7 @@ def _build_from_images(model: Any, data: Sequence[str], out: Path, *, backend: s
     embedder, owned = _open_embedder(model, backend, device, threads, image_size)
     try:
         gallery = open_gallery(list(data), data_root=data_root)
+        _expect(out, 2 * len(gallery) * int(embedder.spec.embed_dim) * 4)
         token = "|".join([os.environ.get("TORCHELASTIC_RUN_ID", "local"), str(generation), str(len(gallery)),
                           str(embedder.spec.weights_sha256), ",".join(map(str, data))])
         t0 = time.perf_counter()
@@ -1515,6 +1566,7 @@ def add_images(
         if not keep:
             return {"added": 0, "skipped": skipped, "ntotal": idx.ntotal}
         sub = _subset(gallery, keep)
+        _expect(idx.path, 2 * len(sub) * idx.dim * 4 + int(idx.meta["index"].get("bytes") or 0))
         start = int(idx.meta.get("next_id", 0))
         ids = np.arange(start, start + len(sub), dtype=np.int64)
         gen = int(idx.meta.get("generation", 0)) + 1
@@ -1556,6 +1608,7 @@ def remove_files(index_dir: str | os.PathLike, files: Sequence[str | os.PathLike
     IndexError_ for paths not in the index (unless ``missing_ok``) and for index types that cannot
     remove (HNSW)."""
     idx = RetrievalIndex.open(index_dir, writable=True)
+    _expect(idx.path, int(idx.meta["index"].get("bytes") or 0))
     ok, why = can_remove(idx.index)
     if not ok:
         raise IndexError_(f"cannot remove from {index_dir}: {why}; rebuild the index without those images "

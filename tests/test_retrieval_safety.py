@@ -302,3 +302,66 @@ def test_bench_retrieval_creates_its_workdir(tmp_path):
     file.write_text("x")
     run = subprocess.run([*bench, "--workdir", str(file)], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 2 and "is a file, not a folder" in run.stderr and "Traceback" not in run.stderr
+
+
+# -- 7. a full disk ---------------------------------------------------------------------------------------------
+DISK_FULL = r"""
+import json, os, subprocess, sys
+mnt, steps = sys.argv[1], json.loads(sys.argv[2])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", mnt], check=True)
+out = []
+for step in steps:
+    if step[0] == "leave":  # fill the disk up to this many free bytes
+        st = os.statvfs(mnt)
+        with open(os.path.join(mnt, "filler"), "ab") as fh:
+            fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - int(step[1])))
+        continue
+    r = subprocess.run([sys.executable, "-m", "compress_edge", *step], capture_output=True, text=True)
+    files = sorted(os.path.relpath(os.path.join(d, f), mnt) for d, _, fs in os.walk(mnt) for f in fs)
+    out.append({"rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr, "files": files})
+print(json.dumps(out))
+"""
+
+
+def _private_mounts() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not _private_mounts(), reason="needs unshare and tmpfs mounts")
+def test_a_full_disk_gives_one_message_and_leaves_no_leftovers(base, tmp_path, make_images):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    new = make_images(tmp_path / "new", classes=("circle",), per_class=8, size=32, seed=5)
+    idx, idx2 = str(disk / "idx"), str(disk / "idx2")
+    steps = [
+        ["index", "build", str(base["onnx"]), str(base["gallery"]), "--out", idx, "--no-progress"],
+        ["leave", 120_000],
+        ["index", "add", idx, str(new)],  # its shards fit, the new index generation does not
+        ["index", "info", idx, "--json"],
+        ["index", "build", str(base["onnx"]), str(base["gallery"]), "--out", idx2, "--no-progress"],
+        ["leave", 20_000],
+        ["index", "add", idx, str(new)],  # not even the shards fit
+        ["search", idx, base["query"], "--json"],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["unshare", "-rm", sys.executable, "-c", DISK_FULL, str(disk), json.dumps(steps)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    built, add, info, build2, add2, search = json.loads(run.stdout)
+    assert built["rc"] == 0, built["stderr"]
+    def idx_files(result: dict) -> list[str]:
+        return sorted(f for f in result["files"] if f.startswith("idx/"))
+
+    before = idx_files(built)
+    for result in (add, build2, add2):
+        line = one_line_error(subprocess.CompletedProcess([], result["rc"], result["stdout"], result["stderr"]), "no space left on the disk of", "free some space")
+        assert "needs about" in line
+    assert idx_files(add) == before  # no v0002/, no unused shards
+    assert info["rc"] == 0 and json.loads(info["stdout"])["vectors"] == 24
+    assert [f for f in build2["files"] if f.startswith("idx2/")] == ["idx2/.lock"]
+    assert idx_files(add2) == before
+    assert search["rc"] == 0 and json.loads(search["stdout"])[0]["neighbours"]

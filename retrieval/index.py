@@ -929,6 +929,7 @@ class RetrievalIndex:
         if self.labels is not None or labels is not None:
             base = self.labels if self.labels is not None else np.full(len(self.ids) - n, -1, np.int64)
             self.labels = np.concatenate([base, new_labels])
+            self.classes = _named_classes(self.classes, self.labels)
         self.meta["next_id"] = int(ids.max()) + 1 if n else self.meta.get("next_id", 0)
         if manifest:
             self.meta.setdefault("manifests", []).append(manifest)
@@ -1242,6 +1243,7 @@ def build_index(
         raise IndexError_(f"{len(files)} files for {n} embeddings")
     if labels is not None and len(labels) != n:
         raise IndexError_(f"{len(labels)} labels for {n} embeddings")
+    classes = _named_classes(classes, labels)
     if (files is not None or labels is not None) and not np.array_equal(np.sort(all_ids), np.arange(n)):
         raise IndexError_("files and labels are given by position, so the embeddings need the ids 0..N-1")
 
@@ -1329,6 +1331,13 @@ def build_index(
     }
     write_generation(fidx, out, gen_dir, meta)
     return RetrievalIndex.open(out, verify=False)
+
+
+def _named_classes(classes: Sequence[str] | None, labels: Sequence[int] | np.ndarray | None) -> list[str]:
+    """The class names, with a numeric name for each label beyond them (the sidecar names every label)."""
+    names = [str(c) for c in classes or []]
+    top = int(np.max(labels)) if labels is not None and len(labels) else -1
+    return names + [str(i) for i in range(len(names), top + 1)]
 
 
 def _torch_cuda() -> bool:

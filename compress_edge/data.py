@@ -4,7 +4,7 @@ A DATA argument is one of:
 
 - a class folder ``ROOT/<class>/<image>`` (labels from the sorted folder names, as ImageFolder);
 - an unlabelled image folder (read recursively);
-- ``fashion-mnist:train`` or ``fashion-mnist:test``, read from the IDX files (the embedded default);
+- ``fashion-mnist:train`` or ``fashion-mnist:test``, read from the IDX files with torchvision's reader;
 - any of these followed by ``@N``: N of its images, drawn without replacement with a fixed seed and
   kept in their original order (``fashion-mnist:train@10000``), for quick runs on a small machine.
 
@@ -24,6 +24,8 @@ import logging
 import math
 import operator
 import os
+import shutil
+import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -88,8 +90,6 @@ _FMNIST_RAW_SHA256 = {
     "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
-_IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
-_IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 
 #: Fashion-MNIST's pixel mean and standard deviation (grey, repeated over the three channels).
 FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
@@ -207,8 +207,10 @@ class ImageDataset(Dataset):
 class FolderDataset(ImageDataset):
     """Images read from files found by :func:`compress_edge.images.scan_images`."""
 
-    def __init__(self, name: str, root: Path, labelled: bool | None = None, transform=None) -> None:
-        scan = scan_images(root, labelled=labelled)
+    def __init__(
+        self, name: str, root: Path, labelled: bool | None = None, transform=None, progress: bool | None = None
+    ) -> None:
+        scan = scan_images(root, labelled=labelled, progress=progress)
         self.kind = "class-folder" if scan.labelled else "image-folder"
         self.root = str(scan.root)
         super().__init__(
@@ -277,6 +279,7 @@ def open_dataset(
     transform: Callable[[Image.Image], Any] | None = None,
     verbose: bool = False,
     labelled: bool | None = None,
+    progress: bool | None = None,
 ) -> ImageDataset:
     """Open a DATA argument (see the module docstring for the forms) as an :class:`ImageDataset`.
 
@@ -284,7 +287,9 @@ def open_dataset(
     folder DATA that does not exist in the working directory is also looked up under it.
     download: fetch Fashion-MNIST when no copy is found. labelled: force a folder to be read as a
     class folder (True) or unlabelled (False); None decides from its layout. verbose: log what was
-    opened at INFO level. Raises DataError naming the accepted forms for anything else.
+    opened at INFO level. progress: False hides the "checking images" bar a large folder shows
+    (pass the command's --progress/--no-progress). Raises DataError naming the accepted forms for
+    anything else.
     """
     if not isinstance(data, str) or not data.strip():
         raise DataError(f"DATA is empty; pass {ACCEPTED_DATA}")
@@ -292,7 +297,7 @@ def open_dataset(
     base, at, count = data.rpartition("@")
     if at and count.isdigit():
         full = open_dataset(base, data_root=data_root, download=download, transform=transform, verbose=verbose,
-                            labelled=labelled)
+                            labelled=labelled, progress=progress)
         return SubsetDataset(data, full, int(count))
     named = _parse_named(data)
     if named is not None:
@@ -313,7 +318,9 @@ def open_dataset(
         if download:
             raise DataError(f"--download only applies to fashion-mnist:train|test, and {data!r} is a folder")
         root = _resolve_folder(data, data_root)
-        ds = FolderDataset(data, root, labelled=labelled, transform=transform)
+        # True leaves the bar to folders large enough to need one; False means none at all.
+        ds = FolderDataset(data, root, labelled=labelled, transform=transform,
+                           progress=False if progress is False else None)
     if verbose:
         logger.info(
             "%s: %s with %d images, %d classes, from %s",
@@ -450,8 +457,8 @@ def _fmnist_files(folder: Path, split: str, required: bool = True):
 
 
 def _read_fmnist_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx(images_path, _IDX_IMAGES_MAGIC)
-    labels = read_idx(labels_path, _IDX_LABELS_MAGIC)
+    images = read_idx(images_path, "images")
+    labels = read_idx(labels_path, "labels")
     if len(images) != len(labels):
         raise DataError(
             f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels; "
@@ -465,53 +472,54 @@ def _read_fmnist_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray,
     return images, labels
 
 
-def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
-    """Read an unsigned-byte IDX file (gzipped or raw) into a read-only uint8 array.
+def read_idx(path: str | os.PathLike, what: str) -> np.ndarray:
+    """Read a Fashion-MNIST IDX file (gzipped or raw) with torchvision's reader, as a read-only array.
 
-    magic 0x803: images (N, rows, cols); 0x801: labels (N,). Raises DataError for a damaged file.
+    what: "images" (uint8 (N, rows, cols)) or "labels" (int64 (N,)). Raises DataError for a damaged
+    file or one of the other kind.
     """
+    if what not in ("images", "labels"):
+        raise ValueError(f"what must be 'images' or 'labels', got {what!r}")
     path = Path(path)
     st = path.stat()
-    return _read_idx_cached(str(path.resolve()), st.st_size, st.st_mtime_ns, magic)
+    return _read_idx_cached(str(path.resolve()), st.st_size, st.st_mtime_ns, what)
 
 
 @lru_cache(maxsize=4)
-def _read_idx_cached(path: str, size: int, mtime_ns: int, magic: int) -> np.ndarray:
+def _read_idx_cached(path: str, size: int, mtime_ns: int, what: str) -> np.ndarray:
     # Keyed on size and mtime: re-opening the same split (CLI, tests, eval after training) skips
     # the gunzip; a replaced file is read again.
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    reader = read_image_file if what == "images" else read_label_file
     damaged = f"{path} is damaged"
     fix = "delete it and pass --download, or apt-get install --reinstall dataset-fashion-mnist"
     try:
         with open(path, "rb") as fh:
-            head = fh.read(2)
-        if head == b"\x1f\x8b":
-            with gzip.open(path, "rb") as fh:
-                raw = fh.read()
+            gzipped = fh.read(2) == b"\x1f\x8b"
+        if gzipped:
+            # torchvision reads raw IDX files only (its download step unpacks them); Debian ships .gz.
+            with tempfile.TemporaryDirectory(prefix="compress-edge-idx-") as tmp:
+                raw = os.path.join(tmp, Path(path).stem)
+                with gzip.open(path, "rb") as src, open(raw, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                tensor = reader(raw)
         else:
-            with open(path, "rb") as fh:
-                raw = fh.read()
+            tensor = reader(path)
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{damaged} ({exc}); {fix}") from None
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{damaged} (only {len(raw)} bytes); {fix}")
-    found = int.from_bytes(raw[:4], "big")
-    if found != magic:
-        what = "images" if magic == _IDX_IMAGES_MAGIC else "labels"
-        raise DataError(
-            f"{path} is not an IDX {what} file (magic {found:#010x}, expected {magic:#010x}); {fix}"
-        )
-    dims = [int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)]
-    expected = header + math.prod(dims)
-    if len(raw) != expected:
-        raise DataError(
-            f"{damaged}: its header says {'x'.join(map(str, dims))} bytes of data, "
-            f"the file holds {len(raw) - header}; {fix}"
-        )
-    arr = np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+        raise DataError(f"{damaged} ({_short(exc)}); {fix}") from None
+    except (ValueError, TypeError) as exc:  # a readable IDX file of another shape or type
+        raise DataError(f"{path} is not an IDX {what} file ({_short(exc)}); {fix}") from None
+    except (AssertionError, RuntimeError, IndexError) as exc:  # header and payload disagree
+        raise DataError(f"{damaged} ({_short(exc) or 'its header does not fit its data'}); {fix}") from None
+    arr = tensor.numpy()
     arr.flags.writeable = False  # shared by every dataset opened on this file
     return arr
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _download_dir(data_root: str | os.PathLike | None) -> Path:

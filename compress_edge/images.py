@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from compress_edge.errors import DataError
 
@@ -40,18 +40,6 @@ _IGNORED_DIRS = frozenset({"__MACOSX"})
 
 # Scanning a folder of this many files or more shows a progress bar (when rich is installed).
 _PROGRESS_MIN_FILES = 1000
-
-# EXIF Orientation tag value -> the transpose that undoes it (as PIL.ImageOps.exif_transpose does).
-_ORIENTATION = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-_EXIF_ORIENTATION_TAG = 0x0112
 
 # warnings.catch_warnings changes process-wide state, so two threads opening images at once could
 # undo each other's filter; opening (header parsing only, cheap) is serialised, decoding is not.
@@ -110,15 +98,13 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             im.load()
         except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError) as exc:
             raise UnreadableImage(path, f"truncated or damaged ({_short(exc)})") from None
-        orientation = _exif_orientation(im)
+        _exif_transpose(im)
         try:
             rgb = to_rgb(im)
         except ValueError as exc:
             raise UnreadableImage(path, f"unsupported colour mode {im.mode!r} ({_short(exc)})") from None
     finally:
         im.close()
-    if orientation in _ORIENTATION:
-        rgb = rgb.transpose(_ORIENTATION[orientation])
     return rgb
 
 
@@ -170,11 +156,12 @@ def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(np.nan_to_num(out)), 0, 255).astype(np.uint8)
 
 
-def _exif_orientation(im: Image.Image) -> int:
+def _exif_transpose(im: Image.Image) -> None:
+    """Turn a loaded image upright by its EXIF orientation, in place (PIL.ImageOps.exif_transpose)."""
     try:
-        return int(im.getexif().get(_EXIF_ORIENTATION_TAG, 1))
-    except Exception:  # a damaged EXIF block is no reason to refuse the pixels
-        return 1
+        ImageOps.exif_transpose(im, in_place=True)
+    except Exception as exc:  # a damaged EXIF block is no reason to refuse the pixels
+        logger.debug("ignoring the EXIF orientation of %s: %s", getattr(im, "filename", "an image"), _short(exc))
 
 
 def _too_large_reason(size: tuple[int, int] | None) -> str:

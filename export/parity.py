@@ -134,13 +134,14 @@ def load_check_images(
     *,
     purpose: str = "parity checks",
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> tuple[np.ndarray, str]:
     """Up to ``n`` preprocessed images (float32 (n, C, S, S)) for ``spec``, and where they came from.
 
     data: a folder of images or a class folder, ``fashion-mnist:train|test``, or a ``.npy`` file of
     images already preprocessed for this model (float32 (N, C, S, S)). Images are picked evenly
     across the dataset (so every class is represented), in a fixed order.
+    progress: False hides the "checking images" bar a large folder shows.
     Raises DataError for a ``.npy`` array of the wrong shape or channel count, and for no images.
     """
     if n <= 0:
@@ -153,7 +154,7 @@ def load_check_images(
     from compress_edge.data import open_dataset
     from compress_edge.images import preprocess_batch
 
-    ds = open_dataset(str(data))
+    ds = open_dataset(str(data), progress=progress)
     if len(ds) == 0:
         raise DataError(f"{data} holds no images for {purpose}")
     idx = np.unique(np.linspace(0, len(ds) - 1, num=min(n, len(ds))).round().astype(int))

@@ -190,3 +190,25 @@ def test_benchmark_rows_and_gflops(exported):
     info = machine_info()
     assert info["cpu"] and isinstance(info["simd"], list)
     assert np.isfinite(rows[0].images_per_s)
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory):
+    """1000 tiny real PNGs: enough for the "checking images" bar of a folder scan."""
+    from PIL import Image
+
+    from compress_edge.images import _PROGRESS_MIN_FILES
+
+    root = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    for i in range(_PROGRESS_MIN_FILES):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"{i:04d}.png")
+    return root
+
+
+@pytest.mark.parametrize("flag", ["--no-progress", "--progress"])
+def test_export_no_progress_hides_the_checking_images_bar(exported, big_folder, tmp_path, flag):
+    result = runner.invoke(app, ["export", str(exported["out"] / "model.onnx"), "--parity-data", str(big_folder),
+                                 "--parity-images", "8", "--out", str(tmp_path / "o"), flag])
+    assert result.exit_code == 0, result.output
+    assert ("checking images" in result.output) == (flag == "--progress")

@@ -213,10 +213,10 @@ def test_damaged_idx_refused(no_fmnist, damage):
     raw = img_file.read_bytes()
     if damage == "magic":
         img_file.write_bytes((0x801).to_bytes(4, "big") + raw[4:])
-        expected = "not an IDX images file"
+        expected = "is damaged .*apt-get install --reinstall dataset-fashion-mnist"
     elif damage == "short":
         img_file.write_bytes(raw[:-100])
-        expected = "is damaged: its header says 7x28x28"
+        expected = r"is damaged \(shape '\[7, 28, 28\]' is invalid"
     elif damage == "gzip":
         img_file.write_bytes(raw[: len(raw) // 2])
         expected = "is damaged"
@@ -230,6 +230,59 @@ def test_damaged_idx_refused(no_fmnist, damage):
         expected = "has label 12"
     with pytest.raises(DataError, match=expected):
         D.open_dataset("fashion-mnist:test", data_root=folder)
+
+
+def test_labels_file_in_place_of_images_is_named(no_fmnist):
+    images, labels = small_fmnist()
+    folder = no_fmnist / "swapped"
+    write_idx(folder, "test", images, labels)
+    shutil.copy(folder / "t10k-labels-idx1-ubyte", folder / "t10k-images-idx3-ubyte")
+    with pytest.raises(DataError, match="is not an IDX images file"):
+        D.open_dataset("fashion-mnist:test", data_root=folder)
+
+
+@needs_system_fmnist
+def test_fashion_mnist_matches_torchvisions_dataset_on_the_debian_files(no_fmnist):
+    # torchvision's FashionMNIST class reads the raw files its download step unpacks; unpack Debian's
+    # .gz files the same way and compare every pixel and label with what open_dataset gives.
+    from torchvision.datasets import FashionMNIST
+
+    raw = no_fmnist / "tv" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte",
+                 "train-labels-idx1-ubyte"):  # torchvision checks that all four are there
+        with gzip.open(SYSTEM_FMNIST / (name + ".gz"), "rb") as src:
+            (raw / name).write_bytes(src.read())
+    reference = FashionMNIST(str(no_fmnist / "tv"), train=False, download=False)
+    ours = D.open_dataset("fashion-mnist:test", data_root=SYSTEM_FMNIST)
+    assert ours.location == str(SYSTEM_FMNIST)
+    np.testing.assert_array_equal(ours.images, reference.data.numpy())
+    np.testing.assert_array_equal(ours.labels, reference.targets.numpy())
+    assert list(reference.classes) == D.FASHION_MNIST_CLASSES
+    # The raw (unpacked) files read the same as the .gz ones.
+    raw_ds = D.open_dataset("fashion-mnist:test", data_root=raw)
+    np.testing.assert_array_equal(raw_ds.images, ours.images)
+    assert raw_ds.fingerprint() == ours.fingerprint()
+
+
+def test_fashion_mnist_is_read_with_torchvisions_reader():
+    import inspect
+
+    source = inspect.getsource(D._read_idx_cached)
+    assert "read_image_file" in source and "read_label_file" in source
+    assert "frombuffer" not in source and "from_bytes" not in source  # no hand-written IDX parser left
+
+
+def test_no_progress_hides_the_checking_images_bar(tmp_path, capfd):
+    from compress_edge.images import _PROGRESS_MIN_FILES
+
+    rng = np.random.default_rng(0)
+    for i in range(_PROGRESS_MIN_FILES):
+        Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).save(tmp_path / f"{i:04d}.png")
+    assert len(D.open_dataset(str(tmp_path), progress=False)) == _PROGRESS_MIN_FILES
+    assert "checking images" not in capfd.readouterr().err
+    assert len(D.open_dataset(str(tmp_path))) == _PROGRESS_MIN_FILES
+    assert "checking images" in capfd.readouterr().err
 
 
 def test_missing_fashion_mnist_message(no_fmnist):

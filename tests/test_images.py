@@ -203,6 +203,65 @@ def test_exif_orientation_applied(tmp_path):
     assert out[2, 2, 0] < 60
 
 
+# What a viewer shows for each EXIF orientation of the stored pixels (the EXIF 2.3 table), written
+# with numpy so the test does not lean on PIL's own table.
+_UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1, :],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # mirrored along the main diagonal
+    6: lambda a: np.rot90(a, k=-1),  # turn 90 degrees clockwise to view
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # mirrored along the other diagonal
+    8: lambda a: np.rot90(a, k=1),  # turn 90 degrees counter-clockwise to view
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(_UPRIGHT))
+def test_every_exif_orientation_of_a_png_is_undone(tmp_path, orientation):
+    stored = np.random.default_rng(orientation).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    p = tmp_path / f"o{orientation}.png"
+    Image.fromarray(stored).save(p, exif=exif)
+    with Image.open(p) as check:  # the tag really is in the file
+        check.load()
+        assert check.getexif().get(0x0112) == orientation
+    np.testing.assert_array_equal(np.asarray(open_image(p)), _UPRIGHT[orientation](stored))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_of_a_jpeg_is_undone(tmp_path, orientation):
+    stored = np.zeros((16, 32, 3), dtype=np.uint8)
+    stored[:8, :8] = (255, 0, 0)  # one red block at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    p = tmp_path / "photo.jpg"
+    Image.fromarray(stored).save(p, exif=exif, quality=95)
+    got = np.asarray(open_image(p)).astype(int)
+    want = _UPRIGHT[orientation](stored).astype(int)
+    assert got.shape == want.shape
+    assert np.abs(got - want).mean() < 8  # JPEG is lossy; a wrong turn would differ by far more
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_damaged_exif_keeps_the_pixels(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    p = tmp_path / "bad-exif.png"
+    Image.fromarray(arr).save(p, exif=b"Exif\x00\x00MM\x00*garbage")
+    np.testing.assert_array_equal(np.asarray(open_image(p)), arr)
+
+
+
+def test_orientation_comes_from_pil_not_a_hand_written_table():
+    import inspect
+
+    import compress_edge.images as images
+
+    assert "ImageOps.exif_transpose" in inspect.getsource(images._exif_transpose)
+    assert not hasattr(images, "_ORIENTATION")
+
+
 # -- scanning folders --------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,12 @@ An index folder (INDEX_DIR) holds:
   FAISS index. A change (build, add, remove) writes a new generation folder and then the sidecar, each
   atomically, so a crash at any point leaves the previous index and sidecar intact.
 - ``embeddings/``: the embeddings in shards (see :mod:`compress_edge.retrieval.shards`).
+- ``.lock``: held (``flock``) by the one process changing the folder (build, add, remove); a second
+  writer is refused naming the holder. Readers take no lock: they only ever see whole generations.
+
+Opening checks the sidecar field by field (ids, files, labels within the classes, the files it
+names stay inside the folder) and that the FAISS file and the embedding store are there. Stored
+paths are shown and opened only when they resolve inside the gallery (:meth:`RetrievalIndex.resolve`).
 
 Every vector is L2-normalised and searched with the inner product (cosine similarity).
 
@@ -1076,6 +1082,8 @@ def check_sidecar(path: str | os.PathLike, meta: dict[str, Any]) -> None:
         raise bad("its file list is not a list of paths")
     if files is not None and len(files) != n:
         raise bad(f"it lists {len(files)} files for {n} ids")
+    if files is None and isinstance(meta.get("build"), dict) and meta["build"].get("images"):
+        raise bad("it was built from images but lists no files")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise bad("its class list is not a list of names")
     if labels is not None:

@@ -157,6 +157,37 @@ def test_two_concurrent_adds_lose_nothing(base, index, tmp_path, make_images):
     assert len(sidecar(index)["files"]) == 24 + added
 
 
+WRITER = ("import sys\n"
+          "from compress_edge.retrieval.index import add_images, remove_files\n"
+          "index, new, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+          "for _ in range(rounds):\n"
+          "    add_images(index, [new])\n"
+          "    remove_files(index, sorted(str(p) for p in __import__('pathlib').Path(new).rglob('*.png')))\n"
+          "print('done', flush=True)\n")
+
+
+def test_searches_during_adds_and_removes_see_a_whole_index(base, index, tmp_path, make_images):
+    from compress_edge.retrieval.search import Searcher, open_index
+
+    new = make_images(tmp_path / "new", classes=("circle",), per_class=2, size=32, seed=5)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(index), str(new), "4"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with Searcher(index) as searcher:
+        x = searcher.embed([base["query"]])
+    searches = 0
+    try:
+        while writer.poll() is None or searches == 0:  # opened afresh each time, as a new process would
+            idx = open_index(index)
+            _, ids = idx.search(x, 3)
+            assert idx.item(int(ids[0, 0]))["file"] == "circle/circle_000.png"
+            searches += 1
+    finally:
+        out, err = writer.communicate(timeout=300)
+    assert writer.returncode == 0 and out.strip() == "done", err[-2000:]
+    assert searches > 10
+    assert json.loads(runner.invoke(app, ["index", "info", str(index), "--json"]).stdout)["vectors"] == 24
+
+
 # -- 2. stored paths stay inside the gallery ------------------------------------------------------------
 def test_paths_outside_the_gallery_are_never_shown_or_opened(base, index, tmp_path):
     outside = base["gallery"].parent / "outside"
@@ -230,6 +261,7 @@ def test_a_model_giving_nan_is_refused_naming_the_file(base, tmp_path):
 # -- 5. the sidecar and the model are checked -----------------------------------------------------------------
 @pytest.mark.parametrize("change, words", [
     (lambda m: m.update(files=m["files"][:-3]), ["lists 21 files for 24 ids"]),
+    (lambda m: m.update(files=None), ["built from images but lists no files"]),
     (lambda m: m.update(labels=[99] + m["labels"][1:]), ["label 99 is not one of its 3 classes"]),
     (lambda m: m.update(classes=[]), ["labels but no class names"]),
     (lambda m: m.update(ids=m["ids"][::-1]), ["ids are not sorted"]),

@@ -667,18 +667,30 @@ def benchmark(
     min_seconds: float = 0.0,
     gflop_per_image: float | None = None,
     label: str | None = None,
+    images: np.ndarray | None = None,
 ) -> list[BenchRow]:
-    """Time ``embedder`` on random preprocessed batches of each size (after ``warmup`` runs).
+    """Time ``embedder`` on batches of each size (after ``warmup`` runs).
 
-    Runs ``iters`` timed batches, more while the total stays under ``min_seconds``. Latency is wall
-    time of ``_embed_array`` (model run plus the copy out; decoding and preprocessing excluded).
+    images: preprocessed real images float32 (N, C, S, S) the batches are filled from (repeated when
+    a batch is larger than N); None times random tensors, which a quantised model may answer with
+    zeros (callers should say so). Runs ``iters`` timed batches, more while the total stays under
+    ``min_seconds``. Latency is wall time of ``_embed_array`` (model run plus the copy out; decoding
+    and preprocessing excluded).
     """
     rng = np.random.default_rng(0)
+    if images is not None:
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4 or tuple(images.shape[1:]) != tuple(embedder.input_shape) or not len(images):
+            raise DataError(f"images of shape {tuple(images.shape)} for a model that takes "
+                            f"(N, {', '.join(map(str, embedder.input_shape))}); preprocess them for this model")
     rows = []
     for b in batch_sizes:
         if b <= 0:
             raise DataError(f"batch sizes must be positive, got {b}")
-        x = rng.standard_normal((int(b), *embedder.input_shape)).astype(np.float32)
+        if images is not None:
+            x = np.ascontiguousarray(images[np.arange(int(b)) % len(images)])
+        else:
+            x = rng.standard_normal((int(b), *embedder.input_shape)).astype(np.float32)
         for _ in range(max(0, warmup)):
             embedder._embed_array(x)
         times: list[float] = []

@@ -12,6 +12,7 @@ from compress_edge.export.runtimes import benchmark, count_gflops, machine_info,
 from typer.testing import CliRunner
 
 from compress_edge.cli import app
+from compress_edge.errors import DataError
 from compress_edge.images import preprocess_batch, scan_images
 from compress_edge.models import create_model, recalibrate_batchnorm, save_model, spec_for
 from compress_edge.spec import ModelSpec
@@ -139,6 +140,11 @@ def test_bench_cli_json(student, exported):
         assert r["threads"] == 2
     assert data["min_cosine_vs_first"][str(out / "model.onnx")] > 0.9999
     assert data["machine"]["cores"] >= 1
+    # No --data: the calibration set that export.json beside the ONNX files names, not random tensors.
+    assert data["inputs"]["kind"] == "real" and data["inputs"]["data"] == str(student["images"])
+    assert data["inputs"]["from"] == str(out / "export.json")
+    assert data["min_cosine_vs_first"][str(out / "model.int8-cpu.onnx")] > 0.8
+    assert "random tensors" not in result.output
 
 
 def test_bench_cli_table(exported):
@@ -212,3 +218,52 @@ def test_export_no_progress_hides_the_checking_images_bar(exported, big_folder, 
                                  "--parity-images", "8", "--out", str(tmp_path / "o"), flag])
     assert result.exit_code == 0, result.output
     assert ("checking images" in result.output) == (flag == "--progress")
+
+
+def _bench(*args):
+    result = runner.invoke(app, ["bench", *map(str, args), "-b", "2", "--iters", "1", "--warmup", "0",
+                                 "--min-seconds", "0", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), result.output
+
+
+def test_bench_without_images_warns_that_it_runs_on_random_tensors(exported, tmp_path):
+    import shutil
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    for name in ("model.onnx", "model.int8-cpu.onnx"):  # no export.json beside them
+        shutil.copy(exported["out"] / name, lone / name)
+    data, output = _bench(lone / "model.onnx", lone / "model.int8-cpu.onnx")
+    assert data["inputs"] == {"kind": "random"}
+    assert "random tensors" in output and "--data" in output
+
+
+def test_bench_on_data_uses_those_images(student, exported, make_images, tmp_path):
+    other = make_images(tmp_path / "other", classes=("a", "b"), per_class=5, size=36, seed=3)
+    out = exported["out"]
+    data, output = _bench(out / "model.onnx", out / "model.int8-cpu.onnx", "--data", other)
+    assert data["inputs"]["kind"] == "real" and data["inputs"]["data"] == str(other)
+    assert data["inputs"]["from"] == "--data" and data["inputs"]["source"] == f"real ({other})"
+    assert "random tensors" not in output
+    # The int8 model describes real images: its embeddings follow the float model's, not zeros.
+    from compress_edge.export.parity import load_check_images
+
+    with open_embedder(out / "model.int8-cpu.onnx", threads=1) as emb:
+        images, _ = load_check_images(other, emb.spec, 10)
+        got = emb.embed(images)
+    assert np.abs(got).max() > 0 and np.linalg.matrix_rank(got) > 1
+    assert data["min_cosine_vs_first"][str(out / "model.int8-cpu.onnx")] > 0.5  # images unlike its calibration set
+    result = runner.invoke(app, ["bench", str(out / "model.onnx"), "--data", str(tmp_path / "missing"), "--iters", "1"])
+    assert result.exit_code == 1 and "no such folder" in result.output
+
+
+def test_benchmark_fills_batches_from_real_images(exported):
+    from compress_edge.export.parity import load_check_images
+
+    emb = open_embedder(exported["out"] / "model.onnx", threads=1)
+    images, _ = load_check_images(str(exported["out"].parent / "images"), emb.spec, 3)
+    rows = benchmark(emb, (5,), warmup=0, iters=1, images=images)  # a batch larger than the set repeats it
+    assert rows[0].batch == 5
+    with pytest.raises(DataError, match="preprocess them for this model"):
+        benchmark(emb, (1,), iters=1, images=images[:, :, :8, :8])

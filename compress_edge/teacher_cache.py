@@ -227,6 +227,7 @@ def build_cache(
     dim = None
     emb_names, param_names = [], []
     from compress_edge.progress import progress_bar
+    from compress_edge.train import ignore_stop_signals
 
     with progress_bar() as bar:
         task = bar.add_task("teacher cache", total=n, visible=progress)
@@ -241,7 +242,8 @@ def build_cache(
                 continue  # finished by an earlier, interrupted run
             subset = torch.utils.data.Subset(ds, range(lo, hi))
             loader = DataLoader(subset, batch_size=max(1, batch_size // views), num_workers=workers,
-                                pin_memory=torch.device(device).type == "cuda")
+                                pin_memory=torch.device(device).type == "cuda",
+                                worker_init_fn=ignore_stop_signals if workers > 0 else None)
             emb_rows: list[np.ndarray] = []
             param_rows: list[np.ndarray] = []
             for x, params, _ in loader:

@@ -320,6 +320,16 @@ def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
     return batch
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:  # noqa: ARG001
+    """A data-loader worker's ``worker_init_fn``: ignore SIGINT and SIGTERM.
+
+    Ctrl-C, ``kill -TERM -- -PGID`` and ``docker stop`` signal the whole process group; the main
+    process decides what a stop means (finish the step, save, exit) and then ends its workers itself.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _StopRequest:
     """SIGINT/SIGTERM set a flag; the engine saves after the current step and stops. A second
     signal stops at once."""
@@ -538,7 +548,7 @@ class Trainer:
         loader = DataLoader(
             dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda", drop_last=True, collate_fn=self.collate_fn,
-            persistent_workers=False,
+            persistent_workers=False, worker_init_fn=ignore_stop_signals if workers > 0 else None,
         )
         start = time.perf_counter()
         last_loss = float("nan")

@@ -5,9 +5,11 @@ that cannot take the image size, torchrun's extra ranks. Real processes and sign
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -74,13 +76,13 @@ def held_folder(tmp_path):
     proc.wait(timeout=30)
 
 
-def _command(kind, images, out, teacher):
+def _command(kind, images, out, teacher, epochs=1, workers=0):
     if kind == "pretrain":
-        return _pretrain_args(images, out, "--epochs", "1")
+        return [*_pretrain_args(images, out, "--epochs", str(epochs)), "--workers", str(workers)]
     if kind == "distill":
-        return ["distill", str(images), "--teacher", str(teacher), "--arch", "mobilenet_v3_small", "--epochs", "1",
-                "--batch-size", "4", "--queue-size", "8", "--holdout", "0", "--workers", "0", "--no-progress",
-                "--device", "cpu", "--out", str(out)]
+        return ["distill", str(images), "--teacher", str(teacher), "--arch", "mobilenet_v3_small", "--epochs", str(epochs),
+                "--batch-size", "4", "--queue-size", "8", "--holdout", "0", "--workers", str(workers),
+                "--no-progress", "--device", "cpu", "--out", str(out)]
     return ["cache-teacher", str(images), "--teacher", str(teacher), "--workers", "0", "--no-progress",
             "--device", "cpu", "--out", str(out)]
 
@@ -113,3 +115,43 @@ def test_a_resume_while_the_run_is_going_is_refused(tmp_path, images):
         holder.wait(timeout=30)
     # Once the holder is gone, the lock is free again (however it ended).
     assert runner.invoke(app, ["pretrain", "--resume", str(out), "--no-progress"]).exit_code == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. SIGTERM to the process group (docker stop, job schedulers) with data-loader workers
+# ----------------------------------------------------------------------------------------------
+def _wait_for_step_record(path, proc, timeout=180):
+    """Until metrics.jsonl holds a step's record (every 10 steps: mid-epoch, loader workers running)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and '"kind": "train"' in path.read_text():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.1)
+    raise AssertionError("the run logged nothing in time")
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "distill"])
+def test_sigterm_to_the_process_group_saves_and_the_run_resumes(tmp_path, images, saved_teacher, kind):
+    out = tmp_path / "run"
+    cmd = [*CLI, *_command(kind, images, out, saved_teacher, epochs=500, workers=1)]
+    # Its own session, so that its process group holds only the run and its loader workers.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    try:
+        _wait_for_step_record(out / "metrics.jsonl", proc)
+        os.killpg(proc.pid, signal.SIGTERM)  # what `kill -TERM -- -PGID` and docker stop send
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err
+    assert "stop requested (SIGTERM)" in err and "--resume" in err, err
+    assert "internal error" not in err and "Traceback" not in err and "DataLoader worker" not in err, err
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < state["global_step"] < 500 * 3
+    resumed = runner.invoke(app, [kind, "--resume", str(out), "--stop-after", "1", "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output
+    after = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert after["global_step"] > state["global_step"] and after["epoch"] == state["epoch"] + 1

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -39,6 +40,8 @@ from compress_edge.storage import append_jsonl, atomic_path, atomic_write_json, 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "compress-edge-train/1"
+_CHECKPOINT_KEYS = ("format", "task", "optimizer", "scheduler", "scaler", "epoch", "batch_in_epoch", "global_step",
+                    "rng")
 
 
 @dataclass
@@ -433,6 +436,11 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoints" / "last.pt"
 
+    @property
+    def previous_checkpoint_path(self) -> Path:
+        """The checkpoint before ``last.pt``: a resume falls back to it when last.pt is damaged."""
+        return self.run_dir / "checkpoints" / "previous.pt"
+
     # -- schedule ------------------------------------------------------------------------------------
     def _make_scheduler(self, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
         total = max(1, self.config.epochs * steps_per_epoch)
@@ -473,21 +481,56 @@ class Trainer:
         }
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
+            self._keep_previous()
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.run_dir)
         logger.debug("checkpoint written: %s (epoch %d, batch %d)", self.checkpoint_path, self.epoch,
                      self.batch_in_epoch)
 
-    def load_checkpoint(self, scheduler) -> None:
-        path = self.checkpoint_path
-        if not path.is_file():
-            raise TrainingError(f"no checkpoint to resume from at {path}; start a new run instead of --resume")
+    def _keep_previous(self) -> None:
+        """Before a new last.pt replaces it, make the current one previous.pt (atomically: a hard link
+        renamed into place, a copy where links are not supported); last.pt stays in place throughout."""
+        last, previous = self.checkpoint_path, self.previous_checkpoint_path
+        if not last.is_file():
+            return
+        with atomic_path(previous) as tmp:
+            tmp.unlink()
+            try:
+                os.link(last, tmp)
+            except OSError:
+                shutil.copyfile(last, tmp)
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # damaged file or not ours
-            raise TrainingError(f"cannot read checkpoint {path} ({exc.__class__.__name__}); start a new run") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise TrainingError(f"cannot read checkpoint {path} ({exc.__class__.__name__})") from None
+        missing = [k for k in _CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["format"]
+        if missing or state.get("format") != CHECKPOINT_FORMAT:
             raise TrainingError(f"{path} is not a compress-edge training checkpoint")
+        return state
+
+    def load_checkpoint(self, scheduler) -> None:
+        """Continue from last.pt, or from previous.pt (with a warning) when last.pt is missing or damaged."""
+        path, previous = self.checkpoint_path, self.previous_checkpoint_path
+        if not path.is_file() and not previous.is_file():
+            raise TrainingError(f"no checkpoint to resume from at {path}; start a new run instead of --resume")
+        try:
+            state = self._read_checkpoint(path) if path.is_file() else None
+            problem = None if state is not None else f"{path} is missing"
+        except TrainingError as exc:
+            state, problem = None, str(exc)
+        if state is None:
+            try:
+                state = self._read_checkpoint(previous) if previous.is_file() else None
+            except TrainingError:
+                state = None
+            if state is None:
+                raise TrainingError(f"{problem}, and there is no readable {previous.name} before it; start a new run "
+                                    "(another --out)")
+            logger.warning("%s; resuming from %s, the checkpoint before it (the steps after it are trained again)",
+                           problem, previous)
+            path = previous
         if hasattr(self.task, "load_checkpoint_state"):
             self.task.load_checkpoint_state(state["task"])
         else:

@@ -155,3 +155,28 @@ def test_sigterm_to_the_process_group_saves_and_the_run_resumes(tmp_path, images
     assert resumed.exit_code == 0, resumed.output
     after = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert after["global_step"] > state["global_step"] and after["epoch"] == state["epoch"] + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. a damaged last.pt: the checkpoint before it is kept and used
+# ----------------------------------------------------------------------------------------------
+def test_a_damaged_last_checkpoint_resumes_from_the_previous_one(tmp_path, images):
+    out = tmp_path / "run"
+    result = runner.invoke(app, _pretrain_args(images, out, "--epochs", "3", "--stop-after", "2"))
+    assert result.exit_code == 0, result.output
+    last, previous = out / "checkpoints" / "last.pt", out / "checkpoints" / "previous.pt"
+    kept = torch.load(previous, weights_only=True)
+    assert kept["epoch"] == 1 and torch.load(last, weights_only=True)["epoch"] == 2
+    assert oct(previous.stat().st_mode & 0o777) == oct(last.stat().st_mode & 0o777)
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a disk that filled, a copy cut short
+
+    result = runner.invoke(app, ["pretrain", "--resume", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "previous.pt" in result.output and "cannot read checkpoint" in result.output, result.output
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 3 and state["global_step"] == 3 * kept["global_step"]
+
+    for path in (last, previous):  # both damaged: nothing to resume from, said in one line
+        path.write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["pretrain", "--resume", str(out), "--no-progress"])
+    assert result.exit_code == 1 and "start a new run" in _one_line_error(result)

@@ -33,6 +33,7 @@ import logging
 import os
 import pickle
 import re
+import shlex
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -121,9 +122,10 @@ class RawCheckpoint:
 
 
 def _trusted_conversion(path: Path) -> str:
+    # repr(): a file name is data, and pasting the suggested line must never run code hidden in it.
     return (
         "if you trust the file, convert it once in a Python session: "
-        f"ckpt = torch.load('{path}', weights_only=False); sd = ckpt.get('state_dict', ckpt) "
+        f"ckpt = torch.load({str(path)!r}, weights_only=False); sd = ckpt.get('state_dict', ckpt) "
         "(ckpt['teacher'] for DINO); torch.save({k: v for k, v in sd.items()}, 'weights.pth') "
         "(or safetensors.torch.save_file), then pass weights.pth"
     )
@@ -501,9 +503,9 @@ def _suggestion(detected: Detected, arch: str) -> str:
             return f"; it fits {g.arch}{variant}: " + (
                 "pass small_input=True" if g.small_input else "use the ImageNet stem (small_input=False)"
             )
-        return f"; it looks like a {g.arch} checkpoint{variant}: name that architecture instead: {g.arch} (distill --teacher {g.arch} --teacher-weights FILE)"
+        return f"; it looks like a {g.arch} checkpoint{variant}: name that architecture instead: {g.arch} (distill --teacher {shlex.quote(g.arch)} --teacher-weights FILE)"
     if detected.arch_hint and detected.arch_hint != arch:
-        return f"; the file says it was trained with {detected.arch_hint!r} (distill --teacher {detected.arch_hint} --teacher-weights FILE)"
+        return f"; the file says it was trained with {detected.arch_hint!r} (distill --teacher {shlex.quote(detected.arch_hint)} --teacher-weights FILE)"
     return "; no registered architecture fits it (" + ", ".join(list_models()) + ")"
 
 

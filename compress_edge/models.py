@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import os
+import shlex
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -606,7 +607,7 @@ def model_files(path: str | os.PathLike) -> tuple[Path | None, Path]:
     raise ModelError(
         f"{path} is not a compress-edge model (its folder with model.json + model.safetensors, either "
         f"file, or a run folder with student/); for a third-party checkpoint pass its architecture name "
-        f"as MODEL and the file as --weights {path.name}"
+        f"as MODEL and the file as --weights {shlex.quote(path.name)}"
     )
 
 
@@ -651,7 +652,7 @@ def load_model(
             raise ModelError(
                 f"no {SPEC_FILENAME} beside {weights_path}, and the file carries no spec; pass the "
                 "folder compress-edge wrote, or for a third-party file its architecture name as MODEL "
-                f"and the file as --weights {weights_path.name}"
+                f"and the file as --weights {shlex.quote(weights_path.name)}"
             )
         log.warning("no %s beside %s: using the spec stored inside it", SPEC_FILENAME, weights_path)
         spec = ModelSpec.from_json(metadata[SPEC_METADATA_KEY])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,8 @@ def _run_pretrain(opts: PretrainOptions, *, resume: bool, stop_after_epochs: int
 
     run_dir = Path(opts.out)
     if not resume and (run_dir / "checkpoints" / "last.pt").exists():
-        raise TrainingError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pick another --out")
+        raise TrainingError(f"{run_dir} already holds a run; continue it with --resume {shlex.quote(str(run_dir))}, "
+                            "or pick another --out")
     seed_everything(opts.train.seed)
     ready = setup(opts)
     source = {"kind": "pretrain", "method": opts.method, "run": run_dir.name, "data": opts.data}

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -634,7 +635,7 @@ class Trainer:
         if stopped:
             raise TrainingStopped(
                 f"stopped at epoch {self.epoch + 1}, batch {self.batch_in_epoch}; checkpoint saved, "
-                f"continue with --resume {self.run_dir}"
+                f"continue with --resume {shlex.quote(str(self.run_dir))}"
             )
         return result
 

@@ -4,7 +4,9 @@ that cannot take the image size, torchrun's extra ranks. Real processes and sign
 
 from __future__ import annotations
 
+import ast
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -180,3 +182,45 @@ def test_a_damaged_last_checkpoint_resumes_from_the_previous_one(tmp_path, image
         path.write_bytes(b"not a checkpoint")
     result = runner.invoke(app, ["pretrain", "--resume", str(out), "--no-progress"])
     assert result.exit_code == 1 and "start a new run" in _one_line_error(result)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. suggested code and commands quote the names they hold
+# ----------------------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling it runs code (opens a file for writing): what weights_only=True refuses."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_the_suggested_conversion_quotes_a_hostile_file_name(tmp_path, images):
+    marker = tmp_path / "code-ran"
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    path = folder / "x'),__import__('os').system('id'),('.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "payload": _Payload(str(marker))}, path)
+    result = runner.invoke(app, ["distill", str(images), "--teacher", "resnet18", "--teacher-weights", str(path),
+                                 "--workers", "0", "--no-progress", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1, result.output
+    line = _one_line_error(result)
+    assert not marker.exists()
+    code = line[line.index("ckpt = torch.load("): line.index("; sd = ")]
+    tree = ast.parse(code)  # what a user would paste: one assignment of one torch.load call
+    assert len(tree.body) == 1 and isinstance(tree.body[0], ast.Assign)
+    call = tree.body[0].value
+    assert isinstance(call, ast.Call) and ast.unparse(call.func) == "torch.load"
+    assert [ast.literal_eval(a) for a in call.args] == [str(path)]
+    assert [(k.arg, ast.literal_eval(k.value)) for k in call.keywords] == [("weights_only", False)]
+
+
+def test_the_suggested_resume_command_quotes_the_run_folder(tmp_path, images):
+    out = tmp_path / "run $(touch pwned) 'x'"
+    assert runner.invoke(app, _pretrain_args(images, out, "--epochs", "1")).exit_code == 0
+    result = runner.invoke(app, _pretrain_args(images, out, "--epochs", "1"))
+    line = _one_line_error(result)
+    suggested = line[line.index("--resume ") + len("--resume "): line.index(", or pick")]
+    assert shlex.split(suggested) == [str(out)], line

@@ -459,13 +459,43 @@ def recalibrate_batchnorm(model: nn.Module, batches: torch.Tensor | Iterable[tor
 _WARNED: set[tuple[str, int]] = set()
 
 
+#: The largest input side tried when looking for the smallest one a model takes.
+_MAX_SEARCHED_SIZE = 4096
+
+
+def smallest_input_size(arch: str, arch_kwargs: dict[str, Any], start: int = 1) -> int | None:
+    """The smallest square side (from ``start`` on) that ``arch`` with ``arch_kwargs`` takes without
+    a pooling or convolution window outgrowing what is left of the image; None when none up to 4096 px.
+
+    Shape inference on the meta device: a bisection between a side that fails and one that works.
+    """
+    meta = _meta_model(arch, arch_kwargs).eval()
+
+    def works(side: int) -> bool:
+        try:
+            meta(torch.empty(1, 3, side, side, device="meta"))
+        except RuntimeError:
+            return False
+        return True
+
+    lo, hi = max(1, int(start)) - 1, max(1, int(start))  # lo fails (or is 0), hi is the candidate
+    while not works(hi):
+        if hi >= _MAX_SEARCHED_SIZE:
+            return None
+        lo, hi = hi, min(_MAX_SEARCHED_SIZE, hi * 2)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if works(mid) else (mid, hi)
+    return hi
+
+
 def check_input_size(model: EmbeddingModel, image_size: int) -> None:
-    """Raise ModelError when ``model`` cannot take ``image_size`` px images; warn when it barely can."""
+    """Raise ModelError when ``model`` cannot take ``image_size`` px images, naming the smallest size it
+    takes (and its small-input stem when that would take these); warn when it barely can."""
     size = feature_map_size(model, image_size)
     small = bool(model.arch_kwargs.get("small_input"))
     if size is None:
-        hint = " or use its small-input variant (small_input=True)" if not small else ""
-        raise ModelError(f"{model.arch} cannot take {image_size}px images; use larger images{hint}")
+        raise ModelError(_too_small_message(model, int(image_size), small))
     if size == (1, 1) and not small and image_size <= SMALL_INPUT_MAX and (model.arch, image_size) not in _WARNED:
         _WARNED.add((model.arch, image_size))  # once per process, not at every checkpoint
         log.warning(
@@ -473,6 +503,22 @@ def check_input_size(model: EmbeddingModel, image_size: int) -> None:
             model.arch,
             image_size,
         )
+
+
+def _too_small_message(model: EmbeddingModel, image_size: int, small: bool) -> str:
+    smallest = smallest_input_size(model.arch, model.arch_kwargs, image_size + 1)
+    fixes = [f"images of at least {smallest}px (--image-size {smallest})"] if smallest else []
+    if not small:
+        try:
+            small_works = feature_map_size(_meta_model(model.arch, {**model.arch_kwargs, "small_input": True}),
+                                           image_size) is not None
+        except (ModelError, TypeError):  # an architecture without a small-input stem
+            small_works = False
+        if small_works:
+            fixes.append("its small-input stem (--arch-kwargs small_input=true)")
+    what = " or ".join(fixes) or "another architecture"
+    return (f"{model.arch} cannot take {image_size}px images: a pooling or convolution window is larger than "
+            f"what is left of them; use {what}")
 
 
 def describe_model(

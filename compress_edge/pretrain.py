@@ -151,7 +151,7 @@ def setup(opts: PretrainOptions) -> PretrainSetup:
     from torch.utils.data import Subset
 
     from compress_edge.data import TrainAugment, default_normalisation, native_image_size, open_dataset
-    from compress_edge.models import SMALL_INPUT_MAX, create_model
+    from compress_edge.models import SMALL_INPUT_MAX, check_input_size, create_model
     from compress_edge.quality import holdout_split
     from compress_edge.schedule import key_encoder_momentum, plan_run
     from compress_edge.train import current_dist
@@ -172,6 +172,7 @@ def setup(opts: PretrainOptions) -> PretrainSetup:
     kwargs = dict(opts.arch_kwargs)
     kwargs.setdefault("small_input", image_size <= SMALL_INPUT_MAX)
     model = create_model(opts.arch, head="mlp", embed_dim=opts.proj_dim, **kwargs)
+    check_input_size(model, image_size)  # before any training: a forward that fails is refused here
     resolved: dict[str, Any] = {"image_size": image_size, "heldout_images": int(len(heldout)),
                                 "train_images": len(train_set)}
     if opts.method == "simclr":

@@ -224,3 +224,25 @@ def test_the_suggested_resume_command_quotes_the_run_folder(tmp_path, images):
     line = _one_line_error(result)
     suggested = line[line.index("--resume ") + len("--resume "): line.index(", or pick")]
     assert shlex.split(suggested) == [str(out)], line
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. an architecture that cannot take the image size is refused before training
+# ----------------------------------------------------------------------------------------------
+def test_alexnet_at_32px_without_its_small_stem_is_refused_with_the_smallest_size(tmp_path, images):
+    from compress_edge.models import create_model
+
+    out = tmp_path / "run"
+    args = _pretrain_args(images, out, "--epochs", "1")
+    args[args.index("mobilenet_v3_small")] = "alexnet"
+    result = runner.invoke(app, [*args, "--arch-kwargs", "small_input=false"])
+    assert result.exit_code == 1, result.output
+    line = _one_line_error(result)
+    assert "alexnet cannot take 32px images" in line and "small_input=true" in line, line
+    smallest = int(line.split("at least ")[1].split("px")[0])
+    model = create_model("alexnet", small_input=False).eval()
+    with torch.no_grad():  # the size named is the smallest that really works
+        assert model(torch.zeros(1, 3, smallest, smallest)).shape[0] == 1
+        with pytest.raises(RuntimeError):
+            model(torch.zeros(1, 3, smallest - 1, smallest - 1))
+    assert not (out / "checkpoints").exists() and not (out / "config.json").exists()

@@ -515,7 +515,7 @@ def _too_small_message(model: EmbeddingModel, image_size: int, small: bool) -> s
         except (ModelError, TypeError):  # an architecture without a small-input stem
             small_works = False
         if small_works:
-            fixes.append("its small-input stem (--arch-kwargs small_input=true)")
+            fixes.append("its small-input stem (small_input=True: --arch-kwargs small_input=true)")
     what = " or ".join(fixes) or "another architecture"
     return (f"{model.arch} cannot take {image_size}px images: a pooling or convolution window is larger than "
             f"what is left of them; use {what}")

@@ -883,12 +883,14 @@ def make_loader(
     *,
     seed: int | None = None,
     collate_fn: Callable | None = None,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> DataLoader:
     """A DataLoader with defaults that fit this package.
 
     workers=None: :func:`default_loader_workers`; workers > 0 keeps them alive between epochs
     (persistent) and prefetches. pin_memory=None: pinned when CUDA is available. A ``sampler``
     (e.g. DistributedSampler) replaces ``shuffle``. ``seed`` fixes the shuffling order.
+    ``worker_init_fn`` runs in each worker process as it starts (e.g. to ignore stop signals).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -909,5 +911,6 @@ def make_loader(
         pin_memory=pin_memory,
         generator=generator,
         collate_fn=collate_fn,
+        worker_init_fn=worker_init_fn,
         **kwargs,
     )

@@ -290,3 +290,76 @@ def test_extract_features_needs_a_spec():
 
     with pytest.raises(ModelError, match="ModelSpec"):
         extract_features(CountingNet(), [], progress=False)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(c) for c in fh.read().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_stop_signal_to_the_process_group_during_eval_knn_ends_in_one_line(tmp_path, make_images, sig):
+    # Ctrl-C reaches every process of the terminal's process group, the loader workers included: they
+    # must leave it to the main process, so the command ends in one line, not a worker's traceback.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = make_images(tmp_path / "images", per_class=400, size=24)  # 1200 real images
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "compress_edge", "eval", "knn", "resnet50", "--train", str(images),
+           "--test", str(images), "--image-size", "224", "--workers", "2", "--batch-size", "4", "--device", "cpu",
+           "--no-cache", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(_children(proc.pid)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None and len(_children(proc.pid)) >= 2, proc.communicate()[1][-2000:]
+        time.sleep(2.0)  # the workers are past their start and loading images
+        assert proc.poll() is None
+        workers = _children(proc.pid)
+        # What decides the outcome, read from the kernel: each loader worker ignores both signals
+        # (without that, a worker hit by Ctrl-C can quit mid-transfer and print a thread's traceback).
+        ignoring = [w for w in workers if _ignored_signals(w) >= {signal.SIGINT, signal.SIGTERM}]
+        assert len(ignoring) >= 2, [(w, _ignored_signals(w)) for w in workers]
+        os.killpg(proc.pid, getattr(signal, sig))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if sig == "SIGINT":
+        assert proc.returncode == 130, err
+        assert err.strip().splitlines()[-1] == "interrupted", err
+    else:  # Python's default for SIGTERM: the main process ends at once; its workers follow
+        assert proc.returncode == -signal.SIGTERM, err
+    for bad in ("Traceback", "Exception ignored", "KeyboardInterrupt", "DataLoader worker", "internal error"):
+        assert bad not in err, err
+    deadline = time.time() + 30  # no worker is left behind (they notice the main process is gone)
+    while any(os.path.exists(f"/proc/{w}") and "Z" not in _state(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and "Z" not in _state(w)]
+
+
+def _ignored_signals(pid: int) -> set[int]:
+    """The signals process ``pid`` ignores (SigIgn in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            mask = int(next(line for line in fh if line.startswith("SigIgn:")).split()[1], 16)
+    except (OSError, StopIteration):
+        return set()
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -199,7 +199,7 @@ def _read_own(weights: Path, spec_path: Path | None) -> RawCheckpoint:
     if spec_path is not None:
         spec = ModelSpec.load(spec_path)
     elif SPEC_METADATA_KEY in metadata:
-        spec = ModelSpec.from_json(metadata[SPEC_METADATA_KEY])
+        spec = ModelSpec.from_json(metadata[SPEC_METADATA_KEY], where=f"the metadata of {weights}")
     return RawCheckpoint(weights, tensors, spec)
 
 

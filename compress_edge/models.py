@@ -612,7 +612,9 @@ def save_model(model: EmbeddingModel, spec: ModelSpec, folder: str | os.PathLike
     metadata = {"format": "pt", SPEC_METADATA_KEY: spec.replace(weights_sha256=None).to_json()}
     weights_path = folder / WEIGHTS_FILENAME
     with atomic_path(weights_path, suffix=".safetensors") as tmp:
+        mode = tmp.stat().st_mode & 0o777  # what a plain open() gives under the umask
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)  # save_file writes a new file, 0600: give back the mode the others get
     written = spec.replace(weights_sha256=sha256_file(weights_path))
     written.save(folder / SPEC_FILENAME)
     log.debug("saved %s (%d tensors) to %s", model.arch, len(tensors), folder)
@@ -701,7 +703,7 @@ def load_model(
                 f"and the file as --weights {shlex.quote(weights_path.name)}"
             )
         log.warning("no %s beside %s: using the spec stored inside it", SPEC_FILENAME, weights_path)
-        spec = ModelSpec.from_json(metadata[SPEC_METADATA_KEY])
+        spec = ModelSpec.from_json(metadata[SPEC_METADATA_KEY], where=f"the metadata of {weights_path}")
 
     try:
         model = rebuild(spec.arch, spec.arch_kwargs, normalize=spec.normalize)

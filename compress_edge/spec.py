@@ -91,11 +91,20 @@ class ModelSpec:
         return cls(**kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> ModelSpec:
+    def from_json(cls, text: str, where: str | os.PathLike | None = None) -> ModelSpec:
+        """Parse a spec; ``where`` (a file, or "the metadata of FILE") is named in every refusal."""
         try:
-            return cls.from_dict(json.loads(text))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ModelError(f"ModelSpec is not valid JSON ({exc})") from None
+            place = f" in {where}" if where is not None else ""
+            raise ModelError(f"the ModelSpec{place} is not valid JSON ({exc}); it was damaged or edited: save or "
+                             "export the model again") from None
+        try:
+            return cls.from_dict(data)
+        except ModelError as exc:
+            if where is None:
+                raise
+            raise ModelError(f"{where}: {exc}") from None
 
     def save(self, path: str | os.PathLike) -> None:
         from compress_edge.storage import atomic_write_text
@@ -109,7 +118,7 @@ class ModelSpec:
             path = path / SPEC_FILENAME
         if not path.is_file():
             raise ModelError(f"no ModelSpec at {path}; pass a model folder that holds {SPEC_FILENAME}")
-        return cls.from_json(path.read_text(encoding="utf-8"))
+        return cls.from_json(path.read_text(encoding="utf-8"), where=path)
 
     def replace(self, **changes: Any) -> ModelSpec:
         return dataclasses.replace(self, **changes)
@@ -156,7 +165,10 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_metadata(cls, props: dict[str, str]) -> ModelSpec | None:
+    def from_metadata(cls, props: dict[str, str], where: str | os.PathLike | None = None) -> ModelSpec | None:
+        """The spec in ONNX ``metadata_props``, or None; ``where`` is the file, named in a refusal."""
         text = props.get("compress_edge.spec")
-        return cls.from_json(text) if text else None
+        if not text:
+            return None
+        return cls.from_json(text, where=f"the metadata of {where}" if where is not None else None)
 

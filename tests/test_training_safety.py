@@ -246,3 +246,44 @@ def test_alexnet_at_32px_without_its_small_stem_is_refused_with_the_smallest_siz
         with pytest.raises(RuntimeError):
             model(torch.zeros(1, 3, smallest - 1, smallest - 1))
     assert not (out / "checkpoints").exists() and not (out / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. a damaged ModelSpec is refused naming its file; the weights get the mode of every other file
+# ----------------------------------------------------------------------------------------------
+def test_a_model_json_that_is_not_json_is_refused_naming_the_file(tmp_path, images, saved_teacher):
+    spec = saved_teacher / "model.json"
+    spec.write_text(spec.read_text()[:-20])  # cut short
+    result = runner.invoke(app, ["distill", str(images), "--teacher", str(saved_teacher), "--workers", "0",
+                                 "--no-progress", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    line = _one_line_error(result)
+    assert str(spec) in line and "not valid JSON" in line, line
+
+
+def test_a_spec_in_metadata_that_is_not_json_is_refused_naming_the_file(tmp_path, saved_teacher):
+    from safetensors.torch import load_file, save_file
+
+    from compress_edge.errors import ModelError
+    from compress_edge.models import SPEC_METADATA_KEY, load_model
+    from compress_edge.spec import ModelSpec
+
+    weights = tmp_path / "bare" / "student.safetensors"  # no model.json beside it: the spec inside is used
+    weights.parent.mkdir()
+    save_file(load_file(saved_teacher / "model.safetensors"), str(weights), metadata={SPEC_METADATA_KEY: "{oops"})
+    with pytest.raises(ModelError, match=rf"the ModelSpec in the metadata of {weights}\b.*not valid JSON"):
+        load_model(weights)
+    # ONNX metadata_props take the same path: the ONNX readers pass their file as ``where``.
+    with pytest.raises(ModelError, match=r"the metadata of model\.onnx is not valid JSON"):
+        ModelSpec.from_metadata({"compress_edge.spec": "{oops"}, where="model.onnx")
+
+
+def test_the_weights_file_gets_the_same_mode_as_every_other_file(tmp_path, images):
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert runner.invoke(app, _pretrain_args(images, out, "--epochs", "1")).exit_code == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (out / "student").iterdir()}
+    assert modes == {"model.safetensors": "0o644", "model.json": "0o644"}, modes

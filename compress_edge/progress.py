@@ -20,17 +20,38 @@ T = TypeVar("T")
 
 err_console = Console(stderr=True)
 
+# Switched off for the length of a command run with --no-progress (see :func:`bars`).
+_enabled = True
+
+
+@contextlib.contextmanager
+def bars(enabled: bool) -> Iterator[None]:
+    """While open, every bar of this module is shown only when ``enabled`` (a command's --progress):
+    also the ones deep in library code that has no progress argument (a folder's "checking images")."""
+    global _enabled
+    saved, _enabled = _enabled, bool(enabled) and _enabled
+    try:
+        yield
+    finally:
+        _enabled = saved
+
+
+def bars_enabled() -> bool:
+    """False inside ``bars(False)``."""
+    return _enabled
+
 
 def progress_bar(*extra_columns: TextColumn) -> Progress:
+    """The package's bar on stderr; it draws nothing inside ``bars(False)``."""
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra_columns,
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False, disable=not _enabled,
     )
 
 
 def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
     """Iterate with a progress bar on stderr (nothing when ``enabled`` is False)."""
-    if not enabled:
+    if not (enabled and _enabled):
         yield from items
         return
     if total is None:

@@ -283,6 +283,15 @@ def test_no_progress_hides_the_checking_images_bar(tmp_path, capfd):
     assert "checking images" not in capfd.readouterr().err
     assert len(D.open_dataset(str(tmp_path))) == _PROGRESS_MIN_FILES
     assert "checking images" in capfd.readouterr().err
+    # A command's --no-progress reaches bars in code it does not pass the flag to.
+    from compress_edge.progress import bars, bars_enabled
+
+    with bars(False):
+        assert len(D.open_dataset(str(tmp_path))) == _PROGRESS_MIN_FILES
+        with bars(True):  # an inner "on" does not override the command's "off"
+            assert not bars_enabled()
+    assert "checking images" not in capfd.readouterr().err
+    assert bars_enabled()
 
 
 def test_missing_fashion_mnist_message(no_fmnist):

@@ -110,8 +110,11 @@ def export(
         workspace_mib=workspace, timing_cache=str(timing_cache) if timing_cache else None, strict=strict,
         progress=progress,
     )
+    from compress_edge.progress import bars
+
     try:
-        report = export_model(opts)
+        with bars(progress):
+            report = export_model(opts)
     except ParityFailed as exc:
         # Which file missed its goal, and by how much, comes before the one-line error.
         _show_export(exc.report, as_json)

@@ -169,7 +169,17 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
         logger.debug("joined process group: rank %d of %d (%s)", rank, world, backend)
+    if rank != 0:
+        quiet_this_process()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def quiet_this_process() -> None:
+    """Only rank 0 speaks: on the other ranks of a ``torchrun`` run, logs and progress bars (all on the
+    shared stderr console) print nothing. Errors still do (the CLI prints them itself)."""
+    from compress_edge.progress import err_console
+
+    err_console.quiet = True
 
 
 def current_dist() -> DistInfo:

@@ -287,3 +287,19 @@ def test_the_weights_file_gets_the_same_mode_as_every_other_file(tmp_path, image
         os.umask(old)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (out / "student").iterdir()}
     assert modes == {"model.safetensors": "0o644", "model.json": "0o644"}, modes
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. torchrun: only rank 0 speaks
+# ----------------------------------------------------------------------------------------------
+def test_under_torchrun_only_rank_0_prints_logs_bars_and_the_result(tmp_path, images):
+    out = tmp_path / "run"
+    args = _pretrain_args(images, out, "--epochs", "1", "--batch-size", "2")
+    args[args.index("--no-progress")] = "--progress"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "compress_edge"]
+    run = subprocess.run([*torchrun, *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("pretraining mobilenet_v3_small") == 1, run.stderr
+    assert run.stderr.count("epoch 1/1") <= 1, run.stderr  # rank 0's bar (if drawn at all off a terminal)
+    assert run.stdout.count("model written to") == 1, run.stdout

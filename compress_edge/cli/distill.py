@@ -130,7 +130,7 @@ def distill(
     Example: compress-edge distill images/ --teacher resnet50 --teacher-weights moco_v2.pth.tar --image-size 96 --out runs/distill
     """
     from compress_edge.distill import DistillOptions, load_options, run_distill
-    from compress_edge.train import TrainConfig, init_distributed
+    from compress_edge.train import TrainConfig, current_dist, init_distributed
 
     init_distributed(device)
     if resume is not None:
@@ -151,9 +151,10 @@ def distill(
                               progress=progress),
         )
         result = run_distill(opts, stop_after_epochs=stop_after)
-    console.print(f"student written to {Path(opts.out) / 'student'} "
-                  f"({result.epochs_done} epochs, {result.global_step} steps, last loss {result.last_loss:.4f}, "
-                  f"{result.seconds:.0f} s); checks in {Path(opts.out) / 'quality.json'}")
+    if current_dist().is_main:  # under torchrun, only rank 0 speaks
+        console.print(f"student written to {Path(opts.out) / 'student'} "
+                      f"({result.epochs_done} epochs, {result.global_step} steps, last loss {result.last_loss:.4f}, "
+                      f"{result.seconds:.0f} s); checks in {Path(opts.out) / 'quality.json'}")
 
 
 @app.command("cache-teacher")

@@ -72,7 +72,7 @@ def pretrain(
     Example: compress-edge pretrain fashion-mnist:train --out runs/teacher
     """
     from compress_edge.pretrain import PretrainOptions, load_pretrain_options, run_pretrain
-    from compress_edge.train import TrainConfig, init_distributed
+    from compress_edge.train import TrainConfig, current_dist, init_distributed
 
     init_distributed(device)
     if resume is not None:
@@ -91,5 +91,6 @@ def pretrain(
                               max_steps_per_epoch=max_steps_per_epoch, progress=progress),
         )
         result = run_pretrain(opts, stop_after_epochs=stop_after)
-    console.print(f"model written to {Path(opts.out) / 'student'} ({result.epochs_done} epochs, "
-                  f"{result.global_step} steps, last loss {result.last_loss:.4f}, {result.seconds:.0f} s)")
+    if current_dist().is_main:  # under torchrun, only rank 0 speaks
+        console.print(f"model written to {Path(opts.out) / 'student'} ({result.epochs_done} epochs, "
+                      f"{result.global_step} steps, last loss {result.last_loss:.4f}, {result.seconds:.0f} s)")

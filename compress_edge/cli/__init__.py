@@ -54,6 +54,7 @@ def _register() -> None:
     from compress_edge.cli import models as _models  # noqa: F401
     from compress_edge.cli import pretrain as _pretrain  # noqa: F401
     from compress_edge.cli import profile as _profile  # noqa: F401
+    from compress_edge.cli import serve as _serve  # noqa: F401
 
 
 _register()

@@ -162,3 +162,16 @@ def test_export_from_an_onnx_file_reports_reduced_precision(fp32, tmp_path):
     assert report["calibration"]["count"] == 12
     assert (tmp_path / "o" / "export.json").is_file()
     assert report["files"]["model.int8-cpu.onnx"]["bytes"] > 0
+
+
+@pytest.mark.parametrize("target", ["cpu", "trt"])
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_takes_a_count_that_is_no_multiple_of_the_batch(fp32, tmp_path, target, method):
+    # 18 images in batches of 16 left a ragged batch of 2 that onnxruntime's histogram calibrators
+    # cannot stack: the export fell back to minmax. Equal batches keep the method asked for.
+    calib = fp32["images"][:18]
+    assert len(calib) == 18
+    out = q.quantize_int8(fp32["path"], tmp_path / "q.onnx", fp32["spec"], calib, target=target,
+                          calib_method=method, batch_size=16)
+    assert out.settings["calibration"] == method
+    assert out.settings["calibration_batch"] == 9 and out.calib_images == 18

@@ -39,11 +39,19 @@ ensure_data() {
     fi
 }
 
+ensure_browser() {
+    # The browser test of 'compress-edge serve' drives Debian's headless chromium (never a downloaded one).
+    if ! command -v chromium >/dev/null 2>&1; then
+        apt_install chromium
+    fi
+}
+
 case "${1:-}" in
     test)
         shift
         ensure_venv
         ensure_data
+        ensure_browser
         "$VENV/bin/ruff" check .
         "$VENV/bin/pytest" "$@"
         ;;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,9 @@ def write_report(demo) -> dict[str, Any]:
               f"({rt.get('index_bytes_per_image') or '?'} bytes an image in the FAISS file), built with the exported "
               "ONNX model; "
               f"weighted kNN (k = 20, T = 0.07) through it classifies the {rt['queries']} test images with "
-              f"{_pct(rt['knn_accuracy_through_index'])} % accuracy.", ""]
+              f"{_pct(rt['knn_accuracy_through_index'])} % accuracy.", "",
+              f"Browse it: `compress-edge serve {shlex.quote(str(rt['index']))}`, then open http://127.0.0.1:8000/ (search by upload "
+              "or by a click on a gallery image; the same as JSON at POST /search).", ""]
     for key, title in (("loss", "Training loss"), ("accuracy_cost", "Accuracy and cost"),
                        ("latency", "Latency per backend"), ("retrieval", "Test queries and their neighbours")):
         if key in pictures:

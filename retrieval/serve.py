@@ -79,7 +79,7 @@ MAX_SEARCH_PARAM = 2048
 THUMB_SIZE = 160
 THUMB_CACHE = 1024
 GALLERY_PAGE_MAX = 200
-#: Multipart framing (boundaries, part headers) on top of the image's own bytes.
+#: Multipart framing (boundaries, part headers) on top of the image's own bytes; also the largest JSON body.
 FORM_OVERHEAD = 64 * 1024
 SERVER_PACKAGES = "starlette uvicorn python-multipart"
 
@@ -177,6 +177,11 @@ class SearchService:
         # FAISS search parameters are set on the shared index for one call and restored after it: one
         # search at a time. Embedding (onnxruntime, thread-safe) runs outside the lock.
         self._search_lock = threading.Lock()
+        # onnxruntime sessions run concurrently; a TensorRT execution context or a torch model in eval
+        # mode shared by threads is not documented as safe: one embedding at a time for those.
+        self._embed_lock = contextlib.nullcontext() if self.searcher.embedder.name == "onnxruntime" else threading.Lock()
+        self._rows: tuple | None = None
+        self._rows_lock = threading.Lock()
         self._thumb = functools.lru_cache(maxsize=THUMB_CACHE)(self._thumbnail)
 
     # -- what it is ------------------------------------------------------------------------------------
@@ -250,7 +255,8 @@ class SearchService:
     # -- searching -------------------------------------------------------------------------------------
     def search_image(self, image: Image.Image, k: int, params: dict[str, int] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        x = self.searcher.embed([image])
+        with self._embed_lock:
+            x = self.searcher.embed([image])
         embed_ms = (time.perf_counter() - t0) * 1e3
         out = self._search(x, k, params, own=None)
         out["timings"]["embed_ms"] = embed_ms
@@ -263,7 +269,7 @@ class SearchService:
         if int(self.index.positions(np.array([value]))[0]) < 0:
             raise RequestError(404, f"id {value} is not in the index")
         t0 = time.perf_counter()
-        x = self.index.store().gather(np.array([value], dtype=np.int64))
+        x = self.stored_embedding(value)
         load_ms = (time.perf_counter() - t0) * 1e3
         out = self._search(x, k, params, own=value)
         out["timings"]["embed_ms"] = 0.0
@@ -271,6 +277,23 @@ class SearchService:
         item = self.index.item(value)
         out["query"] = {"kind": "id", "id": value, "label": item["label"], "label_name": item["label_name"]}
         return out
+
+    def stored_embedding(self, id_: int) -> np.ndarray:
+        """(1, D) float32: the embedding stored for a gallery id, read from the memory-mapped shards (where
+        each id lives is listed once, on the first call)."""
+        with self._rows_lock:
+            if self._rows is None:
+                shards = list(self.index.store().iter_shards())
+                ids = np.concatenate([i for _, i in shards]) if shards else np.zeros(0, np.int64)
+                which = np.concatenate([np.full(len(i), n) for n, (_, i) in enumerate(shards)]) if shards else ids
+                rows = np.concatenate([np.arange(len(i)) for _, i in shards]) if shards else ids
+                order = np.argsort(ids, kind="stable")
+                self._rows = (shards, ids[order], which[order], rows[order])
+        shards, ids, which, rows = self._rows
+        p = int(np.searchsorted(ids, id_))
+        if p >= len(ids) or ids[p] != id_:
+            raise RequestError(404, f"id {id_} has no stored embedding; rebuild the index")
+        return np.asarray(shards[int(which[p])][0][int(rows[p])], dtype=np.float32)[None]
 
     def _search(self, x: np.ndarray, k: int, params: dict[str, int] | None, own: int | None) -> dict[str, Any]:
         idx = self.index
@@ -471,7 +494,11 @@ def create_app(service: SearchService):
     async def _search(request: Request) -> Response:
         t0 = time.perf_counter()
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await read_body(request, limits.max_bytes + FORM_OVERHEAD)
+        if kind not in ("application/json", "multipart/form-data"):
+            raise RequestError(415, "POST /search takes multipart/form-data (an image in the field 'image') "
+                                    'or application/json {"id": N}')
+        body = await read_body(request, FORM_OVERHEAD if kind == "application/json" else
+                               limits.max_bytes + FORM_OVERHEAD)
         if kind == "application/json":
             try:
                 payload = json.loads(body or b"null")
@@ -481,7 +508,7 @@ def create_app(service: SearchService):
                 raise RequestError(400, 'send JSON {"id": N, "k": 10} (a gallery id) or a multipart image upload')
             k, params = service.check_k(payload.get("k")), service.check_param(payload.get("param"))
             out = await run_in_threadpool(service.search_id, payload["id"], k, params)
-        elif kind == "multipart/form-data":
+        else:
             sent = False
 
             async def replay() -> dict[str, Any]:
@@ -510,9 +537,6 @@ def create_app(service: SearchService):
             out = await run_in_threadpool(service.search_image, image, k, params)
             out["timings"]["decode_ms"] = decode_ms
             out["query"]["bytes"] = len(data)
-        else:
-            raise RequestError(415, "POST /search takes multipart/form-data (an image in the field 'image') "
-                                    'or application/json {"id": N}')
         out["timings"]["total_ms"] = (time.perf_counter() - t0) * 1e3
         return JSONResponse(out, headers=headers)
 

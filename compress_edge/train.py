@@ -539,6 +539,8 @@ class Trainer:
             if state is None:
                 raise TrainingError(f"{problem}, and there is no readable {previous.name} before it; start a new run "
                                     "(another --out)")
+            if self.dist.is_main and self.checkpoint_path.is_file():  # never rotated into previous.pt
+                os.replace(self.checkpoint_path, self.checkpoint_path.with_name("last.damaged.pt"))
             logger.warning("%s; resuming from %s, the checkpoint before it (the steps after it are trained again)",
                            problem, previous)
             path = previous

@@ -177,6 +177,9 @@ def test_a_damaged_last_checkpoint_resumes_from_the_previous_one(tmp_path, image
     assert "previous.pt" in result.output and "cannot read checkpoint" in result.output, result.output
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 3 and state["global_step"] == 3 * kept["global_step"]
+    # The damaged file was put aside, not rotated in: previous.pt is the good epoch-2 checkpoint.
+    assert torch.load(previous, weights_only=True)["epoch"] == 2
+    assert (out / "checkpoints" / "last.damaged.pt").is_file()
 
     for path in (last, previous):  # both damaged: nothing to resume from, said in one line
         path.write_bytes(b"not a checkpoint")

@@ -351,7 +351,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def read_spec(path: str | os.PathLike) -> ModelSpec | None:
     """The ModelSpec stored in an ONNX file, or None when it carries none."""
-    return ModelSpec.from_metadata(read_metadata(path))
+    return ModelSpec.from_metadata(read_metadata(path), where=path)
 
 
 def save_model_proto(proto, path: str | os.PathLike) -> None:

@@ -452,7 +452,7 @@ def spec_from_onnx_metadata(
     preprocessing cannot be guessed); its embed_dim comes from the output shape, or from ``probe``
     (a function image_size -> D that runs the model once) when that shape is dynamic.
     """
-    spec = ModelSpec.from_metadata(props)
+    spec = ModelSpec.from_metadata(props, where=path)
     fixed_hw = None
     if input_shape and len(input_shape) == 4 and all(isinstance(v, int) and v > 0 for v in input_shape[2:]):
         fixed_hw = (int(input_shape[2]), int(input_shape[3]))

@@ -146,7 +146,7 @@ def _onnx_spec(onnx_path: Path, spec: ModelSpec | None) -> tuple[ModelSpec, str]
     from compress_edge.export.onnx import read_metadata
 
     props = read_metadata(onnx_path)
-    stored = ModelSpec.from_metadata(props)
+    stored = ModelSpec.from_metadata(props, where=onnx_path)
     precision = props.get(PRECISION_KEY, "fp32")
     if spec is None:
         spec = stored

@@ -49,6 +49,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import struct
 import threading
 import time
@@ -599,18 +600,42 @@ def run_server(service: SearchService, host: str = "127.0.0.1", port: int = 8000
     # Oversized images are refused by our own pixel limit; PIL's warning would only repeat it on stderr.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     app = create_app(service)
+    sock = listen_socket(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off",
                             timeout_keep_alive=5, limit_concurrency=max(32, 8 * service.limits.max_concurrent))
     server = uvicorn.Server(config)
 
     async def main() -> None:
-        task = asyncio.ensure_future(server.serve())
+        task = asyncio.ensure_future(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
         if server.started and ready is not None:
-            sockets = [s for srv in getattr(server, "servers", []) for s in srv.sockets]
-            bound = sockets[0].getsockname()[:2] if sockets else (host, port)
+            bound = sock.getsockname()
             ready(bound[0], bound[1])
         await task
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) (port 0: a free one), or CompressEdgeError in one line: bound
+    here, not inside uvicorn, so that a busy port is a message and the bound port is known."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CompressEdgeError(f"cannot listen on {shown(host)}: {exc.strerror or exc}; check --host") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise CompressEdgeError(f"cannot listen on {shown(host)}:{port} ({exc.strerror or exc}); pick another "
+                                "--port (or --host)") from None
+    return sock

@@ -323,6 +323,26 @@ def test_a_remote_host_needs_allow_remote(built):
     run = subprocess.run([sys.executable, "-m", "compress_edge", "serve", str(built["index"]), "--host", "0.0.0.0"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "--allow-remote" in run.stderr and run.stderr.count("\n") == 1
+    # with --allow-remote: a warning, then (on an address this machine does not have: nothing is exposed
+    # here) a one-line refusal to listen
+    run = subprocess.run([sys.executable, "-m", "compress_edge", "serve", str(built["index"]), "--host", "192.0.2.1",
+                          "--allow-remote", "--port", "0"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"})
+    assert run.returncode == 1
+    assert "anyone who can reach this address" in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: cannot listen on 192.0.2.1:0")
+
+
+def test_a_busy_port_is_one_line(built):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "compress_edge", "serve", str(built["index"]), "--port", str(port)],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()]
+    assert run.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in run.stderr
 
 
 def test_concurrent_searches_beyond_the_limit_get_503(built):

@@ -59,7 +59,8 @@ def serve(
     def ready(bound_host: str, bound_port: int) -> None:
         shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         err_console.print(f"serving {service.index.ntotal:,} images of {shown(index_dir)} on "
-                          f"http://{shown_host}:{bound_port}/ (Ctrl+C to stop)", markup=False, highlight=False)
+                          f"http://{shown_host}:{bound_port}/ (Ctrl+C to stop)", markup=False, highlight=False,
+                          soft_wrap=True)
 
     try:
         run_server(service, host, port, allow_remote=allow_remote, ready=ready)

@@ -483,16 +483,6 @@ def create_app(service: SearchService):
         return bytes(body)
 
     async def search(request: Request) -> Response:
-        if busy["running"] >= limits.max_concurrent:
-            return error(503, f"busy: {busy['running']} searches are running (the limit is "
-                              f"{limits.max_concurrent}); try again", **{"Retry-After": "1"})
-        busy["running"] += 1
-        try:
-            return await _search(request)
-        finally:
-            busy["running"] -= 1
-
-    async def _search(request: Request) -> Response:
         t0 = time.perf_counter()
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind not in ("application/json", "multipart/form-data"):
@@ -500,6 +490,7 @@ def create_app(service: SearchService):
                                     'or application/json {"id": N}')
         body = await read_body(request, FORM_OVERHEAD if kind == "application/json" else
                                limits.max_bytes + FORM_OVERHEAD)
+        data = None
         if kind == "application/json":
             try:
                 payload = json.loads(body or b"null")
@@ -508,38 +499,52 @@ def create_app(service: SearchService):
             if not isinstance(payload, dict) or "id" not in payload:
                 raise RequestError(400, 'send JSON {"id": N, "k": 10} (a gallery id) or a multipart image upload')
             k, params = service.check_k(payload.get("k")), service.check_param(payload.get("param"))
-            out = await run_in_threadpool(service.search_id, payload["id"], k, params)
         else:
-            sent = False
-
-            async def replay() -> dict[str, Any]:
-                nonlocal sent
-                if sent:
-                    return {"type": "http.disconnect"}
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            form_request = Request(request.scope, replay)
-            try:
-                form = await form_request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
-            except HTTPException as exc:
-                raise RequestError(400, f"the multipart body cannot be read ({exc.detail})") from None
-            try:
-                upload = form.get("image")
-                if upload is None or isinstance(upload, str):
-                    raise RequestError(400, "send the image as the multipart file field 'image'")
-                k, params = service.check_k(form.get("k")), service.check_param(form.get("param"))
-                data = await upload.read()
-            finally:
-                await form.close()
-            t1 = time.perf_counter()
-            image = await run_in_threadpool(decode_upload, data, limits)
-            decode_ms = (time.perf_counter() - t1) * 1e3
-            out = await run_in_threadpool(service.search_image, image, k, params)
-            out["timings"]["decode_ms"] = decode_ms
-            out["query"]["bytes"] = len(data)
+            data, k, params = await read_form(request, body)
+        # The limit is on the work (decoding, embedding, searching) running at once; uploads still
+        # arriving are bounded by their size and by uvicorn's limit on connections.
+        if busy["running"] >= limits.max_concurrent:
+            return error(503, f"busy: {busy['running']} searches are running (the limit is "
+                              f"{limits.max_concurrent}); try again", **{"Retry-After": "1"})
+        busy["running"] += 1
+        try:
+            if data is None:
+                out = await run_in_threadpool(service.search_id, payload["id"], k, params)
+            else:
+                t1 = time.perf_counter()
+                image = await run_in_threadpool(decode_upload, data, limits)
+                decode_ms = (time.perf_counter() - t1) * 1e3
+                out = await run_in_threadpool(service.search_image, image, k, params)
+                out["timings"]["decode_ms"] = decode_ms
+                out["query"]["bytes"] = len(data)
+        finally:
+            busy["running"] -= 1
         out["timings"]["total_ms"] = (time.perf_counter() - t0) * 1e3
         return JSONResponse(out, headers=headers)
+
+    async def read_form(request: Request, body: bytes) -> tuple[bytes, int, dict[str, int] | None]:
+        """(image bytes, k, search parameters) of a multipart body already read (and bounded)."""
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=8, max_part_size=64 * 1024)
+        except HTTPException as exc:
+            raise RequestError(400, f"the multipart body cannot be read ({exc.detail})") from None
+        try:
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise RequestError(400, "send the image as the multipart file field 'image'")
+            k, params = service.check_k(form.get("k")), service.check_param(form.get("param"))
+            return await upload.read(), k, params
+        finally:
+            await form.close()
 
     async def on_request_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestError)

@@ -258,12 +258,15 @@ def is_dataset_id(file: str) -> bool:
 
 
 def open_gallery(data: Sequence[str], *, data_root: str | None = None, classes: Sequence[str] | None = None,
-                 root: str | None = None) -> Gallery:
+                 root: str | None = None, progress: bool | None = None) -> Gallery:
     """Open DATA arguments (folders, image files, fashion-mnist:train|test) as one :class:`Gallery`.
 
     classes: class names already in an index (labels are mapped by name; new names are appended).
     root: the folder file paths are recorded relative to (default: the common folder of the inputs).
+    progress: False hides the "checking images" bar of a large folder (a command's --no-progress, or a
+    rank other than 0); None shows it for large folders.
     """
+    quiet = False if progress is False else None
     if not data:
         raise DataError("no images given: pass image folders, image files or fashion-mnist:train|test")
     class_names = list(classes or [])
@@ -275,7 +278,7 @@ def open_gallery(data: Sequence[str], *, data_root: str | None = None, classes: 
         if head in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
             from compress_edge.data import open_dataset  # needs torch: only for this kind of DATA
 
-            ds = open_dataset(item, data_root=data_root)
+            ds = open_dataset(item, data_root=data_root, progress=quiet)
             datasets[ds.name] = ds
             names = [class_names.index(c) if c in class_names else _append(class_names, c) for c in ds.classes]
             for i, f in enumerate(ds.files):
@@ -293,7 +296,7 @@ def open_gallery(data: Sequence[str], *, data_root: str | None = None, classes: 
         if not path.is_dir():
             raise DataError(f"no such file or folder: {item}; pass image folders, image files or "
                             "fashion-mnist:train|test")
-        scan = scan_images(path)
+        scan = scan_images(path, progress=quiet)
         names = [class_names.index(c) if c in class_names else _append(class_names, c) for c in scan.classes]
         for f, label in zip(scan.files, scan.labels, strict=True):
             entries.append((str(Path(f).resolve()), None, names[label] if label >= 0 else -1))

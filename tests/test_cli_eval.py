@@ -178,3 +178,43 @@ def test_eval_knn_with_an_index_maps_classes_by_name(model_dir, splits, tmp_path
     out = _json(runner.invoke(app, ["eval", "knn", str(model_dir), "--index", str(tmp_path / "idx"), "--test",
                                     splits[1], "-k", "1", *_common(tmp_path)]))
     assert out["nn_top1"] == pytest.approx(3 / 9) and out["gallery"] == 3
+
+
+@pytest.fixture(scope="module")
+def folder_300(tmp_path_factory):
+    """300 tiny real PNGs in two classes: a folder scan shows its "checking images" bar at this size
+    when the threshold is lowered to 300 (see the test)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder300")
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        cls = root / ("a" if i % 2 else "b")
+        cls.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(cls / f"{i:04d}.png")
+    return root
+
+
+@pytest.mark.parametrize("flag", ["--no-progress", "--progress"])
+def test_no_progress_hides_the_checking_images_bar(model_dir, folder_300, tmp_path, monkeypatch, flag):
+    import compress_edge.images as images
+
+    monkeypatch.setattr(images, "_PROGRESS_MIN_FILES", 300)
+    shown = flag == "--progress"
+    knn = runner.invoke(app, ["eval", "knn", str(model_dir), "--train", str(folder_300), "--test", str(folder_300),
+                              "-k", "3", "--workers", "0", "--device", "cpu", "--no-cache", flag])
+    assert knn.exit_code == 0, knn.output
+    assert ("checking images" in knn.output) == shown
+    info = runner.invoke(app, ["data", "info", str(folder_300), flag])
+    assert info.exit_code == 0, info.output
+    assert ("checking images" in info.output) == shown and "images: 300" in info.output
+
+
+def test_open_gallery_without_progress_shows_no_bar(folder_300, monkeypatch, capsys):
+    from compress_edge.retrieval.shards import open_gallery
+
+    import compress_edge.images as images
+
+    monkeypatch.setattr(images, "_PROGRESS_MIN_FILES", 300)
+    assert len(open_gallery([str(folder_300)], progress=False).files) == 300
+    assert "checking images" not in capsys.readouterr().err

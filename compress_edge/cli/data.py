@@ -36,6 +36,7 @@ def info(
         bool, typer.Option("--download", help="Download Fashion-MNIST when no copy is found.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of a table.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Show what a DATA argument holds: its kind, images, classes with counts, skipped files.
 
@@ -47,7 +48,7 @@ def info(
     """
     from compress_edge.data import open_dataset
 
-    ds = open_dataset(data, data_root=data_root, download=download)
+    ds = open_dataset(data, data_root=data_root, download=download, progress=progress)
     summary = ds.describe()
     summary["fingerprint"] = ds.fingerprint()
     if as_json:

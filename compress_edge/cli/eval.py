@@ -112,7 +112,7 @@ def features(model: Any, spec: Any, data: str, *, data_root: str | None, batch_s
     from compress_edge.data import open_dataset
     from compress_edge.evaluate import extract_features
 
-    dataset = open_dataset(data, data_root=data_root)
+    dataset = open_dataset(data, data_root=data_root, progress=progress)  # --no-progress: no "checking images"
     x, y = extract_features(model, dataset, spec=spec, batch_size=batch_size, device=device, workers=workers,
                             cache_dir=cache_dir, use_cache=not no_cache, progress=progress)
     return x, y, dataset
@@ -235,8 +235,8 @@ def _baselines(xtr, xte, train: str, test: str, spec, *, ks: list[int], temperat
     from compress_edge.evaluate import extract_features, knn_eval
     from compress_edge.quality import random_weights_model, raw_pixel_features
 
-    gallery = open_dataset(train, data_root=opts["data_root"])
-    queries = open_dataset(test, data_root=opts["data_root"])
+    gallery = open_dataset(train, data_root=opts["data_root"], progress=opts["progress"])
+    queries = open_dataset(test, data_root=opts["data_root"], progress=opts["progress"])
     twin = random_weights_model(spec, gallery)
     kw = dict(spec=spec, batch_size=opts["batch_size"], device=opts["device"], workers=opts["workers"],
               use_cache=False, progress=opts["progress"])

@@ -93,11 +93,13 @@ def stand_in_student(arch: str, small_input: bool, size: int, folder: Path, stat
 def run(args: argparse.Namespace) -> dict:
     import torch
     from compress_edge.export import ExportOptions, export_model
+    from compress_edge.export.parity import load_check_images
     from compress_edge.export.runtimes import benchmark, count_gflops, machine_info, open_embedder
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    results: dict = {"machine": machine_info(), "threads": args.threads, "models": {}}
+    results: dict = {"machine": machine_info(), "threads": args.threads, "models": {},
+                     "inputs": {"kind": "real", "data": args.data, "images": max(args.batch)}}
     names = args.configs.split(",")
     for name in names:
         if name not in CONFIGS and name != "student":
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[{name}] exporting (calibration {args.calib_images} images) ...", file=sys.stderr, flush=True)
         report = export_model(ExportOptions(
             model=model_ref, out=str(folder), int8=["cpu"], calib_data="fashion-mnist:train",
-            calib_images=args.calib_images, calib_method=args.calib_method, parity_data="fashion-mnist:test",
+            calib_images=args.calib_images, calib_method=args.calib_method, parity_data=args.data,
             parity_images=args.parity_images, strict=False,
         ))
         gc.collect()  # sessions left from the export's checks must not spin beside the timed runs
@@ -127,10 +129,18 @@ def run(args: argparse.Namespace) -> dict:
             open_embedder(folder / "model.int8-cpu.onnx", threads=args.threads),
         ]
         gflops = count_gflops(embedders[0].spec)
+        # Real images (an int8 model may answer random tensors with zeros), once per preprocessing.
+        loaded: dict = {}
         for emb in embedders:
+            spec = emb.spec
+            key = (spec.channels, spec.image_size, tuple(spec.mean), tuple(spec.std))
+            if key not in loaded:
+                loaded[key], _ = load_check_images(args.data, spec, max(args.batch), purpose="the benchmark",
+                                                   progress=False)
             print(f"[{name}] timing {emb.name} {emb.precision} ...", file=sys.stderr, flush=True)
             rows += [r.to_dict() for r in benchmark(emb, args.batch, warmup=args.warmup, iters=args.iters,
-                                                    min_seconds=args.min_seconds, gflop_per_image=gflops, label=name)]
+                                                    min_seconds=args.min_seconds, gflop_per_image=gflops, label=name,
+                                                    images=loaded[key])]
             emb.close()
 
         b_small, b_big = min(args.batch), max(args.batch)
@@ -199,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-images", type=int, default=256)
     parser.add_argument("--calib-method", default="percentile")
     parser.add_argument("--parity-images", type=int, default=200)
+    parser.add_argument("--data", default="fashion-mnist:test",
+                        help="Images for the parity checks and the timed batches (a folder or fashion-mnist:test).")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of the tables.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -218,3 +218,38 @@ def test_open_gallery_without_progress_shows_no_bar(folder_300, monkeypatch, cap
     monkeypatch.setattr(images, "_PROGRESS_MIN_FILES", 300)
     assert len(open_gallery([str(folder_300)], progress=False).files) == 300
     assert "checking images" not in capsys.readouterr().err
+
+
+def test_demo_export_stage_times_the_backends_on_its_test_images(model_dir, splits, tmp_path, monkeypatch):
+    """The demo's latency table (stage_export) describes real inputs: benchmark() gets the demo's test
+    images, preprocessed for the model, never random tensors. (Export itself is faked: only the
+    timing's inputs are under test here.)"""
+    import compress_edge.export as export_pkg
+    import compress_edge.export.runtimes as runtimes
+
+    from compress_edge.demo import Demo, DemoSettings, stage_export
+
+    real_open, real_bench = runtimes.open_embedder, runtimes.benchmark
+    monkeypatch.setattr(export_pkg, "export_model", lambda opts: {"files": [], "parity": {}, "steps": {}})
+    monkeypatch.setattr(runtimes, "open_embedder", lambda ref, **kw: real_open(str(model_dir), threads=1))
+    seen = []
+
+    def bench(embedder, batch_sizes, **kw):
+        seen.append(kw.get("images"))
+        return real_bench(embedder, batch_sizes, **{**kw, "warmup": 0, "iters": 1})
+
+    monkeypatch.setattr(runtimes, "benchmark", bench)
+    demo = Demo(tmp_path / "demo", DemoSettings(test_data=splits[1], device="cpu", workers=0), progress=False)
+    demo.results["distill"] = {"student": str(model_dir)}
+    out = stage_export(demo)
+    assert len(seen) == 3 and all(x is not None for x in seen)
+    from compress_edge.data import open_dataset
+    from compress_edge.images import preprocess_batch
+    from compress_edge.models import load_model
+
+    _, spec = load_model(model_dir)
+    test = open_dataset(splits[1])
+    want = preprocess_batch([test.get_image(i) for i in range(len(test))], spec.image_size, spec.mean, spec.std)
+    np.testing.assert_allclose(seen[0], want, atol=1e-6)
+    assert out["latency_inputs"] == {"kind": "real", "data": splits[1], "images": len(test)}
+    assert len(out["latency"]) == 6

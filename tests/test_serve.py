@@ -242,6 +242,7 @@ def test_bad_uploads_are_refused_and_the_server_keeps_serving(server, built):
     cases = {
         "empty": (b"", 400),
         "not an image": (b"hello, this is text and not a picture" * 10, 400),
+        "PostScript (never handed to Ghostscript)": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", 400),
         "truncated": (good[: len(good) // 2], 400),
         "bomb (PIL's limit)": (png_header(60000, 60000), 413),
         "bomb (the server's limit)": (png_header(2000, 2000), 413),

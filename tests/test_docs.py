@@ -11,6 +11,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -235,6 +236,89 @@ def _not_installed(tmp, images, monkeypatch):
     return [engine, (without_torch.returncode, without_torch.stderr)]
 
 
+def _onnx(tmp: Path, size: int = 32) -> Path:
+    """A random mobilenet_v3_small exported to ``tmp/model.onnx`` (ModelSpec in its metadata)."""
+    import torch
+    from compress_edge.export.onnx import export_onnx
+
+    from compress_edge.models import create_model, save_model, spec_for
+
+    torch.manual_seed(2)
+    model = create_model("mobilenet_v3_small", small_input=True).eval()
+    spec = save_model(model, spec_for(model, image_size=size, source={"kind": "test"}), tmp / "student")
+    export_onnx(model, spec, tmp / "model.onnx", exporter="torchscript", simplify=False)
+    return tmp / "model.onnx"
+
+
+def _change_weights(onnx_file: Path, how) -> Path:
+    """``onnx_file`` with its largest float initializer passed through ``how`` (still parses, metadata kept)."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(onnx_file))
+    init = max((i for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT),
+               key=lambda i: int(np.prod(i.dims)))
+    init.CopyFrom(numpy_helper.from_array(how(numpy_helper.to_array(init).copy()).astype(np.float32), init.name))
+    onnx.save(m, str(onnx_file))
+    return onnx_file
+
+
+def _built_index(tmp: Path, images: Path, model) -> Path:
+    built = _invoke("index", "build", model, images, "--out", tmp / "index", "--no-progress")
+    assert built[0] == 0, built[1]
+    return tmp / "index"
+
+
+def _edit_sidecar(index: Path, change) -> None:
+    meta = json.loads((index / "index.json").read_text())
+    change(meta)
+    (index / "index.json").write_text(json.dumps(meta))
+
+
+def _no_weights_hash(tmp, images, monkeypatch):
+    index = _built_index(tmp, images, _teacher(tmp / "model"))
+    _edit_sidecar(index, lambda meta: meta["spec"].update(weights_sha256=None))
+    query = next(images.rglob("*.png"))
+    return [_invoke("search", index, query), _invoke("search", index, query, "--trust-model")]
+
+
+def _tampered_model(tmp, images, monkeypatch):
+    onnx_file = _onnx(tmp)
+    index = _built_index(tmp, images, onnx_file)
+    _change_weights(onnx_file, lambda a: a * 1.05)
+    return [_invoke("search", index, next(images.rglob("*.png")))]
+
+
+def _nan_embeddings(tmp, images, monkeypatch):
+    nan = _change_weights(_onnx(tmp), lambda a: np.full_like(a, np.nan))
+    return [_invoke("index", "build", nan, images, "--out", tmp / "index", "--no-progress")]
+
+
+def _damaged_sidecar(tmp, images, monkeypatch):
+    index = _built_index(tmp, images, _teacher(tmp / "model"))
+    _edit_sidecar(index, lambda meta: meta.update(labels=[99] + meta["labels"][1:]))
+    return [_invoke("search", index, next(images.rglob("*.png")))]
+
+
+_HOLD_LOCK = ("import sys, time\n"
+              "from compress_edge.storage import folder_lock\n"
+              "with folder_lock(sys.argv[1], what='pretrain'):\n"
+              "    print('held', flush=True)\n"
+              "    time.sleep(300)\n")
+
+
+def _folder_in_use(tmp, images, monkeypatch):
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp / "run")], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        return [_invoke("pretrain", images, "--arch", "mobilenet_v3_small", "--image-size", "32", "--batch-size", "6",
+                        "--epochs", "1", "--workers", "0", "--no-progress", "--out", tmp / "run")]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 #: The first words of a row's message -> what makes a command print it.
 TRIGGERS = {
     "Fashion-MNIST (train split) not found": _fmnist_missing,
@@ -247,6 +331,11 @@ TRIGGERS = {
     "the loss became nan": _nan_loss,
     "the dataset has N images": _small_dataset,
     "the index DIR was made with a different model": _different_model,
+    "the index DIR cannot be checked": _no_weights_hash,
+    "FILE was changed since": _tampered_model,
+    "the model FILE gives non-finite embeddings": _nan_embeddings,
+    "DIR/index.json is damaged": _damaged_sidecar,
+    "DIR is in use by another process": _folder_in_use,
     "FILE was built by MODULE X": _engine_version,
     "the package 'torch' this command needs": _not_installed,
 }

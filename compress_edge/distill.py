@@ -23,6 +23,7 @@ from compress_edge.defaults import (
     DEFAULT_METHOD,
     DEFAULT_STUDENT_EMBED,
     DISTILL_BASE_LR,
+    DISTILL_LR_SCALING,
     DISTILL_MAX_EPOCHS,
     DISTILL_MIN_EPOCHS,
     DISTILL_MIN_STEPS,
@@ -265,7 +266,7 @@ def setup(opts: DistillOptions) -> DistillSetup:
     plan = plan_run(len(train_set), batch_size=opts.train.batch_size, epochs=opts.train.epochs, lr=opts.train.lr,
                     base_lr=DISTILL_BASE_LR, min_steps=DISTILL_MIN_STEPS, min_epochs=DISTILL_MIN_EPOCHS,
                     max_epochs=DISTILL_MAX_EPOCHS, world_size=world,
-                    max_steps_per_epoch=opts.train.max_steps_per_epoch)
+                    max_steps_per_epoch=opts.train.max_steps_per_epoch, lr_scaling=DISTILL_LR_SCALING)
     queue_size = opts.queue_size or auto_queue_size(len(train_set))
     if queue_size > len(train_set):
         logger.warning("--queue-size %d is more than the %d training images; using %d", queue_size, len(train_set),

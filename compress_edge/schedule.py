@@ -14,7 +14,8 @@ gets a setting that works on 500 images as on 2,000,000:
   initialisation well before the end (at the end, m^steps < e^-20);
 - the queue holds the whole data set when it is smaller than the paper's 128,000 (an image's own
   anchors are masked, so this is safe);
-- the learning rate scales linearly with the batch from a base per 256 images.
+- the learning rate scales with the batch from a base per 256 images: linearly (Goyal et al. 2017)
+  for ``pretrain``, with the square root for ``distill`` (see :func:`scaled_lr`).
 
 :class:`RunPlan` records what was resolved and why; ``config.json`` keeps it and the command prints it.
 """
@@ -72,9 +73,18 @@ def auto_queue_size(images: int, *, paper: int = PAPER_QUEUE_SIZE) -> int:
     return int(min(paper, images))
 
 
-def scaled_lr(base_per_256: float, batch_size: int, world_size: int = 1) -> float:
-    """The linear scaling rule (Goyal et al. 2017): ``base`` for a global batch of 256."""
-    return float(base_per_256) * batch_size * world_size / 256.0
+def scaled_lr(base_per_256: float, batch_size: int, world_size: int = 1, rule: str = "linear") -> float:
+    """``base`` for a global batch of 256, scaled to the global batch: ``linear`` (Goyal et al. 2017) or
+    ``sqrt`` (Krizhevsky 2014; SimCLR, Chen et al. 2020, appendix B.1, finds it better for small batches
+    and short runs). The automatic batch shrinks on small data sets to keep the step count up; under the
+    linear rule the learning rate shrinks with it, and a run of a few hundred images then ends far
+    from fitting its teacher (README, "Defaults that fit the run")."""
+    ratio = batch_size * world_size / 256.0
+    if rule == "linear":
+        return float(base_per_256) * ratio
+    if rule == "sqrt":
+        return float(base_per_256) * math.sqrt(ratio)
+    raise ValueError(f"unknown learning-rate scaling rule {rule!r}: linear or sqrt")
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,8 @@ class RunPlan:
 
 def plan_run(images: int, *, batch_size: int | None, epochs: int | None, lr: float | None, base_lr: float,
              min_steps: int, min_epochs: int, max_epochs: int, world_size: int = 1,
-             max_steps_per_epoch: int | None = None, warmup_share: float = 0.05) -> RunPlan:
+             max_steps_per_epoch: int | None = None, warmup_share: float = 0.05,
+             lr_scaling: str = "linear") -> RunPlan:
     """Resolve the "auto" (None) settings of a run; see the module docstring."""
     automatic = []
     if batch_size is None:
@@ -114,7 +125,7 @@ def plan_run(images: int, *, batch_size: int | None, epochs: int | None, lr: flo
                              max_epochs=max_epochs)
         automatic.append("epochs")
     if lr is None:
-        lr = scaled_lr(base_lr, batch_size, world_size)
+        lr = scaled_lr(base_lr, batch_size, world_size, lr_scaling)
         automatic.append("lr")
     per_epoch = steps_per_epoch(images, batch_size, world_size, max_steps_per_epoch)
     steps = per_epoch * int(epochs)

@@ -9,6 +9,7 @@ from compress_edge.schedule import (
     auto_queue_size,
     key_encoder_momentum,
     plan_run,
+    scaled_lr,
     steps_per_epoch,
 )
 
@@ -55,6 +56,18 @@ def test_plan_counts_steps_not_epochs(images):
     assert set(plan.automatic) == {"batch", "epochs", "lr"}
     assert plan.steps == plan.epochs * plan.steps_per_epoch
     assert 0 < plan.warmup_steps < plan.steps
+
+
+def test_sqrt_scaling_keeps_small_batches_learning():
+    assert scaled_lr(0.2, 256, rule="sqrt") == pytest.approx(0.2)
+    assert scaled_lr(0.2, 64, rule="sqrt") == pytest.approx(0.1)
+    assert scaled_lr(0.2, 64, world_size=4, rule="sqrt") == pytest.approx(0.2)
+    assert scaled_lr(0.05, 64) == pytest.approx(0.0125)
+    plan = plan_run(640, batch_size=None, epochs=None, lr=None, base_lr=0.2, min_steps=600, min_epochs=10,
+                    max_epochs=200, lr_scaling="sqrt")
+    assert plan.batch_size == 64 and plan.lr == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        scaled_lr(0.2, 64, rule="cube")
 
 
 def test_a_given_setting_is_kept():

@@ -1517,7 +1517,7 @@ def _build_from_images(model: Any, data: Sequence[str], out: Path, *, backend: s
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per rank
     embedder, owned = _open_embedder(model, backend, device, threads, image_size)
     try:
-        gallery = open_gallery(list(data), data_root=data_root)
+        gallery = open_gallery(list(data), data_root=data_root, progress=progress and r == 0)
         _expect(out, 2 * len(gallery) * int(embedder.spec.embed_dim) * 4)
         token = "|".join([os.environ.get("TORCHELASTIC_RUN_ID", "local"), str(generation), str(len(gallery)),
                           str(embedder.spec.weights_sha256), ",".join(map(str, data))])
@@ -1574,7 +1574,8 @@ def add_images(
     embedder, owned = _open_embedder(ref, backend, device)
     try:
         check_model(idx.spec, embedder, idx.meta, what=f"the index {shown(index_dir)}", trust=trust_model)
-        gallery = open_gallery(list(data), data_root=data_root, classes=idx.classes, root=idx.root)
+        gallery = open_gallery(list(data), data_root=data_root, classes=idx.classes, root=idx.root,
+                               progress=progress)
         known = set(idx.files or [])
         keep = [i for i, f in enumerate(gallery.files) if f not in known]
         skipped = len(gallery) - len(keep)

@@ -81,7 +81,7 @@ def _print_table(summary: dict) -> None:
         f"skipped: {len(skipped)} unreadable file{'' if len(skipped) == 1 else 's'}", highlight=False
     )
     for item in skipped[:_SHOWN_SKIPPED]:
-        console.print(f"  {item['path']}: {item['reason']}", highlight=False, markup=False)
+        console.print(f"  {item['path']}: {item['reason']}", highlight=False, markup=False, soft_wrap=True)
     if len(skipped) > _SHOWN_SKIPPED:
         console.print(f"  ... and {len(skipped) - _SHOWN_SKIPPED} more (--json lists them all)")
     console.print(f"fingerprint: {summary['fingerprint']}", highlight=False)

@@ -72,8 +72,8 @@ def _restore_package_logger():
 
 @pytest.fixture(scope="session")
 def torchfree_python():
-    """A Python without torch: the ``device`` extra (numpy, pillow, onnxruntime, faiss-cpu, typer,
-    rich) and compress-edge installed with --no-deps.
+    """A Python without torch: the ``device`` extra as pyproject.toml lists it and compress-edge
+    installed with --no-deps.
 
     The query path of a device is run in it. Built once in .venv-torchfree beside the project (kept
     between runs; rebuilt when pyproject.toml changes). Returns the interpreter's path.
@@ -92,7 +92,10 @@ def torchfree_python():
         base = getattr(sys, "_base_executable", sys.executable)
         subprocess.run([base, "-m", "venv", str(venv)], check=True)
         pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, "numpy", "pillow", "onnxruntime", "faiss-cpu", "typer", "rich"], check=True)
+        import tomllib
+
+        device = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["device"]
+        subprocess.run([*pip, *device], check=True)
         subprocess.run([*pip, "--no-deps", "-e", str(root)], check=True)
         stamp.touch()
     probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True)

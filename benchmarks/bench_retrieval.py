@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,17 +38,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from machine import describe  # benchmarks/machine.py (scripts run with benchmarks/ on the path)
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        model = fields.get("Model name", "").strip()
-    except (OSError, subprocess.CalledProcessError):
-        model = platform.processor()
-    return (f"{model}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
-            f"faiss {faiss.__version__}, numpy {np.__version__}")
+    return f"{describe()}, faiss {faiss.__version__}, numpy {np.__version__}"
 
 
 def clustered(n: int, d: int, rng: np.random.Generator, centres: int = 4000, noise: float = 1.0) -> np.ndarray:

@@ -25,7 +25,6 @@ import http.client
 import io
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -36,16 +35,11 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from machine import describe  # benchmarks/machine.py (scripts run with benchmarks/ on the path)
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        model = fields.get("Model name", "").strip()
-    except (OSError, subprocess.CalledProcessError):
-        model = platform.processor()
-    return f"{model}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
+    return describe()
 
 
 def free_port() -> int:

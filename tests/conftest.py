@@ -101,3 +101,4 @@ def torchfree_python():
     probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True)
     assert probe.returncode != 0, "the torch-free environment has torch"
     return python
+

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import cli_without
 from typer.testing import CliRunner
 
 from compress_edge import __version__
@@ -84,34 +85,10 @@ def test_missing_optional_package_names_the_extra():
         require("compress_edge_no_such_module")
 
 
-# A Python whose imports of the named packages fail, as on an install without them.
-_BLOCKING_CLI = """
-import sys
-
-BLOCKED = set(sys.argv[1].split(","))
-
-
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, Block())
-sys.argv = ["compress-edge", *sys.argv[2:]]
-from compress_edge.cli import main
-
-main()
-"""
 
 
 def _without(packages: str, *args: str) -> subprocess.CompletedProcess:
-    import os
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", _BLOCKING_CLI, packages, *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return cli_without(packages, *args)
 
 
 @pytest.mark.parametrize("args", [

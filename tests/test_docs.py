@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import cli_without
 from typer.testing import CliRunner
 
 from compress_edge.cli import app
@@ -111,25 +112,6 @@ def _fake_engine(tmp: Path, module: str, version: str) -> Path:
     return engine
 
 
-_BLOCKING_CLI = """
-import sys
-
-BLOCKED = set(sys.argv[1].split(","))
-
-
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, Block())
-sys.argv = ["compress-edge", *sys.argv[2:]]
-from compress_edge.cli import main
-
-main()
-"""
 
 
 def _fmnist_missing(tmp, images, monkeypatch):
@@ -229,9 +211,7 @@ def _engine_version(tmp, images, monkeypatch):
 def _not_installed(tmp, images, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # 'import tensorrt' fails as on a machine without it
     engine = _invoke("bench", _fake_engine(tmp, "tensorrt", "10.0"))
-    without_torch = subprocess.run([sys.executable, "-c", _BLOCKING_CLI, "torch,torchvision", "models", "list"],
-                                   capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                   timeout=300)
+    without_torch = cli_without("torch,torchvision", "models", "list")
     assert "Traceback" not in without_torch.stderr
     return [engine, (without_torch.returncode, without_torch.stderr)]
 

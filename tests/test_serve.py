@@ -21,6 +21,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from cli_helpers import stop_process
 from PIL import Image
 
 CLASSES = ("circle", "square", "stripes")
@@ -61,13 +62,7 @@ class Server:
         raise AssertionError("the server did not answer /health in time")
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         return self.proc.stderr.read() if self.proc.stderr else ""
 
 

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cli_helpers import stop_process
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).is_file()), None)
 
@@ -106,13 +107,7 @@ class Browser:
         stack = getattr(self, "_stack", None)
         if stack is not None:
             stack.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def _keep(path: Path) -> None:

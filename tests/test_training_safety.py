@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -157,6 +158,50 @@ def test_sigterm_to_the_process_group_saves_and_the_run_resumes(tmp_path, images
     assert resumed.exit_code == 0, resumed.output
     after = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert after["global_step"] > state["global_step"] and after["epoch"] == state["epoch"] + 1
+
+
+def test_sigterm_to_the_process_group_stops_cache_teacher_after_a_shard_and_a_rerun_continues(
+        tmp_path, make_images, saved_teacher):
+    images = make_images(tmp_path / "many", classes=("a", "b"), per_class=20, size=32, seed=5)
+    out = tmp_path / "cache"
+    args = ["cache-teacher", str(images), "--teacher", str(saved_teacher), "--views", "2", "--shard-rows", "2",
+            "--batch-size", "2", "--no-progress", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen([*CLI, *args, "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "emb-00000.npy").is_file():  # a shard written: loader workers are running
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.time() < deadline, "no shard written in time"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err
+    assert "stop requested (SIGTERM)" in err and err.count("stop requested") == 1, err
+    line = [row for row in err.splitlines() if row.startswith("error:")]
+    assert len(line) == 1 and "run the same cache-teacher command again" in line[0], err
+    assert "internal error" not in err and "Traceback" not in err and "DataLoader worker" not in err, err
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.endswith(".tmp")] and "meta.json" not in names, names
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*-*.npy")}
+    shards = [n for n in kept if n.startswith("emb-")]
+    assert 1 <= len(shards) < 20 and len(kept) == 2 * len(shards), names  # every shard whole: emb and params
+
+    rerun = runner.invoke(app, [*args, "--workers", "0"])
+    assert rerun.exit_code == 0, rerun.output
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept  # continued, not started over
+    fresh = tmp_path / "fresh"
+    assert runner.invoke(app, [*args[:-1], str(fresh), "--workers", "0"]).exit_code == 0
+    from compress_edge.teacher_cache import open_cache
+
+    a, b = open_cache(out), open_cache(fresh)
+    assert len(a) == len(b) == 40 and a.meta["fingerprint"] == b.meta["fingerprint"]
+    for view in (0, 1):
+        assert np.allclose(a.all_embeddings(view), b.all_embeddings(view), atol=2e-3)  # float16, other process
+    assert all((a.params(i, v) == b.params(i, v)).all() for i in range(len(a)) for v in (0, 1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -224,7 +224,9 @@ def scan_images(
     subfolders, each with images, is a class folder (labels from the sorted subfolder names, as
     torchvision's ImageFolder); anything else is an unlabelled folder read recursively.
     labelled=True / False forces one reading. Hidden files and folders are ignored; symlinked
-    folders are followed, each real folder once (a symlink loop ends).
+    folders are followed, each real folder once (a symlink loop ends). In a class folder, a symlink
+    from one class into another is left to the class it leads to; a class subfolder that is a second
+    name for another class (or for the folder itself) is refused with a DataError naming it.
 
     verify=True decodes every candidate with :func:`open_image` in ``workers`` threads; the ones that
     fail are left out, listed in ``skipped`` and counted in one logged warning. ``progress`` shows a
@@ -240,19 +242,29 @@ def scan_images(
     if not root.is_dir():
         raise DataError(f"{root} is a file, not a folder; pass the folder that holds the images")
 
-    visited: set[str] = {os.path.realpath(root)}
+    root_real = os.path.realpath(root)
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
         raise DataError(f"cannot list {root} ({exc.strerror or exc}); check its permissions") from None
     top_files = [Path(e.path) for e in entries if _entry_is_file(e) and is_image_file(e.name)]
     subdirs = [e.name for e in entries if _entry_is_dir(e) and _visible_dir(e.name)]
-    per_dir: dict[str, list[Path]] = {name: _walk(root / name, visited) for name in subdirs}
+    per_dir, aliases, crossed = _walk_classes(root, root_real, subdirs) if labelled is not False else ({}, {}, True)
 
     if labelled is None:
         with_images = [name for name in subdirs if per_dir[name]]
-        labelled = not top_files and len(with_images) >= 2 and len(with_images) == len(subdirs)
+        labelled = not top_files and len(with_images) >= 2 and len(with_images) + len(aliases) == len(subdirs)
         logger.debug("%s read as %s", root, "a class folder" if labelled else "an unlabelled image folder")
+    if labelled and aliases:
+        name, other = next(iter(aliases.items()))
+        what = f"the class folder {root / other}" if other else f"{root} itself, which holds it"
+        raise DataError(
+            f"the class folder {root / name} is a symlink to {what}; remove the link or give that class "
+            "its own folder"
+        )
+    if not labelled and crossed:  # an unlabelled folder: every real folder read once, whichever name led to it
+        visited: set[str] = {root_real}
+        per_dir = {name: _walk(root / name, visited) for name in subdirs}
 
     skipped: list[tuple[str, str]] = []
     if labelled:
@@ -346,6 +358,60 @@ def _walk(folder: Path, visited: set[str]) -> list[Path]:
                 found.append(base / name)
     found.sort(key=lambda p: p.relative_to(folder).parts)
     return found
+
+
+def _walk_classes(root: Path, root_real: str, subdirs: list[str]) -> tuple[dict[str, list[Path]], dict[str, str], bool]:
+    """The image files of each subfolder read as a class: symlinks followed, but a folder that is (or
+    lies inside) another class's folder is left to that class, and each real folder is read once per
+    class. Also returns the subfolders that are second names for another class (name -> that class)
+    or for ``root`` or a folder above it (name -> ""), and whether any real folder was reached
+    from two classes (then an unlabelled reading must walk again)."""
+    owners: dict[str, str] = {}
+    aliases: dict[str, str] = {}
+    for name in subdirs:
+        real = os.path.realpath(root / name)
+        if real in owners:
+            aliases[name] = owners[real]
+        elif real == root_real or root_real.startswith(real.rstrip(os.sep) + os.sep):
+            aliases[name] = ""
+        else:
+            owners[real] = name
+
+    def owner(real: str) -> str | None:
+        while True:
+            if real in owners:
+                return owners[real]
+            parent = os.path.dirname(real)
+            if parent == real:
+                return None
+            real = parent
+
+    per_dir: dict[str, list[Path]] = {}
+    seen: set[str] = set()
+    crossed = False
+    for name in subdirs:
+        if name in aliases:
+            per_dir[name] = []
+            continue
+        folder = root / name
+        visited = {root_real}
+        found: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in visited or owner(real) not in (None, name):
+                crossed = True  # a loop, a second name, or a link into another class
+                dirnames[:] = []
+                continue
+            visited.add(real)
+            if real in seen:
+                crossed = True
+            seen.add(real)
+            dirnames[:] = sorted(d for d in dirnames if _visible_dir(d))
+            base = Path(dirpath)
+            found.extend(base / f for f in filenames if is_image_file(f) and os.path.isfile(os.path.join(dirpath, f)))
+        found.sort(key=lambda p: p.relative_to(folder).parts)
+        per_dir[name] = found
+    return per_dir, aliases, crossed or bool(aliases)
 
 
 def _check(path: Path) -> str | None:

@@ -523,3 +523,38 @@ def test_subset_syntax_takes_n_images_in_order():
     assert len(np.unique(sub.labels)) == 10
     with pytest.raises(DataError, match="has 10000"):
         D.open_dataset("fashion-mnist:test@20000")
+
+
+def test_class_folders_that_are_symlinks_into_each_other_keep_their_labels(tmp_path, class_folder):
+    # The real class folders live elsewhere; DATA holds symlinks to them, and each links into the next.
+    root = tmp_path / "linked"
+    root.mkdir()
+    for name in ("circle", "square", "stripes"):
+        (root / name).symlink_to(class_folder / name, target_is_directory=True)
+    (class_folder / "circle" / "see-square").symlink_to("../square", target_is_directory=True)
+    (class_folder / "square" / "see-stripes").symlink_to(root / "stripes", target_is_directory=True)
+    (class_folder / "stripes" / "see-circle").symlink_to(class_folder / "circle", target_is_directory=True)
+    (class_folder / "stripes" / "loop").symlink_to(root, target_is_directory=True)
+    ds = D.open_dataset(str(root))
+    assert ds.kind == "class-folder" and ds.classes == ["circle", "square", "stripes"]
+    assert ds.class_counts() == [6, 6, 6] and len(ds) == 18
+    for path, label in zip(ds.files, ds.labels, strict=True):  # each image under the class it is stored in
+        assert Path(path).parent.name == ds.classes[label], path
+    # Read as an unlabelled folder, every image still comes once.
+    assert len(D.open_dataset(str(root), labelled=False)) == 18
+
+
+@pytest.mark.parametrize("target", ["square", "."])
+def test_a_class_folder_that_is_a_second_name_is_refused_naming_it(class_folder, target):
+    from typer.testing import CliRunner
+
+    from compress_edge.cli import app
+
+    alias = class_folder / "zz-alias"
+    alias.symlink_to(class_folder / target, target_is_directory=True)
+    with pytest.raises(DataError, match=rf"the class folder {alias} is a symlink to .*; remove the link"):
+        D.open_dataset(str(class_folder))
+    result = CliRunner().invoke(app, ["data", "info", str(class_folder)])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(alias) in result.output and "Traceback" not in result.output, result.output

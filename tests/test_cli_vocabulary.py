@@ -106,11 +106,8 @@ def _command(*path):
     (["profile", "mobilenet_v2", "{ckpt}"], ("profile",)),
     (["eval", "knn", "{ckpt}", "--train", "x", "--test", "y"], ("eval", "knn")),
     (["eval", "agreement", "{ckpt}", "mobilenet_v2", "x"], ("eval", "agreement")),
-    # Not yet: these commands have no --weights, and compress_edge/models.py's message names it (the fix is a
-    # --weights option in cli/export.py's bench and cli/index.py, or a message that names no option there).
-    pytest.param(["bench", "{ckpt}"], ("bench",), marks=pytest.mark.xfail(strict=True, reason="no --weights")),
-    pytest.param(["index", "build", "{ckpt}", "x", "--out", "{ckpt}.idx"], ("index", "build"),
-                 marks=pytest.mark.xfail(strict=True, reason="no --weights")),
+    (["bench", "{ckpt}"], ("bench",)),
+    (["index", "build", "{ckpt}", "x", "--out", "{ckpt}.idx"], ("index", "build")),
 ])
 def test_a_refusal_names_options_of_the_command_that_refused(tmp_path, args, command):
     """A third-party checkpoint given as a model: the fix the message names is an option of this command."""

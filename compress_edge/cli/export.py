@@ -182,6 +182,8 @@ def bench(
     data: Annotated[str | None, typer.Option("--data", help="Images to time and compare on: an image folder, "
                                              "fashion-mnist:test or a .npy (default: the calibration set "
                                              "export.json beside the model names).")] = None,
+    weights: Annotated[str | None, typer.Option("--weights", help="A third-party checkpoint for the one "
+                                                "architecture-name MODEL (e.g. resnet50 with a MoCo .pth).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Latency (p50, p95), throughput, peak memory and achieved GFLOP/s per model and batch size.
@@ -201,9 +203,17 @@ def bench(
     loaded: dict[tuple, np.ndarray] = {}
     rows, cosines = [], {}
     reference = pictures = None
+    named = [m for m in models if not Path(m).exists()]
+    if weights is not None and len(named) != 1:
+        raise CompressEdgeError(f"--weights goes with one architecture-name MODEL, and {len(named)} are given; "
+                                "bench one checkpoint at a time, or export it first and bench its model.onnx")
     for model in models:
-        embedder = open_embedder(model, backend, device=device, threads=threads, image_size=image_size,
-                                 mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
+        if weights is not None and model == named[0]:
+            embedder = _weighted_embedder(model, weights, device=device, threads=threads, image_size=image_size,
+                                          mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
+        else:
+            embedder = open_embedder(model, backend, device=device, threads=threads, image_size=image_size,
+                                     mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
         try:
             real = _bench_images(embedder.spec, source, where, max(32, *sizes), loaded, inputs)
             rows += benchmark(embedder, sizes, warmup=warmup, iters=iters, min_seconds=min_seconds,
@@ -293,6 +303,16 @@ def _bench_images(spec, source: str | None, where: str, n: int, loaded: dict, in
             inputs["kind"] = "random"
             return None
     return loaded[key]
+
+
+def _weighted_embedder(arch: str, weights: str, *, device: str, threads: int | None, image_size: int | None,
+                       mean, std):
+    """A PyTorch embedder of an architecture name with a third-party checkpoint's backbone (bench --weights)."""
+    from compress_edge.export.runtimes import TorchEmbedder
+    from compress_edge.models import resolve_model
+
+    model, spec = resolve_model(arch, weights=weights, image_size=image_size)
+    return TorchEmbedder(arch, module=model, spec=spec, device=device, threads=threads, mean=mean, std=std)
 
 
 def _short_name(model: str) -> str:

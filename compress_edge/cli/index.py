@@ -167,6 +167,9 @@ def build(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an index already in --out.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out queries and training sample.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    weights: Annotated[str | None, typer.Option("--weights", help="A third-party checkpoint for an architecture-name "
+                                                "MODEL; it is saved as a model folder in OUT/model, which the "
+                                                "index then uses.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed images and build a tuned FAISS index (inner product on L2-normalised embeddings).
@@ -175,8 +178,10 @@ def build(
 
     Example: compress-edge index build runs/distill/student fashion-mnist:train fashion-mnist:test --out runs/index
     """
-    from compress_edge.retrieval.index import build_from_images, parse_bytes
+    from compress_edge.retrieval.index import SIDECAR, build_from_images, parse_bytes
 
+    if weights is not None and (overwrite or not (out / SIDECAR).is_file()):  # else build refuses, nothing written
+        model = _convert_checkpoint(model, weights, out / "model", image_size)
     idx = build_from_images(
         model, data, out, backend=backend, device=device, image_size=image_size, batch_size=batch_size,
         workers=workers, shard_rows=shard_rows, data_root=data_root, progress=progress, overwrite=overwrite,
@@ -191,6 +196,17 @@ def build(
         return
     _print_info(info)
     _console().print(_text(f"index written to {out}"))
+
+
+def _convert_checkpoint(arch: str, weights: str, folder: Path, image_size: int | None) -> str:
+    """An architecture name with a third-party checkpoint, saved as a compress-edge model folder: the index
+    records that folder, so that search and add embed with the same weights."""
+    from compress_edge.models import resolve_model, save_model
+
+    model, spec = resolve_model(arch, weights=weights, image_size=image_size)
+    save_model(model, spec, folder)
+    _console().print(_text(f"{weights} saved as a model folder in {folder}; the index uses it"))
+    return str(folder)
 
 
 @index_app.command("add")

@@ -23,8 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,9 +228,9 @@ def build_cache(
     dim = None
     emb_names, param_names = [], []
     from compress_edge.progress import progress_bar
-    from compress_edge.train import TrainingStopped, ignore_stop_signals
+    from compress_edge.train import StopRequest, TrainingStopped, ignore_stop_signals
 
-    with _StopAfterShard() as stop, progress_bar() as bar:
+    with StopRequest(then="stopping once the current shard is written") as stop, progress_bar() as bar:
         task = bar.add_task("teacher cache", total=n, visible=progress)
         for s in range(n_shards):
             lo, hi = s * shard_rows, min(n, (s + 1) * shard_rows)
@@ -285,35 +283,6 @@ def build_cache(
     atomic_write_json(out / "meta.json", meta)
     stamp.unlink(missing_ok=True)
     return open_cache(out)
-
-
-class _StopAfterShard:
-    """SIGINT/SIGTERM set a flag; the cache stops once the current shard is written. A second signal
-    stops at once (the shard being made is dropped: it is written to a temporary name first)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-        self._pid = os.getpid()
-
-    def __enter__(self) -> _StopAfterShard:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if os.getpid() != self._pid:  # a loader worker forked before its worker_init_fn ran: not its call
-            return
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-        logger.warning("stop requested (%s): stopping once the current shard is written",
-                       signal.Signals(signum).name)
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def _save_npy(target: Path, array: np.ndarray) -> None:

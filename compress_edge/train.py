@@ -344,15 +344,18 @@ def ignore_stop_signals(worker_id: int = 0) -> None:  # noqa: ARG001
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the engine saves after the current step and stops. A second
-    signal stops at once."""
+class StopRequest:
+    """SIGINT/SIGTERM set a flag that the caller checks at its next safe point (``then``: what happens
+    there, for the log); a second signal stops at once. A forked loader worker that has not yet run
+    :func:`ignore_stop_signals` leaves the signal to the main process."""
 
-    def __init__(self) -> None:
+    def __init__(self, then: str = "saving a checkpoint after this step") -> None:
         self.signal: int | None = None
+        self.then = then
         self._old: dict[int, Any] = {}
+        self._pid = os.getpid()
 
-    def __enter__(self) -> _StopRequest:
+    def __enter__(self) -> StopRequest:
         import threading
 
         if threading.current_thread() is threading.main_thread():
@@ -361,10 +364,12 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if os.getpid() != self._pid:
+            return
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
-        logger.warning("stop requested (%s): saving a checkpoint after this step", signal.Signals(signum).name)
+        logger.warning("stop requested (%s): %s", signal.Signals(signum).name, self.then)
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -610,7 +615,7 @@ class Trainer:
         last_loss = float("nan")
         end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, self.epoch + stop_after_epochs)
         stopped = False
-        with _StopRequest() as stop, self._progress(steps_per_epoch) as progress:
+        with StopRequest() as stop, self._progress(steps_per_epoch) as progress:
             while self.epoch < end_epoch and not stopped:
                 sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 self.task.train()

@@ -551,8 +551,7 @@ def create_app(service: SearchService):
             await form.close()
 
     async def on_request_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestError)
-        return error(exc.status, str(exc))
+        return error(getattr(exc, "status", 400), str(exc))  # registered for RequestError only
 
     async def on_library_error(request: Request, exc: Exception) -> Response:
         return error(400, " ".join(str(exc).split()))

@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -245,12 +244,9 @@ def cost(model, spec) -> dict:
 # --------------------------------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
     import torch
+    from machine import cpu_model  # benchmarks/machine.py (scripts run with benchmarks/ on the path)
 
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError, StopIteration):
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name"))
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     with contextlib.suppress(OSError):

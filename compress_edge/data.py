@@ -25,13 +25,14 @@ import math
 import operator
 import os
 import shutil
+import signal
 import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -872,6 +873,50 @@ def default_loader_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def ignore_stop_signals(worker_id: int = 0, then: Callable[[int], None] | None = None) -> None:
+    """A loader worker's first act: ignore SIGINT and SIGTERM, then run ``then(worker_id)``.
+
+    Ctrl-C, ``kill -TERM -- -PGID`` and ``docker stop`` signal the whole process group; the main
+    process decides what a stop means (finish the step, save, exit) and ends its workers itself. The
+    worker starts with both signals held (:class:`StopSafeLoader`); ignoring them drops any that
+    arrived meanwhile, and only then are they released.
+    """
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if then is not None:
+        then(worker_id)
+
+
+class StopSafeLoader(DataLoader):
+    """A DataLoader whose worker processes leave Ctrl-C and SIGTERM to the main process.
+
+    A worker forked while a stop signal reaches the process group would otherwise die of it in the
+    moment between its start and its ``worker_init_fn`` (torch's worker handler re-raises a SIGTERM
+    that its parent did not send), and the run would end in "DataLoader worker exited unexpectedly"
+    instead of stopping cleanly. So the signals are held (blocked, not lost) while workers start;
+    the main process gets them as soon as its workers exist, the workers never.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs["worker_init_fn"] = partial(ignore_stop_signals, then=kwargs.get("worker_init_fn"))
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        if self.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+            return super().__iter__()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -890,7 +935,8 @@ def make_loader(
     workers=None: :func:`default_loader_workers`; workers > 0 keeps them alive between epochs
     (persistent) and prefetches. pin_memory=None: pinned when CUDA is available. A ``sampler``
     (e.g. DistributedSampler) replaces ``shuffle``. ``seed`` fixes the shuffling order.
-    ``worker_init_fn`` runs in each worker process as it starts (e.g. to ignore stop signals).
+    ``worker_init_fn`` runs in each worker process as it starts; workers ignore stop signals
+    (:class:`StopSafeLoader`).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -901,7 +947,7 @@ def make_loader(
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=4)
-    return DataLoader(
+    return StopSafeLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -181,7 +180,7 @@ def extract_features(
     data = copy.copy(dataset)
     if hasattr(data, "transform"):
         data.transform = eval_transform(spec.image_size, spec.mean, spec.std)
-    loader = make_loader(data, batch_size, shuffle=False, workers=workers, worker_init_fn=_ignore_stop_signals)
+    loader = make_loader(data, batch_size, shuffle=False, workers=workers)
     dev = resolve_device(str(device)) if is_module else None
     was_training = bool(is_module and model_or_embedder.training)
     if is_module:
@@ -221,15 +220,6 @@ def extract_features(
             "seconds": round(time.perf_counter() - started, 2),
         })
     return feats, labels
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker start: Ctrl-C and SIGTERM reach the whole process group, but only the main
-    process acts on them (it stops the loop and shuts the workers down); a worker that died of the
-    signal itself would end the run in "DataLoader worker exited unexpectedly"."""
-    del worker_id
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _read_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from compress_edge.errors import DataError
 from compress_edge.storage import atomic_path, atomic_write_json
@@ -227,8 +227,9 @@ def build_cache(
     ds = _ViewsDataset(dataset, mode, views, eval_tf, augment, seed)
     dim = None
     emb_names, param_names = [], []
+    from compress_edge.data import StopSafeLoader
     from compress_edge.progress import progress_bar
-    from compress_edge.train import StopRequest, TrainingStopped, ignore_stop_signals
+    from compress_edge.train import StopRequest, TrainingStopped
 
     with StopRequest(then="stopping once the current shard is written") as stop, progress_bar() as bar:
         task = bar.add_task("teacher cache", total=n, visible=progress)
@@ -242,9 +243,8 @@ def build_cache(
                 bar.advance(task, hi - lo)
                 continue  # finished by an earlier, interrupted run
             subset = torch.utils.data.Subset(ds, range(lo, hi))
-            loader = DataLoader(subset, batch_size=max(1, batch_size // views), num_workers=workers,
-                                pin_memory=torch.device(device).type == "cuda",
-                                worker_init_fn=ignore_stop_signals if workers > 0 else None)
+            loader = StopSafeLoader(subset, batch_size=max(1, batch_size // views), num_workers=workers,
+                                    pin_memory=torch.device(device).type == "cuda")
             emb_rows: list[np.ndarray] = []
             param_rows: list[np.ndarray] = []
             for x, params, _ in loader:

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from compress_edge import __version__
+from compress_edge.data import StopSafeLoader
 from compress_edge.errors import TrainingError
 from compress_edge.storage import append_jsonl, atomic_path, atomic_write_json, folder_lock
 
@@ -334,20 +335,10 @@ def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
     return batch
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:  # noqa: ARG001
-    """A data-loader worker's ``worker_init_fn``: ignore SIGINT and SIGTERM.
-
-    Ctrl-C, ``kill -TERM -- -PGID`` and ``docker stop`` signal the whole process group; the main
-    process decides what a stop means (finish the step, save, exit) and then ends its workers itself.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class StopRequest:
     """SIGINT/SIGTERM set a flag that the caller checks at its next safe point (``then``: what happens
     there, for the log); a second signal stops at once. A forked loader worker that has not yet run
-    :func:`ignore_stop_signals` leaves the signal to the main process."""
+    :func:`compress_edge.data.ignore_stop_signals` leaves the signal to the main process."""
 
     def __init__(self, then: str = "saving a checkpoint after this step") -> None:
         self.signal: int | None = None
@@ -606,10 +597,10 @@ class Trainer:
             })
         self._open_tensorboard()
         workers = cfg.workers
-        loader = DataLoader(
+        loader = StopSafeLoader(
             dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda", drop_last=True, collate_fn=self.collate_fn,
-            persistent_workers=False, worker_init_fn=ignore_stop_signals if workers > 0 else None,
+            persistent_workers=False,
         )
         start = time.perf_counter()
         last_loss = float("nan")

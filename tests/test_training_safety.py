@@ -351,3 +351,55 @@ def test_under_torchrun_only_rank_0_prints_logs_bars_and_the_result(tmp_path, im
     assert run.stderr.count("pretraining mobilenet_v3_small") == 1, run.stderr
     assert run.stderr.count("epoch 1/1") <= 1, run.stderr  # rank 0's bar (if drawn at all off a terminal)
     assert run.stdout.count("model written to") == 1, run.stdout
+
+
+LOADER_UNDER_SIGTERM = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from torch.utils.data import Dataset, Sampler
+    from compress_edge.data import StopSafeLoader
+
+    class Report(Dataset):  # each item: how the worker that loads it treats SIGTERM
+        def __len__(self):
+            return 8
+        def __getitem__(self, i):
+            ignored = signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+            held = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            return torch.tensor([i, int(ignored), int(held), int(os.environ["STARTED"])])
+
+    class SignalWhileWorkersStart(Sampler):  # the loader asks for indices right after forking its workers
+        def __iter__(self):
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+            return iter(range(8))
+        def __len__(self):
+            return 8
+
+    def started(worker_id):
+        os.environ["STARTED"] = "1"
+
+    seen = []
+    signal.signal(signal.SIGTERM, lambda *_: seen.append("main"))
+    os.environ["STARTED"] = "0"
+    for round_ in range(int(sys.argv[1])):
+        loader = StopSafeLoader(Report(), batch_size=2, sampler=SignalWhileWorkersStart(), num_workers=2, timeout=60,
+                                worker_init_fn=started)
+        rows = torch.cat(list(loader))
+        assert rows[:, 0].tolist() == list(range(8)), rows
+        assert rows[:, 1:].tolist() == [[1, 0, 1]] * 8, rows  # ignored, not held, the user's init ran
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the main process's mask restored
+    print(len(seen))
+""")
+
+
+def test_loader_workers_never_die_of_a_sigterm_sent_while_they_start(tmp_path):
+    # The race behind "DataLoader worker exited unexpectedly" after a SIGTERM to the process group: a
+    # worker forked just before the signal died of it before its worker_init_fn could ignore it. Here
+    # every round signals the group while the workers start; all batches must arrive and the main
+    # process must see each signal once.
+    script = tmp_path / "loader_under_sigterm.py"
+    script.write_text(LOADER_UNDER_SIGTERM)
+    rounds = 10
+    done = subprocess.run([sys.executable, str(script), str(rounds)], capture_output=True, text=True, env=ENV,
+                          timeout=300, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == str(rounds), done.stdout

@@ -31,7 +31,7 @@ class ExportError(CompressEdgeError):
     """An export, a parity check or an engine build failed."""
 
 
-class IndexError_(CompressEdgeError):  # noqa: N801 - builtin IndexError is taken
+class IndexFileError(CompressEdgeError):
     """A retrieval index is damaged, of the wrong kind for an operation, or missing."""
 
 

@@ -58,7 +58,7 @@ from compress_edge.retrieval.shards import (
     write_embeddings,
 )
 
-from compress_edge.errors import CompressEdgeError, DependencyError, IndexError_
+from compress_edge.errors import CompressEdgeError, DependencyError, IndexFileError
 from compress_edge.spec import ModelSpec
 from compress_edge.storage import FolderBusy, atomic_path, atomic_write_json, folder_lock, sha256_file
 
@@ -220,7 +220,7 @@ def writing(folder: str | os.PathLike, what: str) -> Iterator[None]:
             free = f"{format_bytes(shutil.disk_usage(folder).free)} free"
         except OSError:
             free = "free space unknown"
-        raise IndexError_(f"no space left on the disk of {shown(folder)} ({free}"
+        raise IndexFileError(f"no space left on the disk of {shown(folder)} ({free}"
                           f"{f'; this needs about {format_bytes(need)}' if need else ''}): free some space or use "
                           f"another folder, then run the command again ({kept})") from None
     finally:
@@ -250,7 +250,7 @@ def _drop_leftovers(path: Path) -> None:
     if (path / SIDECAR).is_file():
         try:
             meta = read_sidecar(path)
-        except IndexError_:
+        except IndexFileError:
             return  # unsure what is in use: leave everything
     keep = (path / meta["index"]["file"]).parent if meta else None
     for old in path.glob("v[0-9][0-9][0-9][0-9]*"):
@@ -412,7 +412,7 @@ def plan_index(index: str, n: int, d: int, memory_budget: int | None = None, *,
     if on_disk is not None:
         plan.on_disk = bool(on_disk)
     if plan.on_disk and plan.nlist is None:
-        raise IndexError_(f"only IVF indexes keep their lists on disk; {plan.key} cannot (drop --on-disk, or "
+        raise IndexFileError(f"only IVF indexes keep their lists on disk; {plan.key} cannot (drop --on-disk, or "
                           "use e.g. IVF4096,SQ8)")
     return plan
 
@@ -423,7 +423,7 @@ def make_faiss_index(key: str, d: int) -> faiss.Index:
     try:
         index = faiss.index_factory(int(d), key, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise IndexError_(f"FAISS cannot build the index {key!r} for {d}-d vectors ({_short(exc)}); "
+        raise IndexFileError(f"FAISS cannot build the index {key!r} for {d}-d vectors ({_short(exc)}); "
                           f"examples of index_factory strings: {KEY_EXAMPLES}") from None
     if isinstance(index, faiss.IndexPreTransform):
         for i in range(index.chain.size()):
@@ -472,7 +472,7 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
         try:
             ps.set_index_parameter(index, name, value)
         except RuntimeError as exc:
-            raise IndexError_(f"this index ({type(_core(index)).__name__}) has no search parameter {name!r} "
+            raise IndexFileError(f"this index ({type(_core(index)).__name__}) has no search parameter {name!r} "
                               f"({_short(exc)}); it takes: {search_parameter(index) or 'none'}") from None
 
 
@@ -732,16 +732,16 @@ class RetrievalIndex:
             if file.is_file() or read_sidecar(path).get("generation") == meta.get("generation"):
                 break
         if not file.is_file():
-            raise IndexError_(f"the index file {file} named by {path / SIDECAR} is missing; rebuild the index "
+            raise IndexFileError(f"the index file {file} named by {path / SIDECAR} is missing; rebuild the index "
                               "with 'compress-edge index build'")
         size = file.stat().st_size
         if size != info.get("file_bytes", size):
-            raise IndexError_(f"{file} is damaged: {size} bytes where {info['file_bytes']} were written "
+            raise IndexFileError(f"{file} is damaged: {size} bytes where {info['file_bytes']} were written "
                               "(truncated or replaced); rebuild it with 'compress-edge index build'")
         if verify or (verify is None and size <= VERIFY_MAX_BYTES):
             digest = info.get("file_sha256")
             if digest and sha256_file(file) != digest:
-                raise IndexError_(f"{file} is damaged: its sha256 is not the one recorded in {SIDECAR}; "
+                raise IndexFileError(f"{file} is damaged: its sha256 is not the one recorded in {SIDECAR}; "
                                   "rebuild it with 'compress-edge index build'")
         gen_dir = file.parent
         flags = 0
@@ -749,7 +749,7 @@ class RetrievalIndex:
             flags |= faiss.IO_FLAG_ONDISK_SAME_DIR
             ivf = path / info["ivfdata"]
             if not ivf.is_file():
-                raise IndexError_(f"the on-disk lists {ivf} are missing; rebuild the index")
+                raise IndexFileError(f"the on-disk lists {ivf} are missing; rebuild the index")
             if writable:
                 # Changes go to a copy (the next generation); the current one stays as it is.
                 gen_dir = _next_generation_dir(path, meta)
@@ -765,10 +765,10 @@ class RetrievalIndex:
             with _quiet_native() if info.get("ivfdata") else contextlib.nullcontext():
                 index = faiss.read_index(str(file), flags)
         except RuntimeError as exc:
-            raise IndexError_(f"{file} is damaged or not a FAISS index ({_short(exc)}); rebuild it with "
+            raise IndexFileError(f"{file} is damaged or not a FAISS index ({_short(exc)}); rebuild it with "
                               "'compress-edge index build'") from None
         if index.ntotal != len(meta.get("ids") or []) or index.d != int(meta["dim"]):
-            raise IndexError_(f"{file} holds {index.ntotal} vectors of {index.d} dims but {SIDECAR} lists "
+            raise IndexFileError(f"{file} holds {index.ntotal} vectors of {index.d} dims but {SIDECAR} lists "
                               f"{len(meta.get('ids') or [])} of {meta['dim']}: they do not belong together; "
                               "rebuild the index")
         obj = cls(path, meta, index, writable=writable, generation_dir=gen_dir)
@@ -823,7 +823,7 @@ class RetrievalIndex:
         """{"id", "file", "path", "label", "label_name"} of one id."""
         pos = int(self.positions(np.array([id_]))[0])
         if pos < 0:
-            raise IndexError_(f"id {id_} is not in the index")
+            raise IndexFileError(f"id {id_} is not in the index")
         file = self.files[pos] if self.files is not None else None
         label = int(self.labels[pos]) if self.labels is not None else None
         name = self.classes[label] if label is not None and 0 <= label < len(self.classes) else None
@@ -899,13 +899,13 @@ class RetrievalIndex:
         if xq.ndim == 1:
             xq = xq[None]
         if xq.ndim != 2 or xq.shape[1] != self.dim:
-            raise IndexError_(f"queries of shape {xq.shape} do not fit an index of {self.dim}-d vectors")
+            raise IndexFileError(f"queries of shape {xq.shape} do not fit an index of {self.dim}-d vectors")
         return l2_normalize(xq) if normalize else np.ascontiguousarray(xq)
 
     # -- changing -------------------------------------------------------------------------------------
     def _require_writable(self) -> None:
         if not self.writable:
-            raise IndexError_("this index was opened read-only; open it with writable=True to change it")
+            raise IndexFileError("this index was opened read-only; open it with writable=True to change it")
 
     def add(self, x: np.ndarray, files: Sequence[str] | None = None, labels: Sequence[int] | None = None,
             ids: np.ndarray | None = None, manifest: str | None = None) -> np.ndarray:
@@ -918,16 +918,16 @@ class RetrievalIndex:
             ids = np.arange(start, start + n, dtype=np.int64)
         ids = np.asarray(ids, dtype=np.int64)
         if len(self.ids) and len(ids) and ids.min() <= self.ids.max():
-            raise IndexError_("new ids must be larger than those in the index")
+            raise IndexFileError("new ids must be larger than those in the index")
         if files is not None and self.files is None and len(self.ids):
-            raise IndexError_("this index records no files; add vectors without files")
+            raise IndexFileError("this index records no files; add vectors without files")
         try:
             if self.meta["index"].get("ivfdata"):
                 ondisk_append(self.index, x, ids, self._gen_dir)
             else:
                 self.index.add_with_ids(x, ids)
         except RuntimeError as exc:
-            raise IndexError_(f"this index ({self.key}) cannot add vectors ({_short(exc)}); rebuild it instead") from None
+            raise IndexFileError(f"this index ({self.key}) cannot add vectors ({_short(exc)}); rebuild it instead") from None
         self.ids = np.concatenate([self.ids, ids])
         if files is not None or self.files is not None:
             self.files = (self.files or []) + [str(f) for f in (files or [""] * n)]
@@ -948,7 +948,7 @@ class RetrievalIndex:
         """(ids, files not found) for paths as given on a command line (matched against the stored
         relative path, the resolved absolute path, or the stored string itself)."""
         if self.files is None:
-            raise IndexError_("this index records no files, so nothing can be removed by path")
+            raise IndexFileError("this index records no files, so nothing can be removed by path")
         if self._file_to_id is None:
             table: dict[str, int] = {}
             for f, i in zip(self.files, self.ids.tolist(), strict=True):
@@ -969,17 +969,17 @@ class RetrievalIndex:
         return np.unique(np.asarray(found, dtype=np.int64)), missing
 
     def remove(self, ids: np.ndarray) -> int:
-        """Remove ids; return how many were removed. IndexError_ for an index type that cannot."""
+        """Remove ids; return how many were removed. IndexFileError for an index type that cannot."""
         self._require_writable()
         ok, why = can_remove(self.index)
         if not ok:
-            raise IndexError_(f"{why}; rebuild the index without those images ('compress-edge index build'), "
+            raise IndexFileError(f"{why}; rebuild the index without those images ('compress-edge index build'), "
                               "or build an IVF or Flat index (e.g. --index IVF1024,SQ8) if you need to remove")
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         try:
             removed = int(self.index.remove_ids(ids))
         except RuntimeError as exc:
-            raise IndexError_(f"this index ({self.key}) cannot remove vectors ({_short(exc)}); rebuild it") from None
+            raise IndexFileError(f"this index ({self.key}) cannot remove vectors ({_short(exc)}); rebuild it") from None
         keep = ~np.isin(self.ids, ids)
         self.ids = self.ids[keep]
         if self.files is not None:
@@ -1044,19 +1044,19 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     side = path / SIDECAR if path.is_dir() or not path.name.endswith(".json") else path
     if not side.is_file():
-        raise IndexError_(f"no index at {path} ({SIDECAR} is missing); build one with "
+        raise IndexFileError(f"no index at {path} ({SIDECAR} is missing); build one with "
                           f"'compress-edge index build MODEL DATA --out {path}'")
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexError_(f"{side} is damaged ({exc}); rebuild the index") from None
+        raise IndexFileError(f"{side} is damaged ({exc}); rebuild the index") from None
     if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
-        raise IndexError_(f"{side} is not a compress-edge index sidecar; rebuild the index")
+        raise IndexFileError(f"{side} is not a compress-edge index sidecar; rebuild the index")
     if int(meta.get("version", 0)) > INDEX_VERSION:
-        raise IndexError_(f"{side} was written by a newer compress-edge (format {meta['version']}); upgrade")
+        raise IndexFileError(f"{side} was written by a newer compress-edge (format {meta['version']}); upgrade")
     for key in ("spec", "index", "dim"):
         if key not in meta:
-            raise IndexError_(f"{side} has no {key!r}; rebuild the index")
+            raise IndexFileError(f"{side} has no {key!r}; rebuild the index")
     return meta
 
 
@@ -1065,11 +1065,11 @@ _GENERATION_FILE = re.compile(r"v\d{4,}/index\.(faiss|ivfdata)")
 
 def check_sidecar(path: str | os.PathLike, meta: dict[str, Any]) -> None:
     """Check the sidecar field by field (ids, files, labels, classes, the files it names) and that the
-    embedding store it lists is there; IndexError_ naming what is wrong otherwise."""
+    embedding store it lists is there; IndexFileError naming what is wrong otherwise."""
     side = Path(path) / SIDECAR
 
-    def bad(what: str) -> IndexError_:
-        return IndexError_(f"{side} is damaged: {what}; rebuild the index with 'compress-edge index build'")
+    def bad(what: str) -> IndexFileError:
+        return IndexFileError(f"{side} is damaged: {what}; rebuild the index with 'compress-edge index build'")
 
     ids = meta.get("ids") or []
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
@@ -1127,18 +1127,18 @@ def _check_store(path: Path, meta: dict[str, Any], bad: Any) -> None:
         try:
             shards = json.loads(file.read_text(encoding="utf-8"))["shards"]
         except FileNotFoundError:
-            raise IndexError_(f"the embedding store {folder} is missing {shown(name)} (removal and rebuilds need "
+            raise IndexFileError(f"the embedding store {folder} is missing {shown(name)} (removal and rebuilds need "
                               "it); rebuild the index with 'compress-edge index build'") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise IndexError_(f"the embeddings manifest {file} is damaged ({shown(_short(exc))}); rebuild the "
+            raise IndexFileError(f"the embeddings manifest {file} is damaged ({shown(_short(exc))}); rebuild the "
                               "index") from None
         for shard in shards if isinstance(shards, list) else [None]:
             names = [shard.get("x"), shard.get("ids")] if isinstance(shard, dict) else [None]
             if not all(_plain_name(v) for v in names):
-                raise IndexError_(f"the embeddings manifest {file} names shards outside {folder}; rebuild the index")
+                raise IndexFileError(f"the embeddings manifest {file} names shards outside {folder}; rebuild the index")
             for v in names:
                 if not (folder / v).is_file():
-                    raise IndexError_(f"the embedding store {folder} is missing {shown(v)} (removal and rebuilds "
+                    raise IndexFileError(f"the embedding store {folder} is missing {shown(v)} (removal and rebuilds "
                                       "need it); rebuild the index with 'compress-edge index build'")
 
 
@@ -1238,7 +1238,7 @@ def build_index(
     out = Path(out_dir)
     n, d = len(store), store.dim
     if n == 0:
-        raise IndexError_("no embeddings to index")
+        raise IndexFileError("no embeddings to index")
     budget = parse_bytes(memory_budget) or default_memory_budget()
     if not 0 < target_recall <= 1:
         raise CompressEdgeError(f"--target-recall must be in (0, 1], got {target_recall}")
@@ -1248,12 +1248,12 @@ def build_index(
     rng = np.random.default_rng(seed)
     all_ids = store.ids()
     if files is not None and len(files) != n:
-        raise IndexError_(f"{len(files)} files for {n} embeddings")
+        raise IndexFileError(f"{len(files)} files for {n} embeddings")
     if labels is not None and len(labels) != n:
-        raise IndexError_(f"{len(labels)} labels for {n} embeddings")
+        raise IndexFileError(f"{len(labels)} labels for {n} embeddings")
     classes = _named_classes(classes, labels)
     if (files is not None or labels is not None) and not np.array_equal(np.sort(all_ids), np.arange(n)):
-        raise IndexError_("files and labels are given by position, so the embeddings need the ids 0..N-1")
+        raise IndexFileError("files and labels are given by position, so the embeddings need the ids 0..N-1")
 
     with faiss_threads(threads):
         # Held-out queries for tuning: kept out of the index until tuning is over.
@@ -1271,7 +1271,7 @@ def build_index(
             try:
                 (gpu_fidx or fidx).train(xt)
             except RuntimeError as exc:
-                raise IndexError_(f"training {plan.key} on {len(xt)} vectors failed ({_short(exc)}); an IVF "
+                raise IndexFileError(f"training {plan.key} on {len(xt)} vectors failed ({_short(exc)}); an IVF "
                                   "index needs at least 39 training vectors per list: use fewer lists or "
                                   "--index auto") from None
             if gpu_fidx is not None:
@@ -1419,7 +1419,7 @@ def build_index_from_array(x: np.ndarray, out_dir: str | os.PathLike, *, spec: M
 
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
-        raise IndexError_(f"embeddings must be (N, D), got shape {x.shape}")
+        raise IndexFileError(f"embeddings must be (N, D), got shape {x.shape}")
     out = Path(out_dir)
     generation = _refuse_existing(out, kwargs.pop("overwrite", False))
     spec = spec or ModelSpec(arch="precomputed", embed_dim=int(x.shape[1]), source={"kind": "array"})
@@ -1430,11 +1430,11 @@ def build_index_from_array(x: np.ndarray, out_dir: str | os.PathLike, *, spec: M
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> int:
-    """The generation a new build writes; IndexError_ when ``out`` holds an index and not overwrite."""
+    """The generation a new build writes; IndexFileError when ``out`` holds an index and not overwrite."""
     side = out / SIDECAR
     if side.is_file():
         if not overwrite:
-            raise IndexError_(f"{out} already holds an index; pass --overwrite to replace it, or use "
+            raise IndexFileError(f"{out} already holds an index; pass --overwrite to replace it, or use "
                               "'compress-edge index add' to add images to it")
         try:
             return int(json.loads(side.read_text(encoding="utf-8")).get("generation", 0)) + 1
@@ -1570,7 +1570,7 @@ def add_images(
     idx = RetrievalIndex.open(index_dir, writable=True)
     ref = model if model is not None else idx.meta.get("model")
     if ref is None:
-        raise IndexError_(f"{index_dir} records no model; pass the model the index was built with (--model)")
+        raise IndexFileError(f"{index_dir} records no model; pass the model the index was built with (--model)")
     embedder, owned = _open_embedder(ref, backend, device)
     try:
         check_model(idx.spec, embedder, idx.meta, what=f"the index {shown(index_dir)}", trust=trust_model)
@@ -1623,19 +1623,19 @@ def remove_files(index_dir: str | os.PathLike, files: Sequence[str | os.PathLike
                  missing_ok: bool = False) -> dict[str, Any]:
     """Remove images (by path) from the index in ``index_dir``. Returns {"removed", "missing", "ntotal"}.
 
-    IndexError_ for paths not in the index (unless ``missing_ok``) and for index types that cannot
+    IndexFileError for paths not in the index (unless ``missing_ok``) and for index types that cannot
     remove (HNSW)."""
     idx = RetrievalIndex.open(index_dir, writable=True)
     _expect(idx.path, int(idx.meta["index"].get("bytes") or 0))
     ok, why = can_remove(idx.index)
     if not ok:
-        raise IndexError_(f"cannot remove from {index_dir}: {why}; rebuild the index without those images "
+        raise IndexFileError(f"cannot remove from {index_dir}: {why}; rebuild the index without those images "
                           "('compress-edge index build'), or build an IVF or Flat index (e.g. --index "
                           "IVF1024,SQ8) when images must be removable")
     ids, missing = idx.ids_of_files(files)
     if missing and not missing_ok:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise IndexError_(f"not in the index: {shown(', '.join(missing[:3]))}{more}; 'compress-edge index info "
+        raise IndexFileError(f"not in the index: {shown(', '.join(missing[:3]))}{more}; 'compress-edge index info "
                           f"{index_dir}' shows where its images are")
     removed = idx.remove(ids) if len(ids) else 0
     if removed:

@@ -26,7 +26,7 @@ from compress_edge.retrieval.safety import check_finite, check_model, shown
 from compress_edge.retrieval.shards import l2_normalize
 from PIL import Image
 
-from compress_edge.errors import DataError, IndexError_
+from compress_edge.errors import DataError, IndexFileError
 from compress_edge.images import IMAGE_EXTENSIONS, scan_images
 
 __all__ = ["Hit", "Prediction", "Searcher", "open_index", "expand_queries"]
@@ -97,12 +97,12 @@ class Searcher:
         self.params = dict(params or {})
         ref = model if model is not None else self.index.meta.get("model")
         if ref is None:
-            raise IndexError_(f"{self.index.path} records no model; pass the model the index was built with")
+            raise IndexFileError(f"{self.index.path} records no model; pass the model the index was built with")
         if hasattr(ref, "embed") and hasattr(ref, "spec"):
             self.embedder, self._owned = ref, False
         else:
             if model is None and not _exists_or_name(str(ref)):
-                raise IndexError_(f"the model the index was built with ({shown(ref)}) is not here; pass it (or its "
+                raise IndexFileError(f"the model the index was built with ({shown(ref)}) is not here; pass it (or its "
                                   "ONNX export) with --model")
             from compress_edge.export.runtimes import open_embedder
 

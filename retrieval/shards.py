@@ -26,7 +26,7 @@ import numpy as np
 from compress_edge.retrieval.safety import check_finite
 from PIL import Image
 
-from compress_edge.errors import DataError, IndexError_
+from compress_edge.errors import DataError, IndexFileError
 from compress_edge.images import default_workers, open_image, preprocess_batch, scan_images
 from compress_edge.storage import atomic_path, atomic_write_json
 
@@ -137,11 +137,11 @@ class EmbeddingStore:
             try:
                 meta = json.loads(path.read_text(encoding="utf-8"))
             except FileNotFoundError:
-                raise IndexError_(f"the embeddings manifest {path} is missing; rebuild the index") from None
+                raise IndexFileError(f"the embeddings manifest {path} is missing; rebuild the index") from None
             except json.JSONDecodeError as exc:
-                raise IndexError_(f"the embeddings manifest {path} is damaged ({exc}); rebuild the index") from None
+                raise IndexFileError(f"the embeddings manifest {path} is damaged ({exc}); rebuild the index") from None
             if dim is not None and int(meta["dim"]) != dim:
-                raise IndexError_(f"{path} holds {meta['dim']}-d embeddings, the others {dim}-d")
+                raise IndexFileError(f"{path} holds {meta['dim']}-d embeddings, the others {dim}-d")
             dim = int(meta["dim"])
             shards.extend(meta["shards"])
         live_arr = None if live is None else np.unique(np.asarray(live, dtype=np.int64))
@@ -157,11 +157,11 @@ class EmbeddingStore:
             x = np.load(self.folder / shard["x"], mmap_mode="r")
             ids = np.load(self.folder / shard["ids"])
         except FileNotFoundError as exc:
-            raise IndexError_(f"embedding shard {exc.filename} is missing; rebuild the index") from None
+            raise IndexFileError(f"embedding shard {exc.filename} is missing; rebuild the index") from None
         except ValueError as exc:
-            raise IndexError_(f"embedding shard {self.folder / shard['x']} is damaged ({exc}); rebuild") from None
+            raise IndexFileError(f"embedding shard {self.folder / shard['x']} is damaged ({exc}); rebuild") from None
         if x.ndim != 2 or x.shape[1] != self.dim or len(x) != len(ids) or len(x) != shard["rows"]:
-            raise IndexError_(f"embedding shard {self.folder / shard['x']} does not match its manifest; rebuild")
+            raise IndexFileError(f"embedding shard {self.folder / shard['x']} does not match its manifest; rebuild")
         return x, ids
 
     def iter_shards(self, exclude: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -196,7 +196,7 @@ class EmbeddingStore:
                 found[i] = True
         if not found.all():
             missing = wanted[~found][:5].tolist()
-            raise IndexError_(f"ids {missing} are not in the stored embeddings; rebuild the index")
+            raise IndexFileError(f"ids {missing} are not in the stored embeddings; rebuild the index")
         return out
 
     def sample(self, n: int, rng: np.random.Generator, exclude: np.ndarray | None = None) -> np.ndarray:
@@ -423,7 +423,7 @@ def wait_for_manifests(folder: str | os.PathLike, names: Sequence[str], token: s
         pending = still
         if pending:
             if time.monotonic() > deadline:
-                raise IndexError_(f"gave up waiting for the other ranks' embeddings ({', '.join(pending)})")
+                raise IndexFileError(f"gave up waiting for the other ranks' embeddings ({', '.join(pending)})")
             time.sleep(poll)
 
 

@@ -28,7 +28,7 @@ from compress_edge.retrieval.shards import (
     write_embeddings,
 )
 
-from compress_edge.errors import CompressEdgeError, IndexError_, SpecMismatchError
+from compress_edge.errors import CompressEdgeError, IndexFileError, SpecMismatchError
 from compress_edge.spec import ModelSpec
 
 
@@ -67,11 +67,11 @@ def test_auto_choice_follows_size_and_memory():
 def test_plan_for_a_factory_string_and_bad_inputs():
     plan = plan_index("IVF256,SQ8", 50_000, 64)
     assert plan.nlist == 256 and plan.train_points == 64 * 256
-    with pytest.raises(IndexError_, match="only IVF"):
+    with pytest.raises(IndexFileError, match="only IVF"):
         plan_index("HNSW32,Flat", 50_000, 64, on_disk=True)
     with pytest.raises(CompressEdgeError, match="between 30 and 256"):
         plan_index("auto", 50_000, 64, points_per_centroid=10)
-    with pytest.raises(IndexError_, match="index_factory"):
+    with pytest.raises(IndexFileError, match="index_factory"):
         rindex.make_faiss_index("NotAnIndex12", 16)
     assert parse_bytes("512M") == 512 << 20
     assert parse_bytes("1.5GB") == int(1.5 * (1 << 30))
@@ -182,7 +182,7 @@ def test_add_and_remove_on_disk_ivf(tmp_path):
 def test_hnsw_cannot_remove(tmp_path):
     x, _ = clusters(300)
     build_index_from_array(x, tmp_path / "idx", index="HNSW16,Flat", files=[f"{i}.png" for i in range(300)])
-    with pytest.raises(IndexError_, match="HNSW graph cannot remove"):
+    with pytest.raises(IndexFileError, match="HNSW graph cannot remove"):
         rindex.remove_files(tmp_path / "idx", ["1.png"])
     idx = open_index(tmp_path / "idx", writable=True)
     idx.add(x[:2] * -1)  # adding works
@@ -193,7 +193,7 @@ def test_hnsw_cannot_remove(tmp_path):
 def test_remove_unknown_path_is_refused(tmp_path):
     x, _ = clusters(50)
     build_index_from_array(x, tmp_path / "idx", files=[f"{i}.png" for i in range(50)])
-    with pytest.raises(IndexError_, match="not in the index: x.png"):
+    with pytest.raises(IndexFileError, match="not in the index: x.png"):
         rindex.remove_files(tmp_path / "idx", ["x.png"])
     assert rindex.remove_files(tmp_path / "idx", ["x.png", "3.png"], missing_ok=True)["removed"] == 1
 
@@ -211,13 +211,13 @@ def test_damaged_index_gives_clear_errors(tmp_path):
     data = file.read_bytes()
 
     file.write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(IndexError_, match="damaged.*truncated"):
+    with pytest.raises(IndexFileError, match="damaged.*truncated"):
         open_index(out)
 
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0xFF  # same size, other bytes
     file.write_bytes(bytes(flipped))
-    with pytest.raises(IndexError_, match="sha256"):
+    with pytest.raises(IndexFileError, match="sha256"):
         open_index(out)
 
     # garbage that the sidecar believes in: FAISS itself refuses it
@@ -226,13 +226,13 @@ def test_damaged_index_gives_clear_errors(tmp_path):
     meta["index"]["file_bytes"] = 800
     meta["index"]["file_sha256"] = None
     (out / "index.json").write_text(json.dumps(meta))
-    with pytest.raises(IndexError_, match="damaged or not a FAISS index"):
+    with pytest.raises(IndexFileError, match="damaged or not a FAISS index"):
         open_index(out)
 
     (out / "index.json").write_text("{not json")
-    with pytest.raises(IndexError_, match="damaged"):
+    with pytest.raises(IndexFileError, match="damaged"):
         open_index(out)
-    with pytest.raises(IndexError_, match="no index at"):
+    with pytest.raises(IndexFileError, match="no index at"):
         open_index(tmp_path / "nothing")
 
 
@@ -257,7 +257,7 @@ def test_crash_while_committing_leaves_the_old_index(tmp_path, monkeypatch):
 def test_existing_index_needs_overwrite(tmp_path):
     x, _ = clusters(100)
     build_index_from_array(x, tmp_path / "idx")
-    with pytest.raises(IndexError_, match="--overwrite"):
+    with pytest.raises(IndexFileError, match="--overwrite"):
         build_index_from_array(x, tmp_path / "idx")
     idx = build_index_from_array(x[:50], tmp_path / "idx", overwrite=True)
     assert idx.ntotal == 50 and idx.meta["generation"] == 2
@@ -272,7 +272,7 @@ def test_memory_mapped_open_gives_the_same_results(tmp_path, key):
     a = open_index(tmp_path / "idx", mmap=False).search(x[:20], 5)[1]
     b = open_index(tmp_path / "idx", mmap=True).search(x[:20], 5)[1]
     np.testing.assert_array_equal(a, b)
-    with pytest.raises(IndexError_, match="read-only"):
+    with pytest.raises(IndexFileError, match="read-only"):
         open_index(tmp_path / "idx", mmap=True).add(x[:1])
 
 
@@ -330,7 +330,7 @@ def test_shard_writer_and_store_round_trip(tmp_path):
     np.testing.assert_array_equal(got, x[::2])
     np.testing.assert_array_equal(store.gather(np.array([998, 4])), x[[998, 4]])
     assert store.sample(50, rng).shape == (50, 16)
-    with pytest.raises(IndexError_, match="not in the stored"):
+    with pytest.raises(IndexFileError, match="not in the stored"):
         store.gather(np.array([1]))
 
 
@@ -346,7 +346,7 @@ def test_extraction_split_across_ranks(tmp_path, make_images):
                                 world_size=2, extra={"token": "t"}) for r in (1, 0)]
     assert sorted(names) == ["g0001-r0.manifest.json", "g0001-r1.manifest.json"]
     wait_for_manifests(tmp_path / "emb", names, "t", timeout=1)
-    with pytest.raises(IndexError_, match="other ranks"):
+    with pytest.raises(IndexFileError, match="other ranks"):
         wait_for_manifests(tmp_path / "emb", names, "other", timeout=0.1, poll=0.05)
     store = EmbeddingStore.open(tmp_path / "emb", sorted(names))
     x, ids = store.to_array()

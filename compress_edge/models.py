@@ -1,9 +1,11 @@
 """Backbone registry, the embedding model every command uses, and compress-edge model files.
 
 One registry, one factory (as timm does): each architecture is a builder function decorated with
-``@register_model(name)`` that returns a torchvision backbone whose classifier was replaced by
-``nn.Identity`` (so torchvision state dicts load into ``model.backbone`` unchanged); ``create_model``
-wraps it in an :class:`EmbeddingModel` with an optional projection head.
+``@register_model(name)`` that returns a backbone whose classifier is gone: a torchvision CNN with
+``nn.Identity`` in its classifier's place (so torchvision state dicts load into ``model.backbone``
+unchanged), or a timm Vision Transformer built with ``num_classes=0`` (timm's key names, which DINO,
+DINOv2, iBOT and MoCo v3 share). ``create_model`` wraps it in an :class:`EmbeddingModel` with an
+optional projection head.
 
 A saved model is a folder with ``model.safetensors`` (the weights, never pickled) and ``model.json``
 (the :class:`~compress_edge.spec.ModelSpec`, holding the sha256 of the weights file).
@@ -67,6 +69,11 @@ class Backbone:
     module: nn.Module
     feature_dim: int
     feature_map: str
+    pool: nn.Module | None = None  # (output of module) -> (B, F) when ``module`` gives tokens (ViTs)
+
+
+#: Architecture families: torchvision CNNs and timm Vision Transformers.
+FAMILIES = ("cnn", "vit")
 
 
 @dataclass(frozen=True)
@@ -75,17 +82,22 @@ class _Entry:
     builder: Callable[..., Backbone]
     defaults: dict[str, Any]  # the builder's own keyword arguments (besides small_input) and defaults
     summary: str
+    family: str = "cnn"
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_model(name: str) -> Callable[[Callable[..., Backbone]], Callable[..., Backbone]]:
-    """Decorator adding a backbone builder to the registry under ``name``.
+def register_model(
+    name: str, family: str = "cnn"
+) -> Callable[[Callable[..., Backbone]], Callable[..., Backbone]]:
+    """Decorator adding a backbone builder to the registry under ``name`` (``family``: "cnn" or "vit").
 
     The builder takes keyword-only arguments: ``small_input: bool`` and its own architecture options
     (with defaults, JSON-serialisable), and returns a :class:`Backbone`.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}")  # a programming error, not the user's
 
     def decorate(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
         if name in _REGISTRY:
@@ -97,15 +109,22 @@ def register_model(name: str) -> Callable[[Callable[..., Backbone]], Callable[..
             k: p.default for k, p in params.items() if k != "small_input" and p.default is not p.empty
         }
         summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        _REGISTRY[name] = _Entry(name, fn, defaults, summary)
+        _REGISTRY[name] = _Entry(name, fn, defaults, summary, family)
         return fn
 
     return decorate
 
 
-def list_models() -> list[str]:
-    """Registered architecture names, sorted."""
-    return sorted(_REGISTRY)
+def list_models(family: str | None = None) -> list[str]:
+    """Registered architecture names, sorted; only those of ``family`` ("cnn" or "vit") when given."""
+    if family is not None and family not in FAMILIES:
+        raise ModelError(f"unknown model family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    return sorted(n for n, e in _REGISTRY.items() if family is None or e.family == family)
+
+
+def model_family(name: str) -> str:
+    """"cnn" or "vit" for a registered architecture."""
+    return _entry(name).family
 
 
 def model_summary(name: str) -> str:
@@ -237,6 +256,118 @@ def efficientnet_b0(*, small_input: bool = False) -> Backbone:
 
 
 # --------------------------------------------------------------------------------------------------
+# Vision Transformers (timm). The backbone returns the final-norm tokens (B, N, C), class token first,
+# then register tokens, then the patches; a TokenPool turns them into the embedding.
+# --------------------------------------------------------------------------------------------------
+#: How a ViT's tokens become its feature: the class token, the mean of the patch tokens (class and
+#: register tokens left out), or both concatenated (DINO's and DINOv2's linear-probe feature).
+POOLS = ("cls", "mean", "cls+mean")
+
+
+class TokenPool(nn.Module):
+    """(B, N, C) final-norm tokens -> (B, F): "cls" (F = C), "mean" (F = C) or "cls+mean" (F = 2C).
+
+    ``prefix_tokens``: the class token and the register tokens in front of the patch tokens.
+    Holds no tensors, so it changes no state dict.
+    """
+
+    def __init__(self, kind: str, prefix_tokens: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.prefix_tokens = int(prefix_tokens)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.kind == "cls":
+            return tokens[:, 0]
+        mean = tokens[:, self.prefix_tokens :].mean(dim=1)
+        if self.kind == "mean":
+            return mean
+        return torch.cat([tokens[:, 0], mean], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, prefix_tokens={self.prefix_tokens}"
+
+
+def _vit(
+    timm_name: str,
+    *,
+    img_size: int,
+    patch_size: int,
+    pool: str,
+    dynamic_img_size: bool,
+    num_heads: int,
+) -> Backbone:
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(f"{timm_name} needs timm: pip install timm") from None
+    img_size, patch_size, num_heads = int(img_size), int(patch_size), int(num_heads)
+    if pool not in POOLS:
+        raise ModelError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
+    if patch_size <= 0 or img_size < patch_size or img_size % patch_size:
+        raise ModelError(
+            f"img_size must be a positive multiple of patch_size ({patch_size}); got img_size={img_size}"
+        )
+    if num_heads <= 0:
+        raise ModelError(f"num_heads must be positive, got {num_heads}")
+    # pretrained=False: never a download; global_pool="": the tokens, pooled by TokenPool.
+    net = timm.create_model(
+        timm_name,
+        pretrained=False,
+        num_classes=0,
+        global_pool="",
+        img_size=img_size,
+        patch_size=patch_size,
+        num_heads=num_heads,
+        dynamic_img_size=bool(dynamic_img_size),
+    )
+    dim = net.embed_dim * (2 if pool == "cls+mean" else 1)
+    return Backbone(net, dim, "patch_embed.proj", TokenPool(pool, net.num_prefix_tokens))
+
+
+def _register_vit(name: str, *, patch_size: int, num_heads: int, summary: str) -> None:
+    """Register timm's ``name`` (keyword options: img_size, patch_size, pool, dynamic_img_size,
+    num_heads; small_input is accepted and changes nothing: a ViT has no stem to shrink)."""
+
+    def build(
+        *,
+        small_input: bool = False,
+        img_size: int = 224,
+        patch_size: int = patch_size,
+        pool: str = "cls",
+        dynamic_img_size: bool = False,
+        num_heads: int = num_heads,
+    ) -> Backbone:
+        return _vit(name, img_size=img_size, patch_size=patch_size, pool=pool,
+                    dynamic_img_size=dynamic_img_size, num_heads=num_heads)
+
+    build.__name__ = name
+    build.__doc__ = summary
+    register_model(name, family="vit")(build)
+
+
+for _name, _patch, _heads, _summary in (
+    ("vit_tiny_patch16_224", 16, 3, "ViT-Ti/16 (5.5 M parameters, 192-d): a ViT student."),
+    ("vit_small_patch16_224", 16, 6, "ViT-S/16 (21.7 M parameters, 384-d): DINO, iBOT; MoCo v3 with num_heads=12."),
+    ("vit_small_patch8_224", 8, 6, "ViT-S/8 (21.7 M parameters, 384-d): DINO."),
+    ("vit_base_patch16_224", 16, 12, "ViT-B/16 (85.8 M parameters, 768-d): DINO, iBOT, MoCo v3."),
+    ("vit_base_patch8_224", 8, 12, "ViT-B/8 (85.8 M parameters, 768-d): DINO."),
+    ("vit_small_patch14_dinov2", 14, 6, "ViT-S/14 (21.6 M parameters at 224 px, 384-d): DINOv2."),
+    ("vit_base_patch14_dinov2", 14, 12, "ViT-B/14 (85.7 M parameters at 224 px, 768-d): DINOv2."),
+    ("vit_large_patch14_dinov2", 14, 16, "ViT-L/14 (303 M parameters at 224 px, 1024-d): DINOv2."),
+    ("vit_small_patch14_reg4_dinov2", 14, 6, "ViT-S/14 with 4 registers (21.6 M parameters at 224 px, 384-d): DINOv2."),
+    ("vit_base_patch14_reg4_dinov2", 14, 12, "ViT-B/14 with 4 registers (85.7 M parameters at 224 px, 768-d): DINOv2."),
+    ("vit_large_patch14_reg4_dinov2", 14, 16, "ViT-L/14 with 4 registers (303 M parameters at 224 px, 1024-d): DINOv2."),
+):
+    _register_vit(_name, patch_size=_patch, num_heads=_heads, summary=_summary)
+
+
+def is_vit(model: EmbeddingModel) -> bool:
+    """Whether ``model`` is a Vision Transformer (its input side is fixed by img_size and patch_size)."""
+    return _entry(model.arch).family == "vit"
+
+
+# --------------------------------------------------------------------------------------------------
 # The embedding model
 # --------------------------------------------------------------------------------------------------
 def build_head(kind: str | None, feature_dim: int, embed_dim: int) -> nn.Module:
@@ -263,7 +394,9 @@ def build_head(kind: str | None, feature_dim: int, embed_dim: int) -> nn.Module:
 class EmbeddingModel(nn.Module):
     """Images (B, 3, H, W) -> embeddings (B, D), L2-normalised when ``normalize`` is True.
 
-    ``backbone``: (B, 3, H, W) -> pooled features (B, F), with torchvision's module names.
+    ``backbone``: (B, 3, H, W) -> pooled features (B, F), with torchvision's module names; for a ViT,
+    the tokens (B, N, C) with timm's names, turned into (B, F) by ``pool`` (a :class:`TokenPool`,
+    ``nn.Identity`` for a CNN; it holds no tensors).
     ``head``: (B, F) -> (B, D); ``nn.Identity`` (D == F) or a projection (see :func:`build_head`).
 
     ``arch`` and ``arch_kwargs`` rebuild the same model: ``create_model(arch, normalize=normalize,
@@ -283,9 +416,11 @@ class EmbeddingModel(nn.Module):
         embed_dim: int | None = None,
         normalize: bool = True,
         feature_map: str | None = None,
+        pool: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.pool = pool if pool is not None else nn.Identity()
         self.feature_dim = int(feature_dim)
         self.embed_dim = int(embed_dim) if head is not None and embed_dim is not None else self.feature_dim
         self.head = build_head(head, self.feature_dim, self.embed_dim)
@@ -297,7 +432,7 @@ class EmbeddingModel(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, F) pooled backbone features."""
-        return self.backbone(x)
+        return self.pool(self.backbone(x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """(B, F) -> (B, D), normalised when the model normalises."""
@@ -323,10 +458,14 @@ def create_model(
 ) -> EmbeddingModel:
     """Build a randomly initialised :class:`EmbeddingModel` from the registry.
 
-    small_input: stem for images of 64 px and below (stride 1, no early max-pool).
+    small_input: stem for images of 64 px and below (stride 1, no early max-pool); a ViT has no stem
+      and keeps it only as a record.
     head: None (or "none") for no projection, "linear" or "mlp".
     embed_dim: D of the head (default 128); without a head D is the feature dim F.
-    arch_kwargs: the architecture's own options (e.g. ``width_mult`` for mobilenet_v2).
+    arch_kwargs: the architecture's own options (e.g. ``width_mult`` for mobilenet_v2; for a ViT
+      ``img_size`` (the side its position embedding is built for), ``patch_size``, ``pool`` (one of
+      :data:`POOLS`), ``dynamic_img_size`` (take other sides, resampling the position embedding at run
+      time) and ``num_heads``).
     """
     entry = _entry(name)
     unknown = sorted(set(arch_kwargs) - set(entry.defaults))
@@ -364,6 +503,7 @@ def create_model(
         embed_dim=embed_dim,
         normalize=normalize,
         feature_map=backbone.feature_map,
+        pool=backbone.pool,
     )
 
 
@@ -431,7 +571,7 @@ def feature_map_size(model: EmbeddingModel, image_size: int) -> tuple[int, int] 
     handle = target.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[-2:])))
     try:
         meta(torch.empty(1, 3, int(image_size), int(image_size), device="meta"))
-    except RuntimeError:  # a pooling or conv window larger than what is left of the image
+    except (RuntimeError, AssertionError):  # a window larger than what is left; a ViT's other side
         return None
     finally:
         handle.remove()
@@ -474,7 +614,7 @@ def smallest_input_size(arch: str, arch_kwargs: dict[str, Any], start: int = 1) 
     def works(side: int) -> bool:
         try:
             meta(torch.empty(1, 3, side, side, device="meta"))
-        except RuntimeError:
+        except (RuntimeError, AssertionError):
             return False
         return True
 
@@ -494,8 +634,12 @@ def check_input_size(model: EmbeddingModel, image_size: int) -> None:
     takes (and its small-input stem when that would take these); warn when it barely can."""
     size = feature_map_size(model, image_size)
     small = bool(model.arch_kwargs.get("small_input"))
+    if size is None and is_vit(model):
+        raise ModelError(_vit_size_message(model, int(image_size)))
     if size is None:
         raise ModelError(_too_small_message(model, int(image_size), small))
+    if is_vit(model):
+        return
     if size == (1, 1) and not small and image_size <= SMALL_INPUT_MAX and (model.arch, image_size) not in _WARNED:
         _WARNED.add((model.arch, image_size))  # once per process, not at every checkpoint
         log.warning(
@@ -503,6 +647,16 @@ def check_input_size(model: EmbeddingModel, image_size: int) -> None:
             model.arch,
             image_size,
         )
+
+
+def _vit_size_message(model: EmbeddingModel, image_size: int) -> str:
+    kw = model.arch_kwargs
+    patch, built = int(kw["patch_size"]), int(kw["img_size"])
+    if kw.get("dynamic_img_size") or image_size % patch:
+        return (f"{model.arch} cuts images into {patch}px patches: {image_size}px is no multiple of {patch}; "
+                f"use --image-size {max(patch, image_size // patch * patch)} or patch_size that divides it")
+    return (f"{model.arch} was built for {built}px images (img_size={built}); build it for {image_size}px "
+            f"(--arch-kwargs img_size={image_size}) or let it take any side (dynamic_img_size=true)")
 
 
 def _too_small_message(model: EmbeddingModel, image_size: int, small: bool) -> str:
@@ -527,9 +681,14 @@ def describe_model(
     """Parameter count, feature dim and last feature map of ``name`` at ``image_size`` (meta device).
 
     small_input None picks the variant ``resolve_model`` would: small for images of 64 px and below.
+    A ViT is described built for ``image_size`` cut to whole patches (its img_size).
     """
     if small_input is None:
         small_input = image_size <= SMALL_INPUT_MAX
+    entry = _entry(name)
+    if entry.family == "vit":  # built for the side, cut to whole patches
+        patch = int(arch_kwargs.get("patch_size", entry.defaults["patch_size"]))
+        arch_kwargs.setdefault("img_size", max(patch, int(image_size) // patch * patch))
     with torch.device("meta"):
         model = create_model(name, small_input=small_input, **arch_kwargs)
     return ModelInfo(
@@ -538,7 +697,7 @@ def describe_model(
         image_size=int(image_size),
         params=sum(p.numel() for p in model.parameters()),
         feature_dim=model.feature_dim,
-        feature_map=feature_map_size(model, image_size),
+        feature_map=feature_map_size(model, model.arch_kwargs.get("img_size", image_size)),
         summary=model_summary(name),
         arch_kwargs=model.arch_kwargs,
     )
@@ -773,7 +932,8 @@ def resolve_model(
       it defaults to 224.
     small_input: for a name, the small-input stem; None picks the stem the checkpoint's tensors fit
       (a CIFAR-style ResNet's 3x3 conv1), and without weights the small stem for images of 64 px and
-      below.
+      below. A ViT name is built for ``image_size`` (img_size), its checkpoint's position embedding
+      resampled to that grid.
     weights_key: which network of a multi-network checkpoint to load (DINO: "teacher", "student").
     """
     ref = str(ref)
@@ -805,7 +965,9 @@ def resolve_model(
                 log.info("%s has %s's small-input stem: using it", weights, ref)
         elif small_input is None:
             small_input = size <= SMALL_INPUT_MAX
-        model = create_model(ref, small_input=small_input)
+        # A ViT is built for the asked side: a checkpoint's position embedding is resampled to it once.
+        vit_size = {"img_size": size} if _REGISTRY[ref].family == "vit" else {}
+        model = create_model(ref, small_input=small_input, **vit_size)
         source: dict[str, Any] = {"kind": "random-init"}
         if weights is not None:
             from compress_edge.checkpoints import load_backbone_weights

@@ -114,7 +114,7 @@ def optimizer_state(n: int = 3) -> dict:
 
 
 # --- each layout --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", list_models())
+@pytest.mark.parametrize("arch", list_models("cnn"))
 def test_torchvision_state_dict_loads_and_its_classifier_is_ignored(tmp_path, arch):
     net = source_net(arch)
     torch.save(net.state_dict(), tmp_path / "tv.pth")

@@ -1,4 +1,4 @@
-"""One inference interface, :class:`Embedder`, with PyTorch, onnxruntime and TensorRT backends.
+"""One inference interface, :class:`Embedder`, with PyTorch, onnxruntime, TensorRT and OpenVINO backends.
 
 ``embed(images) -> float32 (N, D)`` is the same call on every backend, so retrieval, evaluation and
 benchmarks measure and search with the same code whatever runs the model.
@@ -10,6 +10,7 @@ Which backend :func:`open_embedder` picks for ``backend="auto"``:
 
 - ``*.onnx``: onnxruntime; the ModelSpec comes from the file's ``metadata_props``.
 - ``*.engine`` / ``*.plan``: TensorRT; the ModelSpec comes from the sidecar ``<engine>.json``.
+- ``*.xml``: OpenVINO (an IR and its ``.bin``); the ModelSpec comes from the IR's ``rt_info``.
 - anything else (a compress-edge model or run folder, an architecture name): PyTorch.
 """
 
@@ -37,7 +38,7 @@ from compress_edge.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 #: Backend names :func:`open_embedder` accepts, and the aliases it maps to them.
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 _ALIASES = {
     "auto": "auto",
     "torch": "torch",
@@ -47,9 +48,12 @@ _ALIASES = {
     "onnx": "onnxruntime",
     "tensorrt": "tensorrt",
     "trt": "tensorrt",
+    "openvino": "openvino",
+    "ov": "openvino",
 }
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+IR_SUFFIXES = (".xml",)
 #: ONNX metadata key for the precision of an exported file (fp32, fp16, int8-cpu, int8-trt).
 PRECISION_KEY = "compress_edge.precision"
 
@@ -63,8 +67,8 @@ class Embedder:
     """Images -> float32 embeddings (N, D), whatever runs the model.
 
     Attributes: ``spec`` (the :class:`ModelSpec` the embeddings belong to), ``name`` (the backend:
-    "torch", "onnxruntime" or "tensorrt"), ``path`` (the model file or folder, or the architecture
-    name), ``device``, ``threads``, ``precision`` ("fp32", "fp16", "int8-cpu", "int8-trt" or
+    "torch", "onnxruntime", "tensorrt" or "openvino"), ``path`` (the model file or folder, or the architecture
+    name), ``device``, ``threads``, ``precision`` ("fp32", "fp16", "int8-cpu", "int8-trt", "int8-openvino" or
     "unknown"), ``max_batch`` (largest batch one run takes; None: any).
 
     Subclasses implement :meth:`_run` on a preprocessed float32 batch (n, C, S, S) and return (n, D).
@@ -554,7 +558,7 @@ class TensorRTEmbedder(Embedder):
 # The factory
 # --------------------------------------------------------------------------------------------------
 def backend_for(model: str | os.PathLike, backend: str = "auto") -> str:
-    """The backend name ("torch", "onnxruntime" or "tensorrt") ``open_embedder`` would use."""
+    """The backend name ("torch", "onnxruntime", "tensorrt" or "openvino") ``open_embedder`` would use."""
     key = _ALIASES.get(str(backend).lower())
     if key is None:
         raise ModelError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
@@ -564,12 +568,17 @@ def backend_for(model: str | os.PathLike, backend: str = "auto") -> str:
             return "onnxruntime"
         if suffix in ENGINE_SUFFIXES:
             return "tensorrt"
+        if suffix in IR_SUFFIXES:
+            return "openvino"
         return "torch"
     if key == "onnxruntime" and suffix not in ONNX_SUFFIXES:
         raise ModelError(f"the onnxruntime backend runs a .onnx file, not {model}; export it first")
     if key == "tensorrt" and suffix not in ENGINE_SUFFIXES:
         raise ModelError(f"the TensorRT backend runs a .engine file, not {model}; build one with export --trt")
-    if key == "torch" and suffix in ONNX_SUFFIXES + ENGINE_SUFFIXES:
+    if key == "openvino" and suffix not in IR_SUFFIXES:
+        raise ModelError(f"the OpenVINO backend runs a .xml file (with its .bin), not {model}; write one with "
+                         "'compress-edge export --openvino'")
+    if key == "torch" and suffix in ONNX_SUFFIXES + ENGINE_SUFFIXES + IR_SUFFIXES:
         raise ModelError(
             f"the torch backend runs a compress-edge model folder or an architecture name, not {model}; "
             "use --backend auto"
@@ -590,10 +599,11 @@ def open_embedder(
     """Open ``model`` for embedding.
 
     model: a compress-edge model/run folder or architecture name (PyTorch), a ``.onnx`` file
-      (onnxruntime), or a ``.engine`` file (TensorRT).
-    backend: "auto" (decide by what ``model`` is), "torch", "onnxruntime" or "tensorrt".
-    device: "cpu", "cuda", "cuda:N" or "auto" (TensorRT always runs on a GPU).
-    threads: CPU threads (torch intra-op / onnxruntime intra-op).
+      (onnxruntime), a ``.engine`` file (TensorRT), or a ``.xml`` OpenVINO IR (OpenVINO).
+    backend: "auto" (decide by what ``model`` is), "torch", "onnxruntime", "tensorrt" or "openvino".
+    device: "cpu", "cuda", "cuda:N" or "auto" (TensorRT always runs on a GPU; OpenVINO takes "cpu",
+      "gpu", "gpu.N", "npu", and "auto" for its GPU when it sees one).
+    threads: CPU threads (torch intra-op / onnxruntime intra-op / OpenVINO inference threads).
     image_size / mean / std: needed for an ONNX file without compress-edge metadata; otherwise
       they override the stored spec (with a warning).
     """
@@ -602,6 +612,10 @@ def open_embedder(
         return OnnxRuntimeEmbedder(model, device=device, threads=threads, image_size=image_size, mean=mean, std=std)
     if kind == "tensorrt":
         return TensorRTEmbedder(model, device="cuda" if device in ("cpu", "auto") else device)
+    if kind == "openvino":
+        from compress_edge.export.openvino import OpenVinoEmbedder
+
+        return OpenVinoEmbedder(model, device=device, threads=threads, image_size=image_size, mean=mean, std=std)
     return TorchEmbedder(str(model), device=device, threads=threads, image_size=image_size, mean=mean, std=std)
 
 

@@ -1,0 +1,344 @@
+"""OpenVINO for Intel CPUs, integrated GPUs and NPUs: IR files from the float32 ONNX, and their Embedder.
+
+- ``model.openvino.xml`` (+ ``.bin``): the ONNX graph converted by ``openvino.convert_model``, float32
+  weights.
+- ``model.openvino-fp16.xml``: the same with float16 weights (``save_model(compress_to_fp16=True)``):
+  half the file; a GPU or NPU computes in float16, a CPU decompresses the weights and computes in
+  float32.
+- ``model.openvino-int8.xml``: NNCF post-training quantisation (``nncf.quantize``, performance preset:
+  symmetric int8 activations and per-channel weights, fast bias correction) calibrated on the same
+  images as the ONNX INT8 files.
+
+The ModelSpec travels inside the IR (``rt_info`` ``compress_edge/metadata``: the ONNX file's metadata
+as JSON, with the precision), so a device needs nothing but the .xml and its .bin.
+
+Importing this module needs neither torch nor openvino: :class:`OpenVinoEmbedder` is the device's
+query path (numpy, PIL and openvino only); the export functions need onnx and, for INT8, nncf.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from compress_edge.export.runtimes import PRECISION_KEY, Embedder, spec_from_onnx_metadata
+
+from compress_edge.deps import require
+from compress_edge.errors import DependencyError, ExportError, ModelError
+from compress_edge.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+#: IR file names inside an export folder, by OpenVINO precision (each with a .bin beside it).
+IR_FILES = {
+    "fp32": "model.openvino.xml",
+    "fp16": "model.openvino-fp16.xml",
+    "int8": "model.openvino-int8.xml",
+}
+#: The precision each IR records (``Embedder.precision``).
+PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-openvino"}
+#: Minimum cosine against the float32 reference (the goals of the ONNX files of the same precision).
+GOALS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}
+#: Where the ModelSpec lives in the IR's rt_info.
+METADATA_PATH = ["compress_edge", "metadata"]
+#: Devices an IR is compiled for (OpenVINO's names, lower-case as the command line takes them).
+DEVICES = ("auto", "cpu", "gpu", "gpu.N", "npu")
+
+
+@dataclass
+class OpenVinoResult:
+    path: str
+    precision: str
+    seconds: float
+    settings: dict[str, Any]
+    calib_images: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bin_path(xml: str | os.PathLike) -> Path:
+    """The weights file beside an IR ``.xml``."""
+    return Path(xml).with_suffix(".bin")
+
+
+def ir_files() -> list[str]:
+    """Every file name an OpenVINO export can write (.xml and .bin), for export.json."""
+    return [n for xml in IR_FILES.values() for n in (xml, bin_path(xml).name)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Export: ONNX -> IR (fp32, fp16), NNCF int8
+# --------------------------------------------------------------------------------------------------
+def convert(
+    src: str | os.PathLike, dst: str | os.PathLike, spec: ModelSpec, *, fp16: bool = False
+) -> OpenVinoResult:
+    """The float32 ONNX file ``src`` -> OpenVINO IR ``dst`` (.xml + .bin), float16 weights with ``fp16``."""
+    ov = _openvino("the OpenVINO export")
+    start = time.perf_counter()
+    model = _convert(ov, src)
+    key = "fp16" if fp16 else "fp32"
+    _write_ir(ov, model, dst, _metadata(src, spec, PRECISIONS[key]), compress_to_fp16=fp16)
+    return OpenVinoResult(
+        path=str(dst),
+        precision=PRECISIONS[key],
+        seconds=time.perf_counter() - start,
+        settings={"openvino": ov.get_version(), "weights": "float16" if fp16 else "float32",
+                  "compute": "float16 on GPU/NPU, float32 on CPU" if fp16 else "float32", "io": "float32"},
+    )
+
+
+def quantize_int8(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    spec: ModelSpec,
+    calib: np.ndarray,
+    *,
+    progress: bool = False,
+) -> OpenVinoResult:
+    """NNCF post-training INT8 quantisation of the float32 ONNX ``src`` into the IR ``dst``.
+
+    calib: preprocessed calibration images float32 (N, C, S, S), the ones the ONNX INT8 files use;
+    NNCF collects its statistics over all N, one image at a time.
+    """
+    from compress_edge.export.quantize import _bar, check_calibration
+
+    ov = _openvino("OpenVINO INT8 quantisation")
+    with _quiet_logs("torch", "nncf"):  # nncf looks at every framework it knows on import
+        nncf = require("nncf", "OpenVINO INT8 quantisation")
+    calib = check_calibration(calib, spec)
+    start = time.perf_counter()
+    model = _convert(ov, src)
+    bar = _bar(progress)
+    task = bar.add_task("calibrating openvino-int8", total=len(calib)) if bar is not None else None
+
+    def one(i: int) -> np.ndarray:
+        if bar is not None and i < len(calib):
+            bar.update(task, completed=i + 1)
+        return calib[i : i + 1]
+
+    if bar is not None:
+        bar.start()
+    try:
+        with _quiet_logs("nncf", "torch"), contextlib.redirect_stdout(io.StringIO()):  # nncf prints its own bars
+            quantized = nncf.quantize(
+                model,
+                nncf.Dataset(list(range(len(calib))), one),
+                preset=nncf.QuantizationPreset.PERFORMANCE,
+                subset_size=len(calib),
+                fast_bias_correction=True,
+            )
+    except Exception as exc:
+        raise ExportError(f"NNCF INT8 quantisation of {src} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        if bar is not None:
+            bar.stop()
+    _write_ir(ov, quantized, dst, _metadata(src, spec, PRECISIONS["int8"], calib_images=len(calib)),
+              compress_to_fp16=False)
+    return OpenVinoResult(
+        path=str(dst),
+        precision=PRECISIONS["int8"],
+        seconds=time.perf_counter() - start,
+        settings={
+            "openvino": ov.get_version(),
+            "nncf": getattr(nncf, "__version__", "unknown"),
+            "tool": "nncf.quantize (post-training)",
+            "preset": "performance",
+            "activations": "int8 symmetric, per-tensor",
+            "weights": "int8 symmetric, per-channel",
+            "calibration": "nncf min-max statistics",
+            "calibration_batch": 1,
+            "fast_bias_correction": True,
+        },
+        calib_images=int(len(calib)),
+    )
+
+
+def _convert(ov, src: str | os.PathLike):
+    try:
+        return ov.convert_model(str(src))
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise ExportError(f"OpenVINO cannot convert {src} ({type(exc).__name__}: {detail})") from None
+
+
+def _metadata(src: str | os.PathLike, spec: ModelSpec, precision: str, calib_images: int = 0) -> dict[str, str]:
+    from compress_edge.export.onnx import read_metadata
+
+    props = {**read_metadata(src), **spec.to_metadata(), PRECISION_KEY: precision,
+             "compress_edge.source": Path(src).name}
+    if calib_images:
+        props["compress_edge.calib_images"] = str(calib_images)
+    return props
+
+
+def _write_ir(ov, model, dst: str | os.PathLike, props: dict[str, str], *, compress_to_fp16: bool) -> None:
+    """Save ``model`` as ``dst`` (.xml) and its .bin, both or neither (written aside, then moved)."""
+    from compress_edge.export.onnx import share
+
+    dst = Path(dst)
+    if dst.suffix.lower() != ".xml":
+        raise ExportError(f"an OpenVINO IR is written as a .xml file (and its .bin), not {dst.name}")
+    model.set_rt_info(json.dumps(props, sort_keys=True), METADATA_PATH)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".openvino-", dir=dst.parent) as tmp:
+        staged = Path(tmp) / dst.name
+        try:
+            ov.save_model(model, str(staged), compress_to_fp16=compress_to_fp16)
+        except Exception as exc:
+            raise ExportError(f"cannot write {dst} ({type(exc).__name__}: {exc})") from None
+        os.replace(bin_path(staged), bin_path(dst))  # the weights first: an .xml never points at old ones
+        os.replace(staged, dst)
+    for path in (dst, bin_path(dst)):
+        share(path)
+
+
+@contextlib.contextmanager
+def _quiet_logs(*names: str):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _openvino(purpose: str):
+    return require("openvino", purpose)
+
+
+# --------------------------------------------------------------------------------------------------
+# The Embedder (torch-free)
+# --------------------------------------------------------------------------------------------------
+class OpenVinoEmbedder(Embedder):
+    """An OpenVINO IR (``model.xml`` + ``model.bin``) compiled for an Intel CPU, GPU or NPU.
+
+    device: "cpu", "gpu", "gpu.N", "npu" or "auto" (the GPU when OpenVINO sees one, else the CPU).
+    threads: CPU inference threads (None: OpenVINO's default).
+    inference_precision: OpenVINO's INFERENCE_PRECISION_HINT; default "f32" on the CPU (a CPU with
+      bfloat16 units would otherwise compute in bf16 and miss float32 parity), the device's own elsewhere.
+    image_size / mean / std: required for an IR without compress-edge metadata (as for ONNX).
+    """
+
+    name = "openvino"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        image_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        inference_precision: str | None = None,
+    ) -> None:
+        ov = _openvino("the OpenVINO backend")
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"no OpenVINO model at {path}: the path does not exist or is a folder")
+        if not bin_path(path).is_file():
+            raise ModelError(f"no {bin_path(path).name} beside {path}: an OpenVINO model is the .xml and its .bin; "
+                             "copy both")
+        self.path = str(path)
+        core = ov.Core()
+        try:
+            model = core.read_model(str(path))
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise ModelError(f"{path} is not an OpenVINO model OpenVINO can read ({detail}); write it again with "
+                             "'compress-edge export --openvino'") from None
+        inputs, outputs = model.inputs, model.outputs
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise ModelError(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; an embedding model has "
+                             "one image input and one embedding output")
+        props = read_ir_metadata(model)
+        self.precision = props.get(PRECISION_KEY, "unknown")
+        in_shape = _dims(inputs[0].get_partial_shape())
+        self.spec = spec_from_onnx_metadata(props, path, input_shape=in_shape,
+                                            output_shape=_dims(outputs[0].get_partial_shape()),
+                                            image_size=image_size, mean=mean, std=std)
+        self.device, ov_device = _ov_device(core, device)
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if inference_precision is None and ov_device == "CPU":
+            inference_precision = "f32"
+        if inference_precision:
+            config["INFERENCE_PRECISION_HINT"] = inference_precision
+        if threads and ov_device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self._compiled = core.compile_model(model, ov_device, config)
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise ModelError(f"OpenVINO cannot compile {path} for {ov_device} ({detail})") from None
+        self._request = self._compiled.create_infer_request()
+        self._output = self._compiled.output(0)
+        self._version = ov.get_version()
+        self._inference_precision = inference_precision or "device default"
+        self.threads = int(threads) if threads else None
+        if in_shape and isinstance(in_shape[0], int) and in_shape[0] > 0:
+            self.max_batch = self.min_batch = in_shape[0]  # a fixed-batch IR: feed it exactly that many
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        result = self._request.infer({0: batch})
+        return np.asarray(result[self._output], dtype=np.float32)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "openvino": self._version, "inference_precision": self._inference_precision}
+
+    def close(self) -> None:
+        self._request = self._compiled = None
+
+
+def read_ir_metadata(model: Any) -> dict[str, str]:
+    """The compress-edge metadata an IR carries (an ``openvino.Model``, or the path of a .xml); {} if none."""
+    if isinstance(model, (str, os.PathLike)):
+        ov = _openvino("reading an OpenVINO model")
+        model = ov.Core().read_model(str(model))
+    if not model.has_rt_info(METADATA_PATH):
+        return {}
+    text = model.get_rt_info(METADATA_PATH).astype(str)
+    try:
+        props = json.loads(text)
+    except json.JSONDecodeError:
+        raise ModelError("the compress-edge metadata in this OpenVINO model is not valid JSON: the .xml was edited; "
+                         "export it again") from None
+    return {str(k): str(v) for k, v in props.items()} if isinstance(props, dict) else {}
+
+
+def _dims(shape) -> list:
+    """An OpenVINO PartialShape as a list (int for a static dimension, None for a dynamic one)."""
+    if shape.rank.is_dynamic:
+        return []
+    return [d.get_length() if d.is_static else None for d in shape]
+
+
+def _ov_device(core, device: str) -> tuple[str, str]:
+    """(the name an Embedder reports, OpenVINO's device name) for the command line's ``device``."""
+    device = (device or "cpu").lower()
+    have = list(core.available_devices)
+    if device == "auto":
+        device = "gpu" if any(d.startswith("GPU") for d in have) else "cpu"
+    if device.startswith("cuda"):
+        raise ModelError(f"OpenVINO runs on Intel CPUs, GPUs and NPUs, not {device!r}; use --device cpu, gpu or npu "
+                         "(or a .onnx / .engine file for an NVIDIA GPU)")
+    wanted = device.upper()
+    if wanted not in have and not (wanted == "GPU" and any(d.startswith("GPU") for d in have)):
+        if device not in ("cpu", "gpu", "npu") and not device.startswith("gpu."):
+            raise ModelError(f"unknown device {device!r} for OpenVINO; choose one of: {', '.join(DEVICES)}")
+        raise DependencyError(f"OpenVINO sees no {wanted} here (it sees: {', '.join(have) or 'nothing'}); install "
+                              f"the device's driver, or use --device cpu")
+    return device, wanted

@@ -36,6 +36,8 @@ _EXTRAS: dict[str, tuple[str | None, str]] = {
     "tensorrt": ("trt", "tensorrt"),
     "tensorrt_rtx": ("trt-rtx", "tensorrt-rtx-cu13"),
     "onnxslim": ("simplify", "onnxslim"),
+    "openvino": ("openvino", "openvino"),
+    "nncf": ("openvino", "nncf"),
     "cv2": ("opencv", "opencv-python-headless"),
     "tensorboard": ("tensorboard", "tensorboard"),
     "torch.utils.tensorboard": ("tensorboard", "tensorboard"),

@@ -1,8 +1,9 @@
-"""Export for devices: ONNX (with the ModelSpec inside), FP16 / INT8, TensorRT engines, and the one
-inference interface (:class:`~compress_edge.export.runtimes.Embedder`) that runs any of them.
+"""Export for devices: ONNX (with the ModelSpec inside), FP16 / INT8, TensorRT engines, OpenVINO IR,
+and the one inference interface (:class:`~compress_edge.export.runtimes.Embedder`) that runs any of them.
 
 Modules: ``onnx`` (export, metadata), ``quantize`` (fp16, int8-cpu, int8-trt), ``tensorrt``
-(engine build and run), ``runtimes`` (Embedder backends; torch-free at import), ``parity``
+(engine build and run), ``openvino`` (IR fp32 / fp16, NNCF int8, its Embedder), ``runtimes``
+(Embedder backends; torch-free at import), ``parity
 (cosine / neighbour-overlap checks, check images). :func:`export_model` runs the whole stage and
 writes ``export.json``. Heavy packages are imported where they are used.
 """
@@ -70,6 +71,7 @@ class ExportOptions:
     workspace_mib: int = 1024
     timing_cache: str | None = None
     trt_module: str | None = None
+    openvino: bool = False
     strict: bool = True
     progress: bool = False
 
@@ -78,10 +80,14 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     """Export ``opts.model`` into ``opts.out`` and prove each file gives the same embeddings.
 
     Writes ``model.onnx`` (always), ``model.fp16.onnx``, ``model.int8-cpu.onnx``,
-    ``model.int8-trt.onnx``, ``model.engine`` + ``model.engine.json`` as asked, and ``export.json``
+    ``model.int8-trt.onnx``, ``model.engine`` + ``model.engine.json``, the OpenVINO IR
+    ``model.openvino.xml`` (with ``--fp16`` also ``model.openvino-fp16.xml``, with ``--int8 openvino``
+    ``model.openvino-int8.xml``; each with its .bin) as asked, and ``export.json``
     (spec, files, parity numbers, settings, versions). Returns that report. With ``strict``, a parity
     result below its goal raises :class:`ParityFailed` (with the report) after the report is written.
     """
+    import numpy as np
+    from compress_edge.export import openvino as ovx
     from compress_edge.export import parity as par
     from compress_edge.export.quantize import INT8_TARGETS
     from compress_edge.export.runtimes import ENGINE_SUFFIXES, ONNX_SUFFIXES, OnnxRuntimeEmbedder
@@ -89,9 +95,11 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     from compress_edge.errors import DataError, ModelError
     from compress_edge.storage import atomic_write_json, sha256_file
 
-    unknown = [t for t in opts.int8 if t not in INT8_TARGETS]
+    unknown = [t for t in opts.int8 if t not in (*INT8_TARGETS, "openvino")]
     if unknown:
-        raise ExportError(f"unknown --int8 target {unknown[0]!r}; choose one of: {', '.join(INT8_TARGETS)}")
+        raise ExportError(f"unknown --int8 target {unknown[0]!r}; choose one of: {', '.join(INT8_TARGETS)}, openvino")
+    if "openvino" in opts.int8:
+        opts.openvino = True  # the NNCF INT8 IR comes with the float32 one
     if opts.trt_from is not None and opts.trt_from not in ("fp32", "fp16", "int8-trt"):
         raise ExportError(f"--trt-from must be fp32, fp16 or int8-trt, got {opts.trt_from!r}")
     suffix = Path(opts.model).suffix.lower()
@@ -99,9 +107,9 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     if suffix in ONNX_SUFFIXES:
         # An already reduced file (model.int8-trt.onnx, to build its engine on the device) stays what it is.
         source_precision = _onnx_precision(opts.model)
-        if source_precision != "fp32" and (opts.fp16 or opts.int8):
-            raise ExportError(f"{opts.model} is already {source_precision}; --fp16 and --int8 start from the float32 "
-                              "model.onnx")
+        if source_precision != "fp32" and (opts.fp16 or opts.int8 or opts.openvino):
+            raise ExportError(f"{opts.model} is already {source_precision}; --fp16, --int8 and --openvino start from "
+                              "the float32 model.onnx")
     default_source = "int8-trt" if "trt" in opts.int8 else "fp16" if opts.fp16 else source_precision
     trt_source = opts.trt_from or default_source
     if source_precision != "fp32" and trt_source != source_precision:
@@ -187,14 +195,15 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
 
         report["steps"]["fp16"] = to_fp16(onnx_path, out / FILES["fp16"], spec).to_dict()
         check("fp16", out / FILES["fp16"], "fp16")
+    used: dict[str, str] = {}
+    batches: dict[str, int] = {}
+    calib = None
     if opts.int8:
         from compress_edge.export.quantize import quantize_int8
 
         calib, calib_source = par.load_check_images(opts.calib_data, spec, opts.calib_images,
                                                     purpose="INT8 calibration", progress=opts.progress)
-        used: dict[str, str] = {}
-        batches: dict[str, int] = {}
-        for target in dict.fromkeys(opts.int8):
+        for target in [t for t in dict.fromkeys(opts.int8) if t != "openvino"]:
             key = f"int8-{target}"
             step = quantize_int8(onnx_path, out / FILES[key], spec, calib, target=target,
                                  calib_method=opts.calib_method, progress=opts.progress).to_dict()
@@ -202,6 +211,30 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
             used[key] = step["settings"]["calibration"]
             batches[key] = step["settings"]["calibration_batch"]
             check(key, out / FILES[key], key)
+
+    # -- OpenVINO IR ----------------------------------------------------------------------------------------
+    if opts.openvino:
+        wanted = ["fp32", *(["fp16"] if opts.fp16 else []), *(["int8"] if "openvino" in opts.int8 else [])]
+        for precision in wanted:
+            path = out / ovx.IR_FILES[precision]
+            if precision == "int8":
+                step = ovx.quantize_int8(onnx_path, path, spec, calib, progress=opts.progress).to_dict()
+                used["openvino-int8"] = step["settings"]["calibration"]
+                batches["openvino-int8"] = step["settings"]["calibration_batch"]
+            else:
+                step = ovx.convert(onnx_path, path, spec, fp16=precision == "fp16").to_dict()
+            report["steps"][f"openvino-{precision}"] = step
+            with ovx.OpenVinoEmbedder(path) as embedder:
+                got = embedder.embed(images)
+                one = embedder.embed(images[:1])  # the batch dimension stays dynamic
+            if not np.allclose(one, got[:1], atol=1e-4):
+                raise ExportError(f"{path.name} gives another embedding for an image alone than in a batch of "
+                                  f"{len(images)}; the conversion is broken (OpenVINO {step['settings']['openvino']})")
+            report["parity"][f"openvino-{precision}"] = par.compare(
+                reference, got, name=f"openvino {precision}", reference_name=ref_name, goal=ovx.GOALS[precision],
+                image_source=kind).to_dict()
+
+    if opts.int8:
         # What the calibrators really did (a fallback to minmax shows here), not only what was asked.
         methods = set(used.values())
         report["calibration"] = {
@@ -231,7 +264,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
             report["steps"]["engine"]["parity"] = "not run: no GPU here (run the engine on the device)"
 
     # -- report -------------------------------------------------------------------------------------------
-    for name in [*FILES.values(), FILES["engine"] + ".json"]:
+    for name in [*FILES.values(), FILES["engine"] + ".json", *ovx.ir_files()]:
         path = out / name
         if path.is_file():
             report["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
@@ -273,7 +306,7 @@ def _versions() -> dict[str, str]:
 
     out = {}
     for dist in ("compress-edge", "torch", "onnx", "onnxruntime", "onnxslim", "tensorrt", "tensorrt-rtx-cu13",
-                 "tensorrt_rtx"):
+                 "tensorrt_rtx", "openvino", "nncf"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:

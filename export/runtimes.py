@@ -37,8 +37,9 @@ from compress_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-#: Backend names :func:`open_embedder` accepts, and the aliases it maps to them.
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
+#: Backend names the command line's --backend offers, and the aliases open_embedder maps to them
+#: (open_embedder also takes "openvino", which --backend auto picks for a .xml file).
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 _ALIASES = {
     "auto": "auto",
     "torch": "torch",
@@ -561,7 +562,7 @@ def backend_for(model: str | os.PathLike, backend: str = "auto") -> str:
     """The backend name ("torch", "onnxruntime", "tensorrt" or "openvino") ``open_embedder`` would use."""
     key = _ALIASES.get(str(backend).lower())
     if key is None:
-        raise ModelError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
+        raise ModelError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}, openvino")
     suffix = Path(str(model)).suffix.lower()
     if key == "auto":
         if suffix in ONNX_SUFFIXES:

@@ -1,4 +1,4 @@
-"""``compress-edge export`` (ONNX, FP16, INT8, TensorRT, with parity checks) and ``compress-edge bench``."""
+"""``compress-edge export`` (ONNX, FP16, INT8, TensorRT, OpenVINO, with parity checks) and ``compress-edge bench``."""
 
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ def export(
     onnx: Annotated[bool, typer.Option("--onnx", hidden=True, help="Write model.onnx (always done: every other "
                                                                    "file starts from it).")] = True,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write model.fp16.onnx (float16 compute, float32 I/O).")] = False,
-    int8: Annotated[list[str] | None, typer.Option("--int8", metavar="<cpu|trt>", help="Also write an INT8 model: "
-                                                    "'cpu' (onnxruntime on x86) or 'trt' (TensorRT); "
-                                                    "repeatable.")] = None,
+    int8: Annotated[list[str] | None, typer.Option("--int8", metavar="<cpu|trt|openvino>", help="Also write an INT8 "
+                                                    "model: 'cpu' (onnxruntime on x86), 'trt' (TensorRT) or "
+                                                    "'openvino' (NNCF, implies --openvino); repeatable.")] = None,
     calib_data: Annotated[str | None, typer.Option("--calib-data", help="Images for INT8 calibration and the parity "
                                                    "checks: an image folder, fashion-mnist:train|test, or a .npy of "
                                                    "preprocessed images.")] = None,
@@ -68,6 +68,9 @@ def export(
     parity_images: Annotated[int, typer.Option("--parity-images", help="Images in the parity checks and the "
                                                "top-10 gallery.")] = 64,
     trt: Annotated[bool, typer.Option("--trt", help="Also build model.engine with TensorRT (or TensorRT-RTX).")] = False,
+    openvino: Annotated[bool, typer.Option("--openvino", help="Also write the OpenVINO IR model.openvino.xml (+ .bin) "
+                                           "for Intel CPUs, GPUs and NPUs; with --fp16 also model.openvino-fp16.xml, "
+                                           "with --int8 openvino model.openvino-int8.xml.")] = False,
     trt_from: Annotated[EngineSource | None, typer.Option("--trt-from", help="Which ONNX the engine is built "
                                                           "from: fp32, fp16 or int8-trt (default: the lowest "
                                                           "precision asked for).")] = None,
@@ -93,8 +96,9 @@ def export(
     """Export a model for devices and prove every file gives the same embeddings.
 
     Writes model.onnx (ModelSpec in its metadata, dynamic batch), and as asked model.fp16.onnx,
-    model.int8-cpu.onnx, model.int8-trt.onnx, model.engine (+ model.engine.json), and export.json with
-    the parity numbers (cosine, max difference, top-10 neighbour overlap against float32).
+    model.int8-cpu.onnx, model.int8-trt.onnx, model.engine (+ model.engine.json), the OpenVINO IR
+    model.openvino.xml / -fp16 / -int8 (each + .bin), and export.json with the parity numbers (cosine,
+    max difference, top-10 neighbour overlap against float32).
 
     Example: compress-edge export runs/distill --fp16 --int8 cpu --calib-data fashion-mnist:train --out exports/student
     """
@@ -107,8 +111,8 @@ def export(
         simplify=simplify, fp16=fp16, int8=[t.lower() for t in (int8 or [])], calib_data=calib_data,
         calib_images=calib_images, calib_method=calib_method, parity_data=parity_data, parity_images=parity_images,
         trt=trt, trt_from=trt_from, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-        workspace_mib=workspace, timing_cache=str(timing_cache) if timing_cache else None, strict=strict,
-        progress=progress,
+        workspace_mib=workspace, timing_cache=str(timing_cache) if timing_cache else None, openvino=openvino,
+        strict=strict, progress=progress,
     )
     from compress_edge.progress import bars
 
@@ -166,7 +170,7 @@ def _size(n: int) -> str:
 def bench(
     models: Annotated[list[str], typer.Argument(metavar="MODEL", help="Model files to measure side by side: model folders / "
                                                      "architecture names (PyTorch), .onnx (onnxruntime), .engine "
-                                                     "(TensorRT).")],
+                                                     "(TensorRT), .xml (OpenVINO).")],
     backend: Annotated[Backend, typer.Option("--backend", help="auto (by file type), torch, onnxruntime or "
                                                                "tensorrt.")] = "auto",
     batch: Annotated[list[int] | None, typer.Option("--batch", "-b", help="Batch sizes (repeatable; default 1 and 32).")] = None,

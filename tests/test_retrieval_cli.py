@@ -167,3 +167,60 @@ def test_bad_arguments_are_explained(built, tmp_path):
     result = runner.invoke(app, ["index", "build", str(built["model"]), str(built["images"]), "--out",
                                  str(tmp_path / "x"), "--index", "Bogus7", "--no-progress"])
     assert result.exit_code == 1 and "index_factory" in result.output
+
+
+def test_build_with_weights_saves_the_checkpoint_as_the_index_model(built, tmp_path):
+    """``index build ARCH --weights FILE``: the third-party checkpoint becomes OUT/model, the index
+    records it, and search and add embed with those weights (README "Build an index")."""
+    import numpy as np
+    import torch
+    import torchvision
+
+    from compress_edge.models import load_model, resolve_model
+
+    torch.manual_seed(7)
+    ckpt = tmp_path / "third-party.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), ckpt)
+    index = tmp_path / "index"
+    args = ["index", "build", "mobilenet_v3_small", str(built["images"]), "--out", str(index), "--weights", str(ckpt),
+            "--image-size", "32", "--no-progress"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)  # --json prints JSON alone: the note about the model goes to the log
+    assert info["vectors"] == 24 and info["model"] == str(index / "model")
+    assert "saved as a model folder" in result.stderr
+    side = json.loads((index / "index.json").read_text())
+    assert side["model"] == str((index / "model").resolve())
+    assert side["spec"]["source"] == {"kind": "checkpoint", "path": str(ckpt), "format": "torchvision"}
+
+    # OUT/model holds the checkpoint's weights: it embeds as the architecture with --weights does
+    saved, _ = load_model(index / "model")
+    direct, _ = resolve_model("mobilenet_v3_small", weights=str(ckpt), image_size=32)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(saved(x), direct(x), atol=1e-6)
+
+    # search and add use the recorded model: a gallery image finds itself, new images are embedded alike
+    query = str(built["images"] / "square" / "square_002.png")
+    found = runner.invoke(app, ["search", str(index), query, "-k", "1", "--json"])
+    assert found.exit_code == 0, found.output
+    hit = json.loads(found.stdout)[0]["neighbours"][0]
+    assert hit["file"] == "square/square_002.png" and np.isclose(hit["score"], 1.0, atol=1e-4)
+    added = runner.invoke(app, ["index", "add", str(index), str(built["queries"]), "--json"])
+    assert added.exit_code == 0, added.output
+    assert json.loads(added.stdout)["ntotal"] == 30
+
+    # an index already there: refused before anything is written, unless --overwrite
+    stamp = (index / "model" / "model.safetensors").stat().st_mtime_ns
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert (index / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    table = runner.invoke(app, [*args, "--overwrite"])
+    assert table.exit_code == 0, table.output
+    assert "24 x 1024" in table.stdout and "saved as a model folder in" in " ".join(table.stderr.split())
+
+    # --weights goes with an architecture name, not with a model folder
+    wrong = runner.invoke(app, ["index", "build", str(built["model"]), str(built["images"]), "--out",
+                                str(tmp_path / "x"), "--weights", str(ckpt), "--no-progress"])
+    assert wrong.exit_code == 1 and "--weights goes with an architecture name" in wrong.output
+    assert not (tmp_path / "x" / "index.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,8 @@ import typer
 from compress_edge.cli import app
 from compress_edge.cli.common import DEVICE_METAVAR, Backend
 from compress_edge.errors import CompressEdgeError
+
+log = logging.getLogger(__name__)
 
 index_app = typer.Typer(
     help=(
@@ -204,8 +207,11 @@ def _convert_checkpoint(arch: str, weights: str, folder: Path, image_size: int |
     from compress_edge.models import resolve_model, save_model
 
     model, spec = resolve_model(arch, weights=weights, image_size=image_size)
+    from compress_edge.retrieval.safety import shown
+
     save_model(model, spec, folder)
-    _console().print(_text(f"{weights} saved as a model folder in {folder}; the index uses it"))
+    # On stderr with the other logs: stdout stays the table, or the JSON alone under --json.
+    log.info("%s saved as a model folder in %s; the index uses it", shown(weights), shown(folder))
     return str(folder)
 
 

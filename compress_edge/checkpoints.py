@@ -8,19 +8,27 @@ format          layout (keys of the state dict; what is dropped)
 torchvision     plain keys (``conv1.weight``); the classifier (``fc.``/``classifier.``) is ignored
 moco            MoCo v1/v2: ``state_dict`` with ``module.encoder_q.``; drops ``fc.`` (its MLP head),
                 ``module.encoder_k.`` and the queue
-moco-v3         MoCo v3: ``state_dict`` with ``module.base_encoder.``; drops its ``fc.``/``head.``
-                projector, ``module.momentum_encoder.`` and ``module.predictor.``
+moco-v3         MoCo v3 (ResNet or ViT): ``state_dict`` with ``module.base_encoder.``; drops its
+                ``fc.``/``head.`` projector, ``module.momentum_encoder.`` and ``module.predictor.``
 simclr          converted SimCLR: ``{"state_dict": plain keys}`` (simclr-converter), ``encoder.`` +
                 ``projector.`` (Spijkervet/SimCLR) or ``backbone.`` with ``backbone.fc.`` (sthalles)
 swav            ``module.`` keys at the top or under ``state_dict``; drops ``projection_head.`` and
                 ``prototypes.``
 dino            ``teacher``/``student`` dicts with ``module.``/``backbone.`` prefixes; drops ``head.``;
-                the teacher unless ``key="student"``
+                the teacher unless ``key="student"`` (DINO, iBOT; CNNs and ViTs); a single ViT dict
+                under ``backbone.``/``module.backbone.`` too
+timm            a plain ViT backbone with timm's keys (``cls_token``, ``pos_embed``, ``blocks.``): the
+                DINO and iBOT backbone files, timm state dicts; drops ``head.``
+dinov2          a DINOv2 backbone: ``mask_token`` (dropped), ``register_tokens`` (timm's ``reg_token``,
+                the class token's position folded into it), chunked ``blocks.i.j.`` renumbered
 lightning       PyTorch Lightning: ``state_dict`` with ``backbone.`` / ``model.backbone.`` (also the
                 ``nn.Sequential(*children)`` numbering lightly uses)
 compress-edge   a compress-edge model folder or its ``model.safetensors``: ``backbone.``; drops ``head.``
 generic         anything else: the prefix under which most of the backbone's keys are found
 ==============  ==============================================================================
+
+A ViT checkpoint's position embedding is resampled (timm's ``resample_abs_pos_embed``) to the grid
+of the model it is loaded into, so a 224 px (or DINOv2's 518 px) checkpoint serves other image sizes.
 
 Files are read with ``torch.load(weights_only=True)`` or safetensors: never unpickling code. A file
 that holds Python objects besides tensors is refused with the one-off conversion to do instead.
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import pickle
 import re
@@ -48,6 +57,7 @@ from compress_edge.models import (
     EmbeddingModel,
     create_model,
     list_models,
+    model_family,
     model_files,
     read_safetensors,
     rebuild,
@@ -65,6 +75,8 @@ FORMATS = (
     "simclr",
     "swav",
     "dino",
+    "timm",
+    "dinov2",
     "lightning",
     "compress-edge",
     "generic",
@@ -98,6 +110,8 @@ _LAYOUTS: dict[str, _Layout] = {
     # lightly's SwAV keeps the backbone under backbone. beside projection_head. and prototypes.
     "swav": _Layout("swav", ("module.", "module.backbone.", "backbone.", "")),
     "dino": _Layout("dino", ("module.backbone.", "backbone.", "module.", "")),
+    "timm": _Layout("timm", ("", "module.", "backbone.", "module.backbone.")),
+    "dinov2": _Layout("dinov2", ("", "module.", "backbone.", "module.backbone.")),
     "lightning": _Layout(
         "lightning", ("model.backbone.", "backbone.", "model.encoder.", "encoder.", "model.", "")
     ),
@@ -275,6 +289,13 @@ def _recognise(top: Mapping[str, Any], sd: Mapping[str, torch.Tensor], container
         return "moco"
     if any("base_encoder." in k for k in keys):
         return "moco-v3"
+    if any(k.endswith("pos_embed") for k in keys) and any(k.endswith("cls_token") for k in keys):  # a ViT
+        if any(k.endswith(("mask_token", "register_tokens")) for k in keys):
+            return "dinov2"
+        if any_startswith("backbone.", "module.backbone."):
+            return "dino"  # one network of a DINO / iBOT checkpoint, saved on its own
+        if any_startswith("cls_token", "pos_embed", "module.cls_token", "module.pos_embed"):
+            return "timm"
     if any(k.startswith("pytorch-lightning_version") or "lightning" in k for k in top if isinstance(k, str)):
         return "lightning"
     if any_startswith("module.prototypes", "module.projection_head", "prototypes.", "projection_head."):
@@ -412,6 +433,9 @@ def match_backbone(
 
     matched: dict[str, torch.Tensor] = {}
     mismatched, unexpected, ignored = [], [], []
+    if "pos_embed" in shapes:  # a ViT backbone
+        inside, dropped = _adapt_vit(inside, shapes)
+        ignored.extend(prefix + k for k in dropped)
     for k, v in inside.items():
         if k in shapes:
             if tuple(v.shape) == tuple(shapes[k]):
@@ -438,6 +462,62 @@ def match_backbone(
         arch_hint=detected.arch_hint,
     )
     return report, matched
+
+
+#: DINOv2 / iBOT tensors a ViT backbone has no use for at inference (the masked-image-modelling token).
+_VIT_TRAINING_ONLY = ("mask_token", "masked_embed")
+
+
+def _prefix_in_pos(tokens: int) -> int | None:
+    """Leading non-patch entries (0 or 1, the class token's) of a square grid's position embedding."""
+    for prefix in (0, 1):
+        side = math.isqrt(max(tokens - prefix, 0))
+        if side > 0 and side * side == tokens - prefix:
+            return prefix
+    return None
+
+
+def _adapt_vit(
+    inside: dict[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Bring a ViT state dict (prefix stripped) to timm's layout and the model's grid.
+
+    DINOv2: chunked ``blocks.<chunk>.<i>.`` become ``blocks.<i>.``; ``register_tokens`` is timm's
+    ``reg_token``; with registers timm adds no position to the class token (``no_embed_class``), so
+    the class token's position is folded into ``cls_token``. Any layout: a position embedding for
+    another grid is resampled (bicubic, timm's ``resample_abs_pos_embed``) to the model's. Returns
+    the tensors and the keys dropped (``mask_token``, ``masked_embed``).
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    out: dict[str, torch.Tensor] = {}
+    dropped = []
+    for k, v in inside.items():
+        chunked = re.match(r"blocks\.\d+\.(\d+\..*)", k)
+        if chunked and k not in shapes:
+            k = f"blocks.{chunked.group(1)}"
+        if k == "register_tokens" and "reg_token" in shapes:
+            k = "reg_token"
+        if k in _VIT_TRAINING_ONLY and k not in shapes:
+            dropped.append(k)
+            continue
+        out[k] = v
+    pos, target = out.get("pos_embed"), tuple(shapes["pos_embed"])
+    if pos is None or tuple(pos.shape) == target or pos.ndim != 3 or pos.shape[-1] != target[-1]:
+        return out, dropped
+    have, want = _prefix_in_pos(pos.shape[1]), _prefix_in_pos(target[1])
+    if have is None or want is None:
+        return out, dropped  # not a square grid: left for the shape check to report
+    if have == 1 and want == 0 and "cls_token" in out:  # DINOv2 with registers into timm's layout
+        out["cls_token"] = out["cls_token"] + pos[:, :1]
+        pos, have = pos[:, 1:], 0
+    if have == want:
+        side = math.isqrt(target[1] - want)
+        with torch.no_grad():
+            pos = resample_abs_pos_embed(pos.float(), new_size=[side, side], num_prefix_tokens=have)
+        log.debug("resampled the position embedding from %d to %d tokens", out["pos_embed"].shape[1], target[1])
+    out["pos_embed"] = pos
+    return out, dropped
 
 
 def _backbone_of(model: EmbeddingModel) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...]]:
@@ -472,7 +552,7 @@ def guess_arch(detected: Detected) -> list[ArchGuess]:
     """
     guesses = []
     for name in list_models():
-        for small in (False, True):
+        for small in (False, True) if model_family(name) == "cnn" else (False,):  # a ViT has no stem
             shapes, children = _signature(name, small)
             report, _ = match_backbone(detected, shapes, children, arch=name)
             bad = len(report.unexpected) + len(report.mismatched)
@@ -492,6 +572,16 @@ def checkpoint_stem(path: str | os.PathLike, arch: str, *, fmt: str = "auto", ke
         report, _ = match_backbone(detected, *_signature(arch, small), arch=arch)
         fits[small] = (report.matched - len(report.mismatched), not small)
     return max(fits, key=fits.get)
+
+
+def checkpoint_vit_options(path: str | os.PathLike, *, fmt: str = "auto", key: str | None = None) -> dict[str, Any]:
+    """ViT options a checkpoint needs beyond its tensors' shapes: MoCo v3's ViT-S has 12 attention
+    heads where DINO's and timm's have 6 (the same tensors either way)."""
+    detected = detect_format(read_checkpoint(path), fmt=fmt, key=key)
+    if detected.format != "moco-v3":
+        return {}
+    pos = [v for k, v in detected.tensors.items() if k.endswith("base_encoder.pos_embed")]
+    return {"num_heads": 12} if pos and pos[0].shape[-1] == 384 else {}
 
 
 def _suggestion(detected: Detected, arch: str) -> str:
@@ -585,6 +675,12 @@ def load_backbone_weights(
     state = {**model.backbone.state_dict(), **tensors}
     model.backbone.load_state_dict(state, strict=True)
     _log_report(report, path)
+    heads = model.arch_kwargs.get("num_heads")
+    if report.format == "moco-v3" and model.feature_dim and "pos_embed" in shapes and shapes["pos_embed"][-1] == 384 \
+            and heads != 12:
+        # The same tensors either way: only the embeddings would tell.
+        log.warning("MoCo v3's ViT-S has 12 attention heads, this %s has %s: build it with num_heads=12",
+                    model.arch, heads)
     return report
 
 

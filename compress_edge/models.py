@@ -957,7 +957,7 @@ def resolve_model(
 
     if ref in _REGISTRY:
         size = int(image_size) if image_size is not None else 224
-        if small_input is None and weights is not None:
+        if small_input is None and weights is not None and _REGISTRY[ref].family == "cnn":
             from compress_edge.checkpoints import checkpoint_stem
 
             small_input = checkpoint_stem(weights, ref, key=weights_key)  # the stem the weights were trained with
@@ -966,8 +966,14 @@ def resolve_model(
         elif small_input is None:
             small_input = size <= SMALL_INPUT_MAX
         # A ViT is built for the asked side: a checkpoint's position embedding is resampled to it once.
-        vit_size = {"img_size": size} if _REGISTRY[ref].family == "vit" else {}
-        model = create_model(ref, small_input=small_input, **vit_size)
+        vit_options: dict[str, Any] = {}
+        if _REGISTRY[ref].family == "vit":
+            vit_options["img_size"] = size
+            if weights is not None:
+                from compress_edge.checkpoints import checkpoint_vit_options
+
+                vit_options.update(checkpoint_vit_options(weights, key=weights_key))  # MoCo v3's ViT-S heads
+        model = create_model(ref, small_input=small_input, **vit_options)
         source: dict[str, Any] = {"kind": "random-init"}
         if weights is not None:
             from compress_edge.checkpoints import load_backbone_weights

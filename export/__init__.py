@@ -100,6 +100,12 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         raise ExportError(f"unknown --int8 target {unknown[0]!r}; choose one of: {', '.join(INT8_TARGETS)}, openvino")
     if "openvino" in opts.int8:
         opts.openvino = True  # the NNCF INT8 IR comes with the float32 one
+    if opts.openvino:  # before any work: a missing package is a one-line error, not a half-written folder
+        from compress_edge.deps import available, require
+
+        for module, purpose in (("openvino", "the OpenVINO export"), ("nncf", "OpenVINO INT8 quantisation")):
+            if (module == "openvino" or "openvino" in opts.int8) and not available(module):
+                require(module, purpose)  # raises the error that names the extra
     if opts.trt_from is not None and opts.trt_from not in ("fp32", "fp16", "int8-trt"):
         raise ExportError(f"--trt-from must be fp32, fp16 or int8-trt, got {opts.trt_from!r}")
     suffix = Path(opts.model).suffix.lower()

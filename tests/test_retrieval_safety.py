@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -397,3 +398,165 @@ def test_a_full_disk_gives_one_message_and_leaves_no_leftovers(base, tmp_path, m
     assert [f for f in build2["files"] if f.startswith("idx2/")] == ["idx2/.lock"]
     assert idx_files(add2) == before
     assert search["rc"] == 0 and json.loads(search["stdout"])[0]["neighbours"]
+
+
+# -- 8. an interrupted index remove ---------------------------------------------------------------------------
+# `compress-edge index remove` in a real process whose audit hook counts the writes it makes in the index
+# folder (files opened for writing, renames, folders made and removed). At write N it records which one in
+# a marker file and waits there: the test polls for the marker, then sends the signal. Without N it only
+# lists the writes, so every write the remove makes, whatever they are, is a point to interrupt at.
+PAUSE_AT_WRITE = r"""
+import os, re, runpy, sys, time
+folder, at, marker = os.path.realpath(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+WRITES = {"open", "os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree", "os.chmod", "os.truncate"}
+seen = []
+def hook(event, args):
+    if event not in WRITES or not args or args[0] is None or isinstance(args[0], int):
+        return
+    path = os.path.realpath(os.path.abspath(os.fsdecode(args[0])))
+    if os.path.commonpath([path, folder]) != folder:
+        return
+    if event == "open" and not (args[2] & (os.O_WRONLY | os.O_RDWR)) and str(args[1] or "r").strip("bt") == "r":
+        return
+    names = [os.path.relpath(os.path.realpath(os.path.abspath(os.fsdecode(a))), folder)
+             for a in (args[:2] if event == "os.rename" else args[:1])]
+    # a temporary file's random part (tempfile.mkstemp) left out, so that two runs list the same writes
+    seen.append(" ".join([event, *(re.sub(r"\.[a-z0-9_]{8}(\.[^/]*)?\.tmp$", r".*\1.tmp", n) for n in names)]))
+    if at == 0:
+        with open(marker, "a") as fh:
+            fh.write(seen[-1] + "\n")
+    elif len(seen) == at:
+        with open(marker + ".tmp", "w") as fh:
+            fh.write(seen[-1])
+        os.replace(marker + ".tmp", marker)
+        time.sleep(120)  # parked: the test signals this process now
+sys.addaudithook(hook)
+sys.argv = ["compress-edge", *sys.argv[4:]]
+runpy.run_module("compress_edge", run_name="__main__")
+"""
+GONE = ("circle/circle_000.png", "square/square_003.png")
+
+
+def start_remove(index: Path, at: int, marker: Path, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    env.update(COLUMNS="400", NO_COLOR="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", PAUSE_AT_WRITE, str(index), str(at), str(marker), "index",
+                             "remove", str(index), *GONE, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+
+
+def wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, f"ended before the write it should stop at: {proc.communicate()}"
+        assert time.monotonic() < deadline, "never reached the write"
+        time.sleep(0.02)
+    return marker.read_text()
+
+
+def writes_of_a_remove(base, tmp_path) -> list[str]:
+    """The writes one uninterrupted remove makes in the index folder, in order."""
+    index = tmp_path / "traced"
+    shutil.copytree(base["index"], index)
+    log = tmp_path / "writes.txt"
+    proc = start_remove(index, 0, log)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "removed 2 images; the index holds 22" in out, err
+    writes = log.read_text().splitlines()
+    assert any(w.startswith("os.rename") and w.endswith("index.json") for w in writes), writes
+    return writes
+
+
+def content(base, index: Path) -> str:
+    """"old" or "new": what ``index info`` and ``search`` show, each checked against the other."""
+    info = runner.invoke(app, ["index", "info", str(index), "--json"])
+    assert info.exit_code == 0, info.output
+    vectors = json.loads(info.stdout)["vectors"]
+    assert vectors in (24, 22), vectors
+    found = runner.invoke(app, ["search", str(index), str(base["gallery"] / GONE[0]), "-k", "24", "--json"])
+    assert found.exit_code == 0, found.output
+    files = [h["file"] for h in json.loads(found.stdout)[0]["neighbours"]]
+    assert len(files) == vectors and len(set(files)) == vectors
+    if vectors == 24:
+        assert files[0] == GONE[0] and GONE[1] in files
+        return "old"
+    assert not set(GONE) & set(files)
+    return "new"
+
+
+def finish(base, index: Path) -> None:
+    """The same remove run again (--missing-ok: it may have been done) ends with the new content."""
+    again = runner.invoke(app, ["index", "remove", str(index), *GONE, "--missing-ok", "--json"])
+    assert again.exit_code == 0, again.output
+    assert content(base, index) == "new"
+
+
+def kill_at(base, tmp_path, writes: list[str], points: list[int], sig: int = signal.SIGKILL) -> dict[int, tuple]:
+    """One remove per point, each on its own copy of the index, all started at once; each gets ``sig``
+    (to its process group) at its write. Returns {point: (index folder, returncode, stdout, stderr)}."""
+    runs = []
+    for n in points:
+        index = tmp_path / f"idx{n}"
+        shutil.copytree(base["index"], index)
+        runs.append((n, index, tmp_path / f"at{n}", start_remove(index, n, tmp_path / f"at{n}")))
+    done = {}
+    try:
+        for n, index, marker, proc in runs:
+            assert wait_for(marker, proc) == writes[n - 1]
+            os.killpg(proc.pid, sig)
+            out, err = proc.communicate(timeout=120)
+            done[n] = (index, proc.returncode, out, err)
+    finally:
+        for *_, proc in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
+def test_a_remove_killed_at_any_write_leaves_a_whole_index(base, tmp_path):
+    """kill -9 at each write ``index remove`` makes: every later info and search works and shows the
+    content from before the remove or from after it, never a mix; the same remove again finishes it."""
+    writes = writes_of_a_remove(base, tmp_path)
+    first = writes.index("open .lock") + 2  # up to the lock file nothing of the index changes
+    commit = next(i for i, w in enumerate(writes, 1) if w.startswith("os.rename") and w.endswith(" index.json"))
+    for n, (index, code, _, _) in kill_at(base, tmp_path, writes, list(range(first, len(writes) + 1))).items():
+        assert code == -signal.SIGKILL
+        # up to the sidecar's rename (the commit point) the old index, from then on the new one
+        assert content(base, index) == ("old" if n <= commit else "new"), (n, writes[n - 1])
+        finish(base, index)
+
+
+def test_a_remove_stopped_by_sigterm_ends_cleanly(base, tmp_path):
+    """SIGTERM to the process group of ``index remove`` (as a scheduler or ``docker stop`` sends it) while
+    it writes: one error line and no traceback (or the remove finished), and a whole index."""
+    writes = writes_of_a_remove(base, tmp_path)
+    commit = next(i for i, w in enumerate(writes, 1) if w.startswith("os.rename") and w.endswith(" index.json"))
+    faiss_file = next(i for i, w in enumerate(writes, 1) if w.startswith("os.rename") and w.endswith("index.faiss"))
+    points = [writes.index("open .lock") + 2, faiss_file, commit, commit + 1]
+    for n, (index, code, out, err) in kill_at(base, tmp_path, writes, points, signal.SIGTERM).items():
+        assert "Traceback" not in err and "internal error" not in err, err
+        if code == 0:
+            assert "removed 2 images" in out
+        else:
+            assert code == 1, (n, writes[n - 1], code, err)
+            errors = [line for line in err.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and "SIGTERM" in errors[0], err
+        assert content(base, index) == ("old" if n <= commit else "new"), (n, writes[n - 1])
+        finish(base, index)
+
+
+@pytest.mark.xfail(strict=True, reason="retrieval/index.py: a killed writer's temporary sidecar "
+                   "(.index.json.*.tmp) stays in the index folder for good, and its old generation until the "
+                   "next change; the next writer should drop what the sidecar does not name (see the report)")
+def test_the_next_writer_drops_what_a_killed_remove_left(base, tmp_path):
+    writes = writes_of_a_remove(base, tmp_path)
+    commit = next(i for i, w in enumerate(writes, 1) if w.startswith("os.rename") and w.endswith(" index.json"))
+    for n, (index, _, _, _) in kill_at(base, tmp_path, writes, [commit, commit + 1]).items():
+        finish(base, index)
+        generations = [p.name for p in index.iterdir() if p.is_dir() and p.name != "embeddings"]
+        assert len(generations) == 1, (writes[n - 1], generations)
+        assert sorted(p.name for p in index.iterdir() if p.is_file()) == [".lock", "index.json"], writes[n - 1]
+        assert sorted(p.name for p in (index / generations[0]).iterdir()) == ["index.faiss"], writes[n - 1]

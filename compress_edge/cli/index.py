@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shlex
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,6 +69,40 @@ def _text(value: Any):
     from compress_edge.retrieval.safety import shown
 
     return Text(shown("" if value is None else value))
+
+
+class _Terminated(BaseException):
+    """SIGTERM during a change to an index; a BaseException, like KeyboardInterrupt, so that no handler
+    on the way out takes it for an error of its own."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(what: str, index_dir: Path, again: str) -> Iterator[None]:
+    """SIGTERM (sent to the process group by a scheduler or ``docker stop``) while an index changes: stop
+    at once with one line. Every change is written whole (a new generation, then the sidecar, each
+    atomically), so wherever it stops the index is the one from before or from after the change.
+    again: how to finish the job. Without this, SIGTERM ended the process without a word."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:  # noqa: ARG001
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not interrupt the way out
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except _Terminated:
+        from compress_edge.retrieval.safety import shown
+
+        folder = shlex.quote(str(index_dir))
+        raise CompressEdgeError(
+            f"{what} stopped by SIGTERM: {shown(index_dir)} holds the whole index from before or from after "
+            f"the change, never a part of it ('compress-edge index info {shown(folder)}' shows which); {again}"
+        ) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _params(items: list[str] | None) -> dict[str, Any]:
@@ -233,8 +272,10 @@ def add(
     """
     from compress_edge.retrieval.index import add_images
 
-    result = add_images(index_dir, images, model=model, backend=backend, device=device, batch_size=batch_size,
-                        progress=progress, trust_model=trust_model)
+    with _stop_on_sigterm("index add", index_dir, "run the same command again to finish it (images already in "
+                          "the index are skipped)"):
+        result = add_images(index_dir, images, model=model, backend=backend, device=device, batch_size=batch_size,
+                            progress=progress, trust_model=trust_model)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -255,7 +296,8 @@ def remove(
     """
     from compress_edge.retrieval.index import remove_files
 
-    result = remove_files(index_dir, paths, missing_ok=missing_ok)
+    with _stop_on_sigterm("index remove", index_dir, "run the same command again with --missing-ok to finish it"):
+        result = remove_files(index_dir, paths, missing_ok=missing_ok)
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -254,9 +254,14 @@ class OpenVinoEmbedder(Embedder):
             raise ModelError(f"no {bin_path(path).name} beside {path}: an OpenVINO model is the .xml and its .bin; "
                              "copy both")
         self.path = str(path)
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+        if b"<net" not in head:  # not an IR: OpenVINO would try every other frontend on it, noisily
+            raise ModelError(f"{path} is not an OpenVINO model (no <net> element: not an IR .xml); write one with "
+                             "'compress-edge export --openvino'")
         core = ov.Core()
         try:
-            model = core.read_model(str(path))
+            model = core.read_model(str(path), str(bin_path(path)))
         except Exception as exc:
             detail = " ".join(str(exc).split())[:200]
             raise ModelError(f"{path} is not an OpenVINO model OpenVINO can read ({detail}); write it again with "

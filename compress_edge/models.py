@@ -296,20 +296,21 @@ def _vit(
     pool: str,
     dynamic_img_size: bool,
     num_heads: int,
+    depth: int,
 ) -> Backbone:
     try:
         import timm
     except ImportError:
         raise ModelError(f"{timm_name} needs timm: pip install timm") from None
-    img_size, patch_size, num_heads = int(img_size), int(patch_size), int(num_heads)
+    img_size, patch_size, num_heads, depth = int(img_size), int(patch_size), int(num_heads), int(depth)
     if pool not in POOLS:
         raise ModelError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
     if patch_size <= 0 or img_size < patch_size or img_size % patch_size:
         raise ModelError(
             f"img_size must be a positive multiple of patch_size ({patch_size}); got img_size={img_size}"
         )
-    if num_heads <= 0:
-        raise ModelError(f"num_heads must be positive, got {num_heads}")
+    if num_heads <= 0 or depth <= 0:
+        raise ModelError(f"num_heads and depth must be positive, got {num_heads} and {depth}")
     # pretrained=False: never a download; global_pool="": the tokens, pooled by TokenPool.
     net = timm.create_model(
         timm_name,
@@ -319,15 +320,17 @@ def _vit(
         img_size=img_size,
         patch_size=patch_size,
         num_heads=num_heads,
+        depth=depth,
         dynamic_img_size=bool(dynamic_img_size),
     )
     dim = net.embed_dim * (2 if pool == "cls+mean" else 1)
     return Backbone(net, dim, "patch_embed.proj", TokenPool(pool, net.num_prefix_tokens))
 
 
-def _register_vit(name: str, *, patch_size: int, num_heads: int, summary: str) -> None:
+def _register_vit(name: str, *, patch_size: int, num_heads: int, depth: int, summary: str) -> None:
     """Register timm's ``name`` (keyword options: img_size, patch_size, pool, dynamic_img_size,
-    num_heads; small_input is accepted and changes nothing: a ViT has no stem to shrink)."""
+    num_heads, depth (fewer blocks: a cheaper student); small_input is accepted and changes nothing:
+    a ViT has no stem to shrink)."""
 
     def build(
         *,
@@ -337,9 +340,10 @@ def _register_vit(name: str, *, patch_size: int, num_heads: int, summary: str) -
         pool: str = "cls",
         dynamic_img_size: bool = False,
         num_heads: int = num_heads,
+        depth: int = depth,
     ) -> Backbone:
         return _vit(name, img_size=img_size, patch_size=patch_size, pool=pool,
-                    dynamic_img_size=dynamic_img_size, num_heads=num_heads)
+                    dynamic_img_size=dynamic_img_size, num_heads=num_heads, depth=depth)
 
     build.__name__ = name
     build.__doc__ = summary
@@ -359,7 +363,7 @@ for _name, _patch, _heads, _summary in (
     ("vit_base_patch14_reg4_dinov2", 14, 12, "ViT-B/14 with 4 registers (85.7 M parameters at 224 px, 768-d): DINOv2."),
     ("vit_large_patch14_reg4_dinov2", 14, 16, "ViT-L/14 with 4 registers (303 M parameters at 224 px, 1024-d): DINOv2."),
 ):
-    _register_vit(_name, patch_size=_patch, num_heads=_heads, summary=_summary)
+    _register_vit(_name, patch_size=_patch, num_heads=_heads, depth=24 if "large" in _name else 12, summary=_summary)
 
 
 def is_vit(model: EmbeddingModel) -> bool:
@@ -465,7 +469,7 @@ def create_model(
     arch_kwargs: the architecture's own options (e.g. ``width_mult`` for mobilenet_v2; for a ViT
       ``img_size`` (the side its position embedding is built for), ``patch_size``, ``pool`` (one of
       :data:`POOLS`), ``dynamic_img_size`` (take other sides, resampling the position embedding at run
-      time) and ``num_heads``).
+      time), ``num_heads`` and ``depth``).
     """
     entry = _entry(name)
     unknown = sorted(set(arch_kwargs) - set(entry.defaults))

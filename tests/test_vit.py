@@ -25,6 +25,7 @@ from compress_edge.models import (
     spec_for,
 )
 
+TINY = "vit_tiny_patch16_224"  # the layouts do not depend on the width: the cheapest ViT carries them
 SIZE = 32  # two 16 px patches a side: the smallest grid with more than one patch
 DINOV2_SIZE = 28  # two 14 px patches a side
 
@@ -37,7 +38,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def source_vit(name: str = "vit_small_patch16_224", img_size: int = SIZE, seed: int = 0, **kwargs):
+def source_vit(name: str = TINY, img_size: int = SIZE, seed: int = 0, **kwargs):
     """A timm ViT with random weights everywhere (LayerScale and the tokens too, which timm starts near
     zero), as a trained one would have."""
     torch.manual_seed(seed)
@@ -80,7 +81,7 @@ def prefixed(sd: dict, prefix: str) -> dict:
     return {prefix + k: v for k, v in sd.items()}
 
 
-def dino_head(prefix: str, dim: int = 384, out: int = 64) -> dict:
+def dino_head(prefix: str, dim: int = 192, out: int = 64) -> dict:
     """DINO's projection head (MLP, then the weight-normalised last layer)."""
     return {f"{prefix}mlp.0.weight": torch.randn(32, dim), f"{prefix}mlp.0.bias": torch.randn(32),
             f"{prefix}mlp.2.weight": torch.randn(16, 32), f"{prefix}last_layer.weight_g": torch.ones(out, 1),
@@ -165,33 +166,33 @@ def test_dino_teacher_and_student(tmp_path, key):
     ckpt = {"teacher": {**prefixed(teacher.state_dict(), "backbone."), **dino_head("head.")},
             "student": {**prefixed(student.state_dict(), "module.backbone."), **dino_head("module.head.")}}
     torch.save(ckpt, tmp_path / "dino.pth")
-    spec = loads_like(tmp_path / "dino.pth", student if key else teacher, "vit_small_patch16_224", weights_key=key)
+    spec = loads_like(tmp_path / "dino.pth", student if key else teacher, TINY, weights_key=key)
     assert spec.source["format"] == "dino" and spec.source["key"] == (key or "teacher")
 
 
 def test_one_dino_network_saved_alone(tmp_path):
     net = source_vit()  # what DINO's conversion advice writes: torch.save(ckpt["teacher"], ...)
     torch.save({**prefixed(net.state_dict(), "backbone."), **dino_head("head.")}, tmp_path / "teacher.pth")
-    assert loads_like(tmp_path / "teacher.pth", net, "vit_small_patch16_224").source["format"] == "dino"
+    assert loads_like(tmp_path / "teacher.pth", net, TINY).source["format"] == "dino"
 
 
 @pytest.mark.parametrize(("prefix", "suffix"), [("", ".pth"), ("module.", ".pth"), ("", ".safetensors")])
 def test_plain_backbone_files(tmp_path, prefix, suffix):
     # DINO's and iBOT's released backbones: timm's keys, nothing else.
-    net = source_vit("vit_small_patch16_224")
+    net = source_vit()
     sd = prefixed({k: v.contiguous() for k, v in net.state_dict().items()}, prefix)
     path = tmp_path / f"dino_vitbase16_pretrain{suffix}"
     save_file(sd, str(path)) if suffix == ".safetensors" else torch.save(sd, path)
-    assert loads_like(path, net, "vit_small_patch16_224").source["format"] == "timm"
+    assert loads_like(path, net, TINY).source["format"] == "timm"
 
 
 def test_ibot_masked_embed_is_dropped(tmp_path):
     net = source_vit()
-    sd = {**prefixed(net.state_dict(), "backbone."), "backbone.masked_embed": torch.zeros(384),
+    sd = {**prefixed(net.state_dict(), "backbone."), "backbone.masked_embed": torch.zeros(192),
           **dino_head("head.")}
     torch.save({"teacher": sd}, tmp_path / "ibot.pth")
     torch.manual_seed(1)
-    model = create_model("vit_small_patch16_224", img_size=SIZE)
+    model = create_model(TINY, img_size=SIZE)
     report = load_backbone_weights(model, tmp_path / "ibot.pth")
     assert report.fits() and "backbone.masked_embed" in report.ignored
 
@@ -217,8 +218,8 @@ def test_dinov2_backbones_with_and_without_registers(tmp_path, arch, chunks, suf
 
 
 def test_moco_v3_vit_small_gets_its_twelve_heads(tmp_path):
-    net = source_vit(num_heads=12)  # MoCo v3's ViT-S: DINO's shapes, twice the heads
-    momentum = source_vit(num_heads=12, seed=3)
+    net = source_vit("vit_small_patch16_224", num_heads=12)  # MoCo v3's ViT-S: DINO's shapes, twice the heads
+    momentum = source_vit("vit_small_patch16_224", num_heads=12, seed=3)
     state = {**prefixed(net.state_dict(), "module.base_encoder."),
              "module.base_encoder.head.0.weight": torch.randn(64, 384),
              **prefixed(momentum.state_dict(), "module.momentum_encoder."),
@@ -229,15 +230,15 @@ def test_moco_v3_vit_small_gets_its_twelve_heads(tmp_path):
 
 
 # --- the position embedding follows the image size -------------------------------------------------------
-@pytest.mark.parametrize("size", [32, 48, 96])
+@pytest.mark.parametrize("size", [32, 48, 96])  # fewer and more patches than the file's 4x4
 def test_a_checkpoint_for_another_size_is_resampled(tmp_path, size):
     # A 64 px checkpoint (4x4 grid) at another size: timm's run-time resampling (dynamic_img_size) of the
     # same weights is the reference, so loading resamples exactly as timm does.
     net = source_vit(img_size=64)
     torch.save(net.state_dict(), tmp_path / "vit64.pth")
-    model, spec = resolve_model("vit_small_patch16_224", weights=tmp_path / "vit64.pth", image_size=size)
-    assert model.backbone.pos_embed.shape == (1, 1 + (size // 16) ** 2, 384)
-    dynamic = timm.create_model("vit_small_patch16_224", num_classes=0, img_size=64, dynamic_img_size=True)
+    model, spec = resolve_model(TINY, weights=tmp_path / "vit64.pth", image_size=size)
+    assert model.backbone.pos_embed.shape == (1, 1 + (size // 16) ** 2, 192)
+    dynamic = timm.create_model(TINY, num_classes=0, img_size=64, dynamic_img_size=True)
     dynamic.load_state_dict(net.state_dict())
     with torch.no_grad():
         got = model(images(size))
@@ -262,11 +263,11 @@ def test_inspect_guesses_the_vit(tmp_path):
     net = source_vit()
     torch.save(net.state_dict(), tmp_path / "vits16.pth")
     info = inspect_checkpoint(tmp_path / "vits16.pth")
-    assert info.arch == "vit_small_patch16_224" and info.arch_source == "guessed" and info.report.fits()
+    assert info.arch == TINY and info.arch_source == "guessed" and info.report.fits()
 
 
 def test_a_vit_of_another_size_is_refused_with_the_right_name(tmp_path):
-    torch.save(source_vit("vit_tiny_patch16_224").state_dict(), tmp_path / "vitt16.pth")
+    torch.save(source_vit().state_dict(), tmp_path / "vitt16.pth")
     with pytest.raises(ModelError, match="looks like a vit_tiny_patch16_224 checkpoint"):
         resolve_model("vit_small_patch16_224", weights=tmp_path / "vitt16.pth", image_size=SIZE)
 
@@ -277,16 +278,17 @@ def test_a_vit_tiny_student_distils_from_a_dino_vit_teacher(tmp_path, make_image
     from compress_edge.train import TrainConfig
 
     data = make_images(tmp_path / "imgs", classes=("a", "b"), per_class=8, size=SIZE)
-    torch.save(source_vit().state_dict(), tmp_path / "dino_deitsmall16_pretrain.pth")
+    torch.save(source_vit("vit_small_patch16_224").state_dict(), tmp_path / "dino_deitsmall16_pretrain.pth")
     opts = DistillOptions(data=str(data), out=str(tmp_path / "run"), teacher="vit_small_patch16_224",
                           teacher_weights=str(tmp_path / "dino_deitsmall16_pretrain.pth"), image_size=SIZE,
                           student_arch="vit_tiny_patch16_224",
-                          student_kwargs={"img_size": SIZE, "patch_size": 8}, queue_size=8,
+                          student_kwargs={"img_size": SIZE, "patch_size": 8, "depth": 4}, queue_size=8,
                           train=TrainConfig(epochs=1, batch_size=4, lr=0.01, workers=0, device="cpu",
                                             progress=False, max_steps_per_epoch=2, log_every=1))
     run_distill(opts)
     student, spec = load_model(tmp_path / "run" / "student")
     assert spec.arch == "vit_tiny_patch16_224" and spec.arch_kwargs["patch_size"] == 8
+    assert len(student.backbone.blocks) == spec.arch_kwargs["depth"] == 4
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["loss"] for r in records if r["kind"] == "train"]  # step 1 fills the empty queue: loss 0
     assert len(steps) == 2 and all(torch.isfinite(torch.tensor(steps))) and max(steps) > 0, records
@@ -301,7 +303,7 @@ def test_a_vit_student_exports_to_onnx_with_parity(tmp_path, make_images):
     from compress_edge.export.runtimes import open_embedder
 
     torch.manual_seed(0)
-    model = create_model("vit_tiny_patch16_224", img_size=SIZE, patch_size=8, pool="cls+mean",
+    model = create_model("vit_tiny_patch16_224", img_size=SIZE, patch_size=8, pool="cls+mean", depth=2,
                          head="linear", embed_dim=32).eval()
     spec = spec_for(model, image_size=SIZE)
     pixels, _ = load_check_images(make_images(tmp_path / "imgs", size=40), spec, 16)

@@ -1,15 +1,19 @@
-"""Export benchmark: PyTorch eager vs onnxruntime float32 vs onnxruntime int8-cpu, side by side.
+"""Export benchmark: PyTorch eager vs onnxruntime float32 / int8-cpu vs OpenVINO fp32 / fp16 / int8, side by side.
 
 Models: a distilled-like student (MobileNetV2, small-input stem) at 32 px and 64 px, and MobileNetV2
 at 224 px, all with the same weights trained briefly on Fashion-MNIST (see ``trained_weights``; a
 random initialisation says nothing about quantisation) and BatchNorm statistics re-estimated at each
 size. Each is exported with
 ``compress-edge export --int8 cpu`` (calibration: fashion-mnist:train; parity: fashion-mnist:test),
-then every backend is timed at batch 1 and 32 in the same process, one after the other.
+plus ``--openvino --fp16 --int8 openvino`` when OpenVINO is installed (the IR files, NNCF int8 on the
+same calibration images), then every backend is timed at batch 1 and 32 in the same process, one
+after the other. The last table gives, per file: size, latency at batch 1 and 32, throughput, and
+parity (min cosine, top-10 overlap) against PyTorch float32.
 
     python benchmarks/bench_export.py                 # the table
     python benchmarks/bench_export.py --json          # the numbers
     python benchmarks/bench_export.py --student runs/distill   # a real student instead of the stand-in
+    python benchmarks/bench_export.py --configs student-32 --no-openvino   # one model, no OpenVINO files
 
 Goals (2-core x86 CPU with AVX-512 VNNI): onnxruntime fp32 >= 3x PyTorch eager at batch 1;
 int8-cpu >= 1.5x onnxruntime fp32 at batch 32 with cosine >= 0.98.
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    results: dict = {"machine": machine_info(), "threads": args.threads, "models": {},
+    results: dict = {"machine": machine_info(), "threads": args.threads, "models": {}, "batches": list(args.batch),
                      "inputs": {"kind": "real", "data": args.data, "images": max(args.batch)}}
     names = args.configs.split(",")
     for name in names:
@@ -108,6 +112,12 @@ def run(args: argparse.Namespace) -> dict:
         names = ["student", *names]
     state = trained_weights(out / "trained-mobilenet_v2", args.train_steps, args.threads) if any(
         n in CONFIGS for n in names) else None
+    openvino = args.openvino and _have_openvino()
+    results["openvino"] = openvino
+    if openvino:
+        import openvino as ov
+
+        results["machine"]["openvino"] = ov.get_version().split("-")[0]
     for name in names:
         folder = out / name
         if name == "student":
@@ -117,21 +127,30 @@ def run(args: argparse.Namespace) -> dict:
             model_ref = str(stand_in_student(arch, small, size, folder / "model", state))
         print(f"[{name}] exporting (calibration {args.calib_images} images) ...", file=sys.stderr, flush=True)
         report = export_model(ExportOptions(
-            model=model_ref, out=str(folder), int8=["cpu"], calib_data="fashion-mnist:train",
-            calib_images=args.calib_images, calib_method=args.calib_method, parity_data=args.data,
-            parity_images=args.parity_images, strict=False,
+            model=model_ref, out=str(folder), int8=["cpu", *(["openvino"] if openvino else [])],
+            calib_data="fashion-mnist:train", calib_images=args.calib_images, calib_method=args.calib_method,
+            parity_data=args.data, parity_images=args.parity_images, strict=False, fp16=openvino, openvino=openvino,
         ))
         gc.collect()  # sessions left from the export's checks must not spin beside the timed runs
         rows = []
-        embedders = [
-            open_embedder(model_ref, "torch", threads=args.threads),
-            open_embedder(folder / "model.onnx", threads=args.threads),
-            open_embedder(folder / "model.int8-cpu.onnx", threads=args.threads),
-        ]
+        # (model, parity key in export.json) per timed file; PyTorch is the reference.
+        timed: list[tuple[str, str | None]] = [(model_ref, None), (str(folder / "model.onnx"), "fp32"),
+                                               (str(folder / "model.int8-cpu.onnx"), "int8-cpu")]
+        if openvino:
+            from compress_edge.export.openvino import IR_FILES
+
+            timed += [(str(folder / IR_FILES[k]), f"openvino-{k}") for k in ("fp32", "fp16", "int8")]
+        embedders = [open_embedder(model_ref, "torch", threads=args.threads)]
+        embedders += [open_embedder(path, device="cpu", threads=args.threads) for path, _ in timed[1:]]
         gflops = count_gflops(embedders[0].spec)
         # Real images (an int8 model may answer random tensors with zeros), once per preprocessing.
         loaded: dict = {}
-        for emb in embedders:
+        files = []
+        for emb, (path, key) in zip(embedders, timed, strict=True):
+            parity = report["parity"].get(key, {}) if key else {}
+            files.append({"backend": emb.name, "precision": emb.precision, "file": Path(path).name if key else "-",
+                          "bytes": _file_bytes(path) if key else None, "parity": key,
+                          "min_cosine": parity.get("min_cosine"), "topk_overlap": parity.get("topk_overlap")})
             spec = emb.spec
             key = (spec.channels, spec.image_size, tuple(spec.mean), tuple(spec.std))
             if key not in loaded:
@@ -153,6 +172,7 @@ def run(args: argparse.Namespace) -> dict:
             "spec": report["spec"],
             "gflop_per_image": gflops,
             "rows": rows,
+            "files": files,
             "parity": report["parity"],
             "speedups": {
                 f"ort_fp32_vs_torch_batch{b_small}": ort_vs_torch,
@@ -167,6 +187,21 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def _have_openvino() -> bool:
+    from compress_edge.deps import available
+
+    if available("openvino") and available("nncf"):
+        return True
+    print("OpenVINO rows left out: pip install 'compress-edge[openvino]' for them", file=sys.stderr, flush=True)
+    return False
+
+
+def _file_bytes(path: str) -> int:
+    """A model file's size, with the .bin of an OpenVINO IR."""
+    p = Path(path)
+    return p.stat().st_size + (p.with_suffix(".bin").stat().st_size if p.suffix == ".xml" else 0)
+
+
 def _pick(rows: list[dict], key: str, precision: str, backend: str, batch: int) -> float:
     return next(r[key] for r in rows if r["precision"] == precision and r["backend"] == backend and r["batch"] == batch)
 
@@ -174,7 +209,8 @@ def _pick(rows: list[dict], key: str, precision: str, backend: str, batch: int) 
 def print_table(results: dict) -> None:
     m = results["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, {' '.join(m['simd'])}; threads {results['threads']}; "
-          f"onnxruntime {m.get('onnxruntime')}, torch {m.get('torch')}")
+          f"onnxruntime {m.get('onnxruntime')}, torch {m.get('torch')}"
+          f"{', openvino ' + m['openvino'] if m.get('openvino') else ''}")
     print()
     print("| model | backend | precision | batch | p50 ms | p95 ms | images/s | GFLOP/s | peak RSS MB |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
@@ -193,6 +229,21 @@ def print_table(results: dict) -> None:
         met = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in entry["goals"].items())
         print(f"| {name} | {entry['gflop_per_image']:.3f} | {sp[0]:.2f}x | {sp[1]:.2f}x | {p['min_cosine']:.4f} | "
               f"{p['topk_overlap']:.3f} | {met} |")
+    print()
+    b_small, b_big = min(results["batches"]), max(results["batches"])
+    print(f"| model | backend | precision | file | MiB | p50 ms b={b_small} | p50 ms b={b_big} | images/s b={b_big} | "
+          "min cosine vs torch | top-10 overlap |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, entry in results["models"].items():
+        for f in entry.get("files", []):
+            def row(batch, f=f, entry=entry):
+                return next(r for r in entry["rows"] if r["backend"] == f["backend"] and r["precision"] == f["precision"]
+                            and r["batch"] == batch)
+            size = f"{f['bytes'] / 2**20:.2f}" if f["bytes"] else "-"
+            cos = f"{f['min_cosine']:.4f}" if f["min_cosine"] is not None else "reference"
+            top = f"{f['topk_overlap']:.3f}" if f["topk_overlap"] is not None else "-"
+            print(f"| {name} | {f['backend']} | {f['precision']} | {f['file']} | {size} | {row(b_small)['p50_ms']:.2f} | "
+                  f"{row(b_big)['p50_ms']:.2f} | {row(b_big)['images_per_s']:.0f} | {cos} | {top} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -211,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parity-images", type=int, default=200)
     parser.add_argument("--data", default="fashion-mnist:test",
                         help="Images for the parity checks and the timed batches (a folder or fashion-mnist:test).")
+    parser.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also export and time the OpenVINO IR files (fp32, fp16, NNCF int8); needs the "
+                             "openvino extra.")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of the tables.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -309,6 +309,8 @@ def _vit(
         raise ModelError(
             f"img_size must be a positive multiple of patch_size ({patch_size}); got img_size={img_size}"
         )
+    if not isinstance(dynamic_img_size, bool):
+        raise ModelError(f"dynamic_img_size must be true or false, got {dynamic_img_size!r}")
     if num_heads <= 0 or depth <= 0:
         raise ModelError(f"num_heads and depth must be positive, got {num_heads} and {depth}")
     # pretrained=False: never a download; global_pool="": the tokens, pooled by TokenPool.
@@ -321,7 +323,7 @@ def _vit(
         patch_size=patch_size,
         num_heads=num_heads,
         depth=depth,
-        dynamic_img_size=bool(dynamic_img_size),
+        dynamic_img_size=dynamic_img_size,
     )
     dim = net.embed_dim * (2 if pool == "cls+mean" else 1)
     return Backbone(net, dim, "patch_embed.proj", TokenPool(pool, net.num_prefix_tokens))

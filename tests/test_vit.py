@@ -148,6 +148,8 @@ def test_mean_pooling_leaves_the_register_tokens_out():
 def test_bad_vit_options_say_what_to_pass():
     with pytest.raises(ModelError, match="pool must be one of cls, mean, cls\\+mean"):
         create_model("vit_tiny_patch16_224", pool="max")
+    with pytest.raises(ModelError, match="dynamic_img_size must be true or false"):
+        create_model("vit_tiny_patch16_224", dynamic_img_size="no")
     with pytest.raises(ModelError, match="multiple of patch_size"):
         create_model("vit_tiny_patch16_224", img_size=40)
     model = create_model("vit_tiny_patch16_224", img_size=SIZE)

@@ -211,7 +211,7 @@ def setup(opts: DistillOptions) -> DistillSetup:
     from torch.utils.data import Subset
 
     from compress_edge.data import TrainAugment, open_dataset
-    from compress_edge.models import SMALL_INPUT_MAX, create_model, spec_for
+    from compress_edge.models import SMALL_INPUT_MAX, create_model, model_family, spec_for
     from compress_edge.quality import holdout_split
     from compress_edge.schedule import auto_queue_size, key_encoder_momentum, plan_run
     from compress_edge.teacher_cache import (
@@ -279,6 +279,8 @@ def setup(opts: DistillOptions) -> DistillSetup:
     # would make the "compressed" student cost about what its teacher does.
     teacher_stem = (teacher_spec.arch_kwargs or {}).get("small_input") if teacher_spec is not None else None
     kwargs.setdefault("small_input", bool(teacher_stem) if teacher_stem is not None else image_size <= SMALL_INPUT_MAX)
+    if model_family(opts.student_arch) == "vit":
+        kwargs.setdefault("img_size", image_size)  # the position embedding for the student's own image size
     embed = opts.embed_dim or None
     student = create_model(opts.student_arch, embed_dim=embed, head="linear" if embed else None, **kwargs)
     criterion = build_loss(opts.method, teacher_dim=teacher_dim, student_dim=student.embed_dim,

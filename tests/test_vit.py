@@ -284,12 +284,13 @@ def test_a_vit_tiny_student_distils_from_a_dino_vit_teacher(tmp_path, make_image
     opts = DistillOptions(data=str(data), out=str(tmp_path / "run"), teacher="vit_small_patch16_224",
                           teacher_weights=str(tmp_path / "dino_deitsmall16_pretrain.pth"), image_size=SIZE,
                           student_arch="vit_tiny_patch16_224",
-                          student_kwargs={"img_size": SIZE, "patch_size": 8, "depth": 4}, queue_size=8,
+                          student_kwargs={"patch_size": 8, "depth": 4}, queue_size=8,  # img_size: --image-size
                           train=TrainConfig(epochs=1, batch_size=4, lr=0.01, workers=0, device="cpu",
                                             progress=False, max_steps_per_epoch=2, log_every=1))
     run_distill(opts)
     student, spec = load_model(tmp_path / "run" / "student")
     assert spec.arch == "vit_tiny_patch16_224" and spec.arch_kwargs["patch_size"] == 8
+    assert spec.arch_kwargs["img_size"] == spec.image_size == SIZE
     assert len(student.backbone.blocks) == spec.arch_kwargs["depth"] == 4
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["loss"] for r in records if r["kind"] == "train"]  # step 1 fills the empty queue: loss 0

@@ -37,16 +37,13 @@ import numpy as np
 import torch
 
 from compress_edge.errors import DataError, ModelError
-from compress_edge.neighbors import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_accuracies
+from compress_edge.neighbors import BLOCK_CPU, DEFAULT_KS, DEFAULT_TEMPERATURE, exact_topk, knn_accuracies
 from compress_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 FEATURES_FORMAT = "compress-edge-features/1"
 CACHE_ENV = "COMPRESS_EDGE_CACHE"
-#: Elements of one similarity block (queries x gallery) on a CPU and on a GPU.
-_BLOCK_CPU = 1 << 24
-_BLOCK_GPU = 1 << 28
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,52 +235,12 @@ def _read_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Exact nearest neighbours by chunked matrix products
+# The device of exact search (compress_edge.neighbors.exact_topk) and of the linear probe
 # --------------------------------------------------------------------------------------------------
 def _device(device: str | torch.device) -> torch.device:
     from compress_edge.train import resolve_device
 
     return resolve_device(str(device))
-
-
-def exact_topk(
-    queries: np.ndarray,
-    gallery: np.ndarray,
-    k: int,
-    *,
-    device: str | torch.device = "auto",
-    self_index: np.ndarray | None = None,
-    block: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k gallery rows of each query by inner product: (sims float32 (Q, k), indices int64 (Q, k)),
-    most similar first.
-
-    The gallery sits on ``device`` once; queries go in chunks so that one (chunk, N) similarity block
-    stays under 2^24 elements on a CPU (2^28 on a GPU), or ``block``. self_index: (Q,) gallery row of
-    each query to leave out (a query searched among its own dataset). k is clipped to the gallery.
-    """
-    dev = _device(device)
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    g = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32)).to(dev)
-    n = g.shape[0]
-    k = min(int(k), n - (1 if self_index is not None else 0))
-    if k <= 0:
-        raise DataError("the gallery is empty: nothing to search")
-    limit = block or (_BLOCK_GPU if dev.type == "cuda" else _BLOCK_CPU)
-    chunk = max(1, min(len(q), limit // max(n, 1)))
-    sims = np.empty((len(q), k), dtype=np.float32)
-    idx = np.empty((len(q), k), dtype=np.int64)
-    with torch.inference_mode():
-        for start in range(0, len(q), chunk):
-            stop = min(start + chunk, len(q))
-            s = torch.from_numpy(q[start:stop]).to(dev) @ g.T
-            if self_index is not None:
-                own = torch.from_numpy(np.asarray(self_index[start:stop], dtype=np.int64)).to(dev)
-                s[torch.arange(stop - start, device=dev), own] = -float("inf")
-            d, i = torch.topk(s, k, dim=1)
-            sims[start:stop] = d.float().cpu().numpy()
-            idx[start:stop] = i.cpu().numpy()
-    return sims, idx
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,7 +325,7 @@ def knn_eval(
     kmax = max([1, *map(int, ks)])
     if kmax > len(train_labels):
         log.warning("k=%d is more than the %d gallery images: all of them vote", kmax, len(train_labels))
-    sims, idx = exact_topk(test_features, train_features, kmax, device=device)
+    sims, idx = exact_topk(test_features, train_features, kmax, device=_device(device))
     result = knn_from_neighbors(sims, train_labels[idx], test_labels, ks=ks, temperature=temperature,
                                 num_classes=_num_classes(train_labels, test_labels, given=num_classes),
                                 gallery_size=len(train_labels))
@@ -770,15 +727,16 @@ def neighbor_agreement(
     else:
         qidx = np.arange(n)
     kmax = ks[-1]
-    _, nt = exact_topk(t[qidx], t, kmax, device=device, self_index=qidx)
-    _, ns = exact_topk(s[qidx], s, kmax, device=device, self_index=qidx)
+    dev = _device(device)
+    _, nt = exact_topk(t[qidx], t, kmax, device=dev, self_index=qidx)
+    _, ns = exact_topk(s[qidx], s, kmax, device=dev, self_index=qidx)
     overlap = {}
     for k in ks:
         hits = [len(np.intersect1d(a[:k], b[:k], assume_unique=True)) for a, b in zip(nt, ns, strict=True)]
         overlap[k] = float(np.mean(hits) / k)
 
     rhos = np.empty(len(qidx), dtype=np.float64)
-    chunk = max(1, _BLOCK_CPU // (4 * n))
+    chunk = max(1, BLOCK_CPU // (4 * n))
     keep = np.ones(n, dtype=bool)
     for start in range(0, len(qidx), chunk):
         rows = qidx[start : start + chunk]

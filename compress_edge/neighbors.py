@@ -1,9 +1,14 @@
-"""Weighted k-nearest-neighbour voting, with numpy only.
+"""Exact nearest neighbours and weighted k-nearest-neighbour voting, with numpy only.
 
-The one vote every kNN classifier of compress-edge uses: ``compress-edge eval knn`` (exact search with
-torch), ``eval knn --index`` and retrieval's ``classify`` (FAISS search on a device). They find the
+The one vote every kNN classifier of compress-edge uses: ``compress-edge eval knn`` (exact search),
+``eval knn --index`` and retrieval's ``classify`` (FAISS search on a device). They find the
 neighbours their own way and hand (similarities, neighbour labels) to :func:`weighted_knn_vote` or
 :func:`knn_predict`, so every path scores a query the same.
+
+The exact search is here too: :func:`exact_topk`, the one exact top-k by inner product, used by
+``eval knn`` and neighbour agreement (:mod:`compress_edge.evaluate`) and by retrieval's ground truth
+and exact search (:mod:`compress_edge.retrieval.exact`). numpy on a CPU; on a GPU the same loop runs
+its matrix products with torch, imported only then.
 
 The vote is the one of Wu et al. 2018 ("Unsupervised Feature Learning via Non-Parametric Instance
 Discrimination") as used by DINO (Caron et al. 2021, ``eval_knn.py``): neighbour j of a query adds
@@ -15,12 +20,96 @@ Torch-free on purpose: the query path of a device imports this module with numpy
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+from compress_edge.errors import DataError, DependencyError
 
 #: DINO's kNN temperature and neighbour counts.
 DEFAULT_TEMPERATURE = 0.07
 DEFAULT_KS = (20, 200)
+#: Elements of one similarity block (queries x gallery) on a CPU and on a GPU.
+BLOCK_CPU = 1 << 24
+BLOCK_GPU = 1 << 28
+
+
+def exact_topk(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    *,
+    device: Any = "cpu",
+    self_index: np.ndarray | None = None,
+    block: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k gallery rows of each query by inner product: (sims float32 (Q, k), indices int64 (Q, k)),
+    most similar first (equal scores: the lower row first).
+
+    Queries go in chunks so that one (chunk, N) similarity block stays under 2^24 elements on a CPU
+    (2^28 on a GPU), or ``block``. self_index: (Q,) gallery row of each query to leave out (a query
+    searched among its own dataset). k is clipped to the gallery. device: "cpu" (numpy), or a torch
+    device such as "cuda:0" (the gallery sits there once; torch is imported only then).
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    n = len(gallery)
+    k = min(int(k), n - (1 if self_index is not None else 0))
+    if k <= 0:
+        raise DataError("the gallery is empty: nothing to search")
+    on_cpu = str(device) == "cpu"
+    limit = block or (BLOCK_CPU if on_cpu else BLOCK_GPU)
+    chunk = max(1, min(len(q), limit // max(n, 1)))
+    search = _numpy_search(gallery, k) if on_cpu else _torch_search(gallery, k, str(device))
+    sims = np.empty((len(q), k), dtype=np.float32)
+    idx = np.empty((len(q), k), dtype=np.int64)
+    for start in range(0, len(q), chunk):
+        stop = min(start + chunk, len(q))
+        own = None if self_index is None else np.asarray(self_index[start:stop], dtype=np.int64)
+        sims[start:stop], idx[start:stop] = search(q[start:stop], own)
+    return sims, idx
+
+
+def select_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest of each row of ``scores`` (R, N), k <= N: (values (R, k), columns int64 (R, k)),
+    largest first, equal values by column."""
+    n = scores.shape[1]
+    cols = np.argpartition(scores, n - k, axis=1)[:, n - k :] if k < n else np.broadcast_to(np.arange(n), scores.shape)
+    cols = np.sort(cols, axis=1)
+    vals = np.take_along_axis(scores, cols, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(vals, order, axis=1), np.take_along_axis(cols, order, axis=1).astype(np.int64)
+
+
+def _numpy_search(gallery: np.ndarray, k: int):
+    g = np.ascontiguousarray(gallery, dtype=np.float32)
+
+    def search(q: np.ndarray, own: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        s = q @ g.T
+        if own is not None:
+            s[np.arange(len(q)), own] = -np.inf
+        return select_topk(s, k)
+
+    return search
+
+
+def _torch_search(gallery: np.ndarray, k: int, device: str):
+    from compress_edge.deps import require
+
+    torch = require("torch", "exact search on a GPU")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DependencyError("exact search on a GPU needs torch with CUDA, and none is visible; use the CPU")
+    dev = torch.device(device)
+    g = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32)).to(dev)
+
+    def search(q: np.ndarray, own: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            s = torch.from_numpy(q).to(dev) @ g.T
+            if own is not None:
+                s[torch.arange(len(q), device=dev), torch.from_numpy(own).to(dev)] = -float("inf")
+            d, i = torch.topk(s, k, dim=1)
+            return d.float().cpu().numpy(), i.cpu().numpy().astype(np.int64)
+
+    return search
 
 
 def weighted_knn_vote(

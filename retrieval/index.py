@@ -58,7 +58,8 @@ from compress_edge.retrieval.shards import (
     write_embeddings,
 )
 
-from compress_edge.errors import CompressEdgeError, DependencyError, IndexFileError
+from compress_edge.errors import CompressEdgeError, IndexFileError
+from compress_edge.neighbors import exact_topk, select_topk
 from compress_edge.spec import ModelSpec
 from compress_edge.storage import FolderBusy, atomic_path, atomic_write_json, folder_lock, sha256_file
 
@@ -497,27 +498,14 @@ def can_remove(index: faiss.Index) -> tuple[bool, str]:
 # --------------------------------------------------------------------------------------------------
 # Exact search (ground truth, and the reference kNN evaluation)
 # --------------------------------------------------------------------------------------------------
-def _merge_topk(dists: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    d = np.concatenate(dists, axis=1)
-    i = np.concatenate(ids, axis=1)
-    order = np.argsort(-d, axis=1, kind="stable")[:, :k]
-    d = np.take_along_axis(d, order, axis=1)
-    i = np.take_along_axis(i, order, axis=1)
-    if d.shape[1] < k:  # fewer vectors than k: pad as FAISS does
-        pad = k - d.shape[1]
-        d = np.pad(d, ((0, 0), (0, pad)), constant_values=-np.inf)
-        i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
-    return d.astype(np.float32), i.astype(np.int64)
-
-
 def exact_knn(queries: np.ndarray, gallery: EmbeddingStore | np.ndarray, k: int, *,
               gallery_ids: np.ndarray | None = None, exclude: np.ndarray | None = None,
               device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product: (scores float32 (nq, k), ids int64 (nq, k)), -1 ids when short.
 
     gallery: a store (searched shard by shard, memory-mapped) or an array (N, D) with ``gallery_ids``
-    (default 0..N-1). device "cpu" uses ``faiss.knn``; "cuda"/"cuda:N" uses torch matrix products
-    on the GPU (an alternative to GPU FAISS for exact search).
+    (default 0..N-1). Each part is searched by :func:`compress_edge.neighbors.exact_topk` (numpy on
+    the CPU; "cuda"/"cuda:N" runs its matrix products with torch on the GPU), the parts' top-k merged.
     """
     xq = np.ascontiguousarray(queries, dtype=np.float32)
     if isinstance(gallery, EmbeddingStore):
@@ -529,44 +517,22 @@ def exact_knn(queries: np.ndarray, gallery: EmbeddingStore | np.ndarray, k: int,
             parts = iter([(np.asarray(gallery)[keep], gids[keep])])
         else:
             parts = iter([(gallery, gids)])
-    ds, ids = [], []
+    ds, ids = [np.full((len(xq), 0), -np.inf, np.float32)], [np.full((len(xq), 0), -1, np.int64)]
     for x, xid in parts:
         if len(x) == 0:
             continue
-        kk = min(k, len(x))
-        if device.startswith("cuda"):
-            d, pos = _torch_knn(xq, x, kk, device)
-        else:
-            d, pos = faiss.knn(xq, np.ascontiguousarray(x, dtype=np.float32), kk, faiss.METRIC_INNER_PRODUCT)
+        d, pos = exact_topk(xq, x, k, device=device)
         ds.append(d)
-        ids.append(np.where(pos >= 0, xid[np.clip(pos, 0, None)], -1))
-    if not ds:
-        return np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64)
-    return _merge_topk(ds, ids, k)
-
-
-def _torch_knn(xq: np.ndarray, xb: np.ndarray, k: int, device: str, chunk: int = 262_144):
-    """Exact inner-product top-k with torch on a GPU, the gallery in chunks."""
-    from compress_edge.deps import require
-
-    torch = require("torch", "exact search on a GPU")
-    if not torch.cuda.is_available() and device.startswith("cuda"):
-        raise DependencyError("exact search on a GPU needs torch with CUDA, and none is visible; use the CPU")
-    q = torch.from_numpy(np.ascontiguousarray(xq)).to(device)
-    best_d, best_i = None, None
-    for start in range(0, len(xb), chunk):
-        b = torch.from_numpy(np.ascontiguousarray(xb[start : start + chunk], dtype=np.float32)).to(device)
-        s = q @ b.T
-        d, i = torch.topk(s, min(k, s.shape[1]), dim=1)
-        i = i + start
-        if best_d is None:
-            best_d, best_i = d, i
-        else:
-            d = torch.cat([best_d, d], dim=1)
-            i = torch.cat([best_i, i], dim=1)
-            best_d, order = torch.topk(d, k, dim=1)
-            best_i = torch.gather(i, 1, order)
-    return best_d.float().cpu().numpy(), best_i.cpu().numpy().astype(np.int64)
+        ids.append(np.asarray(xid, dtype=np.int64)[pos])
+    d, i = np.concatenate(ds, axis=1), np.concatenate(ids, axis=1)
+    if d.shape[1] > k:  # more than one part: the best k of theirs
+        d, cols = select_topk(d, k)
+        i = np.take_along_axis(i, cols, axis=1)
+    if d.shape[1] < k:  # fewer vectors than k: pad as FAISS does
+        pad = k - d.shape[1]
+        d = np.pad(d, ((0, 0), (0, pad)), constant_values=-np.inf)
+        i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
+    return d.astype(np.float32), i.astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------

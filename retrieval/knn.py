@@ -23,10 +23,9 @@ from compress_edge.retrieval.index import RetrievalIndex, exact_knn
 from compress_edge.retrieval.shards import l2_normalize
 
 from compress_edge.errors import CompressEdgeError
-from compress_edge.neighbors import weighted_knn_vote
+from compress_edge.neighbors import DEFAULT_TEMPERATURE, weighted_knn_vote
 
 DEFAULT_K = 20
-DEFAULT_TEMPERATURE = 0.07
 
 
 @dataclass

@@ -61,7 +61,10 @@ def list_models_cmd(
         )
     for i in infos:
         fmap = f"{i.feature_map[0]}x{i.feature_map[1]}" if i.feature_map else "image too small"
-        stem = "small-input" if i.small_input else "ImageNet"
+        if "patch_size" in i.arch_kwargs:  # a ViT: no stem, a patch grid
+            stem = f"patch {i.arch_kwargs['patch_size']}"
+        else:
+            stem = "small-input" if i.small_input else "ImageNet"
         table.add_row(i.name, stem, _params(i.params), str(i.feature_dim), fmap)
     console.print(table)
 

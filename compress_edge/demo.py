@@ -17,12 +17,16 @@ Stages (each skipped when its output is already in the output folder; ``--fresh`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +110,79 @@ class Stage:
     run: Callable[[Demo], dict[str, Any]]
 
 
+class DemoStopped(CompressEdgeError):
+    """The demo stopped on SIGINT or SIGTERM; the message says what is kept and how to continue."""
+
+
+class _Interrupted(BaseException):
+    """Raised by the demo's signal handler; a BaseException (like KeyboardInterrupt), so that no handler
+    inside a stage takes it for an error of its own."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM (also sent to the whole process group, by a scheduler or ``docker stop``) while
+    the demo runs. Outside the stages' own handling they stop the demo at once (:class:`_Interrupted`).
+    A training stage and the teacher cache take them over while they run and stop at a safe point,
+    raising ``TrainingStopped``, or, when the signal comes during their last step or shard, finish the
+    stage; the signal still reaches a wakeup fd (Python writes every signal's number there, whichever
+    Python handler takes it), which :meth:`seen` reads, so such a stop ends the demo after the stage."""
+
+    def __init__(self) -> None:
+        self._old: dict[int, Any] = {}
+        self._pid = os.getpid()
+        self._read = self._write = -1
+        self._old_fd: int | None = None
+        self.signum: int | None = None
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals reach the main thread only: nothing to handle here
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._old_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        for sig in _STOP_SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if os.getpid() != self._pid:  # a forked loader worker before it ignores stop signals
+            return
+        for sig in _STOP_SIGNALS:  # a second signal must not interrupt the way out
+            signal.signal(sig, signal.SIG_IGN)
+        self.signum = signum
+        raise _Interrupted(signum)
+
+    def seen(self) -> int | None:
+        """A stop signal that arrived since the last call (taken by a stage's own handler), or None."""
+        found = None
+        with contextlib.suppress(OSError):
+            while self._read >= 0 and (data := os.read(self._read, 512)):
+                found = next((n for n in data if n in _STOP_SIGNALS), found)
+        if found is not None:
+            self.signum = found
+        return found
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:
+            self.seen()  # which signal stopped a stage that raised, for the message
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        if self._old_fd is not None:
+            signal.set_wakeup_fd(self._old_fd)
+        for fd in (self._read, self._write):
+            if fd >= 0:
+                os.close(fd)
+        self._read = self._write = -1
+
+
 class Demo:
     """Runs the stages in order into ``out``; each stage's result is saved in ``out/stages/NAME.json``
     and reused when the demo runs again with the same settings."""
@@ -140,19 +217,53 @@ class Demo:
         return self.out.joinpath(*parts)
 
     def run(self, stages: list[Stage]) -> dict[str, Any]:
-        for i, stage in enumerate(stages, 1):
-            record = self.path("stages", f"{stage.name}.json")
-            if record.is_file():
-                self.results[stage.name] = json.loads(record.read_text())
-                logger.info("[%d/%d] %s: done before, skipped", i, len(stages), stage.title)
-                continue
-            logger.info("[%d/%d] %s", i, len(stages), stage.title)
-            t0 = time.perf_counter()
-            result = stage.run(self)
-            result["seconds"] = round(time.perf_counter() - t0, 1)
-            atomic_write_json(record, result)
-            self.results[stage.name] = result
+        """Run the stages not done before. SIGINT or SIGTERM stops the demo with :class:`DemoStopped`
+        (one line: the finished stages are kept, and running the demo again continues)."""
+        signals = _StopSignals()
+        with self._stopped_by(signals, stages) as where, signals:
+            for i, stage in enumerate(stages, 1):
+                where[:] = [i, "during"]
+                record = self.path("stages", f"{stage.name}.json")
+                if record.is_file():
+                    self.results[stage.name] = json.loads(record.read_text())
+                    logger.info("[%d/%d] %s: done before, skipped", i, len(stages), stage.title)
+                    continue
+                logger.info("[%d/%d] %s", i, len(stages), stage.title)
+                t0 = time.perf_counter()
+                result = stage.run(self)
+                result["seconds"] = round(time.perf_counter() - t0, 1)
+                atomic_write_json(record, result)
+                self.results[stage.name] = result
+                # a stop that the stage's own handler took, when the stage finished anyway (a signal
+                # during the teacher cache's last shard): the demo stops here, the stage kept
+                if signals.seen() is not None and i < len(stages):
+                    where[:] = [i, "after"]
+                    raise _Interrupted(signals.signum)
         return self.results
+
+    @contextlib.contextmanager
+    def _stopped_by(self, signals: _StopSignals, stages: list[Stage]) -> Iterator[list]:
+        """Turn a stop (the demo's handler, or a training stage or the cache stopping at a safe point)
+        into one :class:`DemoStopped` line."""
+        from compress_edge.train import TrainingStopped
+
+        where: list = [1, "during"]
+        try:
+            yield where
+        except (_Interrupted, TrainingStopped, KeyboardInterrupt) as exc:  # KeyboardInterrupt: a second
+            # signal during a training stage, which stops it at once
+            signum = exc.signum if isinstance(exc, _Interrupted) else signals.signum
+            name = signal.Signals(signum).name if signum is not None else "a stop signal"
+            i, when = where
+            stage = stages[i - 1]
+            done = sum(self.path("stages", f"{s.name}.json").is_file() for s in stages)
+            resumes = ("; an interrupted training or teacher cache continues from its last checkpoint or shard"
+                       if when == "during" else "")
+            raise DemoStopped(
+                f"demo stopped by {name} {when} stage {i}/{len(stages)} ({stage.title}); run the same command "
+                f"again to continue: the {done} finished stage{'s' if done != 1 else ''} in "
+                f"{self.path('stages')} {'are' if done != 1 else 'is'} skipped{resumes}"
+            ) from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -490,7 +490,9 @@ def finish(base, index: Path) -> None:
     """The same remove run again (--missing-ok: it may have been done) ends with the new content."""
     again = runner.invoke(app, ["index", "remove", str(index), *GONE, "--missing-ok", "--json"])
     assert again.exit_code == 0, again.output
-    assert content(base, index) == "new"
+    assert json.loads(again.stdout)["ntotal"] == 22
+    info = runner.invoke(app, ["index", "info", str(index), "--json"])
+    assert info.exit_code == 0 and json.loads(info.stdout)["vectors"] == 22, info.output
 
 
 def kill_at(base, tmp_path, writes: list[str], points: list[int], sig: int = signal.SIGKILL) -> dict[int, tuple]:

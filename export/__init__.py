@@ -3,7 +3,7 @@ and the one inference interface (:class:`~compress_edge.export.runtimes.Embedder
 
 Modules: ``onnx`` (export, metadata), ``quantize`` (fp16, int8-cpu, int8-trt), ``tensorrt``
 (engine build and run), ``openvino`` (IR fp32 / fp16, NNCF int8, its Embedder), ``runtimes``
-(Embedder backends; torch-free at import), ``parity
+(Embedder backends; torch-free at import), ``parity``
 (cosine / neighbour-overlap checks, check images). :func:`export_model` runs the whole stage and
 writes ``export.json``. Heavy packages are imported where they are used.
 """

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from compress_edge.retrieval.index import RetrievalIndex, exact_knn
+from compress_edge.retrieval.exact import exact_knn
+from compress_edge.retrieval.folder import RetrievalIndex
 from compress_edge.retrieval.shards import l2_normalize
 
 from compress_edge.errors import CompressEdgeError

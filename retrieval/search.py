@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from compress_edge.retrieval.index import RetrievalIndex, open_index
+from compress_edge.retrieval.folder import RetrievalIndex, open_index
 from compress_edge.retrieval.knn import DEFAULT_K, DEFAULT_TEMPERATURE, KnnResult, knn_classify
 from compress_edge.retrieval.safety import check_finite, check_model, shown
 from compress_edge.retrieval.shards import l2_normalize

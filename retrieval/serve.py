@@ -59,7 +59,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from compress_edge.retrieval.index import RetrievalIndex, index_kind, search_parameter
+from compress_edge.retrieval.faiss_index import index_kind, search_parameter
+from compress_edge.retrieval.folder import RetrievalIndex
 from compress_edge.retrieval.knn import DEFAULT_TEMPERATURE, knn_classify
 from compress_edge.retrieval.safety import is_inside, shown
 from compress_edge.retrieval.search import Searcher, predictions_of

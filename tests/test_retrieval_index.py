@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from compress_edge.retrieval import faiss_index, sidecar
 from compress_edge.retrieval import index as rindex
 from compress_edge.retrieval.index import (
     RetrievalIndex,
@@ -247,7 +248,7 @@ def test_crash_while_committing_leaves_the_old_index(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rindex, "atomic_write_json", boom)
+    monkeypatch.setattr(sidecar, "atomic_write_json", boom)
     with pytest.raises(OSError):
         idx.commit()
     monkeypatch.undo()
@@ -278,7 +279,7 @@ def test_memory_mapped_open_gives_the_same_results(tmp_path, key):
 
 
 def test_gpu_asked_without_gpu_faiss_falls_back_to_the_cpu(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(rindex, "gpu_count", lambda: 0)
+    monkeypatch.setattr(faiss_index, "gpu_count", lambda: 0)
     x, _ = clusters(1000)
     with caplog.at_level("WARNING", logger="compress_edge"):
         idx = build_index_from_array(x, tmp_path / "idx", index="IVF8,Flat", gpu=True, queries=100)

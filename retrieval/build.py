@@ -1,0 +1,210 @@
+"""Building an index from stored embeddings: plan, train, add, tune on held-out queries, write."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from compress_edge.retrieval.exact import exact_knn
+from compress_edge.retrieval.faiss_index import (
+    faiss_message,
+    faiss_threads,
+    index_kind,
+    make_faiss_index,
+    to_gpu,
+)
+from compress_edge.retrieval.folder import RetrievalIndex
+from compress_edge.retrieval.lock import expect_bytes, one_writer
+from compress_edge.retrieval.ondisk import add_on_disk, ondisk_append
+from compress_edge.retrieval.plan import POINTS_PER_CENTROID, default_memory_budget, parse_bytes, plan_index
+from compress_edge.retrieval.shards import EMBEDDINGS_DIR, EmbeddingStore, l2_normalize, write_embeddings
+from compress_edge.retrieval.sidecar import (
+    INDEX_FORMAT,
+    INDEX_VERSION,
+    named_classes,
+    now_utc,
+    refuse_existing,
+    write_generation,
+)
+from compress_edge.retrieval.tune import TUNE_K, tune_index
+
+from compress_edge.errors import CompressEdgeError, IndexFileError
+from compress_edge.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+@one_writer("index build", 1, "out_dir")
+def build_index(
+    store: EmbeddingStore,
+    out_dir: str | os.PathLike,
+    *,
+    spec: ModelSpec,
+    files: Sequence[str] | None = None,
+    labels: Sequence[int] | None = None,
+    classes: Sequence[str] | None = None,
+    root: str | None = None,
+    index: str = "auto",
+    memory_budget: int | str | None = None,
+    target_recall: float = 0.95,
+    queries: int = 1000,
+    on_disk: bool | None = None,
+    gpu: bool = False,
+    threads: int | None = None,
+    points_per_centroid: int = POINTS_PER_CENTROID,
+    seed: int = 0,
+    tune: bool = True,
+    model: str | None = None,
+    model_file: dict[str, Any] | None = None,
+    generation: int | None = None,
+    build_record: dict[str, Any] | None = None,
+) -> RetrievalIndex:
+    """Build, tune and write an index over the embeddings in ``store`` (shards under out_dir/embeddings).
+
+    files / labels / classes / root: what the sidecar records per id (ids are positions 0..N-1 in
+    ``files`` and ``labels``). index: "auto" or an index_factory string. memory_budget: bytes (or
+    "4G"); default half this machine's memory. queries: held-out vectors for tuning (taken out of the
+    index while it is tuned, added back afterwards). on_disk: IVF inverted lists on disk (default: when
+    ``auto`` decides so). gpu: FAISS on the GPU(s) for training and adding when available, and torch
+    for the exact ground truth. model: the model reference recorded for queries; model_file: the
+    {"path", "sha256"} of its file (an .onnx or an engine), checked when the index is queried.
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    n, d = len(store), store.dim
+    if n == 0:
+        raise IndexFileError("no embeddings to index")
+    budget = parse_bytes(memory_budget) or default_memory_budget()
+    if not 0 < target_recall <= 1:
+        raise CompressEdgeError(f"--target-recall must be in (0, 1], got {target_recall}")
+    plan = plan_index(index, n, d, budget, points_per_centroid=points_per_centroid, on_disk=on_disk)
+    expect_bytes(out, plan.est_bytes + n * d * 4)
+    log.info("index %s for %d vectors of %d dims: %s", plan.key, n, d, plan.reason)
+    rng = np.random.default_rng(seed)
+    all_ids = store.ids()
+    if files is not None and len(files) != n:
+        raise IndexFileError(f"{len(files)} files for {n} embeddings")
+    if labels is not None and len(labels) != n:
+        raise IndexFileError(f"{len(labels)} labels for {n} embeddings")
+    classes = named_classes(classes, labels)
+    if (files is not None or labels is not None) and not np.array_equal(np.sort(all_ids), np.arange(n)):
+        raise IndexFileError("files and labels are given by position, so the embeddings need the ids 0..N-1")
+
+    with faiss_threads(threads):
+        # Held-out queries for tuning: kept out of the index until tuning is over.
+        n_q = min(int(queries), n // 10) if tune and n >= 100 else 0
+        held = np.sort(rng.choice(all_ids, size=n_q, replace=False)) if n_q else np.zeros(0, np.int64)
+        xq = store.gather(held) if n_q else None
+
+        fidx = make_faiss_index(plan.key, d)
+        t0 = time.perf_counter()
+        if not fidx.is_trained:
+            n_train = max(1, min(n - n_q, plan.train_points or 65_536))
+            xt = store.sample(n_train, rng, exclude=held)
+            log.info("training on %d vectors", len(xt))
+            gpu_fidx = to_gpu(fidx) if gpu else None
+            try:
+                (gpu_fidx or fidx).train(xt)
+            except RuntimeError as exc:
+                raise IndexFileError(f"training {plan.key} on {len(xt)} vectors failed ({faiss_message(exc)}); an IVF "
+                                  "index needs at least 39 training vectors per list: use fewer lists or "
+                                  "--index auto") from None
+            if gpu_fidx is not None:
+                fidx = faiss.index_gpu_to_cpu(gpu_fidx)
+            del xt
+        train_seconds = time.perf_counter() - t0
+
+        generation = generation or 1
+        gen_dir = out / f"v{generation:04d}"
+        if gen_dir.exists():
+            shutil.rmtree(gen_dir)
+        gen_dir.mkdir(parents=True)
+        t0 = time.perf_counter()
+        if plan.on_disk:
+            fidx = add_on_disk(fidx, store, held, gen_dir)
+        else:
+            target = to_gpu(fidx) if gpu and index_kind(fidx) != "hnsw" else None
+            for x, ids in store.iter_shards(exclude=held):
+                (target or fidx).add_with_ids(np.ascontiguousarray(x, dtype=np.float32), ids)
+            if target is not None:
+                fidx = faiss.index_gpu_to_cpu(target)
+        add_seconds = time.perf_counter() - t0
+
+        tuning: dict[str, Any] = {"skipped": True}
+        if n_q:
+            t0 = time.perf_counter()
+            device = "cuda" if gpu and _torch_cuda() else "cpu"
+            k = min(TUNE_K, n - n_q)
+            _, truth = exact_knn(xq, store, k, exclude=held, device=device)
+            exact_seconds = time.perf_counter() - t0
+            tuning = tune_index(fidx, xq, truth, target_recall=target_recall, k=k)
+            tuning["exact_qps_all_threads"] = n_q / max(exact_seconds, 1e-9)
+            tuning["exact_device"] = device
+            tuning["held_out"] = True
+            if plan.on_disk:
+                ondisk_append(fidx, xq, held, gen_dir)
+            else:
+                fidx.add_with_ids(xq, held)
+        params = tuning.get("search_params", {})
+
+    build_seconds = time.perf_counter() - t_start
+    meta: dict[str, Any] = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "created": now_utc(),
+        "updated": now_utc(),
+        "spec": spec.to_dict(),
+        "model": model,
+        "model_file": model_file,
+        "dim": d,
+        "metric": "inner_product",
+        "normalized": True,
+        "index": {**plan.to_dict(), "choice": index, "memory_budget": budget, "search_params": params,
+                  "gpu": bool(gpu)},
+        "tuning": tuning,
+        "build": {"seconds": build_seconds, "train_seconds": train_seconds, "add_seconds": add_seconds,
+                  "threads": threads or faiss.omp_get_max_threads(), **(build_record or {})},
+        "root": root,
+        "classes": list(classes or []),
+        "manifests": list(store.manifests),
+        "next_id": int(all_ids.max()) + 1,
+        "ids": np.sort(all_ids).tolist(),
+        "files": None if files is None else [str(f) for f in files],
+        "labels": None if labels is None else [int(v) for v in labels],
+    }
+    write_generation(fidx, out, gen_dir, meta)
+    return RetrievalIndex.open(out, verify=False)
+
+
+def _torch_cuda() -> bool:
+    from compress_edge.deps import available
+
+    if not available("torch"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@one_writer("index build", 1, "out_dir")
+def build_index_from_array(x: np.ndarray, out_dir: str | os.PathLike, *, spec: ModelSpec | None = None,
+                           shard_rows: int | None = None, **kwargs: Any) -> RetrievalIndex:
+    """``build_index`` for embeddings already in memory (N, D): written as shards first (ids 0..N-1)."""
+    from compress_edge.retrieval.shards import SHARD_ROWS
+
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise IndexFileError(f"embeddings must be (N, D), got shape {x.shape}")
+    out = Path(out_dir)
+    generation = refuse_existing(out, kwargs.pop("overwrite", False))
+    spec = spec or ModelSpec(arch="precomputed", embed_dim=int(x.shape[1]), source={"kind": "array"})
+    manifest = write_embeddings(out / EMBEDDINGS_DIR, f"g{generation:04d}", l2_normalize(x),
+                                shard_rows=shard_rows or SHARD_ROWS)
+    store = EmbeddingStore.open(out / EMBEDDINGS_DIR, [manifest])
+    return build_index(store, out, spec=spec, generation=generation, **kwargs)

@@ -234,10 +234,10 @@ class Demo:
                 result["seconds"] = round(time.perf_counter() - t0, 1)
                 atomic_write_json(record, result)
                 self.results[stage.name] = result
+                where[:] = [i, "after"]
                 # a stop that the stage's own handler took, when the stage finished anyway (a signal
                 # during the teacher cache's last shard): the demo stops here, the stage kept
                 if signals.seen() is not None and i < len(stages):
-                    where[:] = [i, "after"]
                     raise _Interrupted(signals.signum)
         return self.results
 
@@ -299,13 +299,20 @@ def stage_teacher(demo: Demo) -> dict[str, Any]:
             "last_loss": result.last_loss, "train_seconds": result.seconds}
 
 
+#: Images per teacher-cache shard in the demo. A stop signal ends the cache once the current shard is
+#: written, and a new run resumes from the last whole shard: one shard of the default 65,536 rows held the
+#: demo's whole cache (a stop waited minutes for it). The views are drawn per image, so the numbers do not
+#: depend on it.
+DEMO_CACHE_SHARD_ROWS = 1024
+
+
 def stage_cache(demo: Demo) -> dict[str, Any]:
     from compress_edge.distill import cache_teacher
 
     s = demo.settings
     cache = cache_teacher(s.train_data, demo.path("teacher-cache"), teacher=demo.results["teacher"]["teacher"],
                           views=s.cache_views, data_root=s.data_root, workers=s.workers, device=s.device,
-                          progress=demo.progress)
+                          shard_rows=DEMO_CACHE_SHARD_ROWS, progress=demo.progress)
     return {"cache": str(demo.path("teacher-cache")), "images": len(cache), "views": cache.views, "dim": cache.dim}
 
 

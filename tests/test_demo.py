@@ -21,12 +21,15 @@ TINY = dict(train_data="fashion-mnist:train@256", test_data="fashion-mnist:test@
             teacher_batch=64, distill_epochs=1, distill_batch=64, queue_size=128, calib_images=16,
             search_queries=2)
 
-# `compress-edge demo --quick` in its own process, with --quick's settings shrunk to TINY so that a whole
-# run fits the test suite: the command line, the stages and the signals are the real ones.
+# `compress-edge demo --quick` in its own process, with --quick's settings shrunk to TINY (and the teacher
+# cache in 2 shards, as --quick's is) so that a whole run fits the test suite: the command line, the
+# stages and the signals are the real ones.
 TINY_CLI = ("import json, sys\n"
+            "from compress_edge import demo\n"
             "from compress_edge.demo import DemoSettings\n"
             "quick, tiny = DemoSettings.quick, json.loads(sys.argv[1])\n"
             "DemoSettings.quick = classmethod(lambda cls, **kw: quick(**{**tiny, **kw}))\n"
+            "demo.DEMO_CACHE_SHARD_ROWS = 128\n"
             "sys.argv = ['compress-edge', *sys.argv[2:]]\n"
             "from compress_edge.cli import main\n"
             "main()\n")
@@ -66,6 +69,8 @@ def test_demo_stopped_by_sigterm_continues_runs_every_stage_and_resumes(tmp_path
     assert not (out / "stages" / "distill.json").exists()  # it stopped there, not later
     assert (out / "stages" / "cache.json").is_file() == (" after stage 2/8" in errors[0])
     teacher_record = (out / "stages" / "teacher.json").stat().st_mtime_ns
+    shard = out / "teacher-cache" / "emb-00000.npy"  # written before the stop, when it was reached
+    shard_written = shard.stat().st_mtime_ns if shard.is_file() else None
 
     # the same command again: the finished stages are skipped, the rest runs to the end
     proc = demo_cli(out)
@@ -73,6 +78,8 @@ def test_demo_stopped_by_sigterm_continues_runs_every_stage_and_resumes(tmp_path
     assert proc.returncode == 0, stderr[-3000:]
     assert "[1/8] the self-supervised teacher" in stderr and "done before, skipped" in stderr
     assert (out / "stages" / "teacher.json").stat().st_mtime_ns == teacher_record
+    if shard_written is not None:  # the cache went on from its last whole shard
+        assert shard.stat().st_mtime_ns == shard_written
     assert "report.md" in stdout
 
     names = ["teacher", "cache", "distill", "profile", "evaluate", "export", "retrieval", "report"]

@@ -23,7 +23,13 @@ from compress_edge.retrieval.faiss_index import (
 from compress_edge.retrieval.folder import RetrievalIndex
 from compress_edge.retrieval.lock import expect_bytes, one_writer
 from compress_edge.retrieval.ondisk import add_on_disk, ondisk_append
-from compress_edge.retrieval.plan import POINTS_PER_CENTROID, default_memory_budget, parse_bytes, plan_index
+from compress_edge.retrieval.plan import (
+    POINTS_PER_CENTROID,
+    IndexPlan,
+    default_memory_budget,
+    parse_bytes,
+    plan_index,
+)
 from compress_edge.retrieval.shards import EMBEDDINGS_DIR, EmbeddingStore, l2_normalize, write_embeddings
 from compress_edge.retrieval.sidecar import (
     INDEX_FORMAT,
@@ -39,6 +45,7 @@ from compress_edge.errors import CompressEdgeError, IndexFileError
 from compress_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
 
 @one_writer("index build", 1, "out_dir")
 def build_index(
@@ -88,13 +95,7 @@ def build_index(
     log.info("index %s for %d vectors of %d dims: %s", plan.key, n, d, plan.reason)
     rng = np.random.default_rng(seed)
     all_ids = store.ids()
-    if files is not None and len(files) != n:
-        raise IndexFileError(f"{len(files)} files for {n} embeddings")
-    if labels is not None and len(labels) != n:
-        raise IndexFileError(f"{len(labels)} labels for {n} embeddings")
-    classes = named_classes(classes, labels)
-    if (files is not None or labels is not None) and not np.array_equal(np.sort(all_ids), np.arange(n)):
-        raise IndexFileError("files and labels are given by position, so the embeddings need the ids 0..N-1")
+    classes = _check_items(files, labels, classes, all_ids)
 
     with faiss_threads(threads):
         # Held-out queries for tuning: kept out of the index until tuning is over.
@@ -104,53 +105,20 @@ def build_index(
 
         fidx = make_faiss_index(plan.key, d)
         t0 = time.perf_counter()
-        if not fidx.is_trained:
-            n_train = max(1, min(n - n_q, plan.train_points or 65_536))
-            xt = store.sample(n_train, rng, exclude=held)
-            log.info("training on %d vectors", len(xt))
-            gpu_fidx = to_gpu(fidx) if gpu else None
-            try:
-                (gpu_fidx or fidx).train(xt)
-            except RuntimeError as exc:
-                raise IndexFileError(f"training {plan.key} on {len(xt)} vectors failed ({faiss_message(exc)}); an IVF "
-                                  "index needs at least 39 training vectors per list: use fewer lists or "
-                                  "--index auto") from None
-            if gpu_fidx is not None:
-                fidx = faiss.index_gpu_to_cpu(gpu_fidx)
-            del xt
+        fidx = _train(fidx, plan, store, rng, held, gpu)
         train_seconds = time.perf_counter() - t0
 
-        generation = generation or 1
-        gen_dir = out / f"v{generation:04d}"
+        gen_dir = out / f"v{generation or 1:04d}"
         if gen_dir.exists():
             shutil.rmtree(gen_dir)
         gen_dir.mkdir(parents=True)
         t0 = time.perf_counter()
-        if plan.on_disk:
-            fidx = add_on_disk(fidx, store, held, gen_dir)
-        else:
-            target = to_gpu(fidx) if gpu and index_kind(fidx) != "hnsw" else None
-            for x, ids in store.iter_shards(exclude=held):
-                (target or fidx).add_with_ids(np.ascontiguousarray(x, dtype=np.float32), ids)
-            if target is not None:
-                fidx = faiss.index_gpu_to_cpu(target)
+        fidx = _add_all(fidx, plan, store, held, gen_dir, gpu)
         add_seconds = time.perf_counter() - t0
 
         tuning: dict[str, Any] = {"skipped": True}
         if n_q:
-            t0 = time.perf_counter()
-            device = "cuda" if gpu and _torch_cuda() else "cpu"
-            k = min(TUNE_K, n - n_q)
-            _, truth = exact_knn(xq, store, k, exclude=held, device=device)
-            exact_seconds = time.perf_counter() - t0
-            tuning = tune_index(fidx, xq, truth, target_recall=target_recall, k=k)
-            tuning["exact_qps_all_threads"] = n_q / max(exact_seconds, 1e-9)
-            tuning["exact_device"] = device
-            tuning["held_out"] = True
-            if plan.on_disk:
-                ondisk_append(fidx, xq, held, gen_dir)
-            else:
-                fidx.add_with_ids(xq, held)
+            tuning = _tune_held_out(fidx, plan, store, xq, held, gen_dir, gpu=gpu, target_recall=target_recall)
         params = tuning.get("search_params", {})
 
     build_seconds = time.perf_counter() - t_start
@@ -180,6 +148,69 @@ def build_index(
     }
     write_generation(fidx, out, gen_dir, meta)
     return RetrievalIndex.open(out, verify=False)
+
+
+def _check_items(files: Sequence[str] | None, labels: Sequence[int] | None, classes: Sequence[str] | None,
+                 all_ids: np.ndarray) -> list[str]:
+    """Files and labels, one per embedding by position; the class names for the sidecar."""
+    n = len(all_ids)
+    if files is not None and len(files) != n:
+        raise IndexFileError(f"{len(files)} files for {n} embeddings")
+    if labels is not None and len(labels) != n:
+        raise IndexFileError(f"{len(labels)} labels for {n} embeddings")
+    named = named_classes(classes, labels)
+    if (files is not None or labels is not None) and not np.array_equal(np.sort(all_ids), np.arange(n)):
+        raise IndexFileError("files and labels are given by position, so the embeddings need the ids 0..N-1")
+    return named
+
+
+def _train(fidx: faiss.Index, plan: IndexPlan, store: EmbeddingStore, rng: np.random.Generator,
+           held: np.ndarray, gpu: bool) -> faiss.Index:
+    """Train ``fidx`` (when it needs it) on a sample of the vectors not held out, on the GPU if asked."""
+    if fidx.is_trained:
+        return fidx
+    n_train = max(1, min(len(store) - len(held), plan.train_points or 65_536))
+    xt = store.sample(n_train, rng, exclude=held)
+    log.info("training on %d vectors", len(xt))
+    gpu_fidx = to_gpu(fidx) if gpu else None
+    try:
+        (gpu_fidx or fidx).train(xt)
+    except RuntimeError as exc:
+        raise IndexFileError(f"training {plan.key} on {len(xt)} vectors failed ({faiss_message(exc)}); an IVF "
+                             "index needs at least 39 training vectors per list: use fewer lists or "
+                             "--index auto") from None
+    return faiss.index_gpu_to_cpu(gpu_fidx) if gpu_fidx is not None else fidx
+
+
+def _add_all(fidx: faiss.Index, plan: IndexPlan, store: EmbeddingStore, held: np.ndarray, gen_dir: Path,
+             gpu: bool) -> faiss.Index:
+    """Add every stored vector but the held-out ones: into lists on disk, or shard by shard in memory
+    (through a GPU copy when asked, except for HNSW)."""
+    if plan.on_disk:
+        return add_on_disk(fidx, store, held, gen_dir)
+    target = to_gpu(fidx) if gpu and index_kind(fidx) != "hnsw" else None
+    for x, ids in store.iter_shards(exclude=held):
+        (target or fidx).add_with_ids(np.ascontiguousarray(x, dtype=np.float32), ids)
+    return faiss.index_gpu_to_cpu(target) if target is not None else fidx
+
+
+def _tune_held_out(fidx: faiss.Index, plan: IndexPlan, store: EmbeddingStore, xq: np.ndarray, held: np.ndarray,
+                   gen_dir: Path, *, gpu: bool, target_recall: float) -> dict[str, Any]:
+    """Tune ``fidx`` on the held-out queries against their exact neighbours, then add them back."""
+    t0 = time.perf_counter()
+    device = "cuda" if gpu and _torch_cuda() else "cpu"
+    k = min(TUNE_K, len(store) - len(held))
+    _, truth = exact_knn(xq, store, k, exclude=held, device=device)
+    exact_seconds = time.perf_counter() - t0
+    tuning = tune_index(fidx, xq, truth, target_recall=target_recall, k=k)
+    tuning["exact_qps_all_threads"] = len(held) / max(exact_seconds, 1e-9)
+    tuning["exact_device"] = device
+    tuning["held_out"] = True
+    if plan.on_disk:
+        ondisk_append(fidx, xq, held, gen_dir)
+    else:
+        fidx.add_with_ids(xq, held)
+    return tuning
 
 
 def _torch_cuda() -> bool:

@@ -16,6 +16,7 @@ from compress_edge.errors import IndexFileError
 
 log = logging.getLogger(__name__)
 
+
 #: The largest k (and nprobe) FAISS GPU indexes take; larger searches run on the CPU.
 GPU_MAX_K = 2048
 OPQ_ITERATIONS = 20
@@ -84,7 +85,7 @@ def make_faiss_index(key: str, d: int) -> faiss.Index:
         index = faiss.index_factory(int(d), key, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise IndexFileError(f"FAISS cannot build the index {key!r} for {d}-d vectors ({faiss_message(exc)}); "
-                          f"examples of index_factory strings: {KEY_EXAMPLES}") from None
+                             f"examples of index_factory strings: {KEY_EXAMPLES}") from None
     if isinstance(index, faiss.IndexPreTransform):
         for i in range(index.chain.size()):
             vt = faiss.downcast_VectorTransform(index.chain.at(i))
@@ -129,7 +130,7 @@ def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
             ps.set_index_parameter(index, name, value)
         except RuntimeError as exc:
             raise IndexFileError(f"this index ({type(_core(index)).__name__}) has no search parameter {name!r} "
-                              f"({faiss_message(exc)}); it takes: {search_parameter(index) or 'none'}") from None
+                                 f"({faiss_message(exc)}); it takes: {search_parameter(index) or 'none'}") from None
 
 
 def index_kind(index: faiss.Index) -> str:

@@ -51,6 +51,7 @@ from compress_edge.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
+
 #: Indexes larger than this are opened memory-mapped by default.
 MMAP_MIN_BYTES = 1 << 30
 #: Index files up to this size have their sha256 checked when opened.
@@ -91,55 +92,18 @@ class RetrievalIndex:
         if threads:
             faiss.omp_set_num_threads(int(threads))
         path = Path(path)
-        for _ in range(5):  # a writer may replace the generation between reading the sidecar and the file
+        for attempt in range(5):
             meta = read_sidecar(path)
-            check_sidecar(path, meta)
-            info = meta["index"]
-            file = path / info["file"]
-            if file.is_file() or read_sidecar(path).get("generation") == meta.get("generation"):
+            try:
+                index, gen_dir = _read_generation(path, meta, mmap=mmap, verify=verify, writable=writable)
                 break
-        if not file.is_file():
-            raise IndexFileError(f"the index file {file} named by {path / SIDECAR} is missing; rebuild the index "
-                              "with 'compress-edge index build'")
-        size = file.stat().st_size
-        if size != info.get("file_bytes", size):
-            raise IndexFileError(f"{file} is damaged: {size} bytes where {info['file_bytes']} were written "
-                              "(truncated or replaced); rebuild it with 'compress-edge index build'")
-        if verify or (verify is None and size <= VERIFY_MAX_BYTES):
-            digest = info.get("file_sha256")
-            if digest and sha256_file(file) != digest:
-                raise IndexFileError(f"{file} is damaged: its sha256 is not the one recorded in {SIDECAR}; "
-                                  "rebuild it with 'compress-edge index build'")
-        gen_dir = file.parent
-        flags = 0
-        if info.get("ivfdata"):
-            flags |= faiss.IO_FLAG_ONDISK_SAME_DIR
-            ivf = path / info["ivfdata"]
-            if not ivf.is_file():
-                raise IndexFileError(f"the on-disk lists {ivf} are missing; rebuild the index")
-            if writable:
-                # Changes go to a copy (the next generation); the current one stays as it is.
-                gen_dir = next_generation_dir(path, meta)
-                shutil.copytree(file.parent, gen_dir)
-                file = gen_dir / INDEX_FILE
-        else:
-            big = size > MMAP_MIN_BYTES
-            if (mmap or (mmap is None and big)) and not writable:
-                flags |= faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
-                if nlist_of(info.get("key", "")):
-                    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
-        try:
-            with quiet_native() if info.get("ivfdata") else contextlib.nullcontext():
-                index = faiss.read_index(str(file), flags)
-        except RuntimeError as exc:
-            raise IndexFileError(f"{file} is damaged or not a FAISS index ({faiss_message(exc)}); rebuild it with "
-                              "'compress-edge index build'") from None
-        if index.ntotal != len(meta.get("ids") or []) or index.d != int(meta["dim"]):
-            raise IndexFileError(f"{file} holds {index.ntotal} vectors of {index.d} dims but {SIDECAR} lists "
-                              f"{len(meta.get('ids') or [])} of {meta['dim']}: they do not belong together; "
-                              "rebuild the index")
+            except (IndexFileError, OSError):
+                # A writer may replace the generation between reading the sidecar and its files (it drops
+                # the old one once the new sidecar is in place): then read the new one.
+                if attempt == 4 or read_sidecar(path).get("generation") == meta.get("generation"):
+                    raise
         obj = cls(path, meta, index, writable=writable, generation_dir=gen_dir)
-        set_search_params(index, info.get("search_params") or {})
+        set_search_params(index, meta["index"].get("search_params") or {})
         if gpu:
             obj.use_gpu()
         return obj
@@ -340,7 +304,7 @@ class RetrievalIndex:
         ok, why = can_remove(self.index)
         if not ok:
             raise IndexFileError(f"{why}; rebuild the index without those images ('compress-edge index build'), "
-                              "or build an IVF or Flat index (e.g. --index IVF1024,SQ8) if you need to remove")
+                                 "or build an IVF or Flat index (e.g. --index IVF1024,SQ8) if you need to remove")
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         try:
             removed = int(self.index.remove_ids(ids))
@@ -397,6 +361,56 @@ class RetrievalIndex:
     def close(self) -> None:
         self.index = None  # type: ignore[assignment]
         self._gpu_index = None
+
+
+def _read_generation(path: Path, meta: dict[str, Any], *, mmap: bool | None, verify: bool | None,
+                     writable: bool) -> tuple[faiss.Index, Path]:
+    """The FAISS index of the generation ``meta`` names, checked against it, and the generation folder
+    changes go to; IndexFileError naming what is wrong."""
+    check_sidecar(path, meta)
+    info = meta["index"]
+    file = path / info["file"]
+    if not file.is_file():
+        raise IndexFileError(f"the index file {file} named by {path / SIDECAR} is missing; rebuild the index "
+                             "with 'compress-edge index build'")
+    size = file.stat().st_size
+    if size != info.get("file_bytes", size):
+        raise IndexFileError(f"{file} is damaged: {size} bytes where {info['file_bytes']} were written "
+                             "(truncated or replaced); rebuild it with 'compress-edge index build'")
+    if verify or (verify is None and size <= VERIFY_MAX_BYTES):
+        digest = info.get("file_sha256")
+        if digest and sha256_file(file) != digest:
+            raise IndexFileError(f"{file} is damaged: its sha256 is not the one recorded in {SIDECAR}; "
+                                 "rebuild it with 'compress-edge index build'")
+    gen_dir = file.parent
+    flags = 0
+    if info.get("ivfdata"):
+        flags |= faiss.IO_FLAG_ONDISK_SAME_DIR
+        ivf = path / info["ivfdata"]
+        if not ivf.is_file():
+            raise IndexFileError(f"the on-disk lists {ivf} are missing; rebuild the index")
+        if writable:
+            # Changes go to a copy (the next generation); the current one stays as it is.
+            gen_dir = next_generation_dir(path, meta)
+            shutil.copytree(file.parent, gen_dir)
+            file = gen_dir / INDEX_FILE
+    else:
+        big = size > MMAP_MIN_BYTES
+        if (mmap or (mmap is None and big)) and not writable:
+            flags |= faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+            if nlist_of(info.get("key", "")):
+                flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    try:
+        with quiet_native() if info.get("ivfdata") else contextlib.nullcontext():
+            index = faiss.read_index(str(file), flags)
+    except RuntimeError as exc:
+        raise IndexFileError(f"{file} is damaged or not a FAISS index ({faiss_message(exc)}); rebuild it with "
+                             "'compress-edge index build'") from None
+    if index.ntotal != len(meta.get("ids") or []) or index.d != int(meta["dim"]):
+        raise IndexFileError(f"{file} holds {index.ntotal} vectors of {index.d} dims but {SIDECAR} lists "
+                             f"{len(meta.get('ids') or [])} of {meta['dim']}: they do not belong together; "
+                             "rebuild the index")
+    return index, gen_dir
 
 
 def open_index(path: str | os.PathLike, **kwargs: Any) -> RetrievalIndex:

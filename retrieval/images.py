@@ -28,6 +28,7 @@ from compress_edge.errors import IndexFileError
 
 log = logging.getLogger(__name__)
 
+
 def _open_embedder(model: Any, backend: str = "auto", device: str = "cpu", threads: int | None = None,
                    image_size: int | None = None):
     """An Embedder as given, or opened from a model reference (folder, .onnx, .engine, arch name)."""
@@ -212,13 +213,13 @@ def remove_files(index_dir: str | os.PathLike, files: Sequence[str | os.PathLike
     ok, why = can_remove(idx.index)
     if not ok:
         raise IndexFileError(f"cannot remove from {index_dir}: {why}; rebuild the index without those images "
-                          "('compress-edge index build'), or build an IVF or Flat index (e.g. --index "
-                          "IVF1024,SQ8) when images must be removable")
+                             "('compress-edge index build'), or build an IVF or Flat index (e.g. --index "
+                             "IVF1024,SQ8) when images must be removable")
     ids, missing = idx.ids_of_files(files)
     if missing and not missing_ok:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise IndexFileError(f"not in the index: {shown(', '.join(missing[:3]))}{more}; 'compress-edge index info "
-                          f"{index_dir}' shows where its images are")
+                             f"{index_dir}' shows where its images are")
     removed = idx.remove(ids) if len(ids) else 0
     if removed:
         idx.commit()

@@ -56,8 +56,8 @@ def writing(folder: str | os.PathLike, what: str) -> Iterator[None]:
         except OSError:
             free = "free space unknown"
         raise IndexFileError(f"no space left on the disk of {shown(folder)} ({free}"
-                          f"{f'; this needs about {format_bytes(need)}' if need else ''}): free some space or use "
-                          f"another folder, then run the command again ({kept})") from None
+                             f"{f'; this needs about {format_bytes(need)}' if need else ''}): free some space or use "
+                             f"another folder, then run the command again ({kept})") from None
     finally:
         held.discard(key)
         getattr(_HELD, "need", {}).pop(key, None)

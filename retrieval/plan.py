@@ -187,5 +187,5 @@ def plan_index(index: str, n: int, d: int, memory_budget: int | None = None, *,
         plan.on_disk = bool(on_disk)
     if plan.on_disk and plan.nlist is None:
         raise IndexFileError(f"only IVF indexes keep their lists on disk; {plan.key} cannot (drop --on-disk, or "
-                          "use e.g. IVF4096,SQ8)")
+                             "use e.g. IVF4096,SQ8)")
     return plan

@@ -103,7 +103,7 @@ class Searcher:
         else:
             if model is None and not _exists_or_name(str(ref)):
                 raise IndexFileError(f"the model the index was built with ({shown(ref)}) is not here; pass it (or its "
-                                  "ONNX export) with --model")
+                                     "ONNX export) with --model")
             from compress_edge.export.runtimes import open_embedder
 
             self.embedder = open_embedder(str(ref), backend, device=device, threads=threads)

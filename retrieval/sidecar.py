@@ -52,7 +52,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     side = path / SIDECAR if path.is_dir() or not path.name.endswith(".json") else path
     if not side.is_file():
         raise IndexFileError(f"no index at {path} ({SIDECAR} is missing); build one with "
-                          f"'compress-edge index build MODEL DATA --out {path}'")
+                             f"'compress-edge index build MODEL DATA --out {path}'")
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -134,10 +134,10 @@ def _check_store(path: Path, meta: dict[str, Any], bad: Any) -> None:
             shards = json.loads(file.read_text(encoding="utf-8"))["shards"]
         except FileNotFoundError:
             raise IndexFileError(f"the embedding store {folder} is missing {shown(name)} (removal and rebuilds need "
-                              "it); rebuild the index with 'compress-edge index build'") from None
+                                 "it); rebuild the index with 'compress-edge index build'") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise IndexFileError(f"the embeddings manifest {file} is damaged ({shown(faiss_message(exc))}); rebuild the "
-                              "index") from None
+                                 "index") from None
         for shard in shards if isinstance(shards, list) else [None]:
             names = [shard.get("x"), shard.get("ids")] if isinstance(shard, dict) else [None]
             if not all(_plain_name(v) for v in names):
@@ -145,7 +145,7 @@ def _check_store(path: Path, meta: dict[str, Any], bad: Any) -> None:
             for v in names:
                 if not (folder / v).is_file():
                     raise IndexFileError(f"the embedding store {folder} is missing {shown(v)} (removal and rebuilds "
-                                      "need it); rebuild the index with 'compress-edge index build'")
+                                         "need it); rebuild the index with 'compress-edge index build'")
 
 
 def named_classes(classes: Sequence[str] | None, labels: Sequence[int] | np.ndarray | None) -> list[str]:
@@ -214,7 +214,7 @@ def refuse_existing(out: Path, overwrite: bool) -> int:
     if side.is_file():
         if not overwrite:
             raise IndexFileError(f"{out} already holds an index; pass --overwrite to replace it, or use "
-                              "'compress-edge index add' to add images to it")
+                                 "'compress-edge index add' to add images to it")
         try:
             return int(json.loads(side.read_text(encoding="utf-8")).get("generation", 0)) + 1
         except (json.JSONDecodeError, OSError):

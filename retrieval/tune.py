@@ -14,6 +14,7 @@ from compress_edge.retrieval.faiss_index import faiss_threads, ivf_of, search_pa
 
 log = logging.getLogger(__name__)
 
+
 #: Values swept while tuning, by search parameter.
 SWEEPS = {
     "nprobe": (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048),

@@ -58,6 +58,8 @@ def writing(folder: str | os.PathLike, what: str) -> Iterator[None]:
         raise IndexFileError(f"no space left on the disk of {shown(folder)} ({free}"
                              f"{f'; this needs about {format_bytes(need)}' if need else ''}): free some space or use "
                              f"another folder, then run the command again ({kept})") from None
+    else:
+        _drop_killed_writes(Path(folder))
     finally:
         held.discard(key)
         getattr(_HELD, "need", {}).pop(key, None)
@@ -76,6 +78,26 @@ def _disk_full(exc: BaseException) -> bool:
         return True
     text = str(exc)  # numpy's and FAISS's short writes carry no errno
     return "No space left" in text or bool(re.search(r"\d+ requested and \d+ written", text))
+
+
+def _drop_killed_writes(path: Path) -> None:
+    """At the end of a write that went well, the lock still held: drop what a writer killed before it
+    could clean up left (a temporary sidecar, generation folders the sidecar does not name), so that a
+    rerun with nothing left to change still tidies the folder. Not when the lock is taken: a writer
+    through the Python API builds its next generation before it takes the lock to commit. Shards are
+    left to the commit: under torchrun other ranks write theirs without the lock."""
+    if not (path / SIDECAR).is_file():
+        return
+    try:
+        meta = read_sidecar(path)
+    except IndexFileError:
+        return  # unsure what is in use: leave everything
+    keep = (path / meta["index"]["file"]).parent
+    for old in path.glob("v[0-9][0-9][0-9][0-9]*"):
+        if old.is_dir() and old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in path.glob(f".{SIDECAR}.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _drop_leftovers(path: Path) -> None:

@@ -550,10 +550,6 @@ def test_a_remove_stopped_by_sigterm_ends_cleanly(base, tmp_path):
         finish(base, index)
 
 
-@pytest.mark.xfail(strict=True, reason="a killed writer's temporary sidecar (.index.json.*.tmp) stays in the "
-                   "index folder for good, and its old generation until the next change: retrieval/lock.py "
-                   "writing() should drop what the sidecar does not name once it holds the lock "
-                   "(_drop_leftovers, extended to the temporary sidecars)")
 def test_the_next_writer_drops_what_a_killed_remove_left(base, tmp_path):
     """After kill -9 just before and just after the sidecar's rename, the same remove run again leaves the
     folder as a remove that was never interrupted does: one generation, no temporary file."""

@@ -224,12 +224,14 @@ def build(
 
     if weights is not None and (overwrite or not (out / SIDECAR).is_file()):  # else build refuses, nothing written
         model = _convert_checkpoint(model, weights, out / "model", image_size)
-    idx = build_from_images(
-        model, data, out, backend=backend, device=device, image_size=image_size, batch_size=batch_size,
-        workers=workers, shard_rows=shard_rows, data_root=data_root, progress=progress, overwrite=overwrite,
-        threads=threads, index=index, memory_budget=parse_bytes(memory_budget), target_recall=target_recall,
-        queries=queries, on_disk=on_disk, gpu=gpu, seed=seed,
-    )
+    with _stop_on_sigterm("index build", out, "run the same command again to build it (add --overwrite "
+                          "if the folder held an index before)"):
+        idx = build_from_images(
+            model, data, out, backend=backend, device=device, image_size=image_size, batch_size=batch_size,
+            workers=workers, shard_rows=shard_rows, data_root=data_root, progress=progress, overwrite=overwrite,
+            threads=threads, index=index, memory_budget=parse_bytes(memory_budget), target_recall=target_recall,
+            queries=queries, on_disk=on_disk, gpu=gpu, seed=seed,
+        )
     if idx is None:  # a torchrun rank other than 0
         return
     info = idx.info()

@@ -81,7 +81,7 @@ def _pattern(fragment: str) -> re.Pattern:
 
 
 def _rows() -> list[tuple[list[str], str]]:
-    rows = _table("## Troubleshooting")
+    rows = _table("### Errors you may meet")
     return [(re.findall(r"`([^`]+)`", message), fix) for message, fix in rows]
 
 

@@ -6,8 +6,10 @@
   half the file; a GPU or NPU computes in float16, a CPU decompresses the weights and computes in
   float32.
 - ``model.openvino-int8.xml``: NNCF post-training quantisation (``nncf.quantize``, performance preset:
-  symmetric int8 activations and per-channel weights, fast bias correction) calibrated on the same
-  images as the ONNX INT8 files.
+  symmetric int8 activations and per-channel weights, min-max ranges, no bias correction) calibrated
+  on the same images as the ONNX INT8 files. NNCF's default fast bias correction cost parity on the
+  trained MobileNetV2 student at 32 px (min cosine 0.891, top-10 overlap 0.873 on 200 Fashion-MNIST
+  test images; without it 0.992 and 0.956), so it is off.
 
 The ModelSpec travels inside the IR (``rt_info`` ``compress_edge/metadata``: the ONNX file's metadata
 as JSON, with the precision), so a device needs nothing but the .xml and its .bin.
@@ -136,7 +138,7 @@ def quantize_int8(
                 nncf.Dataset(list(range(len(calib))), one),
                 preset=nncf.QuantizationPreset.PERFORMANCE,
                 subset_size=len(calib),
-                fast_bias_correction=True,
+                advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=True),
             )
     except Exception as exc:
         raise ExportError(f"NNCF INT8 quantisation of {src} failed: {type(exc).__name__}: {exc}") from None
@@ -158,7 +160,7 @@ def quantize_int8(
             "weights": "int8 symmetric, per-channel",
             "calibration": "nncf min-max statistics",
             "calibration_batch": 1,
-            "fast_bias_correction": True,
+            "bias_correction": False,
         },
         calib_images=int(len(calib)),
     )

@@ -102,3 +102,16 @@ def torchfree_python():
     assert probe.returncode != 0, "the torch-free environment has torch"
     return python
 
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    tiny inputs gain nothing from a second thread, and on a shared, busy CPU OpenMP threads that spin
+    waiting for each other make each forward ten times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

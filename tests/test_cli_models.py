@@ -16,14 +16,7 @@ from compress_edge.models import create_model, list_models, save_model, spec_for
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny inputs gain nothing from a second thread, and on a shared, busy CPU OpenMP threads that
-    # spin waiting for each other make each forward ten times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def invoke(*args: str):

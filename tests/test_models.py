@@ -42,14 +42,7 @@ PROMISED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny inputs gain nothing from a second thread, and on a shared, busy CPU OpenMP threads that
-    # spin waiting for each other make each forward ten times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomize_bn(model: nn.Module, seed: int = 1) -> None:

@@ -30,12 +30,7 @@ SIZE = 32  # two 16 px patches a side: the smallest grid with more than one patc
 DINOV2_SIZE = 28  # two 14 px patches a side
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def source_vit(name: str = TINY, img_size: int = SIZE, seed: int = 0, **kwargs):

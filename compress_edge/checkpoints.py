@@ -51,18 +51,16 @@ from typing import Any
 
 import torch
 
-from compress_edge.errors import ModelError
-from compress_edge.models import (
-    SPEC_METADATA_KEY,
+from compress_edge.backbones import (
     EmbeddingModel,
     create_model,
     list_models,
     model_family,
-    model_files,
-    read_safetensors,
     rebuild,
     unknown_arch_message,
 )
+from compress_edge.errors import ModelError
+from compress_edge.model_files import SPEC_METADATA_KEY, model_files, read_safetensors
 from compress_edge.spec import SPEC_FILENAME, ModelSpec
 from compress_edge.storage import sha256_file
 

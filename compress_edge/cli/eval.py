@@ -26,9 +26,6 @@ eval_app = typer.Typer(
 )
 app.add_typer(eval_app, name="eval")
 
-#: Files that hold an exported model (opened through compress_edge.export).
-EXPORTED_SUFFIXES = (".onnx", ".engine", ".plan", ".trt")
-
 ModelArg = Annotated[
     str,
     typer.Argument(help="A compress-edge model or run folder, an exported .onnx / .engine file, or an "
@@ -70,7 +67,9 @@ def _runtimes():
 
 
 def is_exported(ref: str) -> bool:
-    return Path(ref).suffix.lower() in EXPORTED_SUFFIXES
+    """Whether ``ref`` names an exported model file (.onnx or a TensorRT engine: runtimes' suffixes)."""
+    runtimes = _runtimes()
+    return Path(ref).suffix.lower() in runtimes.ONNX_SUFFIXES + runtimes.ENGINE_SUFFIXES
 
 
 def exported_spec(ref: str):

@@ -37,7 +37,14 @@ import numpy as np
 import torch
 
 from compress_edge.errors import DataError, ModelError
-from compress_edge.neighbors import BLOCK_CPU, DEFAULT_KS, DEFAULT_TEMPERATURE, exact_topk, knn_accuracies
+from compress_edge.neighbors import (
+    BLOCK_CPU,
+    DEFAULT_KS,
+    DEFAULT_TEMPERATURE,
+    exact_topk,
+    knn_accuracies,
+    l2_normalize,
+)
 from compress_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -100,13 +107,6 @@ def features_key(model_ident: dict[str, Any], data_fingerprint: str, n: int) -> 
     blob = json.dumps({"format": FEATURES_FORMAT, "model": model_ident, "data": data_fingerprint, "n": int(n)},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit L2 norm (a zero row stays zero): float32."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, eps), dtype=np.float32)
 
 
 def _spec_of(model: Any, spec: ModelSpec | None) -> ModelSpec:

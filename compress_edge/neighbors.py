@@ -34,6 +34,20 @@ BLOCK_CPU = 1 << 24
 BLOCK_GPU = 1 << 28
 
 
+def l2_normalize(x: np.ndarray, *, dtype: Any = np.float32, eps: float = 1e-12) -> np.ndarray:
+    """(N, D) rows scaled to unit L2 norm (a zero row stays zero): a new C-contiguous ``dtype`` array.
+
+    The one row normaliser (evaluation, quality checks, export parity, the index). DataError for
+    anything but a 2-d array.
+    """
+    x = np.array(x, dtype=dtype, copy=True, order="C")
+    if x.ndim != 2:
+        raise DataError(f"embeddings must be a 2-d array (N, D), got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, np.maximum(norms, eps), out=x)
+    return x
+
+
 def exact_topk(
     queries: np.ndarray,
     gallery: np.ndarray,

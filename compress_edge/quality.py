@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from compress_edge.neighbors import l2_normalize
+
 log = logging.getLogger(__name__)
 
 #: Above this mean pairwise cosine, or below this effective rank, embeddings count as collapsed.
@@ -62,11 +64,6 @@ class Spread:
         return f"mean pairwise cosine {self.mean_cosine:.3f}, effective rank {self.effective_rank:.1f} of {self.dim}"
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def _sample_rows(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
     if len(x) <= limit:
         return x
@@ -75,7 +72,7 @@ def _sample_rows(x: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 def embedding_spread(embeddings: np.ndarray, *, max_images: int = 2000, seed: int = 0) -> Spread:
     """:class:`Spread` of (N, D) embeddings (normalised here), on at most ``max_images`` of them."""
-    x = _normalise(_sample_rows(np.asarray(embeddings), max_images, seed))
+    x = l2_normalize(_sample_rows(np.asarray(embeddings), max_images, seed))
     n, d = x.shape
     if n < 2:
         raise ValueError("embedding_spread needs at least two embeddings")
@@ -92,7 +89,7 @@ def anchor_entropy(queries: np.ndarray, anchors: np.ndarray, temperature: float)
     """The perplexity exp(H) of softmax(q . anchors^T / T) for each query, averaged: how many anchors
     the distribution really covers. A query's own row (an anchor equal to it) is left out, as the
     loss leaves out an image's own anchors. Returns {"anchors", "effective", "share"}."""
-    q, a = _normalise(queries), _normalise(anchors)
+    q, a = l2_normalize(queries), l2_normalize(anchors)
     logits = (q @ a.T).astype(np.float64) / float(temperature)
     logits[np.isclose(q @ a.T, 1.0, atol=1e-6)] = -np.inf  # the query itself
     logits -= logits.max(axis=1, keepdims=True)
@@ -144,7 +141,7 @@ def raw_pixel_features(dataset, image_size: int, *, max_side: int = RAW_PIXELS_M
     side = min(int(image_size), int(max_side))
     zero, one = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     rows = [preprocess_eval(dataset.get_image(i), side, zero, one).reshape(-1) for i in range(len(dataset))]
-    return _normalise(np.stack(rows))
+    return l2_normalize(np.stack(rows))
 
 
 def random_weights_model(spec, dataset, *, seed: int = 0, images: int = RECALIBRATION_IMAGES):
@@ -192,7 +189,7 @@ def knn_row(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray
     from compress_edge.evaluate import knn_eval
 
     k = max(1, min(20, len(gallery)))
-    knn = knn_eval(_normalise(gallery), gallery_labels, _normalise(queries), query_labels, ks=(k,), device=device)
+    knn = knn_eval(l2_normalize(gallery), gallery_labels, l2_normalize(queries), query_labels, ks=(k,), device=device)
     spread = embedding_spread(queries if spread_of is None else spread_of)
     return {"nn": round(100 * knn.nn_top1, 2), "knn20": round(100 * knn.knn[k]["top1"], 2),
             "spread": spread.to_dict()}

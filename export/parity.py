@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from compress_edge.errors import DataError
+from compress_edge.neighbors import l2_normalize
 from compress_edge.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,11 @@ class ParityResult:
         )
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def cosine_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of row i of ``a`` with row i of ``b`` (N,)."""
     if a.shape != b.shape:
         raise ValueError(f"embeddings of different shapes: {a.shape} vs {b.shape}")
-    return np.sum(_unit(a) * _unit(b), axis=1)
+    return np.sum(l2_normalize(a, dtype=np.float64) * l2_normalize(b, dtype=np.float64), axis=1)
 
 
 def topk_overlap(reference: np.ndarray, test: np.ndarray, k: int = TOPK) -> float | None:
@@ -84,7 +80,7 @@ def topk_overlap(reference: np.ndarray, test: np.ndarray, k: int = TOPK) -> floa
     k = min(k, n - 1)
 
     def knn(x: np.ndarray) -> np.ndarray:
-        u = _unit(x)
+        u = l2_normalize(x, dtype=np.float64)
         sims = u @ u.T
         np.fill_diagonal(sims, -np.inf)
         return np.argsort(-sims, axis=1, kind="stable")[:, :k]

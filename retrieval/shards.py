@@ -28,6 +28,7 @@ from PIL import Image
 
 from compress_edge.errors import DataError, IndexFileError
 from compress_edge.images import default_workers, open_image, preprocess_batch, scan_images
+from compress_edge.neighbors import l2_normalize
 from compress_edge.storage import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,6 @@ log = logging.getLogger(__name__)
 SHARD_ROWS = 65_536
 EMBEDDINGS_DIR = "embeddings"
 MANIFEST_SUFFIX = ".manifest.json"
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """float32 (N, D) rows scaled to unit length (zero rows stay zero); a new contiguous array."""
-    x = np.array(x, dtype=np.float32, copy=True, order="C")
-    if x.ndim != 2:
-        raise DataError(f"embeddings must be a 2-d array (N, D), got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, np.maximum(norms, 1e-12), out=x)
-    return x
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 
 INT8_TARGETS = ("cpu", "trt")
 CALIB_METHODS = ("minmax", "percentile", "entropy")
-#: Calibration images used when the user does not say.
-DEFAULT_CALIB_IMAGES = 256
 #: Op types quantised for TensorRT: the compute-heavy ones; TensorRT fuses the rest around them.
 TRT_OP_TYPES = ["Conv", "Gemm", "MatMul", "ConvTranspose"]
 

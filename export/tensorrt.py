@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
-import json
 import logging
 import os
 import platform
@@ -429,8 +428,3 @@ def _torch_dtype(torch, trt, dtype):
         return table[dtype]
     except KeyError:
         raise ModelError(f"the engine uses I/O of type {dtype}, which compress-edge does not feed") from None
-
-
-def describe_engine(path: str | os.PathLike) -> dict[str, Any]:
-    """The sidecar of an engine, for ``bench`` and reports (no TensorRT needed)."""
-    return json.loads(json.dumps(read_sidecar(path)))

@@ -235,15 +235,6 @@ def _read_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The device of exact search (compress_edge.neighbors.exact_topk) and of the linear probe
-# --------------------------------------------------------------------------------------------------
-def _device(device: str | torch.device) -> torch.device:
-    from compress_edge.train import resolve_device
-
-    return resolve_device(str(device))
-
-
-# --------------------------------------------------------------------------------------------------
 # kNN
 # --------------------------------------------------------------------------------------------------
 @dataclass
@@ -315,6 +306,8 @@ def knn_eval(
 
     Exact search (:func:`exact_topk`), then :func:`compress_edge.neighbors.weighted_knn_vote`.
     """
+    from compress_edge.train import resolve_device
+
     started = time.perf_counter()
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
@@ -325,7 +318,7 @@ def knn_eval(
     kmax = max([1, *map(int, ks)])
     if kmax > len(train_labels):
         log.warning("k=%d is more than the %d gallery images: all of them vote", kmax, len(train_labels))
-    sims, idx = exact_topk(test_features, train_features, kmax, device=_device(device))
+    sims, idx = exact_topk(test_features, train_features, kmax, device=resolve_device(str(device)))
     result = knn_from_neighbors(sims, train_labels[idx], test_labels, ks=ks, temperature=temperature,
                                 num_classes=_num_classes(train_labels, test_labels, given=num_classes),
                                 gallery_size=len(train_labels))
@@ -406,7 +399,9 @@ def linear_probe(
     images). ``weight_decay`` None picks it among ``candidates`` by top-1 on a held-out
     ``val_fraction`` of the train features (class-stratified, ``seed``), then refits on all of them.
     """
-    dev = _device(device)
+    from compress_edge.train import resolve_device
+
+    dev = resolve_device(str(device))
     small = dev.type == "cpu" and np.asarray(train_features).size <= _SMALL_PROBLEM
     # L-BFGS runs many small operations: on a small problem, waking a second CPU thread for each one
     # costs more than it saves (7x slower on a busy 2-core machine).
@@ -709,6 +704,8 @@ def neighbor_agreement(
     top-k overlap for each k of ``ks`` and the Spearman rank correlation of the two similarity vectors
     (N - 1 values each; ties take average ranks), averaged over queries.
     """
+    from compress_edge.train import resolve_device
+
     started = time.perf_counter()
     t = np.ascontiguousarray(teacher_features, dtype=np.float32)
     s = np.ascontiguousarray(student_features, dtype=np.float32)
@@ -727,7 +724,7 @@ def neighbor_agreement(
     else:
         qidx = np.arange(n)
     kmax = ks[-1]
-    dev = _device(device)
+    dev = resolve_device(str(device))
     _, nt = exact_topk(t[qidx], t, kmax, device=dev, self_index=qidx)
     _, ns = exact_topk(s[qidx], s, kmax, device=dev, self_index=qidx)
     overlap = {}

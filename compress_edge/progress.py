@@ -1,4 +1,8 @@
-"""Progress bars and the stderr console, shared by every long-running piece of work."""
+"""Progress bars and the stderr console, shared by every long-running piece of work.
+
+Importable without rich (a device installed with --no-deps may lack it): then :func:`optional_bar`
+gives None and the code that advances a bar by hand runs without one.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,22 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+try:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+except ImportError:  # the torch-free device install without rich: no bars (optional_bar gives None)
+    Console = None
 
 T = TypeVar("T")
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True) if Console is not None else None
 
 # Switched off for the length of a command run with --no-progress (see :func:`bars`).
 _enabled = True
@@ -47,6 +54,14 @@ def progress_bar(*extra_columns: TextColumn) -> Progress:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra_columns,
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False, disable=not _enabled,
     )
+
+
+def optional_bar(enabled: bool = True) -> Progress | None:
+    """:func:`progress_bar`, or None when not ``enabled`` or when rich is not installed: the one
+    bar-or-nothing for loops that advance a bar by hand (``if bar is not None: bar.advance(...)``)."""
+    if not enabled or Console is None:
+        return None
+    return progress_bar()
 
 
 def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:

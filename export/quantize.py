@@ -141,7 +141,9 @@ def quantize_int8(
     input_name = _input_name(src)
     start = time.perf_counter()
 
-    bar = _bar(progress)
+    from compress_edge.progress import optional_bar
+
+    bar = optional_bar(progress)
     task = bar.add_task(f"calibrating int8-{target}", total=len(calib)) if bar is not None else None
 
     class Reader(CalibrationDataReader):
@@ -377,13 +379,3 @@ def _check(proto, dst: str | os.PathLike) -> None:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ExportError(f"onnx.checker rejects {Path(dst).name}: {exc}") from None
-
-
-def _bar(enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from compress_edge.progress import progress_bar
-    except ImportError:
-        return None
-    return progress_bar()

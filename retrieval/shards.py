@@ -372,7 +372,9 @@ def extract_embeddings(
         items = [gallery.load(i) for i in range(start, min(start + batch_size, hi))]
         return preprocess_batch(items, spec.image_size, spec.mean, spec.std, workers=n_workers)
 
-    bar = _bar() if progress else None
+    from compress_edge.progress import optional_bar
+
+    bar = optional_bar(progress)
     task = bar.add_task(f"embedding ({getattr(embedder, 'name', 'model')})", total=hi - lo) if bar else None
     t0 = time.perf_counter()
     if bar is not None:
@@ -416,11 +418,3 @@ def wait_for_manifests(folder: str | os.PathLike, names: Sequence[str], token: s
             if time.monotonic() > deadline:
                 raise IndexFileError(f"gave up waiting for the other ranks' embeddings ({', '.join(pending)})")
             time.sleep(poll)
-
-
-def _bar():
-    try:
-        from compress_edge.progress import progress_bar
-    except ImportError:  # the device install has no rich
-        return None
-    return progress_bar()

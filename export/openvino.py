@@ -113,7 +113,9 @@ def quantize_int8(
     calib: preprocessed calibration images float32 (N, C, S, S), the ones the ONNX INT8 files use;
     NNCF collects its statistics over all N, one image at a time.
     """
-    from compress_edge.export.quantize import _bar, check_calibration
+    from compress_edge.export.quantize import check_calibration
+
+    from compress_edge.progress import optional_bar
 
     ov = _openvino("OpenVINO INT8 quantisation")
     with _quiet_logs("torch", "nncf"):  # nncf looks at every framework it knows on import
@@ -121,7 +123,7 @@ def quantize_int8(
     calib = check_calibration(calib, spec)
     start = time.perf_counter()
     model = _convert(ov, src)
-    bar = _bar(progress)
+    bar = optional_bar(progress)
     task = bar.add_task("calibrating openvino-int8", total=len(calib)) if bar is not None else None
 
     def one(i: int) -> np.ndarray:

@@ -6,6 +6,7 @@ Torch-free: the standard library and numpy only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -76,10 +77,23 @@ def model_file(ref: Any) -> Path | None:
 
 def model_record(ref: Any) -> dict[str, Any] | None:
     """What an index records about the model file it was built with: {"path", "sha256"}."""
+    file = model_file(ref)
+    return None if file is None else {"path": str(file), "sha256": model_digest(file)}
+
+
+def model_parts(file: Path) -> list[Path]:
+    """The files whose bytes are the model: one, or an OpenVINO IR's .xml and its .bin (the weights)."""
+    return [file, file.with_suffix(".bin")] if file.suffix == ".xml" else [file]
+
+
+def model_digest(file: Path) -> str:
+    """sha256 of a one-file model; of its parts' sha256s, in order, for an OpenVINO IR."""
     from compress_edge.storage import sha256_file
 
-    file = model_file(ref)
-    return None if file is None else {"path": str(file), "sha256": sha256_file(file)}
+    parts = model_parts(file)
+    if len(parts) == 1:
+        return sha256_file(file)
+    return hashlib.sha256("".join(sha256_file(p) for p in parts).encode()).hexdigest()
 
 
 def check_model(index_spec: Any, embedder: Any, meta: dict[str, Any], *, what: str, trust: bool = False) -> None:
@@ -103,23 +117,27 @@ def check_model(index_spec: Any, embedder: Any, meta: dict[str, Any], *, what: s
         return
     from compress_edge.storage import sha256_file
 
-    digest = sha256_file(file)
     recorded = meta.get("model_file") or {}
-    vouched = recorded.get("sha256") == digest
+    vouched = recorded.get("sha256") == model_digest(file)
     export = file.parent / "export.json"
-    listed = None
+    listed: dict[str, Any] = {}
     if export.is_file():
         try:
-            listed = ((json.loads(export.read_text(encoding="utf-8")).get("files") or {}).get(file.name) or {}).get(
-                "sha256")
+            listed = json.loads(export.read_text(encoding="utf-8")).get("files") or {}
         except (OSError, ValueError, AttributeError):
-            listed = None
-    if listed is not None and listed != digest and not trust:
-        raise ModelError(f"{shown(file)} was changed since it was exported (its sha256 is not the one {shown(export)} "
-                         "records); export the model again, or pass --trust-model to use it anyway")
+            listed = {}
+    exported = True  # every part listed by export.json with its sha256
+    for part in model_parts(file):
+        want = (listed.get(part.name) or {}).get("sha256") if isinstance(listed, dict) else None
+        if want is None:
+            exported = False
+        elif want != sha256_file(part) and not trust:
+            raise ModelError(f"{shown(part)} was changed since it was exported (its sha256 is not the one "
+                             f"{shown(export)} records); export the model again, or pass --trust-model to use it anyway")
     if recorded.get("path") == str(file) and not vouched and not trust:
-        raise ModelError(f"{shown(file)} was changed since {what} was built with it (its sha256 is not the one the "
-                         "index records); use the original file, rebuild the index, or pass --trust-model")
-    if not vouched and listed != digest and not trust:
+        also = f" or its {file.with_suffix('.bin').name}" if len(model_parts(file)) > 1 else ""
+        raise ModelError(f"{shown(file)}{also} was changed since {what} was built with it (its sha256 is not the one "
+                         "the index records); use the original file, rebuild the index, or pass --trust-model")
+    if not vouched and not exported and not trust:
         log.warning("cannot check that %s holds the weights %s was built with: no export.json beside it lists "
                     "it; keep the export.json of 'compress-edge export' beside exported models", shown(file), what)

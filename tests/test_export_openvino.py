@@ -169,6 +169,30 @@ def test_index_build_and_search_with_the_ir_also_without_torch(exported, tmp_pat
     assert sum(h["label_name"] == "square" for h in hits) >= 2
 
 
+def test_a_changed_bin_is_caught_like_a_changed_onnx_file(exported, tmp_path):
+    # An IR's weights are its .bin: the .xml alone says nothing about them.
+    folder = tmp_path / "export"
+    folder.mkdir()
+    xml = folder / IR_FILES["fp32"]
+    for part in (xml, xml.with_suffix(".bin"), exported["out"] / "export.json"):
+        (folder / part.name).write_bytes((exported["out"] / part.name).read_bytes())
+    index = tmp_path / "index"
+    built = runner.invoke(app, ["index", "build", str(xml), str(exported["images_dir"]), "--out", str(index),
+                                "--no-progress", "--json"])
+    assert built.exit_code == 0, built.output
+    query = sorted((exported["images_dir"] / "square").glob("*.png"))[0]
+    weights = bytearray(xml.with_suffix(".bin").read_bytes())
+    weights[len(weights) // 2] ^= 0x40  # one weight changed; the file still loads
+    xml.with_suffix(".bin").write_bytes(bytes(weights))
+    result = runner.invoke(app, ["search", str(index), str(query), "-k", "3", "--model", str(xml)])
+    assert result.exit_code == 1, result.output
+    assert "model.openvino.bin was changed since it was exported" in result.output, result.output
+    (folder / "export.json").unlink()  # no export.json: the index's own record of the IR still catches it
+    result = runner.invoke(app, ["search", str(index), str(query), "-k", "3", "--model", str(xml)])
+    assert result.exit_code == 1, result.output
+    assert "model.openvino.xml or its model.openvino.bin was changed since the index" in result.output, result.output
+
+
 def test_without_openvino_or_nncf_the_error_is_one_line(exported, tmp_path):
     out = exported["out"]
     cases = [

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 #: Backend names the command line's --backend offers, and the aliases open_embedder maps to them
 #: (open_embedder also takes "openvino", which --backend auto picks for a .xml file).
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino")
 _ALIASES = {
     "auto": "auto",
     "torch": "torch",
@@ -562,7 +562,7 @@ def backend_for(model: str | os.PathLike, backend: str = "auto") -> str:
     """The backend name ("torch", "onnxruntime", "tensorrt" or "openvino") ``open_embedder`` would use."""
     key = _ALIASES.get(str(backend).lower())
     if key is None:
-        raise ModelError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}, openvino")
+        raise ModelError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
     suffix = Path(str(model)).suffix.lower()
     if key == "auto":
         if suffix in ONNX_SUFFIXES:

@@ -193,6 +193,18 @@ def test_a_changed_bin_is_caught_like_a_changed_onnx_file(exported, tmp_path):
     assert "model.openvino.xml or its model.openvino.bin was changed since the index" in result.output, result.output
 
 
+def test_eval_takes_the_ir_like_the_onnx_file(exported):
+    out, data = exported["out"], str(exported["images_dir"])
+    args = ["--train", data, "--test", data, "-k", "3", "--workers", "0", "--json", "--no-cache", "--no-progress"]
+    runs = {}
+    for name, model in (("onnx", out / "model.onnx"), ("ir", out / IR_FILES["fp32"])):
+        result = runner.invoke(app, ["eval", "knn", str(model), *args])
+        assert result.exit_code == 0, result.output
+        runs[name] = json.loads(result.stdout)
+    assert runs["ir"]["backend"].startswith("openvino"), runs["ir"]
+    assert runs["ir"]["nn_top1"] == runs["onnx"]["nn_top1"] and runs["ir"]["knn"] == runs["onnx"]["knn"]
+
+
 def test_without_openvino_or_nncf_the_error_is_one_line(exported, tmp_path):
     out = exported["out"]
     cases = [

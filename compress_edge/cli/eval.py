@@ -67,15 +67,16 @@ def _runtimes():
 
 
 def is_exported(ref: str) -> bool:
-    """Whether ``ref`` names an exported model file (.onnx or a TensorRT engine: runtimes' suffixes)."""
+    """Whether ``ref`` names an exported model file (.onnx, a TensorRT engine or an OpenVINO IR: runtimes'
+    suffixes)."""
     runtimes = _runtimes()
-    return Path(ref).suffix.lower() in runtimes.ONNX_SUFFIXES + runtimes.ENGINE_SUFFIXES
+    return Path(ref).suffix.lower() in runtimes.ONNX_SUFFIXES + runtimes.ENGINE_SUFFIXES + runtimes.IR_SUFFIXES
 
 
 def exported_spec(ref: str):
-    """The ModelSpec of an exported file, without running it (ONNX metadata, an engine's sidecar)."""
+    """The ModelSpec of an exported file, without running it (ONNX or IR metadata, an engine's sidecar)."""
     runtimes = _runtimes()
-    if Path(ref).suffix.lower() == ".onnx":
+    if Path(ref).suffix.lower() in runtimes.ONNX_SUFFIXES + runtimes.IR_SUFFIXES:
         with runtimes.open_embedder(ref, device="cpu") as emb:
             return emb.spec
     from compress_edge.spec import ModelSpec

@@ -30,11 +30,11 @@ def _setup(method: str, args, device: str, amp: str = "off"):
 
     from compress_edge.distill import DistillTask
     from compress_edge.losses import build_loss, uses_momentum_encoder
-    from compress_edge.models import create_model
+    from compress_edge.models import SMALL_INPUT_MAX, create_model
     from compress_edge.train import TrainConfig, Trainer
 
     torch.manual_seed(0)
-    student = create_model("mobilenet_v2", small_input=args.image_size <= 64)
+    student = create_model("mobilenet_v2", small_input=args.image_size <= SMALL_INPUT_MAX)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size)
     teacher = torch.nn.functional.normalize(torch.randn(args.batch, args.teacher_dim), dim=1)
     batch = (images, teacher, torch.arange(args.batch))

@@ -74,6 +74,8 @@ class ExportOptions:
     openvino: bool = False
     strict: bool = True
     progress: bool = False
+    #: Timed runs per batch size (1 and 32) of each CPU file on the parity images; 0 skips the timing.
+    timing_iters: int = 5
 
 
 def export_model(opts: ExportOptions) -> dict[str, Any]:
@@ -193,6 +195,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
             emb.close()
         report["parity"][precision] = par.compare(reference, got, name=f"onnxruntime {precision}",
                                                   reference_name=ref_name, goal=par.GOALS[goal_key],
+                                                  topk_goal=par.TOPK_GOALS.get(goal_key),
                                                   image_source=kind).to_dict()
 
     # -- reduced precision ------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
                                   f"{len(images)}; the conversion is broken (OpenVINO {step['settings']['openvino']})")
             report["parity"][f"openvino-{precision}"] = par.compare(
                 reference, got, name=f"openvino {precision}", reference_name=ref_name, goal=ovx.GOALS[precision],
-                image_source=kind).to_dict()
+                topk_goal=par.TOPK_GOALS.get(precision), image_source=kind).to_dict()
 
     if opts.int8:
         # What the calibrators really did (a fallback to minmax shows here), not only what was asked.
@@ -265,7 +268,9 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
                 got = engine.embed(images)
             goal = par.GOALS["fp32" if trt_source == "fp32" else trt_source]
             report["parity"]["engine"] = par.compare(reference, got, name=f"tensorrt {trt_source}",
-                                                     reference_name=ref_name, goal=goal, image_source=kind).to_dict()
+                                                     reference_name=ref_name, goal=goal,
+                                                     topk_goal=par.TOPK_GOALS.get(trt_source),
+                                                     image_source=kind).to_dict()
         else:
             report["steps"]["engine"]["parity"] = "not run: no GPU here (run the engine on the device)"
 
@@ -274,6 +279,9 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         path = out / name
         if path.is_file():
             report["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    if opts.timing_iters > 0:
+        report["timing"] = _time_files(out, images, source_precision, iters=opts.timing_iters)
+    report.update(_recommend(report, source_precision))
     report["versions"] = _versions()
     report["seconds"] = round(time.perf_counter() - started, 2)
     failed = [k for k, v in report["parity"].items() if not v["passed"]]
@@ -283,15 +291,94 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
 
     share(out / REPORT)
     if failed and opts.strict:
-        lines = "; ".join(
-            f"{k}: min cosine {report['parity'][k]['min_cosine']:.6f} < {report['parity'][k]['goal']}" for k in failed
-        )
+        lines = "; ".join(_miss(k, report["parity"][k]) for k in failed)
         raise ParityFailed(
             f"the exported model does not give the same embeddings ({lines}); see {out / REPORT}, or pass "
             "--no-strict to keep the files anyway",
             report,
         )
     return report
+
+
+def _miss(key: str, entry: dict[str, Any]) -> str:
+    """'int8-cpu: min cosine 0.61 < 0.98' / 'int8-cpu: top-10 overlap 0.19 < 0.9' for a failed parity entry."""
+    misses = []
+    if not entry["min_cosine"] >= entry["goal"]:
+        misses.append(f"min cosine {entry['min_cosine']:.6f} < {entry['goal']}")
+    from compress_edge.export.parity import overlap_below
+
+    topk_goal, overlap = entry.get("topk_goal"), entry.get("topk_overlap")
+    if overlap_below(overlap, topk_goal):
+        misses.append(f"top-{entry.get('k', 10)} overlap {overlap:.3f} < {topk_goal}")
+    return f"{key}: {', '.join(misses) or 'not finite'}"
+
+
+def _cpu_files(source_precision: str) -> dict[str, str]:
+    """Files that run on this machine's CPU, by parity key: the timed ones, which ``recommended`` picks
+    from. int8-trt and the engine are for TensorRT on the device and are not timed here."""
+    from compress_edge.export.openvino import IR_FILES
+
+    files = {source_precision: FILES[source_precision]} if source_precision in ("fp32", "fp16", "int8-cpu") else {}
+    if source_precision == "fp32":
+        files.update({"fp16": FILES["fp16"], "int8-cpu": FILES["int8-cpu"]})
+    files.update({f"openvino-{p}": name for p, name in IR_FILES.items()})
+    return files
+
+
+def _time_files(out: Path, images: Any, source_precision: str, *, iters: int) -> dict[str, Any]:
+    """Batch-1 and batch-32 latency (p50 ms) of each CPU file in ``out`` on the parity ``images``.
+
+    A short timing (2 warm-up runs, ``iters`` timed ones per batch size): enough to see a file that is
+    twice as slow, not a benchmark (``compress-edge bench`` is).
+    """
+    from compress_edge.export.runtimes import benchmark, machine_info, open_embedder
+
+    files: dict[str, dict[str, Any]] = {}
+    for key, name in _cpu_files(source_precision).items():
+        path = out / name
+        if not path.is_file():
+            continue
+        with open_embedder(path) as embedder:
+            rows = benchmark(embedder, (1, 32), warmup=2, iters=iters, images=images)
+        files[key] = {"file": name, "backend": rows[0].backend,
+                      **{f"batch{r.batch}_ms": round(r.p50_ms, 4) for r in rows}}
+    m = machine_info()
+    return {"machine": f"{m.get('cpu')}, {m.get('cores')} cores", "iters": iters, "statistic": "p50",
+            "images": "the parity images", "files": files}
+
+
+def _recommend(report: dict[str, Any], source_precision: str) -> dict[str, Any]:
+    """``recommended`` (the fastest CPU file at batch 1 that passes parity; the float32 model.onnx when no
+    other does) and ``notes`` (each INT8 file slower than float32 or below its parity goals, with numbers)."""
+    parity, timed = report["parity"], report.get("timing", {}).get("files", {})
+    base = FILES[source_precision]
+    base_time = timed.get(source_precision)
+    notes: list[str] = []
+    for key, entry in parity.items():
+        if "int8" not in key:
+            continue
+        if not entry["passed"]:
+            notes.append(f"{key} fails parity ({_miss(key, entry).split(': ', 1)[1]})")
+        t = timed.get(key)
+        if t and base_time and (t["batch1_ms"] > base_time["batch1_ms"] or t["batch32_ms"] > base_time["batch32_ms"]):
+            notes.append(f"{key} is slower than {source_precision} on this machine: {t['batch1_ms']:.2f} vs "
+                         f"{base_time['batch1_ms']:.2f} ms at batch 1, {t['batch32_ms']:.2f} vs "
+                         f"{base_time['batch32_ms']:.2f} ms at batch 32")
+    others = [(t["batch1_ms"], key, t["file"]) for key, t in timed.items()
+              if key != source_precision and parity.get(key, {}).get("passed", False)]
+    if base_time is None:  # no timing (timing_iters=0) or a source that is not a CPU file
+        return {"recommended": {"file": base, "key": source_precision, "reason": "not timed"}, "notes": notes}
+    ms, key, name = min([(base_time["batch1_ms"], source_precision, base), *others])
+    if key != source_precision:
+        reason = (f"the fastest file that passes parity: {ms:.2f} ms at batch 1 vs {base_time['batch1_ms']:.2f} "
+                  f"for {base}")
+    elif others:
+        reason = f"the fastest file that passes parity ({ms:.2f} ms at batch 1)"
+    elif len(timed) > 1:
+        reason = f"no other file passes parity ({ms:.2f} ms at batch 1)"
+    else:
+        reason = f"the only file ({ms:.2f} ms at batch 1)"
+    return {"recommended": {"file": name, "key": key, "batch1_ms": ms, "reason": reason}, "notes": notes}
 
 
 def _onnx_precision(path: str) -> str:

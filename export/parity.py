@@ -24,6 +24,18 @@ log = logging.getLogger(__name__)
 GOALS = {"fp32": 0.9999, "fp16": 0.999, "int8-cpu": 0.98, "int8-trt": 0.98, "engine": 0.999}
 #: Neighbours compared by the gallery check.
 TOPK = 10
+#: Minimum top-10 neighbour overlap an INT8 file must reach as well as its cosine goal (issue 15: on
+#: mobilenet_v3_large a min cosine of 0.9993 came with an overlap of 0.19: a file that finds other
+#: neighbours). "int8" is the OpenVINO INT8 IR. The float files keep the cosine goal alone; their
+#: overlap is recorded.
+TOPK_GOALS = {"int8-cpu": 0.9, "int8-trt": 0.9, "int8": 0.9}
+#: An overlap is a mean of fractions: 0.9 can come out as 0.8999999999999999.
+_OVERLAP_TOLERANCE = 1e-9
+
+
+def overlap_below(overlap: float | None, goal: float | None) -> bool:
+    """Whether a measured top-k ``overlap`` misses ``goal`` (False when either is None)."""
+    return goal is not None and overlap is not None and overlap < goal - _OVERLAP_TOLERANCE
 
 
 @dataclass
@@ -34,7 +46,9 @@ class ParityResult:
     max_abs_diff: largest absolute difference of any embedding value.
     topk_overlap: mean fraction of each image's k nearest gallery neighbours (cosine, itself left
     out) that both models find; None when the gallery has fewer than 2 images.
-    goal / passed: the min_cosine goal and whether it was reached.
+    goal: the min_cosine goal; topk_goal: the topk_overlap goal (None: none, as for float files);
+    passed: whether both were reached (an overlap that cannot be measured, with fewer than 2 images,
+    does not fail the file).
     """
 
     name: str
@@ -48,13 +62,19 @@ class ParityResult:
     k: int
     goal: float
     passed: bool
+    topk_goal: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def line(self) -> str:
         overlap = f", top-{self.k} overlap {self.topk_overlap:.3f}" if self.topk_overlap is not None else ""
-        verdict = "ok" if self.passed else f"BELOW GOAL {self.goal}"
+        misses = []
+        if not self.min_cosine >= self.goal:
+            misses.append(f"BELOW GOAL {self.goal}")
+        if overlap_below(self.topk_overlap, self.topk_goal):
+            misses.append(f"top-{self.k} overlap BELOW GOAL {self.topk_goal}")
+        verdict = "ok" if self.passed else "; ".join(misses) or "FAILED"
         return (
             f"{self.name} vs {self.reference} on {self.images} {self.image_source} images: min cosine "
             f"{self.min_cosine:.6f} (mean {self.mean_cosine:.6f}), max |diff| {self.max_abs_diff:.2e}{overlap} "
@@ -96,15 +116,21 @@ def compare(
     name: str,
     reference_name: str,
     goal: float,
+    topk_goal: float | None = None,
     image_source: str = "real",
     k: int = TOPK,
 ) -> ParityResult:
-    """A :class:`ParityResult` of ``test`` (N, D) against ``reference`` (N, D)."""
+    """A :class:`ParityResult` of ``test`` (N, D) against ``reference`` (N, D).
+
+    Passed: min cosine >= ``goal`` and, with ``topk_goal``, top-k overlap >= ``topk_goal``.
+    """
     reference = np.asarray(reference, dtype=np.float32)
     test = np.asarray(test, dtype=np.float32)
     cos = cosine_per_row(reference, test)
     finite = bool(np.isfinite(test).all())
     min_cos = float(cos.min()) if finite else float("nan")
+    overlap = topk_overlap(reference, test, k) if finite else None
+    overlap_ok = not overlap_below(overlap, topk_goal)
     return ParityResult(
         name=name,
         reference=reference_name,
@@ -113,10 +139,11 @@ def compare(
         min_cosine=min_cos,
         mean_cosine=float(cos.mean()) if finite else float("nan"),
         max_abs_diff=float(np.max(np.abs(reference - test))) if finite else float("inf"),
-        topk_overlap=topk_overlap(reference, test, k) if finite else None,
+        topk_overlap=overlap,
         k=min(k, max(1, reference.shape[0] - 1)),
         goal=float(goal),
-        passed=finite and min_cos >= goal,
+        passed=finite and min_cos >= goal and overlap_ok,
+        topk_goal=None if topk_goal is None else float(topk_goal),
     )
 
 

@@ -3,14 +3,16 @@ and calibration data that does not fit."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 import torch
-from compress_edge.export import ExportOptions, export_model
+from compress_edge.export import ExportOptions, ParityFailed, export_model
 from compress_edge.export import onnx as ce_onnx
 from compress_edge.export import quantize as q
-from compress_edge.export.parity import GOALS, compare, load_check_images
+from compress_edge.export.parity import GOALS, TOPK_GOALS, ParityResult, compare, load_check_images
 from compress_edge.export.runtimes import open_embedder
 from onnx import TensorProto, numpy_helper
 
@@ -175,3 +177,85 @@ def test_histogram_calibration_takes_a_count_that_is_no_multiple_of_the_batch(fp
                           calib_method=method, batch_size=16)
     assert out.settings["calibration"] == method
     assert out.settings["calibration_batch"] == 9 and out.calib_images == 18
+
+
+# -- the parity gate: top-10 neighbour overlap as well as cosine; which file to deploy ---------------------
+
+
+def _collapsed_onnx(fp32, path):
+    """The fixture's student with a collapsed embedding: its last Linear scaled by 0.01 and shifted by
+    4, so that every image's embedding lies close to one shared direction (as an undertrained
+    student's can). The differences between images, which neighbour search ranks by, are small next
+    to an INT8 step: cosine stays ~1 while the neighbours change."""
+    model = _student(fp32["images"])
+    linear = model.backbone.classifier[0]
+    with torch.no_grad():
+        linear.weight.mul_(0.01)
+        linear.bias.mul_(0.01).add_(4.0)
+    ce_onnx.export_onnx(model.eval(), fp32["spec"], path, exporter="torchscript")
+    return path
+
+
+def test_int8_that_passes_cosine_but_not_top10_overlap_is_failed(fp32, tmp_path):
+    source = _collapsed_onnx(fp32, tmp_path / "collapsed.onnx")
+    opts = dict(model=str(source), int8=["cpu"], calib_data=str(fp32["images_dir"]), timing_iters=2)
+    report = export_model(ExportOptions(out=str(tmp_path / "o"), strict=False, **opts))
+    entry = report["parity"]["int8-cpu"]
+    print(ParityResult(**entry).line())
+    assert entry["min_cosine"] >= GOALS["int8-cpu"] == entry["goal"]  # the cosine goal is met (0.99999 measured)
+    assert entry["topk_goal"] == TOPK_GOALS["int8-cpu"] == 0.9
+    assert entry["topk_overlap"] < 0.9  # 0.76 measured: other neighbours
+    assert entry["passed"] is False and report["passed"] is False
+    assert "top-10 overlap BELOW GOAL 0.9" in ParityResult(**entry).line()
+    assert "BELOW GOAL 0.98" not in ParityResult(**entry).line()
+    # The file is not recommended, and the report says why with the numbers.
+    assert report["recommended"]["file"] == "model.onnx"
+    assert any(n.startswith(f"int8-cpu fails parity (top-10 overlap {entry['topk_overlap']:.3f} < 0.9")
+               for n in report["notes"]), report["notes"]
+    # Strict: the export fails, naming the overlap, after writing the report.
+    with pytest.raises(ParityFailed, match=r"int8-cpu: top-10 overlap 0\.\d+ < 0\.9") as caught:
+        export_model(ExportOptions(out=str(tmp_path / "strict"), **opts))
+    assert caught.value.report["parity"]["int8-cpu"]["passed"] is False
+    assert (tmp_path / "strict" / "export.json").is_file()
+
+
+def test_export_times_the_files_and_says_which_to_deploy(fp32, tmp_path):
+    from typer.testing import CliRunner
+
+    from compress_edge.cli import app
+
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["export", str(fp32["path"]), "--fp16", "--int8", "cpu", "--calib-data",
+                                      str(fp32["images_dir"]), "--out", str(out), "--no-strict", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "export.json").read_text())
+    timed = report["timing"]["files"]
+    assert set(timed) == {"fp32", "fp16", "int8-cpu"}
+    for entry in timed.values():
+        assert entry["batch1_ms"] > 0 and entry["batch32_ms"] > 0 and (out / entry["file"]).is_file()
+        assert f"{entry['file']}: {entry['batch1_ms']:.2f} ms at batch 1" in result.output
+    assert report["timing"]["iters"] == 5 and report["timing"]["machine"]
+    # recommended: the fastest file at batch 1 among those that pass parity (model.onnx always counts).
+    passing = [k for k in timed if k == "fp32" or report["parity"][k]["passed"]]
+    best = min(passing, key=lambda k: timed[k]["batch1_ms"])
+    rec = report["recommended"]
+    assert rec["key"] == best and rec["file"] == timed[best]["file"]
+    assert f"deploy: {out / rec['file']} (" in result.output
+    # An INT8 file slower than float32 (at batch 1 or 32) or below its goals is named, with the numbers.
+    int8, base = timed["int8-cpu"], timed["fp32"]
+    slower = int8["batch1_ms"] > base["batch1_ms"] or int8["batch32_ms"] > base["batch32_ms"]
+    says_slower = [n for n in report["notes"] if n.startswith("int8-cpu is slower than fp32")]
+    assert bool(says_slower) == slower
+    if slower:
+        assert f"{int8['batch1_ms']:.2f} vs {base['batch1_ms']:.2f} ms at batch 1" in says_slower[0]
+    assert any(n.startswith("int8-cpu fails parity") for n in report["notes"]) == \
+        (not report["parity"]["int8-cpu"]["passed"])
+    for note in report["notes"]:
+        assert f"note: {note}" in result.output
+    print(result.output)
+
+
+def test_no_timing_recommends_the_float32_file(fp32, tmp_path):
+    report = export_model(ExportOptions(model=str(fp32["path"]), out=str(tmp_path / "o"), timing_iters=0))
+    assert "timing" not in report
+    assert report["recommended"] == {"file": "model.onnx", "key": "fp32", "reason": "not timed"}

@@ -159,6 +159,18 @@ def _print_export(report: dict) -> None:
                       f"{engine['gpu']}, batch {engine['profile']['min'][0]}..{engine['profile']['max'][0]}"
                       f"{'; parity ' + engine['parity'] if isinstance(engine.get('parity'), str) else ''}",
                       markup=False, highlight=False, soft_wrap=True)
+    timing = report.get("timing")
+    if timing and timing.get("files"):
+        console.print(f"latency on this machine ({timing['machine']}; p50 of {timing['iters']} runs on the parity "
+                      "images):", markup=False, highlight=False, soft_wrap=True)
+        for t in timing["files"].values():
+            console.print(f"  {t['file']}: {t['batch1_ms']:.2f} ms at batch 1, {t['batch32_ms']:.2f} ms at batch 32",
+                          markup=False, highlight=False, soft_wrap=True)
+    for note in report.get("notes", []):
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    rec = report.get("recommended")
+    if rec:
+        console.print(f"deploy: {out / rec['file']} ({rec['reason']})", markup=False, highlight=False, soft_wrap=True)
     console.print(f"report written to {out / 'export.json'}", markup=False, highlight=False)
 
 

@@ -233,15 +233,22 @@ def _quiet():
         contextlib.redirect_stdout(io.StringIO()),
     ):
         warnings.simplefilter("ignore")
-        loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._dynamo")]
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
+        with quiet_logs("torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._dynamo"):
             yield
-        finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_logs(*names: str):
+    """The named loggers at ERROR while the block runs (exporters and quantizers log every pass)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

@@ -28,11 +28,12 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from compress_edge.export.onnx import quiet_logs
+from compress_edge.export.quantize import QuantizeResult
 from compress_edge.export.runtimes import PRECISION_KEY, Embedder, spec_from_onnx_metadata
 
 from compress_edge.deps import require
@@ -57,18 +58,6 @@ METADATA_PATH = ["compress_edge", "metadata"]
 DEVICES = ("auto", "cpu", "gpu", "gpu.N", "npu")
 
 
-@dataclass
-class OpenVinoResult:
-    path: str
-    precision: str
-    seconds: float
-    settings: dict[str, Any]
-    calib_images: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def bin_path(xml: str | os.PathLike) -> Path:
     """The weights file beside an IR ``.xml``."""
     return Path(xml).with_suffix(".bin")
@@ -84,14 +73,14 @@ def ir_files() -> list[str]:
 # --------------------------------------------------------------------------------------------------
 def convert(
     src: str | os.PathLike, dst: str | os.PathLike, spec: ModelSpec, *, fp16: bool = False
-) -> OpenVinoResult:
+) -> QuantizeResult:
     """The float32 ONNX file ``src`` -> OpenVINO IR ``dst`` (.xml + .bin), float16 weights with ``fp16``."""
     ov = _openvino("the OpenVINO export")
     start = time.perf_counter()
     model = _convert(ov, src)
     key = "fp16" if fp16 else "fp32"
     _write_ir(ov, model, dst, _metadata(src, spec, PRECISIONS[key]), compress_to_fp16=fp16)
-    return OpenVinoResult(
+    return QuantizeResult(
         path=str(dst),
         precision=PRECISIONS[key],
         seconds=time.perf_counter() - start,
@@ -107,7 +96,7 @@ def quantize_int8(
     calib: np.ndarray,
     *,
     progress: bool = False,
-) -> OpenVinoResult:
+) -> QuantizeResult:
     """NNCF post-training INT8 quantisation of the float32 ONNX ``src`` into the IR ``dst``.
 
     calib: preprocessed calibration images float32 (N, C, S, S), the ones the ONNX INT8 files use;
@@ -118,7 +107,7 @@ def quantize_int8(
     from compress_edge.progress import optional_bar
 
     ov = _openvino("OpenVINO INT8 quantisation")
-    with _quiet_logs("torch", "nncf"):  # nncf looks at every framework it knows on import
+    with quiet_logs("torch", "nncf"):  # nncf looks at every framework it knows on import
         nncf = require("nncf", "OpenVINO INT8 quantisation")
     calib = check_calibration(calib, spec)
     start = time.perf_counter()
@@ -134,7 +123,7 @@ def quantize_int8(
     if bar is not None:
         bar.start()
     try:
-        with _quiet_logs("nncf", "torch"), contextlib.redirect_stdout(io.StringIO()):  # nncf prints its own bars
+        with quiet_logs("nncf", "torch"), contextlib.redirect_stdout(io.StringIO()):  # nncf prints its own bars
             quantized = nncf.quantize(
                 model,
                 nncf.Dataset(list(range(len(calib))), one),
@@ -149,7 +138,7 @@ def quantize_int8(
             bar.stop()
     _write_ir(ov, quantized, dst, _metadata(src, spec, PRECISIONS["int8"], calib_images=len(calib)),
               compress_to_fp16=False)
-    return OpenVinoResult(
+    return QuantizeResult(
         path=str(dst),
         precision=PRECISIONS["int8"],
         seconds=time.perf_counter() - start,
@@ -205,19 +194,6 @@ def _write_ir(ov, model, dst: str | os.PathLike, props: dict[str, str], *, compr
         os.replace(staged, dst)
     for path in (dst, bin_path(dst)):
         share(path)
-
-
-@contextlib.contextmanager
-def _quiet_logs(*names: str):
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def _openvino(purpose: str):

@@ -92,12 +92,17 @@ def _drop_killed_writes(path: Path) -> None:
         meta = read_sidecar(path)
     except IndexFileError:
         return  # unsure what is in use: leave everything
-    keep = (path / meta["index"]["file"]).parent
+    _drop_generations(path, meta)
+    for tmp in path.glob(f".{SIDECAR}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _drop_generations(path: Path, meta: dict[str, Any] | None) -> None:
+    """Remove the generation folders the sidecar ``meta`` does not name (all of them without one)."""
+    keep = (path / meta["index"]["file"]).parent if meta else None
     for old in path.glob("v[0-9][0-9][0-9][0-9]*"):
         if old.is_dir() and old != keep:
             shutil.rmtree(old, ignore_errors=True)
-    for tmp in path.glob(f".{SIDECAR}.*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def _drop_leftovers(path: Path) -> None:
@@ -109,10 +114,7 @@ def _drop_leftovers(path: Path) -> None:
             meta = read_sidecar(path)
         except IndexFileError:
             return  # unsure what is in use: leave everything
-    keep = (path / meta["index"]["file"]).parent if meta else None
-    for old in path.glob("v[0-9][0-9][0-9][0-9]*"):
-        if old.is_dir() and old != keep:
-            shutil.rmtree(old, ignore_errors=True)
+    _drop_generations(path, meta)
     if meta is not None:
         drop_unused_shards(path, meta)
     else:

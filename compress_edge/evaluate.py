@@ -388,6 +388,7 @@ def linear_probe(
     candidates: Sequence[float] = WEIGHT_DECAYS,
     max_iter: int = 200,
     val_fraction: float = 0.1,
+    search_images: int = 5000,
     device: str | torch.device = "auto",
     seed: int = 0,
     num_classes: int | None = None,
@@ -397,7 +398,9 @@ def linear_probe(
     Features are standardised with the train statistics; the classifier is multinomial logistic
     regression fitted to convergence by full-batch L-BFGS (seconds on a CPU for tens of thousands of
     images). ``weight_decay`` None picks it among ``candidates`` by top-1 on a held-out
-    ``val_fraction`` of the train features (class-stratified, ``seed``), then refits on all of them.
+    ``val_fraction`` of the train features (class-stratified, ``seed``), fitting at most
+    ``search_images`` of the others (a random sample; the decay found is rescaled by images, as the
+    loss is a mean), trying weaker decays until two in a row do worse; then refits on all of them.
     """
     from compress_edge.train import resolve_device
 
@@ -408,7 +411,8 @@ def linear_probe(
     with _cpu_threads(1) if small else contextlib.nullcontext():
         return _linear_probe(train_features, train_labels, test_features, test_labels, dev,
                              weight_decay=weight_decay, candidates=candidates, max_iter=max_iter,
-                             val_fraction=val_fraction, seed=seed, num_classes=num_classes)
+                             val_fraction=val_fraction, search_images=search_images, seed=seed,
+                             num_classes=num_classes)
 
 
 #: Feature arrays up to this many elements are fitted on one CPU thread.
@@ -426,7 +430,7 @@ def _cpu_threads(n: int):
 
 
 def _linear_probe(train_features, train_labels, test_features, test_labels, dev, *, weight_decay, candidates,
-                  max_iter, val_fraction, seed, num_classes) -> LinearResult:
+                  max_iter, val_fraction, search_images, seed, num_classes) -> LinearResult:
     started = time.perf_counter()
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
@@ -455,18 +459,28 @@ def _linear_probe(train_features, train_labels, test_features, test_labels, dev,
             weight_decay = float(sorted(candidates)[len(candidates) // 2])
             log.warning("too few train images to hold some out: using weight decay %g", weight_decay)
         else:
-            fit_idx = torch.from_numpy(np.flatnonzero(~held)).to(dev)
+            fit = np.flatnonzero(~held)
+            if len(fit) > search_images:  # choose on a random sample of them, then rescale (below)
+                fit = np.sort(rng.permutation(fit)[:search_images])
+            fit_idx = torch.from_numpy(fit).to(dev)
             val_idx = torch.from_numpy(np.flatnonzero(held)).to(dev)
             init = None
             best = (-1.0, 0.0)
+            drops = 0
             for wd in sorted(candidates, reverse=True):  # strongest first, each warm-starts the next
                 w, b, _ = _fit_logistic(xtr[fit_idx], ytr[fit_idx], c, float(wd), max_iter, init)
                 init = (w, b)
                 acc = _topk_hits(xtr[val_idx] @ w + b, ytr[val_idx], 1)
                 validation[f"{wd:g}"] = acc
                 if acc > best[0]:
-                    best = (acc, float(wd))
-            weight_decay = best[1]
+                    best, drops = (acc, float(wd)), 0
+                else:
+                    drops += 1
+                    if drops == 2:  # weaker decays only overfit more, and they take the longest to fit
+                        break
+            # The loss is a mean over images, so one prior on W is a decay proportional to 1/images:
+            # the decay chosen on the sample is rescaled to the whole training set.
+            weight_decay = best[1] * len(fit) / len(train_labels)
     w, b, iters = _fit_logistic(xtr, ytr, c, float(weight_decay), max_iter)
     logits = xte @ w + b
     return LinearResult(top1=_topk_hits(logits, yte, 1), top5=_topk_hits(logits, yte, 5),

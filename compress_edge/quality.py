@@ -134,14 +134,17 @@ def spread_warnings(spread: Spread, who: str, *, reference: Spread | None = None
 # --------------------------------------------------------------------------------------------------
 def raw_pixel_features(dataset, image_size: int, *, max_side: int = RAW_PIXELS_MAX_SIDE) -> np.ndarray:
     """Each image's evaluation view (shorter side to ``image_size``, centre crop; at most ``max_side``
-    px) as plain pixels in [0, 1], flattened and L2-normalised: float32 (N, 3 * S * S). Cosine kNN on
-    these is the first baseline any model has to beat."""
+    px) as plain pixels in [0, 1], flattened and L2-normalised: float32 (N, C * S * S). Cosine kNN on
+    these is the first baseline any model has to beat. C is 3, or 1 when every image is gray (its
+    three channels equal): the cosines are the same, and kNN and a linear probe cost a third."""
     from compress_edge.images import preprocess_eval
 
     side = min(int(image_size), int(max_side))
     zero, one = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    rows = [preprocess_eval(dataset.get_image(i), side, zero, one).reshape(-1) for i in range(len(dataset))]
-    return l2_normalize(np.stack(rows))
+    views = np.stack([preprocess_eval(dataset.get_image(i), side, zero, one) for i in range(len(dataset))])
+    if len(views) and np.array_equal(views[:, 0], views[:, 1]) and np.array_equal(views[:, 0], views[:, 2]):
+        views = views[:, :1]
+    return l2_normalize(views.reshape(len(views), -1))
 
 
 def random_weights_model(spec, dataset, *, seed: int = 0, images: int = RECALIBRATION_IMAGES):

@@ -72,6 +72,19 @@ def test_raw_pixels_are_plain_unit_vectors(class_folder):
     assert (x >= 0).all()  # pixels in [0, 1], no mean subtracted
 
 
+def test_raw_pixels_of_gray_images_keep_one_channel_and_the_same_cosines():
+    from compress_edge.data import open_dataset
+
+    ds = open_dataset("fashion-mnist:test@50")
+    gray = raw_pixel_features(ds, 28)
+    assert gray.shape == (50, 28 * 28)
+    from compress_edge.images import preprocess_eval
+
+    rgb = np.stack([preprocess_eval(ds.get_image(i), 28, (0, 0, 0), (1, 1, 1)).ravel() for i in range(50)])
+    rgb /= np.linalg.norm(rgb, axis=1, keepdims=True)
+    assert np.allclose(gray @ gray.T, rgb @ rgb.T, atol=1e-5)
+
+
 def _row(knn20, mean_cos=0.3, rank=20.0):
     return {"nn": knn20, "knn20": knn20, "spread": {"mean_cosine": mean_cos, "effective_rank": rank, "dim": 128,
                                                     "images": 100}}

@@ -138,6 +138,7 @@ class DistillOptions:
     temperature: float = PAPER_TEMPERATURE
     ema: float | None = None  # auto: follows the run length
     mask_self: bool = True  # False: the paper's loss exactly
+    crop_scale: float | None = None  # the smallest random crop, as a share of the image's area (auto: the cache's, or 0.2)
     holdout: float = DEFAULT_HOLDOUT
     image_size: int | None = None  # the teacher's input size (default: its own)
     student_image_size: int | None = None  # the student's (default: the teacher's)
@@ -237,8 +238,14 @@ def setup(opts: DistillOptions) -> DistillSetup:
         teacher, teacher_spec = load_teacher(opts.teacher, opts.teacher_weights, opts.data, opts.image_size)
         teacher_size, mean, std = teacher_spec.image_size, teacher_spec.mean, teacher_spec.std
     image_size = opts.student_image_size or teacher_size
-    teacher_augment = TrainAugment.for_image_size(teacher_size, mean, std)
-    augment = teacher_augment if image_size == teacher_size else TrainAugment.for_image_size(image_size, mean, std)
+    crop = opts.crop_scale
+    recorded = cache.meta["parts"]["transform"].get("augment") if cache is not None else None
+    if crop is None and recorded:
+        crop = recorded["scale"][0]  # the student replays the cache's views
+    crop_kw = {} if crop is None else {"scale": (check_crop_scale(crop), 1.0)}
+    teacher_augment = TrainAugment.for_image_size(teacher_size, mean, std, **crop_kw)
+    augment = (teacher_augment if image_size == teacher_size
+               else TrainAugment.for_image_size(image_size, mean, std, **crop_kw))
     if cache is not None:
         parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=teacher_size, mean=mean,
                                   std=std, mode=cache.mode, views=cache.views,
@@ -291,6 +298,7 @@ def setup(opts: DistillOptions) -> DistillSetup:
               "teacher_sha256": (teacher_spec.weights_sha256 if teacher_spec else None), "run": Path(opts.out).name}
     spec = spec_for(student, image_size=image_size, mean=mean, std=std, source=source)
     resolved = {"queue_size": queue_size, "teacher_dim": teacher_dim, "ema": ema, "temperature": opts.temperature,
+                "crop_scale": augment.scale[0],
                 "mask_self": opts.mask_self, "heldout_images": int(len(heldout)), "train_images": len(train_set)}
     return DistillSetup(dataset=dataset, train_set=train_set, heldout=heldout, task=task, spec=spec, teacher=teacher,
                         teacher_spec=teacher_spec, cache=cache, plan=plan, resolved=resolved)
@@ -299,7 +307,7 @@ def setup(opts: DistillOptions) -> DistillSetup:
 def cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_weights: str | None = None,
                   views: int = 0, image_size: int | None = None, batch_size: int = 256, shard_rows: int = 65_536,
                   seed: int = 0, data_root: str | None = None, workers: int = 2, device: str = "auto",
-                  progress: bool = True):
+                  progress: bool = True, crop_scale: float | None = None):
     """Run the teacher once over ``data`` into a cache folder (``compress-edge cache-teacher``):
     ``views`` 0 for one centre view per image (the paper), K for K recorded augmented views. The
     cache folder's lock is held for the whole run (one writer per cache folder)."""
@@ -308,19 +316,28 @@ def cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_we
     with run_folder_lock(out, "cache-teacher"):
         return _cache_teacher(data, out, teacher=teacher, teacher_weights=teacher_weights, views=views,
                               image_size=image_size, batch_size=batch_size, shard_rows=shard_rows, seed=seed,
-                              data_root=data_root, workers=workers, device=device, progress=progress)
+                              data_root=data_root, workers=workers, device=device, progress=progress,
+                              crop_scale=crop_scale)
+
+
+def check_crop_scale(value: float) -> float:
+    """--crop-scale: the smallest random crop's share of the image's area, in (0, 1]."""
+    if not 0 < float(value) <= 1:
+        raise TrainingError(f"--crop-scale must be in (0, 1] (a share of the image's area), got {value}")
+    return float(value)
 
 
 def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_weights: str | None, views: int,
                    image_size: int | None, batch_size: int, shard_rows: int, seed: int, data_root: str | None,
-                   workers: int, device: str, progress: bool):
+                   workers: int, device: str, progress: bool, crop_scale: float | None):
     from compress_edge.data import TrainAugment, eval_transform, open_dataset
     from compress_edge.teacher_cache import build_cache, fingerprint_parts, tensor_hash
     from compress_edge.train import resolve_device
 
     dataset = open_dataset(data, data_root=data_root)
     model, spec = load_teacher(teacher, teacher_weights, data, image_size)
-    augment = TrainAugment.for_image_size(spec.image_size, spec.mean, spec.std)
+    crop_kw = {} if crop_scale is None else {"scale": (check_crop_scale(crop_scale), 1.0)}
+    augment = TrainAugment.for_image_size(spec.image_size, spec.mean, spec.std, **crop_kw)
     mode = "views" if views > 0 else "center"
     parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=spec.image_size, mean=spec.mean,
                               std=spec.std, mode=mode, views=max(1, views), augment=augment_settings(augment), seed=seed)

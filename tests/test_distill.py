@@ -231,6 +231,26 @@ def test_cache_fingerprint_mismatch_is_refused(tmp_path, class_folder, saved_tea
         run_distill(_options(other, tmp_path / "run2", None, teacher_cache=str(cache)))
 
 
+def test_crop_scale_is_recorded_by_the_cache_and_followed_by_the_student(tmp_path, class_folder, saved_teacher):
+    from compress_edge.distill import setup
+    from compress_edge.teacher_cache import open_cache
+
+    cache = _cache(tmp_path, class_folder, saved_teacher, "cache", "--views", "2", "--crop-scale", "0.6")
+    assert open_cache(cache).meta["parts"]["transform"]["augment"]["scale"] == [0.6, 1.0]
+    # Every recorded view keeps at least 60 % of the image's area.
+    params = np.load(cache / "params-00000.npy")
+    height, width = params[..., 2], params[..., 3]  # slots: top, left, height, width
+    assert (height * width >= 0.6 * 24 * 24 - 2 * 24).all()  # the images are 24 px; rounding costs a row
+    run = setup(_options(class_folder, tmp_path / "run", None, teacher_cache=str(cache)))
+    assert run.resolved["crop_scale"] == 0.6  # the cache's, with no option given
+    with pytest.raises(DataError, match="another transform"):  # another scale is another transform
+        setup(_options(class_folder, tmp_path / "run2", None, teacher_cache=str(cache), crop_scale=0.2))
+    with pytest.raises(TrainingError, match="--crop-scale must be in"):
+        setup(_options(class_folder, tmp_path / "run3", saved_teacher, crop_scale=1.5))
+    live = setup(_options(class_folder, tmp_path / "run4", saved_teacher))
+    assert live.resolved["crop_scale"] == 0.2
+
+
 def test_interrupted_cache_resumes_from_complete_shards(tmp_path, class_folder, saved_teacher):
     out = _cache(tmp_path, class_folder, saved_teacher, "cache", "--shard-rows", "5")
     first = np.load(out / "emb-00001.npy")

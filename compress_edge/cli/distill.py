@@ -54,6 +54,12 @@ def parse_kwargs(items: list[str] | None) -> dict:
     return out
 
 
+CropScaleOpt = Annotated[float | None, typer.Option("--crop-scale", help="The smallest random crop of the "
+                                                  "augmented views, as a share of the image's area (0-1]; "
+                                                  "default 0.2 (SimCLR's views), or the teacher cache's.",
+                                                  show_default=False)]
+
+
 @app.command("distill")
 def distill(
     data: Annotated[str | None, typer.Argument(help="Training images: a class folder, an image folder, or "
@@ -98,6 +104,7 @@ def distill(
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (AdamW: beta1).")] = 0.9,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="SGD weight decay.")] = 1e-4,
     image_size: ImageSizeOpt = None,
+    crop_scale: CropScaleOpt = None,
     student_image_size: Annotated[int | None, typer.Option("--student-image-size", help="The student's input "
                                                            "size, if smaller than the teacher's: both see the same "
                                                            "view of each image, each at its own size (default: the "
@@ -144,7 +151,7 @@ def distill(
             data=data, out=str(out), teacher=teacher, teacher_weights=teacher_weights, teacher_cache=teacher_cache,
             student_arch=student_arch, student_kwargs=parse_kwargs(student_kwargs), embed_dim=embed_dim,
             method=method, queue_size=queue_size, temperature=temperature, ema=ema, mask_self=mask_self,
-            holdout=holdout, image_size=image_size, student_image_size=student_image_size, data_root=data_root,
+            crop_scale=crop_scale, holdout=holdout, image_size=image_size, student_image_size=student_image_size, data_root=data_root,
             train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                               weight_decay=weight_decay, warmup_epochs=None, workers=workers, device=device, amp=amp,
                               checkpoint_every=checkpoint_every, seed=seed, max_steps_per_epoch=max_steps_per_epoch,
@@ -169,6 +176,7 @@ def cache_teacher(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 256,
     shard_rows: Annotated[int, typer.Option("--shard-rows", help="Images per shard file.")] = 65_536,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the recorded augmentations.")] = 0,
+    crop_scale: CropScaleOpt = None,
     data_root: DataRootOpt = None,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
@@ -184,6 +192,6 @@ def cache_teacher(
 
     cache = build(data, out, teacher=teacher, teacher_weights=teacher_weights, views=views, image_size=image_size,
                   batch_size=batch_size, shard_rows=shard_rows, seed=seed, data_root=data_root, workers=workers,
-                  device=device, progress=progress)
+                  device=device, progress=progress, crop_scale=crop_scale)
     console.print(f"teacher cache written to {out}: {len(cache)} images x {cache.views} view(s) x {cache.dim} dims "
                   f"(float16), mode {cache.mode}")

@@ -148,8 +148,8 @@ def extract_features(
     """
     from compress_edge.data import eval_transform, make_loader
     from compress_edge.progress import track
+    from compress_edge.devices import resolve_device
     from compress_edge.storage import atomic_path, atomic_write_json
-    from compress_edge.train import resolve_device
 
     spec = _spec_of(model_or_embedder, spec)
     is_module = isinstance(model_or_embedder, torch.nn.Module)

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset, Sampler
 
 from compress_edge import __version__
 from compress_edge.data import StopSafeLoader
+from compress_edge.devices import resolve_device  # noqa: F401  (re-exported: the one device choice)
 from compress_edge.errors import TrainingError
 from compress_edge.storage import append_jsonl, atomic_path, atomic_write_json, folder_lock
 
@@ -89,21 +90,6 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------
 # devices, processes, precision
 # ----------------------------------------------------------------------------------------------
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is a clear error."""
-    if name in ("auto", "", None):
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError("--device cuda was asked but no CUDA GPU is visible; use --device cpu")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    elif dev.type not in ("cpu", "mps"):
-        raise TrainingError(f"unsupported device {name!r}; use auto, cpu or cuda[:N]")
-    return dev
-
-
 @dataclass
 class Precision:
     enabled: bool

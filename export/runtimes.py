@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from compress_edge.deps import available, require
+from compress_edge.devices import parse_device, torch_device_name, unknown_device
 from compress_edge.errors import DataError, DependencyError, ModelError
 from compress_edge.images import default_workers, preprocess_batch
 from compress_edge.spec import ModelSpec
@@ -264,7 +264,7 @@ class TorchEmbedder(Embedder):
         torch = require("torch", "the PyTorch backend")
         from compress_edge.models import resolve_model
 
-        self.device = _torch_device(device)
+        self.device = torch_device_name(device or "cpu")
         if threads:
             torch.set_num_threads(int(threads))
         self.threads = torch.get_num_threads()
@@ -288,19 +288,6 @@ class TorchEmbedder(Embedder):
 
     def close(self) -> None:
         self.model = None
-
-
-def _torch_device(device: str) -> str:
-    import torch
-
-    device = (device or "cpu").lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
-    if not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
-        raise ModelError(f"unknown device {device!r}; choose one of: auto, cpu, cuda, cuda:N")
-    return device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,21 +382,21 @@ class OnnxRuntimeEmbedder(Embedder):
 
 
 def _ort_providers(ort, device: str) -> tuple[str, list]:
-    device = (device or "cpu").lower()
+    kind, index = parse_device(device or "cpu")
     have = ort.get_available_providers()
-    if device == "auto":
-        device = "cuda" if "CUDAExecutionProvider" in have else "cpu"
-    if device == "cpu":
+    if kind == "auto":
+        kind = "cuda" if "CUDAExecutionProvider" in have else "cpu"
+    if kind == "cpu":
         return "cpu", ["CPUExecutionProvider"]
-    m = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if not m:
-        raise ModelError(f"unknown device {device!r}; choose one of: auto, cpu, cuda, cuda:N")
+    if kind != "cuda":
+        raise unknown_device(device)
     if "CUDAExecutionProvider" not in have:
         raise DependencyError(
             f"onnxruntime here has no CUDA execution provider (it has: {', '.join(have)}); install "
             "onnxruntime-gpu for --device cuda, or use --device cpu"
         )
-    return device, [("CUDAExecutionProvider", {"device_id": int(m.group(1) or 0)}), "CPUExecutionProvider"]
+    name = "cuda" if index is None else f"cuda:{index}"
+    return name, [("CUDAExecutionProvider", {"device_id": index or 0}), "CPUExecutionProvider"]
 
 
 def _not_onnx_message(path: Path, exc: BaseException) -> str:

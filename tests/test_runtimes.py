@@ -117,6 +117,31 @@ def test_backend_choices_are_checked(setup):
         open_embedder(setup["onnx"], device="tpu")
 
 
+def test_one_device_choice():
+    import torch
+
+    from compress_edge.devices import DeviceError, parse_device, resolve_device, torch_device_name
+    from compress_edge.errors import TrainingError
+    from compress_edge.train import resolve_device as train_resolve_device
+
+    assert train_resolve_device is resolve_device
+    assert parse_device(None) == parse_device("") == parse_device("AUTO") == ("auto", None)
+    assert parse_device("cuda:1") == ("cuda", 1)
+    assert parse_device(torch.device("cpu")) == ("cpu", None)
+    for bad in ("tpu", "cpu:0", "cuda:x"):
+        with pytest.raises(DeviceError, match=f"unknown device '{bad}'"):
+            parse_device(bad)
+    assert issubclass(DeviceError, ModelError) and issubclass(DeviceError, TrainingError)
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert torch_device_name("auto") == "cpu" and resolve_device("auto", 3) == torch.device("cpu")
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    else:
+        assert torch_device_name("auto") == "cuda" and resolve_device("auto", 1) == torch.device("cuda:1")
+        assert resolve_device("cuda:0", 1) == torch.device("cuda:0")
+
+
 def test_cuda_provider_missing_says_what_to_install(setup):
     import onnxruntime
 

@@ -432,7 +432,9 @@ def default_workers() -> int:
 def _verify(paths: list[Path], workers: int | None, progress: bool | None) -> list[str | None]:
     workers = max(1, workers or default_workers())
     show = progress if progress is not None else len(paths) >= _PROGRESS_MIN_FILES
-    bar = _progress_bar() if show else None
+    from compress_edge.progress import optional_bar  # the package's bar, on the CLI's stderr console
+
+    bar = optional_bar(show)
     reasons: list[str | None] = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
         if bar is None:
@@ -443,16 +445,6 @@ def _verify(paths: list[Path], workers: int | None, progress: bool | None) -> li
                 reasons.append(reason)
                 bar.advance(task)
     return reasons
-
-
-def _progress_bar():
-    # The package's shared bar (its stderr console is the one the CLI logs to, so log lines print
-    # above the bar). rich is not part of the torch-free device install: no bar there.
-    try:
-        from compress_edge.progress import progress_bar
-    except ImportError:
-        return None
-    return progress_bar()
 
 
 # -- evaluation preprocessing ------------------------------------------------------------------------

@@ -110,7 +110,9 @@ class Embedder:
             return out
         chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
         n_workers = max(1, workers or default_workers())
-        bar = _progress_bar() if progress else None
+        from compress_edge.progress import optional_bar
+
+        bar = optional_bar(progress)
         task = bar.add_task(f"embedding ({self.name})", total=len(paths)) if bar is not None else None
         if bar is not None:
             bar.start()
@@ -230,15 +232,6 @@ class Embedder:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
-
-
-def _progress_bar():
-    # rich is not part of the torch-free device install: no bar there.
-    try:
-        from compress_edge.progress import progress_bar
-    except ImportError:
-        return None
-    return progress_bar()
 
 
 # --------------------------------------------------------------------------------------------------

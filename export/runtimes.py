@@ -779,25 +779,17 @@ _GFLOPS: dict[str, float | None] = {}
 def _count_gflops(spec: ModelSpec) -> float | None:
     if not (available("torch") and available("fvcore")):
         return None
-    import warnings
-
     import torch
 
     from compress_edge.models import rebuild
+    from compress_edge.profile import count_flops
 
     try:
         model = rebuild(spec.arch, spec.arch_kwargs, normalize=spec.normalize).eval()
     except ModelError:
         return None
-    x = torch.zeros(1, spec.channels, spec.image_size, spec.image_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fvcore scripts a helper with the deprecated torch.jit on import
-        from fvcore.nn import FlopCountAnalysis
-
-        counter = FlopCountAnalysis(model, x)
-        counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        logging.getLogger("fvcore").setLevel(logging.ERROR)
-        return float(counter.total()) / 1e9
+    total, _, _, _ = count_flops(model, torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
+    return float(total) / 1e9
 
 
 def machine_info() -> dict[str, Any]:

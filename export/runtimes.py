@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,40 +103,13 @@ class Embedder:
         An unreadable file raises :class:`compress_edge.images.UnreadableImage`.
         """
         paths = list(paths)
-        if batch_size <= 0:
-            raise DataError(f"batch_size must be positive, got {batch_size}")
+        batches = embed_batches(self, lambda lo, hi: paths[lo:hi], 0, len(paths), batch_size=batch_size,
+                                workers=workers, progress=progress)
         out = np.empty((len(paths), int(self.spec.embed_dim)), dtype=np.float32)
         if not paths:
             return out
-        chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-        n_workers = max(1, workers or default_workers())
-        from compress_edge.progress import optional_bar
-
-        bar = optional_bar(progress)
-        task = bar.add_task(f"embedding ({self.name})", total=len(paths)) if bar is not None else None
-        if bar is not None:
-            bar.start()
-        try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
-
-                def load(chunk: list) -> np.ndarray:
-                    return preprocess_batch(
-                        chunk, self.spec.image_size, self.spec.mean, self.spec.std, workers=n_workers
-                    )
-
-                pending: Future = prefetch.submit(load, chunks[0])
-                row = 0
-                for i in range(len(chunks)):
-                    batch = pending.result()
-                    if i + 1 < len(chunks):
-                        pending = prefetch.submit(load, chunks[i + 1])
-                    out[row : row + len(batch)] = self._embed_array(batch)
-                    row += len(batch)
-                    if bar is not None:
-                        bar.advance(task, len(batch))
-        finally:
-            if bar is not None:
-                bar.stop()
+        for row, x in batches:
+            out[row : row + len(x)] = x
         return out
 
     def close(self) -> None:
@@ -232,6 +205,57 @@ class Embedder:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def embed_batches(
+    embedder: Any,
+    load: Callable[[int, int], Sequence[Image.Image | str | os.PathLike]],
+    start: int,
+    stop: int,
+    *,
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The one extraction loop over any embedder (``.spec`` and ``.embed`` of a preprocessed batch):
+    rows ``start`` to ``stop - 1``, ``batch_size`` at a time, yielded as (first row, embeddings (n, D)).
+
+    ``load(lo, hi)`` gives the images of rows lo..hi-1 (PIL images or paths); they are decoded and
+    preprocessed in ``workers`` threads while the previous batch is embedded. ``batch_size`` is
+    checked now, the loop runs as it is iterated.
+    """
+    if batch_size <= 0:
+        raise DataError(f"batch_size must be positive, got {batch_size}")
+    return _embed_batches(embedder, load, start, stop, batch_size, max(1, workers or default_workers()), progress)
+
+
+def _embed_batches(embedder: Any, load: Callable, start: int, stop: int, batch_size: int, workers: int,
+                   progress: bool) -> Iterator[tuple[int, np.ndarray]]:
+    from compress_edge.progress import optional_bar
+
+    spec = embedder.spec
+    starts = list(range(start, stop, batch_size))
+
+    def prepare(lo: int) -> np.ndarray:
+        items = load(lo, min(lo + batch_size, stop))
+        return preprocess_batch(items, spec.image_size, spec.mean, spec.std, workers=workers)
+
+    bar = optional_bar(progress)
+    task = bar.add_task(f"embedding ({getattr(embedder, 'name', 'model')})", total=stop - start) if bar else None
+    if bar is not None:
+        bar.start()
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
+            pending: Future | None = prefetch.submit(prepare, starts[0]) if starts else None
+            for j, lo in enumerate(starts):
+                batch = pending.result()  # type: ignore[union-attr]
+                pending = prefetch.submit(prepare, starts[j + 1]) if j + 1 < len(starts) else None
+                yield lo, embedder.embed(batch)
+                if bar is not None:
+                    bar.advance(task, len(batch))
+    finally:
+        if bar is not None:
+            bar.stop()
 
 
 # --------------------------------------------------------------------------------------------------

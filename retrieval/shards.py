@@ -17,7 +17,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from compress_edge.retrieval.safety import check_finite
 from PIL import Image
 
 from compress_edge.errors import DataError, IndexFileError
-from compress_edge.images import default_workers, open_image, preprocess_batch, scan_images
+from compress_edge.images import open_image, scan_images
 from compress_edge.neighbors import l2_normalize
 from compress_edge.storage import atomic_path, atomic_write_json
 
@@ -363,35 +362,15 @@ def extract_embeddings(
     spec = embedder.spec
     writer = ShardWriter(folder, f"{prefix}-r{r}", int(spec.embed_dim), shard_rows,
                          extra={"rank": r, "world_size": w, "first": lo, "last": hi, **(extra or {})})
-    if batch_size <= 0:
-        raise DataError(f"batch_size must be positive, got {batch_size}")
-    n_workers = max(1, workers or default_workers())
-    starts = list(range(lo, hi, batch_size))
+    from compress_edge.export.runtimes import embed_batches
 
-    def load(start: int) -> np.ndarray:
-        items = [gallery.load(i) for i in range(start, min(start + batch_size, hi))]
-        return preprocess_batch(items, spec.image_size, spec.mean, spec.std, workers=n_workers)
+    def load(first: int, end: int) -> list:
+        return [gallery.load(i) for i in range(first, end)]
 
-    from compress_edge.progress import optional_bar
-
-    bar = optional_bar(progress)
-    task = bar.add_task(f"embedding ({getattr(embedder, 'name', 'model')})", total=hi - lo) if bar else None
     t0 = time.perf_counter()
-    if bar is not None:
-        bar.start()
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
-            pending: Future | None = prefetch.submit(load, starts[0]) if starts else None
-            for j, start in enumerate(starts):
-                batch = pending.result()  # type: ignore[union-attr]
-                pending = prefetch.submit(load, starts[j + 1]) if j + 1 < len(starts) else None
-                x = l2_normalize(check_finite(embedder.embed(batch), getattr(embedder, "path", None) or spec.arch))
-                writer.write(x, ids[start : start + len(batch)])
-                if bar is not None:
-                    bar.advance(task, len(batch))
-    finally:
-        if bar is not None:
-            bar.stop()
+    model = getattr(embedder, "path", None) or spec.arch
+    for start, x in embed_batches(embedder, load, lo, hi, batch_size=batch_size, workers=workers, progress=progress):
+        writer.write(l2_normalize(check_finite(x, model)), ids[start : start + len(x)])
     manifest = writer.close()
     log.debug("rank %d embedded %d images in %.1f s", r, hi - lo, time.perf_counter() - t0)
     return manifest

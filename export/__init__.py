@@ -60,7 +60,12 @@ class ExportOptions:
     int8: list[str] = field(default_factory=list)
     calib_data: str | None = None
     calib_images: int = 256
-    calib_method: str = "percentile"
+    #: "auto": every calibration method is tried and the one with the best parity on the parity images
+    #: kept (see ``quantize.quantize_int8``); or one of minmax, percentile, entropy.
+    calib_method: str = "auto"
+    #: int8-cpu: keep squeeze-excitation, hard-swish and the embedding head in float (see
+    #: ``quantize.find_exclusions``); False quantises every node onnxruntime can.
+    int8_exclude: bool = True
     parity_data: str | None = None
     parity_images: int = 64
     trt: bool = False
@@ -215,7 +220,8 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
         for target in [t for t in dict.fromkeys(opts.int8) if t != "openvino"]:
             key = f"int8-{target}"
             step = quantize_int8(onnx_path, out / FILES[key], spec, calib, target=target,
-                                 calib_method=opts.calib_method, progress=opts.progress).to_dict()
+                                 calib_method=opts.calib_method, progress=opts.progress,
+                                 parity_images=images, exclude=opts.int8_exclude).to_dict()
             report["steps"][key] = step
             used[key] = step["settings"]["calibration"]
             batches[key] = step["settings"]["calibration_batch"]
@@ -354,6 +360,8 @@ def _recommend(report: dict[str, Any], source_precision: str) -> dict[str, Any]:
     base = FILES[source_precision]
     base_time = timed.get(source_precision)
     notes: list[str] = []
+    for key, step in report.get("steps", {}).items():
+        notes += _quantization_notes(key, step.get("settings", {}) if isinstance(step, dict) else {})
     for key, entry in parity.items():
         if "int8" not in key:
             continue
@@ -379,6 +387,24 @@ def _recommend(report: dict[str, Any], source_precision: str) -> dict[str, Any]:
     else:
         reason = f"the only file ({ms:.2f} ms at batch 1)"
     return {"recommended": {"file": name, "key": key, "batch1_ms": ms, "reason": reason}, "notes": notes}
+
+
+def _quantization_notes(key: str, settings: dict[str, Any]) -> list[str]:
+    """What an INT8 step kept in float and why, and which calibration method it chose over which others
+    (with each candidate's parity), as report notes."""
+    notes = [f"{key} keeps {g['nodes']} nodes in float ({g['pattern']}): {g['reason']}"
+             for g in settings.get("excluded", [])]
+    candidates = settings.get("calibration_candidates")
+    if candidates:
+        def one(c: dict[str, Any]) -> str:
+            if "error" in c:
+                return f"{c['method']} failed ({c['error']})"
+            overlap = "-" if c["topk_overlap"] is None else f"{c['topk_overlap']:.3f}"
+            return f"{c['method']} top-{c['k']} overlap {overlap}, min cosine {c['min_cosine']:.4f}"
+
+        notes.append(f"{key} calibration: {settings['calibration']} chosen ({settings.get('calibration_choice', '')}): "
+                     + "; ".join(one(c) for c in candidates))
+    return notes
 
 
 def _onnx_precision(path: str) -> str:

@@ -198,7 +198,10 @@ def _collapsed_onnx(fp32, path):
 
 def test_int8_that_passes_cosine_but_not_top10_overlap_is_failed(fp32, tmp_path):
     source = _collapsed_onnx(fp32, tmp_path / "collapsed.onnx")
-    opts = dict(model=str(source), int8=["cpu"], calib_data=str(fp32["images_dir"]), timing_iters=2)
+    # Every node quantised (the embedding head too) and one calibration method: the file the gate was
+    # written against.
+    opts = dict(model=str(source), int8=["cpu"], calib_data=str(fp32["images_dir"]), timing_iters=2,
+                calib_method="percentile", int8_exclude=False)
     report = export_model(ExportOptions(out=str(tmp_path / "o"), strict=False, **opts))
     entry = report["parity"]["int8-cpu"]
     print(ParityResult(**entry).line())
@@ -217,6 +220,11 @@ def test_int8_that_passes_cosine_but_not_top10_overlap_is_failed(fp32, tmp_path)
         export_model(ExportOptions(out=str(tmp_path / "strict"), **opts))
     assert caught.value.report["parity"]["int8-cpu"]["passed"] is False
     assert (tmp_path / "strict" / "export.json").is_file()
+    # With the embedding head kept in float (the default) the same model finds the same neighbours.
+    kept = export_model(ExportOptions(out=str(tmp_path / "kept"), strict=False,
+                                      **{**opts, "int8_exclude": True}))["parity"]["int8-cpu"]
+    print(ParityResult(**kept).line())
+    assert kept["topk_overlap"] > entry["topk_overlap"] and kept["passed"]  # 0.933 vs 0.76 measured
 
 
 def test_export_times_the_files_and_says_which_to_deploy(fp32, tmp_path):
@@ -259,3 +267,142 @@ def test_no_timing_recommends_the_float32_file(fp32, tmp_path):
     report = export_model(ExportOptions(model=str(fp32["path"]), out=str(tmp_path / "o"), timing_iters=0))
     assert "timing" not in report
     assert report["recommended"] == {"file": "model.onnx", "key": "fp32", "reason": "not timed"}
+
+
+# -- per-architecture INT8: what is kept in float, and the calibration method chosen by parity -------------
+
+
+def _se_graph():
+    """A small float graph with each pattern find_exclusions looks for, and one it must not take:
+    Conv -> SiLU (x * Sigmoid(x), a gate of x by x itself, not squeeze-excitation) -> squeeze-excitation
+    (ReduceMean -> Conv -> Relu -> Conv -> HardSigmoid -> Mul) -> HardSwish -> pool -> Gemm -> L2 norm."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["a"], ["a_sig"], name="silu_sigmoid"),
+        helper.make_node("Mul", ["a", "a_sig"], ["b"], name="silu_mul"),
+        helper.make_node("ReduceMean", ["b", "axes"], ["p"], name="se_pool", keepdims=1),
+        helper.make_node("Conv", ["p", "w1"], ["r"], name="se_reduce"),
+        helper.make_node("Relu", ["r"], ["r1"], name="se_relu"),
+        helper.make_node("Conv", ["r1", "w2"], ["e"], name="se_expand"),
+        helper.make_node("HardSigmoid", ["e"], ["g"], name="se_gate", alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["b", "g"], ["c"], name="se_scale"),
+        helper.make_node("HardSwish", ["c"], ["h"], name="act"),
+        helper.make_node("GlobalAveragePool", ["h"], ["gp"], name="pool"),
+        helper.make_node("Flatten", ["gp"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["emb"], name="proj", transB=1),
+        helper.make_node("ReduceL2", ["emb", "axes1"], ["n"], name="norm", keepdims=1),
+        helper.make_node("Clip", ["n", "eps"], ["n1"], name="floor"),
+        helper.make_node("Div", ["emb", "n1"], ["y"], name="normalise"),
+    ]
+    inits = [init("w0", 8, 3, 3, 3), init("w1", 2, 8, 1, 1), init("w2", 8, 2, 1, 1), init("w3", 6, 8), init("b3", 6),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes1"),
+             numpy_helper.from_array(np.array(1e-12, np.float32), "eps")]
+    graph = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_find_exclusions_by_pattern_with_reasons():
+    groups = {g["pattern"]: g for g in q.find_exclusions(_se_graph())}
+    assert set(groups) == {"squeeze-excitation", "hard-swish", "embedding-head"}
+    assert groups["squeeze-excitation"]["nodes"] == ["se_pool", "se_reduce", "se_relu", "se_expand", "se_gate",
+                                                     "se_scale"]
+    assert groups["hard-swish"]["nodes"] == ["act"]
+    assert groups["embedding-head"]["nodes"] == ["proj", "norm", "floor", "normalise"]
+    # x * Sigmoid(x) gates x by itself: no global pool, so not squeeze-excitation, and stays quantised.
+    assert not {"silu_mul", "silu_sigmoid", "stem"} & {n for g in groups.values() for n in g["nodes"]}
+    for pattern, group in groups.items():
+        assert group["reason"] == q.EXCLUSION_REASONS[pattern] and len(group["reason"]) > 40
+
+
+def test_mobilenet_v3_squeeze_excitation_is_kept_in_float(fp32, tmp_path):
+    dst = tmp_path / "model.int8-cpu.onnx"
+    out = q.quantize_int8(fp32["path"], dst, fp32["spec"], fp32["images"][:16], target="cpu")
+    excluded = {g["pattern"]: g for g in out.settings["excluded"]}
+    assert set(excluded) == {"squeeze-excitation", "hard-swish", "embedding-head"}
+    se = excluded["squeeze-excitation"]
+    assert se["reason"] == q.EXCLUSION_REASONS["squeeze-excitation"] and se["nodes"] == len(se["names"])
+    proto = onnx.load(str(dst))
+    by_name = {n.name: n for n in proto.graph.node}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    # MobileNetV3-Small has 9 squeeze-excitation blocks: each one channel product and two 1x1 convs.
+    se_convs = [by_name[n] for n in se["names"] if by_name[n].op_type == "Conv"]
+    assert sum(by_name[n].op_type == "Mul" for n in se["names"]) == 9 and len(se_convs) == 18
+    for conv in se_convs:  # float weights: no DequantizeLinear in front of them
+        assert conv.input[1] not in producers or producers[conv.input[1]].op_type != "DequantizeLinear"
+    other = [n for n in proto.graph.node if n.op_type == "Conv" and n.name not in se["names"]]
+    assert other and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in other)
+    head = [by_name[n] for n in excluded["embedding-head"]["names"]]
+    assert [n.op_type for n in head][0] == "Gemm" and "ReduceL2" in {n.op_type for n in head}
+    # The TensorRT target quantises its own op types and keeps nothing else in float.
+    trt = q.quantize_int8(fp32["path"], tmp_path / "trt.onnx", fp32["spec"], fp32["images"][:16], target="trt")
+    assert trt.settings["excluded"] == []
+
+
+def test_auto_calibration_keeps_the_method_with_the_best_parity(fp32, tmp_path):
+    dst = tmp_path / "auto.onnx"
+    out = q.quantize_int8(fp32["path"], dst, fp32["spec"], fp32["images"][:16], target="cpu", calib_method="auto",
+                          parity_images=fp32["images"])
+    candidates = out.settings["calibration_candidates"]
+    assert [c["method"] for c in candidates] == list(q.CALIB_METHODS)  # every one tried, and recorded
+    measured = [c for c in candidates if "error" not in c]
+    assert measured and all(c["k"] == 10 and c["topk_overlap"] is not None for c in measured)
+    chosen = [c for c in candidates if c.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["method"] == out.settings["calibration"]
+    best = max(measured, key=lambda c: (c["topk_overlap"], c["min_cosine"]))
+    assert chosen[0] is best
+    assert "top-10 neighbour overlap, then the highest min cosine" in out.settings["calibration_choice"]
+    assert f"on {len(fp32['images'])} parity images" in out.settings["calibration_choice"]
+    # The file written is the chosen candidate: its parity is the recorded one.
+    got = compare(fp32["ref"], open_embedder(dst).embed(fp32["images"]), name="int8", reference_name="fp32",
+                  goal=GOALS["int8-cpu"])
+    assert got.min_cosine == pytest.approx(best["min_cosine"], abs=1e-5)
+    assert got.topk_overlap == pytest.approx(best["topk_overlap"])
+    assert onnx.load(str(dst)).metadata_props and dict(
+        (p.key, p.value) for p in onnx.load(str(dst)).metadata_props)["compress_edge.calibration"] == best["method"]
+
+
+def test_entropy_calibration_is_not_minmax_again(fp32, tmp_path):
+    # quantize_static's own entropy calibrator (128 bins for 128 levels) returns the MinMax ranges: the
+    # same file. With ENTROPY_BINS the KL search clips, and the file differs.
+    files = {}
+    for method in ("minmax", "entropy"):
+        q.quantize_int8(fp32["path"], tmp_path / f"{method}.onnx", fp32["spec"], fp32["images"][:16],
+                        calib_method=method)
+        files[method] = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / f"{method}.onnx")).graph
+                         .initializer if i.name.endswith("_scale")}
+    assert files["minmax"].keys() == files["entropy"].keys()
+    assert any(not np.allclose(files["minmax"][k], files["entropy"][k]) for k in files["minmax"])
+
+
+def test_unknown_calibration_method_is_one_line(fp32, tmp_path):
+    with pytest.raises(Exception, match=r"unknown calibration method 'kl'; choose one of: minmax, percentile, "
+                                        r"entropy, auto"):
+        q.quantize_int8(fp32["path"], tmp_path / "x.onnx", fp32["spec"], fp32["images"][:4], calib_method="kl")
+
+
+def test_export_notes_say_what_int8_keeps_in_float_and_each_calibration_candidate(fp32, tmp_path):
+    report = export_model(ExportOptions(model=str(fp32["path"]), out=str(tmp_path / "o"), int8=["cpu"],
+                                        calib_data=str(fp32["images_dir"]), calib_images=16, parity_images=32,
+                                        strict=False, timing_iters=0))
+    settings = report["steps"]["int8-cpu"]["settings"]
+    assert report["calibration"]["requested_method"] == "auto"
+    assert report["calibration"]["method"] == settings["calibration"] in q.CALIB_METHODS
+    notes = report["notes"]
+    for group in settings["excluded"]:
+        assert f"int8-cpu keeps {group['nodes']} nodes in float ({group['pattern']}): {group['reason']}" in notes
+    [line] = [n for n in notes if n.startswith("int8-cpu calibration: ")]
+    assert line.startswith(f"int8-cpu calibration: {settings['calibration']} chosen (")
+    for c in settings["calibration_candidates"]:
+        if "error" in c:
+            assert f"{c['method']} failed" in line
+        else:
+            assert f"{c['method']} top-10 overlap {c['topk_overlap']:.3f}, min cosine {c['min_cosine']:.4f}" in line

@@ -331,8 +331,8 @@ def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_w
                    image_size: int | None, batch_size: int, shard_rows: int, seed: int, data_root: str | None,
                    workers: int, device: str, progress: bool, crop_scale: float | None):
     from compress_edge.data import TrainAugment, eval_transform, open_dataset
+    from compress_edge.devices import resolve_device
     from compress_edge.teacher_cache import build_cache, fingerprint_parts, tensor_hash
-    from compress_edge.train import resolve_device
 
     dataset = open_dataset(data, data_root=data_root)
     model, spec = load_teacher(teacher, teacher_weights, data, image_size)

@@ -147,8 +147,8 @@ def extract_features(
       reads nor writes it. Labels are -1 for unlabelled images.
     """
     from compress_edge.data import eval_transform, make_loader
-    from compress_edge.progress import track
     from compress_edge.devices import resolve_device
+    from compress_edge.progress import track
     from compress_edge.storage import atomic_path, atomic_write_json
 
     spec = _spec_of(model_or_embedder, spec)
@@ -306,7 +306,7 @@ def knn_eval(
 
     Exact search (:func:`exact_topk`), then :func:`compress_edge.neighbors.weighted_knn_vote`.
     """
-    from compress_edge.train import resolve_device
+    from compress_edge.devices import resolve_device
 
     started = time.perf_counter()
     train_labels = np.asarray(train_labels, dtype=np.int64)
@@ -402,7 +402,7 @@ def linear_probe(
     ``search_images`` of the others (a random sample; the decay found is rescaled by images, as the
     loss is a mean), trying weaker decays until two in a row do worse; then refits on all of them.
     """
-    from compress_edge.train import resolve_device
+    from compress_edge.devices import resolve_device
 
     dev = resolve_device(str(device))
     small = dev.type == "cpu" and np.asarray(train_features).size <= _SMALL_PROBLEM
@@ -718,7 +718,7 @@ def neighbor_agreement(
     top-k overlap for each k of ``ks`` and the Spearman rank correlation of the two similarity vectors
     (N - 1 values each; ties take average ranks), averaged over queries.
     """
-    from compress_edge.train import resolve_device
+    from compress_edge.devices import resolve_device
 
     started = time.perf_counter()
     t = np.ascontiguousarray(teacher_features, dtype=np.float32)

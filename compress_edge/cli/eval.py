@@ -94,9 +94,9 @@ def open_model(ref: str, *, device: str, image_size: int | None, weights: str | 
         runtimes = _runtimes()
         emb = runtimes.open_embedder(ref, device=device, image_size=image_size)
         return emb, emb.spec, f"{emb.name} {emb.precision}"
+    from compress_edge.devices import resolve_device
     from compress_edge.errors import ModelError
     from compress_edge.models import resolve_model
-    from compress_edge.train import resolve_device
 
     try:
         model, spec = resolve_model(ref, weights=weights, image_size=image_size, device=resolve_device(device))

@@ -236,3 +236,83 @@ def test_moco_never_uses_a_key_of_the_query_image_as_a_negative():
     want = torch.nn.functional.cross_entropy(logits, torch.zeros(2, dtype=torch.long)).item()
     assert got == pytest.approx(want, rel=1e-5)
     assert paper(q, k, index).item() != pytest.approx(got, rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# the paper's two-queue loss, step by step; the queue state that checkpoints hold
+# --------------------------------------------------------------------------------------------------
+def _paper_two_queue_losses(memory_t, memory_s, steps, temperature):
+    """The 2-queue loss as the paper's code computes it, restated: each step scores the batch against
+    the whole memory as it stands, then writes the batch's keys into the next rows (mod K)."""
+    memory_t, memory_s = memory_t.clone(), memory_s.clone()
+    size, start, losses = memory_t.shape[0], 0, []
+    for teacher, student, key in steps:
+        t = teacher / teacher.norm(dim=1, keepdim=True)
+        s = student / student.norm(dim=1, keepdim=True)
+        k = s if key is None else key / key.norm(dim=1, keepdim=True)
+        target = torch.softmax(t @ memory_t.T / temperature, dim=1)
+        log_q = torch.log_softmax(s @ memory_s.T / temperature, dim=1)
+        losses.append(torch.nn.functional.kl_div(log_q, target, reduction="batchmean").item())
+        rows = (torch.arange(t.shape[0]) + start) % size
+        memory_t[rows], memory_s[rows] = t, k
+        start = (start + t.shape[0]) % size
+    return losses
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+def test_2q_follows_the_papers_loss_through_queue_wraps(momentum):
+    torch.manual_seed(11)
+    size, batch, temperature = 20, 6, 0.04
+    memory_t = torch.nn.functional.normalize(torch.randn(size, 12), dim=1)
+    memory_s = torch.nn.functional.normalize(torch.randn(size, 5), dim=1)
+    steps = [(torch.randn(batch, 12), torch.randn(batch, 5), torch.randn(batch, 5) if momentum else None)
+             for _ in range(7)]  # 42 keys: the queue wraps twice
+    want = _paper_two_queue_losses(memory_t, memory_s, steps, temperature)
+
+    loss_fn = CompRess2Q(teacher_dim=12, student_dim=5, queue_size=size, temperature=temperature, mask_self=False)
+    loss_fn.teacher_queue.push(memory_t)
+    loss_fn.student_queue.push(memory_s)
+    got = []
+    for teacher, student, key in steps:
+        got.append(loss_fn(student, teacher, key, torch.arange(batch)).item())
+        loss_fn.commit()
+    assert got == pytest.approx(want, abs=3e-6)
+
+
+def test_queue_state_keys_are_the_ones_checkpoints_hold():
+    from compress_edge.losses import MoCoLoss
+
+    ring = {"bank", "ids", "ptr", "filled"}
+    assert set(CompRess2Q(6, 4, queue_size=8).state_dict()) == {f"{q}.{b}" for q in ("teacher_queue", "student_queue")
+                                                                 for b in ring}
+    assert set(CompRess1Q(6, 4, queue_size=8).state_dict()) == ({"projection.weight", "projection.bias"}
+                                                                | {f"teacher_queue.{b}" for b in ring})
+    assert set(MoCoLoss(4, queue_size=8).state_dict()) == {f"queue.{b}" for b in ring}
+
+
+@pytest.mark.parametrize("method", ["compress-2q", "compress-1q"])
+def test_a_reloaded_loss_continues_where_the_saved_one_stood(method):
+    torch.manual_seed(12)
+    saved = build_loss(method, teacher_dim=6, student_dim=4, queue_size=10)
+    for _ in range(3):  # 12 keys: wrapped, ptr at 2
+        saved(torch.randn(4, 4), torch.randn(4, 6), torch.randn(4, 4), torch.randint(0, 50, (4,)))
+        saved.commit()
+    reloaded = build_loss(method, teacher_dim=6, student_dim=4, queue_size=10)
+    reloaded.load_state_dict(saved.state_dict())
+    batch = (torch.randn(4, 4), torch.randn(4, 6), torch.randn(4, 4), torch.randint(0, 50, (4,)))
+    assert reloaded(*batch).item() == pytest.approx(saved(*batch).item(), abs=1e-7)
+    saved.commit(), reloaded.commit()
+    for a, b in zip(saved.state_dict().values(), reloaded.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_commit_queues_commits_every_queue_loss_inside_a_module():
+    from compress_edge.losses import MoCoLoss, commit_queues
+
+    holder = torch.nn.ModuleDict({"distill": CompRess1Q(4, 3, queue_size=8), "moco": MoCoLoss(3, queue_size=8)})
+    holder["distill"](torch.randn(2, 3), torch.randn(2, 4), None, torch.tensor([1, 2]))
+    holder["moco"](torch.randn(2, 3), torch.randn(2, 3), torch.tensor([1, 2]))
+    assert [int(q.filled) for q in holder.modules() if isinstance(q, RingQueue)] == [0, 0]
+    commit_queues(holder)
+    assert [int(q.filled) for q in holder.modules() if isinstance(q, RingQueue)] == [2, 2]
+    assert [q.ids[:2].tolist() for q in holder.modules() if isinstance(q, RingQueue)] == [[1, 2], [1, 2]]

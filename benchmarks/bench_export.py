@@ -2,8 +2,8 @@
 
 Models: a distilled-like student (MobileNetV2, small-input stem) at 32 px and 64 px, and MobileNetV2
 at 224 px, all with the same weights trained briefly on Fashion-MNIST (see ``trained_weights``; a
-random initialisation says nothing about quantisation) and BatchNorm statistics re-estimated at each
-size. Each is exported with
+random initialisation says little about quantisation) and BatchNorm statistics re-estimated at each
+size; and a ViT-Tiny student at 224 px with random weights (``vit_tiny-224``). Each is exported with
 ``compress-edge export --int8 cpu`` (calibration: fashion-mnist:train; parity: fashion-mnist:test),
 plus ``--openvino --fp16 --int8 openvino`` when OpenVINO is installed (the IR files, NNCF int8 on the
 same calibration images), then every backend is timed at batch 1 and 32 in the same process, one
@@ -14,9 +14,15 @@ parity (min cosine, top-10 overlap) against PyTorch float32.
     python benchmarks/bench_export.py --json          # the numbers
     python benchmarks/bench_export.py --student runs/distill   # a real student instead of the stand-in
     python benchmarks/bench_export.py --configs student-32 --no-openvino   # one model, no OpenVINO files
+    python benchmarks/bench_export.py --int8-sweep    # every architecture at 32 and 224 px: int8-cpu parity
 
 Goals (2-core x86 CPU with AVX-512 VNNI): onnxruntime fp32 >= 3x PyTorch eager at batch 1;
 int8-cpu >= 1.5x onnxruntime fp32 at batch 32 with cosine >= 0.98.
+
+``--int8-sweep`` (issue 15) exports every CNN and ViT-Tiny / ViT-Small at 32 and 224 px with random
+weights (BatchNorm statistics re-estimated), ``--int8 cpu --calib-method auto``, and prints per model
+what was kept in float, each calibration method's parity, the chosen one and the int8-cpu file's parity
+against the goal (min cosine >= 0.98, top-10 overlap >= 0.9).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ CONFIGS = {
     "student-32": ("mobilenet_v2", True, 32),
     "student-64": ("mobilenet_v2", True, 64),
     "mobilenet_v2-224": ("mobilenet_v2", False, 224),
+    # A ViT student (issue 15): random weights (see sweep_model), its position embedding built for 224 px.
+    "vit_tiny-224": ("vit_tiny_patch16_224", False, 224),
 }
 
 
@@ -111,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.student:
         names = ["student", *names]
     state = trained_weights(out / "trained-mobilenet_v2", args.train_steps, args.threads) if any(
-        n in CONFIGS for n in names) else None
+        n in CONFIGS and CONFIGS[n][0] == "mobilenet_v2" for n in names) else None
     openvino = args.openvino and _have_openvino()
     results["openvino"] = openvino
     if openvino:
@@ -124,7 +132,10 @@ def run(args: argparse.Namespace) -> dict:
             model_ref = args.student
         else:
             arch, small, size = CONFIGS[name]
-            model_ref = str(stand_in_student(arch, small, size, folder / "model", state))
+            if arch == "mobilenet_v2":
+                model_ref = str(stand_in_student(arch, small, size, folder / "model", state))
+            else:
+                model_ref = str(sweep_model(arch, size, folder / "model"))
         print(f"[{name}] exporting (calibration {args.calib_images} images) ...", file=sys.stderr, flush=True)
         report = export_model(ExportOptions(
             model=model_ref, out=str(folder), int8=["cpu", *(["openvino"] if openvino else [])],
@@ -182,6 +193,7 @@ def run(args: argparse.Namespace) -> dict:
                 "ort_fp32_3x_torch": ort_vs_torch >= 3.0,
                 "int8_1.5x_fp32": int8_vs_fp32 >= 1.5,
                 "int8_cosine_0.98": cos >= 0.98,
+                "int8_top10_0.9": (report["parity"]["int8-cpu"]["topk_overlap"] or 0.0) >= 0.9 - 1e-9,
             },
         }
     return results
@@ -246,6 +258,123 @@ def print_table(results: dict) -> None:
                   f"{row(b_big)['p50_ms']:.2f} | {row(b_big)['images_per_s']:.0f} | {cos} | {top} |")
 
 
+# --------------------------------------------------------------------------------------------------
+# INT8 sweep: every registered architecture at 32 and 224 px, int8-cpu parity against the issue's goal
+# --------------------------------------------------------------------------------------------------
+#: Measured by default: every CNN and the two ViTs a 2-core CPU exports in seconds at 224 px. The larger
+#: ViTs (Base, Large, patch 8, DINOv2 at 16x16 patches) are listed as not measured unless named with
+#: --sweep-archs: their calibration alone takes minutes per method on such a machine.
+SWEEP_VITS = ("vit_tiny_patch16_224", "vit_small_patch16_224")
+SWEEP_SIZES = (32, 224)
+
+
+def sweep_model(arch: str, size: int, folder: Path, data: str = "fashion-mnist:train", bn_images: int = 64) -> Path:
+    """A random-weight ``arch`` at ``size`` px (small-input stem at 64 px and below for a CNN; a ViT's
+    position embedding built for ``size``) with BatchNorm statistics re-estimated on ``data``."""
+    import torch
+    from compress_edge.export.parity import load_check_images
+
+    from compress_edge.models import create_model, is_vit, recalibrate_batchnorm, save_model, spec_for
+
+    torch.manual_seed(0)
+    model = create_model(arch, img_size=size) if arch.startswith("vit") else create_model(arch, small_input=size <= 64)
+    spec = spec_for(model, image_size=size, source={"kind": "benchmark-random-weights", "data": "fashion-mnist"})
+    if not is_vit(model):
+        images, _ = load_check_images(data, spec, bn_images, progress=False)
+        recalibrate_batchnorm(model, (torch.from_numpy(images[i : i + 32]) for i in range(0, len(images), 32)))
+    save_model(model.eval(), spec, folder)
+    return folder
+
+
+def int8_sweep(args: argparse.Namespace) -> dict:
+    """Export every architecture of ``args.sweep_archs`` at each of ``args.sweep_sizes`` with
+    ``--int8 cpu --calib-method auto`` and collect what the export decided: the node groups kept in
+    float, every calibration candidate's parity, the chosen one, the file's parity and timing."""
+    import time
+
+    import torch
+    from compress_edge.export import ExportOptions, export_model
+    from compress_edge.export.runtimes import machine_info
+
+    from compress_edge.models import list_models
+
+    torch.set_num_threads(args.threads)
+    wanted = args.sweep_archs.split(",") if args.sweep_archs else [*list_models("cnn"), *SWEEP_VITS]
+    unknown = [a for a in wanted if a not in list_models()]
+    if unknown:
+        raise SystemExit(f"unknown architecture {unknown[0]!r}; see compress-edge models list")
+    results: dict = {"machine": machine_info(), "threads": args.threads, "rows": [],
+                     "not_measured": [a for a in list_models() if a not in wanted],
+                     "calib": f"{args.calib_images} images of {args.calib_data}",
+                     "parity": f"{args.parity_images} images of {args.data}",
+                     "weights": f"random initialisation; CNN BatchNorm statistics re-estimated on 64 images of "
+                                f"{args.calib_data} at the exported size"}
+    out = Path(args.out) / "int8-sweep"
+    for arch in wanted:
+        for size in args.sweep_sizes:
+            folder = out / f"{arch}-{size}"
+            t0 = time.perf_counter()
+            print(f"[{arch} {size}px] exporting ...", file=sys.stderr, flush=True)
+            try:
+                model = sweep_model(arch, size, folder / "model", args.calib_data)
+                report = export_model(ExportOptions(
+                    model=str(model), out=str(folder), int8=["cpu"], calib_data=args.calib_data,
+                    calib_images=args.calib_images, calib_method="auto", parity_data=args.data,
+                    parity_images=args.parity_images, strict=False, timing_iters=args.timing_iters))
+            except Exception as exc:  # one architecture that cannot be exported must not end the sweep
+                results["rows"].append({"arch": arch, "size": size, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            step = report["steps"]["int8-cpu"]["settings"]
+            timed = report.get("timing", {}).get("files", {})
+            results["rows"].append({
+                "arch": arch, "size": size, "parity": report["parity"]["int8-cpu"],
+                "excluded": {g["pattern"]: g["nodes"] for g in step.get("excluded", [])},
+                "candidates": step.get("calibration_candidates", []), "chosen": step["calibration"],
+                "fp32_ms": timed.get("fp32", {}).get("batch1_ms"), "int8_ms": timed.get("int8-cpu", {}).get("batch1_ms"),
+                "recommended": report["recommended"]["file"], "notes": report["notes"],
+                "seconds": round(time.perf_counter() - t0, 1),
+            })
+            gc.collect()
+    return results
+
+
+def print_sweep(results: dict) -> None:
+    m = results["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {' '.join(m['simd'])}; threads {results['threads']}; "
+          f"onnxruntime {m.get('onnxruntime')}, torch {m.get('torch')}")
+    print(f"weights: {results['weights']}")
+    print(f"calibration: {results['calib']}; parity: {results['parity']} (top-10 gallery)")
+    print("goal: int8-cpu min cosine >= 0.98 and top-10 overlap >= 0.9 against the float32 file")
+    print()
+    print("| model | px | kept in float (nodes) | minmax ovl / cos | percentile ovl / cos | entropy ovl / cos | chosen "
+          "| int8 min cos | int8 top-10 | goal | fp32 ms b=1 | int8 ms b=1 | deploy | s |")
+    print("|---|---:|---|---|---|---|---|---:|---:|---|---:|---:|---|---:|")
+    for r in results["rows"]:
+        if "error" in r:
+            print(f"| {r['arch']} | {r['size']} | export failed: {r['error'][:160]} |" + " |" * 11)
+            continue
+        cands = {c["method"]: c for c in r["candidates"]}
+
+        def cell(method, cands=cands):
+            c = cands.get(method)
+            if c is None:
+                return "-"
+            if "error" in c:
+                return "failed"
+            return f"{c['topk_overlap']:.3f} / {c['min_cosine']:.4f}"
+
+        p = r["parity"]
+        excl = ", ".join(f"{k} {v}" for k, v in r["excluded"].items()) or "none"
+        met = "met" if p["passed"] else "NOT MET"
+        ms = [f"{x:.2f}" if x is not None else "-" for x in (r["fp32_ms"], r["int8_ms"])]
+        print(f"| {r['arch']} | {r['size']} | {excl} | {cell('minmax')} | {cell('percentile')} | {cell('entropy')} | "
+              f"{r['chosen']} | {p['min_cosine']:.4f} | {p['topk_overlap']:.3f} | {met} | {ms[0]} | {ms[1]} | "
+              f"{r['recommended']} | {r['seconds']:.0f} |")
+    if results["not_measured"]:
+        print()
+        print(f"not measured (cost on this machine; name them with --sweep-archs): {', '.join(results['not_measured'])}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help="Comma-separated: " + ", ".join(CONFIGS))
@@ -265,12 +394,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=True,
                         help="Also export and time the OpenVINO IR files (fp32, fp16, NNCF int8); needs the "
                              "openvino extra.")
+    parser.add_argument("--int8-sweep", action="store_true",
+                        help="Instead of the latency table: export every architecture (--sweep-archs) at each "
+                             "--sweep-sizes with --int8 cpu --calib-method auto and print what was kept in float, "
+                             "each calibration method's parity and the int8-cpu file's parity against the goal.")
+    parser.add_argument("--sweep-archs", default=None,
+                        help="Comma-separated architectures for --int8-sweep (default: every CNN and "
+                             + ", ".join(SWEEP_VITS) + ").")
+    parser.add_argument("--sweep-sizes", type=int, nargs="+", default=list(SWEEP_SIZES))
+    parser.add_argument("--timing-iters", type=int, default=5, help="--int8-sweep: timed runs per file.")
+    parser.add_argument("--calib-data", default="fashion-mnist:train",
+                        help="--int8-sweep: images for calibration and the BatchNorm re-estimation.")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of the tables.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    results = run(args)
+    results = int8_sweep(args) if args.int8_sweep else run(args)
     if args.json:
         print(json.dumps(results, indent=2))
+    elif args.int8_sweep:
+        print_sweep(results)
     else:
         print_table(results)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,3 +268,40 @@ def test_benchmark_fills_batches_from_real_images(exported):
     assert rows[0].batch == 5
     with pytest.raises(DataError, match="preprocess them for this model"):
         benchmark(emb, (1,), iters=1, images=images[:, :, :8, :8])
+
+
+def _bench_export():
+    spec = importlib.util.spec_from_file_location("bench_export", Path(__file__).parent.parent / "benchmarks" /
+                                                  "bench_export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_export_int8_sweep_prints_every_candidate_and_the_goal(student, tmp_path, capsys):
+    bench = _bench_export()
+    images = str(student["images"])
+    bench.main(["--int8-sweep", "--sweep-archs", "mobilenet_v3_small", "--sweep-sizes", "32", "--calib-data", images,
+                "--data", images, "--calib-images", "8", "--parity-images", "18", "--timing-iters", "1",
+                "--threads", "1", "--out", str(tmp_path), "--json"])
+    results = json.loads(capsys.readouterr().out)
+    [row] = results["rows"]
+    assert row["arch"] == "mobilenet_v3_small" and row["size"] == 32
+    assert set(row["excluded"]) == {"squeeze-excitation", "hard-swish", "embedding-head"}
+    assert [c["method"] for c in row["candidates"]] == ["minmax", "percentile", "entropy"]
+    assert [c["method"] for c in row["candidates"] if c.get("chosen")] == [row["chosen"]]
+    assert "vit_tiny_patch16_224" in results["not_measured"] and "mobilenet_v3_small" not in results["not_measured"]
+    bench.print_sweep(results)
+    table = capsys.readouterr().out
+    p = row["parity"]
+    [line] = [x for x in table.splitlines() if x.startswith("| mobilenet_v3_small | 32 |")]
+    assert f"| {p['min_cosine']:.4f} | {p['topk_overlap']:.3f} | {'met' if p['passed'] else 'NOT MET'} |" in line
+    for c in row["candidates"]:
+        assert ("failed" if "error" in c else f"{c['topk_overlap']:.3f} / {c['min_cosine']:.4f}") in line
+    assert "not measured" in table and "vit_tiny_patch16_224" in table
+
+
+def test_bench_export_has_a_vit_row():
+    bench = _bench_export()
+    assert any(arch.startswith("vit_") for arch, _, _ in bench.CONFIGS.values())
+    assert "vit_tiny_patch16_224" in bench.SWEEP_VITS

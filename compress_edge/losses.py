@@ -151,11 +151,15 @@ def _zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 class QueueLoss(nn.Module):
-    """Base of the losses that keep queues: a forward stages its keys, ``commit()`` enqueues them.
+    """The one queue base: every loss that keeps queues (``CompRess2Q``, ``CompRess1Q``, ``MoCoLoss``).
 
-    The engine calls ``commit()`` after the backward pass (the next forward commits too, if nobody
-    did): the current batch is never its own anchor, and the anchors autograd saved for the backward
-    pass are not overwritten under it. Keys and image ids are gathered from every rank first.
+    Its queues are :class:`RingQueue` submodules, so their state (``<name>.bank``, ``.ids``, ``.ptr``,
+    ``.filled``) is in the loss's state dict and so in every checkpoint. A forward ``commit()``s what
+    the last one left, computes its loss against the queues as they stand, and ``stage()``s its keys
+    (with their images' ids, for ``mask_for``), gathered from every rank first. The engine calls
+    ``commit()`` (through :func:`commit_queues`) after the backward pass, so the current batch is
+    never its own anchor, and the anchors autograd saved for the backward pass are not overwritten
+    under it.
     """
 
     def __init__(self, mask_self: bool = True):
@@ -178,89 +182,79 @@ class QueueLoss(nn.Module):
             queue.push(keys, ids)
 
 
-class CompRess2Q(QueueLoss):
-    """CompRess with two queues: teacher anchors Q_t (K, Dt) and student anchors Q_s (K, Ds).
+class CompRessLoss(QueueLoss):
+    """What the CompRess losses share: the teacher's queue Q_t (K, Dt), the two temperatures, and
+    the step: the teacher's and the student's similarity distributions over the anchors, their KL
+    (:func:`similarity_kl`), then the batch's keys staged. A subclass says where the student's side
+    comes from: ``_build_student_side`` makes its modules, ``_embed_student`` returns the normalised
+    student embeddings (B, Dt or Ds), the queue that holds its anchors, and the keys to stage into
+    that queue (None: nothing to stage, the queue is the teacher's).
 
-    Q_s holds the same images' embeddings as Q_t, from a momentum (EMA) copy of the student
-    (``compress-2q``) or from the student's own detached embeddings (``compress-2q-nomomentum``,
-    call without ``student_key``). Shapes: student (B, Ds), teacher (B, Dt), student_key (B, Ds),
-    index (B,) the images' dataset indices (for ``mask_self``; None: nothing is masked).
+    Shapes: student (B, Ds), teacher (B, Dt), student_key (B, Ds), index (B,) the images' dataset
+    indices (for ``mask_self``; None: nothing is masked).
     """
 
-    def __init__(
-        self,
-        teacher_dim: int,
-        student_dim: int,
-        queue_size: int = PAPER_QUEUE_SIZE,
-        temperature: float = PAPER_TEMPERATURE,
-        student_temperature: float | None = None,
-        mask_self: bool = True,
-    ):
+    def __init__(self, teacher_dim: int, student_dim: int, queue_size: int = PAPER_QUEUE_SIZE,
+                 temperature: float = PAPER_TEMPERATURE, student_temperature: float | None = None,
+                 mask_self: bool = True):
         super().__init__(mask_self)
         self.t_teacher = float(temperature)
         self.t_student = float(student_temperature or temperature)
         self.teacher_queue = RingQueue(queue_size, teacher_dim)
-        self.student_queue = RingQueue(queue_size, student_dim)
+        self._build_student_side(teacher_dim, student_dim, queue_size)
 
-    def forward(
-        self,
-        student: torch.Tensor,
-        teacher: torch.Tensor,
-        student_key: torch.Tensor | None = None,
-        index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _build_student_side(self, teacher_dim: int, student_dim: int, queue_size: int) -> None:
+        raise NotImplementedError
+
+    def _embed_student(
+        self, student: torch.Tensor, student_key: torch.Tensor | None
+    ) -> tuple[torch.Tensor, RingQueue, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, student_key: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
         self.commit()
-        s = F.normalize(student.float(), dim=1)
-        t = F.normalize(teacher.detach().float(), dim=1)
-        key = s.detach() if student_key is None else F.normalize(student_key.detach().float(), dim=1)
-        if int(self.teacher_queue.filled) == 0:
-            loss = _zero_loss(student)
-        else:
-            loss = similarity_kl(t, self.teacher_queue.anchors(), s, self.student_queue.anchors(),
-                                 self.t_teacher, self.t_student, self.mask_for(self.teacher_queue, index))
-        self.stage(self.teacher_queue, t, index)
-        self.stage(self.student_queue, key, index)
-        return loss
-
-
-class CompRess1Q(QueueLoss):
-    """CompRess with one queue: the student, through a learned linear map (Ds -> Dt), is scored
-    against the teacher's queue Q_t (K, Dt). Shapes: student (B, Ds), teacher (B, Dt), index (B,)."""
-
-    def __init__(
-        self,
-        teacher_dim: int,
-        student_dim: int,
-        queue_size: int = PAPER_QUEUE_SIZE,
-        temperature: float = PAPER_TEMPERATURE,
-        student_temperature: float | None = None,
-        mask_self: bool = True,
-    ):
-        super().__init__(mask_self)
-        self.t_teacher = float(temperature)
-        self.t_student = float(student_temperature or temperature)
-        self.projection = nn.Linear(student_dim, teacher_dim)
-        self.teacher_queue = RingQueue(queue_size, teacher_dim)
-
-    def forward(
-        self,
-        student: torch.Tensor,
-        teacher: torch.Tensor,
-        student_key: torch.Tensor | None = None,
-        index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.commit()
-        with torch.autocast(device_type=student.device.type, enabled=False):
-            s = F.normalize(self.projection(student.float()), dim=1)
+        s, student_queue, key = self._embed_student(student, student_key)
         t = F.normalize(teacher.detach().float(), dim=1)
         if int(self.teacher_queue.filled) == 0:
             loss = _zero_loss(s)
         else:
-            anchors = self.teacher_queue.anchors()
-            loss = similarity_kl(t, anchors, s, anchors, self.t_teacher, self.t_student,
-                                 self.mask_for(self.teacher_queue, index))
+            loss = similarity_kl(t, self.teacher_queue.anchors(), s, student_queue.anchors(),
+                                 self.t_teacher, self.t_student, self.mask_for(self.teacher_queue, index))
         self.stage(self.teacher_queue, t, index)
+        if key is not None:
+            self.stage(student_queue, key, index)
         return loss
+
+
+class CompRess2Q(CompRessLoss):
+    """CompRess with two queues: teacher anchors Q_t (K, Dt) and student anchors Q_s (K, Ds).
+
+    Q_s holds the same images' embeddings as Q_t, from a momentum (EMA) copy of the student
+    (``compress-2q``) or from the student's own detached embeddings (``compress-2q-nomomentum``,
+    call without ``student_key``). Shapes as in :class:`CompRessLoss`.
+    """
+
+    def _build_student_side(self, teacher_dim: int, student_dim: int, queue_size: int) -> None:
+        self.student_queue = RingQueue(queue_size, student_dim)
+
+    def _embed_student(self, student, student_key):
+        s = F.normalize(student.float(), dim=1)
+        key = s.detach() if student_key is None else F.normalize(student_key.detach().float(), dim=1)
+        return s, self.student_queue, key
+
+
+class CompRess1Q(CompRessLoss):
+    """CompRess with one queue: the student, through a learned linear map (Ds -> Dt), is scored
+    against the teacher's queue Q_t (K, Dt). Shapes: student (B, Ds), teacher (B, Dt), index (B,)."""
+
+    def _build_student_side(self, teacher_dim: int, student_dim: int, queue_size: int) -> None:
+        self.projection = nn.Linear(student_dim, teacher_dim)
+
+    def _embed_student(self, student, student_key):
+        with torch.autocast(device_type=student.device.type, enabled=False):
+            s = F.normalize(self.projection(student.float()), dim=1)
+        return s, self.teacher_queue, None
 
 
 class RegressionLoss(nn.Module):
@@ -277,13 +271,8 @@ class RegressionLoss(nn.Module):
         self.projection = nn.Linear(student_dim, teacher_dim)
         self.teacher_bn = nn.BatchNorm1d(teacher_dim, affine=False) if batch_norm else None
 
-    def forward(
-        self,
-        student: torch.Tensor,
-        teacher: torch.Tensor,
-        student_key: torch.Tensor | None = None,
-        index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, student_key: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(device_type=student.device.type, enabled=False):
             target = teacher.float().detach()
             if self.teacher_bn is not None:

@@ -23,6 +23,7 @@ from compress_edge.defaults import (
     DEFAULT_METHOD,
     DEFAULT_STUDENT_EMBED,
     DISTILL_BASE_LR,
+    DISTILL_CROP_SCALE,
     DISTILL_LR_SCALING,
     DISTILL_MAX_EPOCHS,
     DISTILL_MIN_EPOCHS,
@@ -138,7 +139,7 @@ class DistillOptions:
     temperature: float = PAPER_TEMPERATURE
     ema: float | None = None  # auto: follows the run length
     mask_self: bool = True  # False: the paper's loss exactly
-    crop_scale: float | None = None  # the smallest random crop, as a share of the image's area (auto: the cache's, or 0.2)
+    crop_scale: float | None = None  # the smallest random crop's share of the image (auto: the cache's, or the default)
     holdout: float = DEFAULT_HOLDOUT
     image_size: int | None = None  # the teacher's input size (default: its own)
     student_image_size: int | None = None  # the student's (default: the teacher's)
@@ -240,12 +241,12 @@ def setup(opts: DistillOptions) -> DistillSetup:
     image_size = opts.student_image_size or teacher_size
     crop = opts.crop_scale
     recorded = cache.meta["parts"]["transform"].get("augment") if cache is not None else None
-    if crop is None and recorded:
-        crop = recorded["scale"][0]  # the student replays the cache's views
-    crop_kw = {} if crop is None else {"scale": (check_crop_scale(crop), 1.0)}
-    teacher_augment = TrainAugment.for_image_size(teacher_size, mean, std, **crop_kw)
+    if crop is None:  # a cache's views are replayed as they were recorded
+        crop = recorded["scale"][0] if recorded else DISTILL_CROP_SCALE
+    scale = (check_crop_scale(crop), 1.0)
+    teacher_augment = TrainAugment.for_image_size(teacher_size, mean, std, scale=scale)
     augment = (teacher_augment if image_size == teacher_size
-               else TrainAugment.for_image_size(image_size, mean, std, **crop_kw))
+               else TrainAugment.for_image_size(image_size, mean, std, scale=scale))
     if cache is not None:
         parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=teacher_size, mean=mean,
                                   std=std, mode=cache.mode, views=cache.views,
@@ -336,8 +337,8 @@ def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_w
 
     dataset = open_dataset(data, data_root=data_root)
     model, spec = load_teacher(teacher, teacher_weights, data, image_size)
-    crop_kw = {} if crop_scale is None else {"scale": (check_crop_scale(crop_scale), 1.0)}
-    augment = TrainAugment.for_image_size(spec.image_size, spec.mean, spec.std, **crop_kw)
+    scale = (check_crop_scale(DISTILL_CROP_SCALE if crop_scale is None else crop_scale), 1.0)
+    augment = TrainAugment.for_image_size(spec.image_size, spec.mean, spec.std, scale=scale)
     mode = "views" if views > 0 else "center"
     parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=spec.image_size, mean=spec.mean,
                               std=spec.std, mode=mode, views=max(1, views), augment=augment_settings(augment), seed=seed)

@@ -232,6 +232,7 @@ def test_cache_fingerprint_mismatch_is_refused(tmp_path, class_folder, saved_tea
 
 
 def test_crop_scale_is_recorded_by_the_cache_and_followed_by_the_student(tmp_path, class_folder, saved_teacher):
+    from compress_edge.defaults import DISTILL_CROP_SCALE
     from compress_edge.distill import setup
     from compress_edge.teacher_cache import open_cache
 
@@ -248,7 +249,9 @@ def test_crop_scale_is_recorded_by_the_cache_and_followed_by_the_student(tmp_pat
     with pytest.raises(TrainingError, match="--crop-scale must be in"):
         setup(_options(class_folder, tmp_path / "run3", saved_teacher, crop_scale=1.5))
     live = setup(_options(class_folder, tmp_path / "run4", saved_teacher))
-    assert live.resolved["crop_scale"] == 0.2
+    assert live.resolved["crop_scale"] == DISTILL_CROP_SCALE
+    old = _cache(tmp_path, class_folder, saved_teacher, "old", "--views", "2", "--crop-scale", "0.2")
+    assert setup(_options(class_folder, tmp_path / "run5", None, teacher_cache=str(old))).resolved["crop_scale"] == 0.2
 
 
 def test_interrupted_cache_resumes_from_complete_shards(tmp_path, class_folder, saved_teacher):

@@ -56,7 +56,8 @@ def parse_kwargs(items: list[str] | None) -> dict:
 
 CropScaleOpt = Annotated[float | None, typer.Option("--crop-scale", help="The smallest random crop of the "
                                                   "augmented views, as a share of the image's area (0-1]; "
-                                                  "default 0.2 (SimCLR's views), or the teacher cache's.",
+                                                  "default 0.8, or the teacher cache's (its views are "
+                                                  "replayed). Pretraining crops to 0.2.",
                                                   show_default=False)]
 
 
@@ -151,7 +152,8 @@ def distill(
             data=data, out=str(out), teacher=teacher, teacher_weights=teacher_weights, teacher_cache=teacher_cache,
             student_arch=student_arch, student_kwargs=parse_kwargs(student_kwargs), embed_dim=embed_dim,
             method=method, queue_size=queue_size, temperature=temperature, ema=ema, mask_self=mask_self,
-            crop_scale=crop_scale, holdout=holdout, image_size=image_size, student_image_size=student_image_size, data_root=data_root,
+            crop_scale=crop_scale, holdout=holdout, image_size=image_size, student_image_size=student_image_size,
+            data_root=data_root,
             train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                               weight_decay=weight_decay, warmup_epochs=None, workers=workers, device=device, amp=amp,
                               checkpoint_every=checkpoint_every, seed=seed, max_steps_per_epoch=max_steps_per_epoch,

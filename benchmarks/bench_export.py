@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-seconds", type=float, default=2.0)
     parser.add_argument("--train-steps", type=int, default=300, help="Supervised steps of the stand-in student.")
     parser.add_argument("--calib-images", type=int, default=256)
-    parser.add_argument("--calib-method", default="percentile")
+    parser.add_argument("--calib-method", default="auto", help="auto (try each, keep the best parity), minmax, "
+                        "percentile or entropy.")
     parser.add_argument("--parity-images", type=int, default=200)
     parser.add_argument("--data", default="fashion-mnist:test",
                         help="Images for the parity checks and the timed batches (a folder or fashion-mnist:test).")

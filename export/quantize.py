@@ -5,6 +5,9 @@
 - ``int8-cpu``: onnxruntime static quantisation in QDQ format with the settings onnxruntime runs
   fastest on x86 (VNNI) CPUs: unsigned 8-bit activations (asymmetric), signed 8-bit per-channel
   symmetric weights, full range (no ``reduce_range``: VNNI does not saturate), calibrated on images.
+  Squeeze-excitation blocks, hard-swish and the embedding head stay in float
+  (:func:`find_exclusions`, each with its reason); ``calib_method="auto"`` tries every calibration
+  method and keeps the one with the best parity.
 - ``int8-trt``: what TensorRT's explicit quantisation takes: signed 8-bit symmetric activations
   and weights (zero points 0), per-channel weights, biases left in float, only standard ONNX
   ``QuantizeLinear`` / ``DequantizeLinear`` (no ``com.microsoft`` operators).
@@ -443,15 +446,16 @@ def find_exclusions(proto) -> list[dict[str, Any]]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     order = {n.name: i for i, n in enumerate(graph.node)}
+    inputs = {i.name for i in graph.input}
 
     def acts(node) -> list[str]:
-        """The inputs of ``node`` computed from the image (not weights or constants)."""
+        """The inputs of ``node`` computed from the image (not weights, constants or shapes)."""
         out = []
         for name in node.input:
             if not name or name in consts:
                 continue
             p = producers.get(name)
-            if p is not None and p.op_type in ("Constant", "Shape") or p is None and name not in _graph_inputs(graph):
+            if (p is None and name not in inputs) or (p is not None and p.op_type in ("Constant", "Shape")):
                 continue
             out.append(name)
         return out
@@ -503,14 +507,11 @@ def find_exclusions(proto) -> list[dict[str, Any]]:
         head[node.name] = None
         if node.op_type in _WEIGHTED and any(i in consts for i in node.input[1:2]):
             continue  # the last projection: stop here
-        if node.op_type == "ReduceL2":
-            # x / max(||x||, eps): x feeds the norm and the division; the walk goes on through x.
-            pass
         for inp in acts(node):
-            users = [c for c in consumers.get(inp, []) if c.name not in head]
-            # A tensor other nodes also read (a residual stream) is where the head ends, unless those
-            # readers are the normalisation already in the head.
-            if users:
+            # A tensor that nodes outside the head also read (a residual stream) is where the head
+            # ends; x in x / max(||x||, eps) is read by the norm and the division, both in the head
+            # once the walk has passed them, so the walk goes on through it.
+            if any(c.name not in head for c in consumers.get(inp, [])):
                 continue
             todo.append(inp)
     groups["embedding-head"] = {n: None for n in head if n not in claimed}
@@ -535,10 +536,6 @@ def _name_nodes(graph) -> bool:
             renamed = True
         seen.add(node.name)
     return renamed
-
-
-def _graph_inputs(graph) -> set[str]:
-    return {i.name for i in graph.input}
 
 
 def _se_block(gate_in: str, x: str, producers: dict, acts) -> list[str] | None:

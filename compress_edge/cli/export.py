@@ -61,8 +61,9 @@ def export(
                                                    "checks: an image folder, fashion-mnist:train|test, or a .npy of "
                                                    "preprocessed images.")] = None,
     calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images taken from --calib-data.")] = 256,
-    calib_method: Annotated[CalibMethod, typer.Option("--calib-method", help="percentile (99.999), minmax or "
-                                                                            "entropy.")] = "percentile",
+    calib_method: Annotated[CalibMethod, typer.Option("--calib-method", help="auto (try percentile (99.999), "
+                                                      "minmax and entropy; keep the best parity), or one of "
+                                                      "them.")] = "auto",
     parity_data: Annotated[str | None, typer.Option("--parity-data", help="Images for the parity checks "
                                                     "(default: --calib-data).")] = None,
     parity_images: Annotated[int, typer.Option("--parity-images", help="Images in the parity checks and the "

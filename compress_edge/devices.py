@@ -38,8 +38,10 @@ def parse_device(name: Any) -> tuple[str, int | None]:
     if not text:
         return "auto", None
     m = _DEVICE.fullmatch(text)
-    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
+    if m is None or (m.group(2) is not None and m.group(1) not in ("cuda", "cpu")):
         raise unknown_device(name)
+    if m.group(1) == "cpu":  # torch's "cpu:0" is the CPU
+        return "cpu", None
     return m.group(1), None if m.group(2) is None else int(m.group(2))
 
 

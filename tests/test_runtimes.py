@@ -127,8 +127,8 @@ def test_one_device_choice():
     assert train_resolve_device is resolve_device
     assert parse_device(None) == parse_device("") == parse_device("AUTO") == ("auto", None)
     assert parse_device("cuda:1") == ("cuda", 1)
-    assert parse_device(torch.device("cpu")) == ("cpu", None)
-    for bad in ("tpu", "cpu:0", "cuda:x"):
+    assert parse_device(torch.device("cpu")) == parse_device("cpu:0") == ("cpu", None)  # as training took it
+    for bad in ("tpu", "mps:1", "cuda:x"):
         with pytest.raises(DeviceError, match=f"unknown device '{bad}'"):
             parse_device(bad)
     assert issubclass(DeviceError, ModelError) and issubclass(DeviceError, TrainingError)

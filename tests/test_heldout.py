@@ -3,8 +3,9 @@
 Generated textures (not Fashion-MNIST, not the benchmark's shapes), a torchvision resnet18 trained
 with labels in the test (the kind of checkpoint a user brings), then ``compress-edge distill DATA
 --teacher resnet18 --teacher-weights FILE --image-size S`` and nothing else. The student must beat
-raw pixels and its own random weights on held-out test images, and must not collapse. (How far it stays below its teacher is measured by
-benchmarks/heldout_check.py; see the README.)
+raw pixels and its own random weights on held-out test images, must stay within 12 points of its
+teacher, and must not collapse (benchmarks/heldout_check.py measures the same on a larger set; see the
+README).
 """
 
 from __future__ import annotations
@@ -61,4 +62,7 @@ def test_distill_defaults_transfer_to_unseen_textures(tmp_path):
     assert scores["teacher"] > scores["raw pixels"] + 10, scores  # the set is one where a model matters
     assert scores["student"] > scores["raw pixels"] + 5, scores
     assert scores["student"] > scores["random"] + 5, scores
+    # Measured 49.0 against the teacher's 55.0 (SimCLR's crops, the earlier default, left the student
+    # 15 to 33 points behind on the benchmark's larger set of the same kind).
+    assert scores["student"] > scores["teacher"] - 12, scores
     assert quality["heldout"]["rows"]["the student"]["spread"]["mean_cosine"] < 0.9, quality  # not collapsed

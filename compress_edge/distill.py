@@ -239,11 +239,11 @@ def setup(opts: DistillOptions) -> DistillSetup:
         teacher, teacher_spec = load_teacher(opts.teacher, opts.teacher_weights, opts.data, opts.image_size)
         teacher_size, mean, std = teacher_spec.image_size, teacher_spec.mean, teacher_spec.std
     image_size = opts.student_image_size or teacher_size
-    crop = opts.crop_scale
     recorded = cache.meta["parts"]["transform"].get("augment") if cache is not None else None
-    if crop is None:  # a cache's views are replayed as they were recorded
-        crop = recorded["scale"][0] if recorded else DISTILL_CROP_SCALE
-    scale = (check_crop_scale(crop), 1.0)
+    if opts.crop_scale is None and recorded:  # a cache's views are replayed as they were recorded
+        scale = crop_range(recorded["scale"][0])
+    else:
+        scale = crop_range(opts.crop_scale)
     teacher_augment = TrainAugment.for_image_size(teacher_size, mean, std, scale=scale)
     augment = (teacher_augment if image_size == teacher_size
                else TrainAugment.for_image_size(image_size, mean, std, scale=scale))
@@ -321,11 +321,13 @@ def cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_we
                               crop_scale=crop_scale)
 
 
-def check_crop_scale(value: float) -> float:
-    """--crop-scale: the smallest random crop's share of the image's area, in (0, 1]."""
-    if not 0 < float(value) <= 1:
-        raise TrainingError(f"--crop-scale must be in (0, 1] (a share of the image's area), got {value}")
-    return float(value)
+def crop_range(crop_scale: float | None) -> tuple[float, float]:
+    """--crop-scale (the smallest random crop's share of the image's area, in (0, 1]; None: the
+    default) as the (min, max) area range of the augmented views."""
+    value = DISTILL_CROP_SCALE if crop_scale is None else float(crop_scale)
+    if not 0 < value <= 1:
+        raise TrainingError(f"--crop-scale must be in (0, 1] (a share of the image's area), got {crop_scale}")
+    return value, 1.0
 
 
 def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_weights: str | None, views: int,
@@ -337,8 +339,7 @@ def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_w
 
     dataset = open_dataset(data, data_root=data_root)
     model, spec = load_teacher(teacher, teacher_weights, data, image_size)
-    scale = (check_crop_scale(DISTILL_CROP_SCALE if crop_scale is None else crop_scale), 1.0)
-    augment = TrainAugment.for_image_size(spec.image_size, spec.mean, spec.std, scale=scale)
+    augment = TrainAugment.for_image_size(spec.image_size, spec.mean, spec.std, scale=crop_range(crop_scale))
     mode = "views" if views > 0 else "center"
     parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=spec.image_size, mean=spec.mean,
                               std=spec.std, mode=mode, views=max(1, views), augment=augment_settings(augment), seed=seed)

@@ -116,6 +116,7 @@ class PretrainOptions:
     holdout: float = DEFAULT_HOLDOUT
     image_size: int | None = None  # auto: the data's own size, within [32, 224]
     data_root: str | None = None
+    init: str | None = None  # a model folder whose backbone weights the run starts from
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=None, batch_size=None, lr=None,
                                                                    weight_decay=5e-4, warmup_epochs=None))
 
@@ -173,6 +174,8 @@ def setup(opts: PretrainOptions) -> PretrainSetup:
     kwargs.setdefault("small_input", image_size <= SMALL_INPUT_MAX)
     model = create_model(opts.arch, head="mlp", embed_dim=opts.proj_dim, **kwargs)
     check_input_size(model, image_size)  # before any training: a forward that fails is refused here
+    if opts.init:
+        start_from(model, opts.init, opts.arch)
     resolved: dict[str, Any] = {"image_size": image_size, "heldout_images": int(len(heldout)),
                                 "train_images": len(train_set)}
     if opts.method == "simclr":
@@ -187,6 +190,23 @@ def setup(opts: PretrainOptions) -> PretrainSetup:
         resolved.update(queue_size=queue, ema=ema)
     return PretrainSetup(dataset=dataset, train_set=train_set, heldout=heldout, task=task, model=model,
                          image_size=image_size, mean=mean, std=std, arch_kwargs=kwargs, plan=plan, resolved=resolved)
+
+
+def start_from(model: nn.Module, init: str, arch: str) -> None:
+    """Load the backbone of the model folder ``init`` into ``model`` (its projection head stays new):
+    pretraining continues from a saved model, e.g. a teacher trained longer than one run allowed."""
+    from compress_edge.model_files import load_model
+
+    start, spec = load_model(init)
+    if spec.arch != arch:
+        raise TrainingError(f"--init {init} is a {spec.arch}, not a {arch}: pass --arch {spec.arch}")
+    try:
+        model.backbone.load_state_dict(start.backbone.state_dict())
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise TrainingError(f"--init {init} does not fit this {arch} ({first}); give the same --arch-kwargs "
+                            f"it was built with: {spec.arch_kwargs}") from None
+    logger.info("starting from the backbone of %s (%s, trained at %s px)", init, spec.arch, spec.image_size)
 
 
 def backbone_only(model: nn.Module, arch: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -217,6 +237,8 @@ def _run_pretrain(opts: PretrainOptions, *, resume: bool, stop_after_epochs: int
     seed_everything(opts.train.seed)
     ready = setup(opts)
     source = {"kind": "pretrain", "method": opts.method, "run": run_dir.name, "data": opts.data}
+    if opts.init:
+        source["init"] = str(opts.init)
 
     def trained() -> tuple[nn.Module, Any]:
         plain = backbone_only(ready.model, opts.arch, ready.arch_kwargs)

@@ -49,6 +49,9 @@ def pretrain(
                                                    "the images' own median size rounded to 32, within 32-224).",
                                                    show_default=False)] = None,
     data_root: DataRootOpt = None,
+    init: Annotated[str | None, typer.Option("--init", help="Start the backbone from this model or run folder "
+                                             "(e.g. a teacher to train longer); the projection head starts "
+                                             "new.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The run folder.")] = Path("runs/pretrain"),
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder.")] = None,
     stop_after: Annotated[int | None, typer.Option("--stop-after", help="Train at most this many epochs now.")] = None,
@@ -85,7 +88,7 @@ def pretrain(
         opts = PretrainOptions(
             data=data, out=str(out), arch=arch, arch_kwargs=parse_kwargs(arch_kwargs), method=method,
             proj_dim=proj_dim, temperature=temperature, queue_size=queue_size, ema=ema, mask_self=mask_self,
-            holdout=holdout, image_size=image_size, data_root=data_root,
+            holdout=holdout, image_size=image_size, data_root=data_root, init=init,
             train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                               warmup_epochs=None, workers=workers, device=device, amp=amp, seed=seed,
                               max_steps_per_epoch=max_steps_per_epoch, progress=progress),

@@ -25,6 +25,16 @@ def test_spread_tells_a_collapsed_set_from_a_spread_one():
     assert collapsed.mean_cosine > 0.95 and collapsed.collapsed
 
 
+def test_spread_flags_embeddings_that_use_a_few_directions_but_not_ten_classes():
+    rng = np.random.default_rng(3)
+    few = rng.normal(size=(500, 3)) @ rng.normal(size=(3, 64)) + 0.01 * rng.normal(size=(500, 64))
+    squeezed = embedding_spread(few)
+    assert squeezed.mean_cosine < 0.9 and squeezed.effective_rank < 4 and squeezed.collapsed  # dimensional collapse
+    centres = rng.normal(size=(10, 64))  # ten well separated classes: about ten directions, not collapsed
+    classes = embedding_spread(centres[rng.integers(0, 10, 500)] + 0.1 * rng.normal(size=(500, 64)))
+    assert classes.effective_rank > 5 and not classes.collapsed
+
+
 def test_spread_mean_cosine_is_the_average_over_distinct_pairs():
     x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     n = x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -57,9 +57,9 @@ def trained_weights(folder: Path, steps: int, threads: int) -> dict:
     import torch
     from torch import nn
 
-    from compress_edge.data import open_dataset
-    from compress_edge.images import preprocess_batch
-    from compress_edge.models import create_model, load_model, save_model, spec_for
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.data.images import preprocess_batch
+    from compress_edge.models.resolve import create_model, load_model, save_model, spec_for
 
     if (folder / "model.json").is_file():
         return load_model(folder)[0].state_dict()
@@ -91,7 +91,7 @@ def stand_in_student(arch: str, small_input: bool, size: int, folder: Path, stat
     import torch
     from compress_edge.export.parity import load_check_images
 
-    from compress_edge.models import create_model, recalibrate_batchnorm, save_model, spec_for
+    from compress_edge.models.resolve import create_model, recalibrate_batchnorm, save_model, spec_for
 
     model = create_model(arch, small_input=small_input)
     model.load_state_dict(state)
@@ -274,7 +274,7 @@ def sweep_model(arch: str, size: int, folder: Path, data: str = "fashion-mnist:t
     import torch
     from compress_edge.export.parity import load_check_images
 
-    from compress_edge.models import create_model, is_vit, recalibrate_batchnorm, save_model, spec_for
+    from compress_edge.models.resolve import create_model, is_vit, recalibrate_batchnorm, save_model, spec_for
 
     torch.manual_seed(0)
     model = create_model(arch, img_size=size) if arch.startswith("vit") else create_model(arch, small_input=size <= 64)
@@ -296,7 +296,7 @@ def int8_sweep(args: argparse.Namespace) -> dict:
     from compress_edge.export import ExportOptions, export_model
     from compress_edge.export.runtimes import machine_info
 
-    from compress_edge.models import list_models
+    from compress_edge.models.resolve import list_models
 
     torch.set_num_threads(args.threads)
     wanted = args.sweep_archs.split(",") if args.sweep_archs else [*list_models("cnn"), *SWEEP_VITS]

@@ -137,7 +137,7 @@ def bench_fmnist(model: str | None, work: Path, rng: np.random.Generator) -> lis
 
     note = "trained model " + str(model)
     if model is None:
-        from compress_edge.models import create_model, save_model, spec_for
+        from compress_edge.models.resolve import create_model, save_model, spec_for
 
         net = create_model("mobilenet_v3_small", small_input=True).eval()
         model = str(work / "random-mobilenet_v3_small")

@@ -77,7 +77,7 @@ def build_default(work: Path, gallery: int) -> tuple[Path, Path]:
     from compress_edge.export.onnx import export_onnx
     from compress_edge.retrieval.index import build_from_images
 
-    from compress_edge.models import create_model, save_model, spec_for
+    from compress_edge.models.resolve import create_model, save_model, spec_for
 
     images = make_images(work / "gallery", per_class=max(1, gallery // 3))
     queries = make_images(work / "queries", per_class=20, seed=7)

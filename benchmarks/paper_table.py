@@ -20,7 +20,7 @@ Data sets:
   the teacher shipped with the package (made by ``compress-edge pretrain``; ``--pretrain-teacher``
   trains one here instead), resnet18 at 64 px; students mobilenet_v2 x0.5 at 32 px.
 - ``shapes``: ten classes of coloured shapes on clutter, generated here with a fixed seed
-  (``compress_edge.synthetic``), 32 px; the teacher is pretrained here with ``compress-edge
+  (``compress_edge.data.synthetic``), 32 px; the teacher is pretrained here with ``compress-edge
   pretrain``'s defaults (resnet18).
 
     python benchmarks/paper_table.py --dataset fashion-mnist     # ~90 min on 2 CPU cores
@@ -133,7 +133,7 @@ def make_data(s: Setting, work: Path) -> Setting:
     """Generate the shapes images (once); returns the setting with its train/test DATA filled in."""
     if s.dataset != "shapes":
         return s
-    from compress_edge.synthetic import make_shapes
+    from compress_edge.data.synthetic import make_shapes
 
     g = s.generated
     root = work / "data"
@@ -147,7 +147,7 @@ def make_data(s: Setting, work: Path) -> Setting:
 
 
 def _train_config(s: Setting, epochs: int | None, batch: int | None, amp: str = "off"):
-    from compress_edge.train import TrainConfig
+    from compress_edge.train.engine import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=batch, lr=None, warmup_epochs=None, workers=s.workers,
                        device=s.device, amp=amp, seed=s.seed, progress=False, log_every=50)
@@ -155,7 +155,7 @@ def _train_config(s: Setting, epochs: int | None, batch: int | None, amp: str = 
 
 def pretrain(s: Setting, data: str, out: Path, arch: str, kwargs: dict, image_size: int, epochs: int | None,
              batch: int | None, amp: str = "off") -> dict:
-    from compress_edge.pretrain import PretrainOptions, run_pretrain
+    from compress_edge.train.pretrain import PretrainOptions, run_pretrain
 
     opts = PretrainOptions(data=data, out=str(out), arch=arch, arch_kwargs=dict(kwargs), image_size=image_size,
                            holdout=0.0, train=_train_config(s, epochs, batch, amp))
@@ -180,7 +180,7 @@ def teacher(s: Setting, work: Path) -> tuple[str, dict]:
 
 
 def teacher_cache(s: Setting, teacher_dir: str, work: Path) -> tuple[str, float]:
-    from compress_edge.distill import cache_teacher
+    from compress_edge.train.distill import cache_teacher
 
     out = work / "teacher-cache"
     started = time.perf_counter()
@@ -190,7 +190,7 @@ def teacher_cache(s: Setting, teacher_dir: str, work: Path) -> tuple[str, float]
 
 
 def distill(s: Setting, teacher_dir: str, cache: str, method: str, out: Path) -> dict:
-    from compress_edge.distill import DistillOptions, run_distill
+    from compress_edge.train.distill import DistillOptions, run_distill
 
     opts = DistillOptions(data=s.train, out=str(out), teacher=teacher_dir, teacher_cache=cache,
                           student_arch=s.student_arch, student_kwargs=dict(s.student_kwargs),
@@ -208,8 +208,8 @@ def distill(s: Setting, teacher_dir: str, cache: str, method: str, out: Path) ->
 # evaluation: one function for every row
 # --------------------------------------------------------------------------------------------------
 def evaluate_features(name: str, train_feats, test_feats, s: Setting, teacher_test=None) -> dict:
-    from compress_edge.evaluate import knn_eval, linear_probe, neighbor_agreement
-    from compress_edge.quality import embedding_spread
+    from compress_edge.eval.protocols import knn_eval, linear_probe, neighbor_agreement
+    from compress_edge.eval.quality import embedding_spread
 
     (xtr, ytr), (xte, yte) = train_feats, test_feats
     knn = knn_eval(xtr, ytr, xte, yte, ks=(20,), device=s.device)
@@ -223,8 +223,8 @@ def evaluate_features(name: str, train_feats, test_feats, s: Setting, teacher_te
 
 
 def model_features(model_dir: str | None, s: Setting, train_ds, test_ds, *, model=None, spec=None):
-    from compress_edge.evaluate import extract_features
-    from compress_edge.models import load_model
+    from compress_edge.eval.protocols import extract_features
+    from compress_edge.models.resolve import load_model
 
     if model is None:
         model, spec = load_model(model_dir)
@@ -233,7 +233,7 @@ def model_features(model_dir: str | None, s: Setting, train_ds, test_ds, *, mode
 
 
 def cost(model, spec) -> dict:
-    from compress_edge.profile import profile_model
+    from compress_edge.eval.profile import profile_model
 
     prof = profile_model(model, spec.image_size, depth=0)
     return {"params": prof.params, "flops": prof.flops}
@@ -289,9 +289,9 @@ def verdict(rows: list[dict]) -> dict[str, Any]:
 def run(s: Setting, work: Path) -> dict:
     import torch
 
-    from compress_edge.data import open_dataset
-    from compress_edge.models import load_model
-    from compress_edge.quality import random_weights_model, raw_pixel_features
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.models.resolve import load_model
+    from compress_edge.eval.quality import random_weights_model, raw_pixel_features
 
     if s.threads:
         torch.set_num_threads(int(s.threads))

@@ -248,7 +248,7 @@ class Demo:
     def _stopped_by(self, signals: _StopSignals, stages: list[Stage]) -> Iterator[list]:
         """Turn a stop (the demo's handler, or a training stage or the cache stopping at a safe point)
         into one :class:`DemoStopped` line."""
-        from compress_edge.train import TrainingStopped
+        from compress_edge.train.engine import TrainingStopped
 
         where: list = [1, "during"]
         try:
@@ -274,7 +274,7 @@ class Demo:
 # ----------------------------------------------------------------------------------------------
 def _train_config(demo: Demo, *, epochs: int | None, batch: int | None, amp: str = "auto",
                   lr: float | None = None):
-    from compress_edge.train import TrainConfig
+    from compress_edge.train.engine import TrainConfig
 
     s = demo.settings
     return TrainConfig(epochs=epochs, batch_size=batch, lr=lr, warmup_epochs=None, workers=s.workers,
@@ -282,8 +282,8 @@ def _train_config(demo: Demo, *, epochs: int | None, batch: int | None, amp: str
 
 
 def stage_teacher(demo: Demo) -> dict[str, Any]:
-    from compress_edge.models import load_model
-    from compress_edge.pretrain import PretrainOptions, run_pretrain
+    from compress_edge.models.resolve import load_model
+    from compress_edge.train.pretrain import PretrainOptions, run_pretrain
 
     s = demo.settings
     if demo.teacher_ref or s.teacher == "shipped":
@@ -310,7 +310,7 @@ DEMO_CACHE_SHARD_ROWS = 1024
 
 
 def stage_cache(demo: Demo) -> dict[str, Any]:
-    from compress_edge.distill import cache_teacher
+    from compress_edge.train.distill import cache_teacher
 
     s = demo.settings
     cache = cache_teacher(s.train_data, demo.path("teacher-cache"), teacher=demo.results["teacher"]["teacher"],
@@ -320,7 +320,7 @@ def stage_cache(demo: Demo) -> dict[str, Any]:
 
 
 def stage_distill(demo: Demo) -> dict[str, Any]:
-    from compress_edge.distill import DistillOptions, load_options, run_distill
+    from compress_edge.train.distill import DistillOptions, load_options, run_distill
 
     s = demo.settings
     run_dir = demo.path("student")
@@ -341,15 +341,15 @@ def stage_distill(demo: Demo) -> dict[str, Any]:
 
 
 def _eval_sets(demo: Demo):
-    from compress_edge.data import open_dataset
+    from compress_edge.data.datasets import open_dataset
 
     s = demo.settings
     return open_dataset(s.train_data, data_root=s.data_root), open_dataset(s.test_data, data_root=s.data_root)
 
 
 def stage_profile(demo: Demo) -> dict[str, Any]:
-    from compress_edge.models import load_model
-    from compress_edge.profile import compare, profile_model
+    from compress_edge.models.resolve import load_model
+    from compress_edge.eval.profile import compare, profile_model
 
     t_model, t_spec = load_model(demo.results["teacher"]["teacher"])
     s_model, s_spec = load_model(demo.results["distill"]["student"])
@@ -363,15 +363,15 @@ def stage_profile(demo: Demo) -> dict[str, Any]:
 
 
 def stage_evaluate(demo: Demo) -> dict[str, Any]:
-    from compress_edge.evaluate import (
+    from compress_edge.eval.protocols import (
         cluster_alignment,
         extract_features,
         knn_eval,
         linear_probe,
         neighbor_agreement,
     )
-    from compress_edge.models import load_model
-    from compress_edge.quality import embedding_spread, random_weights_model, raw_pixel_features
+    from compress_edge.models.resolve import load_model
+    from compress_edge.eval.quality import embedding_spread, random_weights_model, raw_pixel_features
 
     s = demo.settings
     train, test = _eval_sets(demo)
@@ -408,7 +408,7 @@ def stage_export(demo: Demo) -> dict[str, Any]:
     from compress_edge.deps import available
     from compress_edge.export import ExportOptions, export_model
     from compress_edge.export.runtimes import benchmark, open_embedder
-    from compress_edge.images import preprocess_batch
+    from compress_edge.data.images import preprocess_batch
 
     s = demo.settings
     out = demo.path("export")

@@ -10,7 +10,7 @@ import numpy as np
 from compress_edge.export import ExportOptions, export_model
 from compress_edge.export.runtimes import open_embedder
 
-from compress_edge.images import scan_images
+from compress_edge.data.images import scan_images
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", required=True, help="a compress-edge model or run folder")

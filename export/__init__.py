@@ -158,7 +158,7 @@ def export_model(opts: ExportOptions) -> dict[str, Any]:
     else:
         from compress_edge.export.onnx import export_onnx
 
-        from compress_edge.models import resolve_model
+        from compress_edge.models.resolve import resolve_model
 
         torch_model, spec = resolve_model(opts.model, weights=opts.weights, image_size=opts.image_size)
         if opts.mean is not None or opts.std is not None:

@@ -28,7 +28,7 @@ from compress_edge.export.runtimes import PRECISION_KEY
 
 from compress_edge.deps import available, require
 from compress_edge.errors import ExportError, ModelError
-from compress_edge.spec import ModelSpec
+from compress_edge.models.spec import ModelSpec
 from compress_edge.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def export_onnx(
     simplify: bool = True,
     extra_metadata: dict[str, str] | None = None,
 ) -> OnnxExport:
-    """Export ``model`` (an :class:`~compress_edge.models.EmbeddingModel` in eval mode, described by
+    """Export ``model`` (an :class:`~compress_edge.models.resolve.EmbeddingModel` in eval mode, described by
     ``spec``) to ``path``. Raises ExportError when no exporter succeeds or the checks fail.
 
     exporter: "auto" (dynamo, then TorchScript with a warning), "dynamo" or "torchscript".

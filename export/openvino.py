@@ -38,7 +38,7 @@ from compress_edge.export.runtimes import PRECISION_KEY, Embedder, spec_from_onn
 
 from compress_edge.deps import require
 from compress_edge.errors import DependencyError, ExportError, ModelError
-from compress_edge.spec import ModelSpec
+from compress_edge.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

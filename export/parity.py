@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from compress_edge.errors import DataError
-from compress_edge.neighbors import l2_normalize
-from compress_edge.spec import ModelSpec
+from compress_edge.eval.neighbors import l2_normalize
+from compress_edge.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,8 @@ def load_check_images(
         return _from_npy(path, spec, n, purpose), f"preprocessed array {path.name}"
     if data is None:
         raise DataError(f"no images for {purpose}; pass --calib-data (an image folder or fashion-mnist:test)")
-    from compress_edge.data import open_dataset
-    from compress_edge.images import preprocess_batch
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.data.images import preprocess_batch
 
     ds = open_dataset(str(data), progress=progress)
     if len(ds) == 0:
@@ -220,7 +220,7 @@ def synthetic_images(spec: ModelSpec, n: int, seed: int = 0) -> np.ndarray:
     """
     from PIL import Image
 
-    from compress_edge.images import preprocess_batch
+    from compress_edge.data.images import preprocess_batch
 
     rng = np.random.default_rng(seed)
     size = max(32, int(spec.image_size))

@@ -30,7 +30,7 @@ from compress_edge.export.onnx import INPUT_NAME, save_model_proto, set_metadata
 
 from compress_edge.deps import require
 from compress_edge.errors import DataError, ExportError
-from compress_edge.spec import ModelSpec
+from compress_edge.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 ``embed(images) -> float32 (N, D)`` is the same call on every backend, so retrieval, evaluation and
 benchmarks measure and search with the same code whatever runs the model.
 
-Torch-free at import time on purpose: a device's query path is this module, ``compress_edge.images``
+Torch-free at import time on purpose: a device's query path is this module, ``compress_edge.data.images``
 (numpy + PIL) and onnxruntime. torch is imported only inside the PyTorch and TensorRT backends.
 
 Which backend :func:`open_embedder` picks for ``backend="auto"``:
@@ -32,8 +32,8 @@ from PIL import Image
 from compress_edge.deps import available, require
 from compress_edge.devices import parse_device, torch_device_name, unknown_device
 from compress_edge.errors import DataError, DependencyError, ModelError
-from compress_edge.images import default_workers, preprocess_batch
-from compress_edge.spec import ModelSpec
+from compress_edge.data.images import default_workers, preprocess_batch
+from compress_edge.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class Embedder:
     # -- the public calls -------------------------------------------------------------------------
     def embed(self, images: ImagesLike) -> np.ndarray:
         """Embed a list of PIL images (or image paths), or a float32 array (N, C, S, S) already
-        preprocessed with :func:`compress_edge.images.preprocess_eval`. Returns float32 (N, D)."""
+        preprocessed with :func:`compress_edge.data.images.preprocess_eval`. Returns float32 (N, D)."""
         return self._embed_array(self.preprocess(images))
 
     def embed_paths(
@@ -100,7 +100,7 @@ class Embedder:
         """Decode, preprocess and embed image files, ``batch_size`` at a time. Returns float32 (N, D).
 
         Decoding runs in a thread pool (``workers`` threads) while the previous batch is embedded.
-        An unreadable file raises :class:`compress_edge.images.UnreadableImage`.
+        An unreadable file raises :class:`compress_edge.data.images.UnreadableImage`.
         """
         paths = list(paths)
         batches = embed_batches(self, lambda lo, hi: paths[lo:hi], 0, len(paths), batch_size=batch_size,
@@ -173,7 +173,7 @@ class Embedder:
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise DataError(
                 f"this model takes images of shape (N, {', '.join(map(str, expected))}), got an array of "
-                f"shape {tuple(x.shape)}; preprocess with compress_edge.images.preprocess_eval at "
+                f"shape {tuple(x.shape)}; preprocess with compress_edge.data.images.preprocess_eval at "
                 f"{self.spec.image_size}px (or pass PIL images)"
             )
         if not np.issubdtype(x.dtype, np.floating):
@@ -279,7 +279,7 @@ class TorchEmbedder(Embedder):
         spec: ModelSpec | None = None,
     ) -> None:
         torch = require("torch", "the PyTorch backend")
-        from compress_edge.models import resolve_model
+        from compress_edge.models.resolve import resolve_model
 
         self.device = torch_device_name(device or "cpu")
         if threads:
@@ -805,8 +805,8 @@ def _count_gflops(spec: ModelSpec) -> float | None:
         return None
     import torch
 
-    from compress_edge.models import rebuild
-    from compress_edge.profile import count_flops
+    from compress_edge.models.resolve import rebuild
+    from compress_edge.eval.profile import count_flops
 
     try:
         model = rebuild(spec.arch, spec.arch_kwargs, normalize=spec.normalize).eval()

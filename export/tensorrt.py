@@ -32,7 +32,7 @@ from compress_edge.export.runtimes import PRECISION_KEY, _sniff, read_sidecar
 
 from compress_edge.deps import install_hint
 from compress_edge.errors import DependencyError, ExportError, ModelError
-from compress_edge.spec import ModelSpec
+from compress_edge.models.spec import ModelSpec
 from compress_edge.storage import atomic_path, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)

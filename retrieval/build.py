@@ -42,7 +42,7 @@ from compress_edge.retrieval.sidecar import (
 from compress_edge.retrieval.tune import TUNE_K, tune_index
 
 from compress_edge.errors import CompressEdgeError, IndexFileError
-from compress_edge.spec import ModelSpec
+from compress_edge.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

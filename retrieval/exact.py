@@ -1,12 +1,12 @@
 """Exact search over an index's stored embeddings (the ground truth of tuning, and the reference kNN):
-:func:`compress_edge.neighbors.exact_topk` shard by shard, the shards' top-k merged."""
+:func:`compress_edge.eval.neighbors.exact_topk` shard by shard, the shards' top-k merged."""
 
 from __future__ import annotations
 
 import numpy as np
 from compress_edge.retrieval.shards import EmbeddingStore
 
-from compress_edge.neighbors import exact_topk, select_topk
+from compress_edge.eval.neighbors import exact_topk, select_topk
 
 
 def exact_knn(queries: np.ndarray, gallery: EmbeddingStore | np.ndarray, k: int, *,
@@ -15,7 +15,7 @@ def exact_knn(queries: np.ndarray, gallery: EmbeddingStore | np.ndarray, k: int,
     """Exact top-k by inner product: (scores float32 (nq, k), ids int64 (nq, k)), -1 ids when short.
 
     gallery: a store (searched shard by shard, memory-mapped) or an array (N, D) with ``gallery_ids``
-    (default 0..N-1). Each part is searched by :func:`compress_edge.neighbors.exact_topk` (numpy on
+    (default 0..N-1). Each part is searched by :func:`compress_edge.eval.neighbors.exact_topk` (numpy on
     the CPU; "cuda"/"cuda:N" runs its matrix products with torch on the GPU), the parts' top-k merged.
     """
     xq = np.ascontiguousarray(queries, dtype=np.float32)

@@ -46,7 +46,7 @@ from compress_edge.retrieval.sidecar import (
 )
 
 from compress_edge.errors import CompressEdgeError, IndexFileError
-from compress_edge.spec import ModelSpec
+from compress_edge.models.spec import ModelSpec
 from compress_edge.storage import sha256_file
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from compress_edge.images import open_image
+from compress_edge.data.images import open_image
 from compress_edge.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def load_item(path: str | None) -> Image.Image | None:
         return None
     if path.lower().startswith("fashion-mnist:"):
         try:
-            from compress_edge.data import open_dataset  # torch; absent on a device
+            from compress_edge.data.datasets import open_dataset  # torch; absent on a device
 
             split, _, number = path.split(":", 1)[1].partition("/")
             name = f"fashion-mnist:{split}"

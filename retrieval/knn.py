@@ -24,7 +24,7 @@ from compress_edge.retrieval.folder import RetrievalIndex
 from compress_edge.retrieval.shards import l2_normalize
 
 from compress_edge.errors import CompressEdgeError
-from compress_edge.neighbors import DEFAULT_TEMPERATURE, weighted_knn_vote
+from compress_edge.eval.neighbors import DEFAULT_TEMPERATURE, weighted_knn_vote
 
 DEFAULT_K = 20
 
@@ -60,7 +60,7 @@ def knn_vote(similarities: np.ndarray, neighbour_labels: np.ndarray, num_classes
              temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
     """Class scores (n, C) float64 from neighbours' similarities and labels (n, k), rows summing to 1.
 
-    The vote is :func:`compress_edge.neighbors.weighted_knn_vote` (each neighbour with a label >= 0
+    The vote is :func:`compress_edge.eval.neighbors.weighted_knn_vote` (each neighbour with a label >= 0
     adds exp(s / T) to its class), the one every kNN of compress-edge uses, so ``classify`` and
     ``eval knn`` score a query the same; here rows are normalised into confidences. Neighbours with
     label -1 or a non-finite similarity (FAISS's padding) do not vote.

@@ -68,7 +68,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from compress_edge import __version__
 from compress_edge.errors import CompressEdgeError, DependencyError
-from compress_edge.images import to_rgb
+from compress_edge.data.images import to_rgb
 
 log = logging.getLogger(__name__)
 

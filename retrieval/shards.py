@@ -6,7 +6,7 @@ shard by shard (training sample, adding to the index, exact ground truth). Each 
 ``torchrun`` rank, an ``index add``) writes its own shards and then a small manifest naming them;
 the index sidecar lists the manifests it uses, so shards left by an interrupted run are ignored.
 
-Torch-free: numpy, PIL and the image helpers only (Fashion-MNIST galleries import ``compress_edge.data``,
+Torch-free: numpy, PIL and the image helpers only (Fashion-MNIST galleries import ``compress_edge.data.datasets``,
 which needs torch, when they are opened).
 """
 
@@ -26,8 +26,8 @@ from compress_edge.retrieval.safety import check_finite
 from PIL import Image
 
 from compress_edge.errors import DataError, IndexFileError
-from compress_edge.images import open_image, scan_images
-from compress_edge.neighbors import l2_normalize
+from compress_edge.data.images import open_image, scan_images
+from compress_edge.eval.neighbors import l2_normalize
 from compress_edge.storage import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def open_gallery(data: Sequence[str], *, data_root: str | None = None, classes: 
     for item in data:
         head = item.split(":", 1)[0].lower()
         if head in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
-            from compress_edge.data import open_dataset  # needs torch: only for this kind of DATA
+            from compress_edge.data.datasets import open_dataset  # needs torch: only for this kind of DATA
 
             ds = open_dataset(item, data_root=data_root, progress=quiet)
             datasets[ds.name] = ds

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from compress_edge.cli import app
 from compress_edge.errors import DataError
-from compress_edge.images import preprocess_batch, scan_images
-from compress_edge.models import create_model, recalibrate_batchnorm, save_model, spec_for
-from compress_edge.spec import ModelSpec
+from compress_edge.data.images import preprocess_batch, scan_images
+from compress_edge.models.resolve import create_model, recalibrate_batchnorm, save_model, spec_for
+from compress_edge.models.spec import ModelSpec
 
 runner = CliRunner()
 HAVE_TRT = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
@@ -204,7 +204,7 @@ def big_folder(tmp_path_factory):
     """1000 tiny real PNGs: enough for the "checking images" bar of a folder scan."""
     from PIL import Image
 
-    from compress_edge.images import _PROGRESS_MIN_FILES
+    from compress_edge.data.images import _PROGRESS_MIN_FILES
 
     root = tmp_path_factory.mktemp("big")
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from compress_edge.checkpoints import (
+from compress_edge.models.layouts import (
     MIN_MATCHED,
     detect_format,
     inspect_checkpoint,
@@ -22,7 +22,7 @@ from compress_edge.checkpoints import (
     read_checkpoint,
 )
 from compress_edge.errors import ModelError
-from compress_edge.models import create_model, list_models, save_model, spec_for
+from compress_edge.models.resolve import create_model, list_models, save_model, spec_for
 
 SIZE = 64  # the smallest side every ImageNet stem takes (AlexNet needs 63 px)
 
@@ -271,7 +271,7 @@ def test_half_precision_checkpoint_loads_into_float32(tmp_path):
 def test_forced_format_and_the_log(tmp_path, caplog):
     net = source_net()
     torch.save(net.state_dict(), tmp_path / "tv.pth")
-    with caplog.at_level(logging.DEBUG, logger="compress_edge.checkpoints"):
+    with caplog.at_level(logging.DEBUG, logger="compress_edge.models.layouts"):
         report = load_backbone_weights(create_model("resnet18"), tmp_path / "tv.pth", fmt="generic")
     assert report.format == "generic" and report.matched == report.total
     assert f"loaded {report.total}/{report.total} backbone tensors" in caplog.text
@@ -423,7 +423,7 @@ def test_inspect_a_compress_edge_model(tmp_path):
 
 @pytest.mark.parametrize("small", [False, True])
 def test_a_cifar_style_resnet_checkpoint_gets_its_small_stem(tmp_path, small):
-    from compress_edge.models import resolve_model
+    from compress_edge.models.resolve import resolve_model
 
     torch.manual_seed(0)
     net = create_model("resnet18", small_input=small).eval()

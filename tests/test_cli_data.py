@@ -104,7 +104,7 @@ def test_info_empty_folder_is_one_line(tmp_path):
 
 
 def test_info_missing_fashion_mnist(monkeypatch, tmp_path):
-    from compress_edge import data as D
+    from compress_edge.data import datasets as D
 
     monkeypatch.setattr(D, "SYSTEM_DATA_DIRS", ())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

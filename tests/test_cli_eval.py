@@ -18,7 +18,7 @@ def model_dir(tmp_path):
     """A saved (random) small-input student at 24 px."""
     import torch
 
-    from compress_edge.models import create_model, save_model, spec_for
+    from compress_edge.models.resolve import create_model, save_model, spec_for
 
     torch.manual_seed(0)
     model = create_model("mobilenet_v3_small", small_input=True).eval()
@@ -122,7 +122,7 @@ def test_an_exported_model_is_opened_through_export_runtimes(model_dir, splits, 
     runtimes = pytest.importorskip("compress_edge.export.runtimes")
     import torch
 
-    from compress_edge.models import load_model
+    from compress_edge.models.resolve import load_model
 
     model, spec = load_model(model_dir)
     seen = {}
@@ -162,7 +162,7 @@ def test_eval_knn_with_an_index_maps_classes_by_name(model_dir, splits, tmp_path
     knn_mod = pytest.importorskip("compress_edge.retrieval.knn")
     from types import SimpleNamespace
 
-    from compress_edge.models import load_model
+    from compress_edge.models.resolve import load_model
 
     _, spec = load_model(model_dir)
     names = ["stripes", "square", "circle"]  # the index numbers the classes otherwise than the test folder
@@ -197,7 +197,7 @@ def folder_300(tmp_path_factory):
 
 @pytest.mark.parametrize("flag", ["--no-progress", "--progress"])
 def test_no_progress_hides_the_checking_images_bar(model_dir, folder_300, tmp_path, monkeypatch, flag):
-    import compress_edge.images as images
+    import compress_edge.data.images as images
 
     monkeypatch.setattr(images, "_PROGRESS_MIN_FILES", 300)
     shown = flag == "--progress"
@@ -213,7 +213,7 @@ def test_no_progress_hides_the_checking_images_bar(model_dir, folder_300, tmp_pa
 def test_open_gallery_without_progress_shows_no_bar(folder_300, monkeypatch, capsys):
     from compress_edge.retrieval.shards import open_gallery
 
-    import compress_edge.images as images
+    import compress_edge.data.images as images
 
     monkeypatch.setattr(images, "_PROGRESS_MIN_FILES", 300)
     assert len(open_gallery([str(folder_300)], progress=False).files) == 300
@@ -243,9 +243,9 @@ def test_demo_export_stage_times_the_backends_on_its_test_images(model_dir, spli
     demo.results["distill"] = {"student": str(model_dir)}
     out = stage_export(demo)
     assert len(seen) == 3 and all(x is not None for x in seen)
-    from compress_edge.data import open_dataset
-    from compress_edge.images import preprocess_batch
-    from compress_edge.models import load_model
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.data.images import preprocess_batch
+    from compress_edge.models.resolve import load_model
 
     _, spec = load_model(model_dir)
     test = open_dataset(splits[1])

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import compress_edge.cli.models  # noqa: F401 - registers the "models" group until cli/__init__ does
 from compress_edge.cli import app
-from compress_edge.models import create_model, list_models, save_model, spec_for
+from compress_edge.models.resolve import create_model, list_models, save_model, spec_for
 
 runner = CliRunner()
 

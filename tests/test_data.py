@@ -1,4 +1,4 @@
-"""compress_edge.data: datasets, Fashion-MNIST files and download, transforms, loaders."""
+"""compress_edge.data.datasets: datasets, Fashion-MNIST files and download, transforms, loaders."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from compress_edge import data as D
+from compress_edge.data import datasets as D
 from compress_edge.errors import DataError
-from compress_edge.images import open_image, preprocess_eval
+from compress_edge.data.images import open_image, preprocess_eval
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -274,7 +274,7 @@ def test_fashion_mnist_is_read_with_torchvisions_reader():
 
 
 def test_no_progress_hides_the_checking_images_bar(tmp_path, capfd):
-    from compress_edge.images import _PROGRESS_MIN_FILES
+    from compress_edge.data.images import _PROGRESS_MIN_FILES
 
     rng = np.random.default_rng(0)
     for i in range(_PROGRESS_MIN_FILES):

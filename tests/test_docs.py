@@ -93,7 +93,7 @@ def _invoke(*args) -> tuple[int, str]:
 def _teacher(folder: Path, image_size: int = 24, seed: int = 0) -> Path:
     import torch
 
-    from compress_edge.models import create_model, save_model, spec_for
+    from compress_edge.models.resolve import create_model, save_model, spec_for
 
     torch.manual_seed(seed)
     model = create_model("mobilenet_v3_small", small_input=True)
@@ -102,7 +102,7 @@ def _teacher(folder: Path, image_size: int = 24, seed: int = 0) -> Path:
 
 
 def _fake_engine(tmp: Path, module: str, version: str) -> Path:
-    from compress_edge.models import create_model, spec_for
+    from compress_edge.models.resolve import create_model, spec_for
 
     engine = tmp / "model.engine"
     engine.write_bytes(bytes(64))
@@ -115,7 +115,7 @@ def _fake_engine(tmp: Path, module: str, version: str) -> Path:
 
 
 def _fmnist_missing(tmp, images, monkeypatch):
-    import compress_edge.data as data
+    import compress_edge.data.datasets as data
 
     monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", ())
     monkeypatch.delenv("COMPRESS_EDGE_DATA", raising=False)
@@ -221,7 +221,7 @@ def _onnx(tmp: Path, size: int = 32) -> Path:
     import torch
     from compress_edge.export.onnx import export_onnx
 
-    from compress_edge.models import create_model, save_model, spec_for
+    from compress_edge.models.resolve import create_model, save_model, spec_for
 
     torch.manual_seed(2)
     model = create_model("mobilenet_v3_small", small_input=True).eval()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress_edge.evaluate import (
+from compress_edge.eval.protocols import (
     adjusted_rand_index,
     cluster_accuracy,
     cluster_alignment,
@@ -21,8 +21,8 @@ from compress_edge.evaluate import (
     neighbor_agreement,
     normalized_mutual_info,
 )
-from compress_edge.neighbors import knn_predict, weighted_knn_vote
-from compress_edge.spec import ModelSpec
+from compress_edge.eval.neighbors import knn_predict, weighted_knn_vote
+from compress_edge.models.spec import ModelSpec
 
 
 def _unit(x):
@@ -244,7 +244,7 @@ SPEC = ModelSpec(arch="tiny", embed_dim=6, image_size=20, mean=(0.5, 0.5, 0.5), 
 
 
 def test_extract_features_normalises_caches_and_leaves_the_dataset_alone(class_folder, tmp_path):
-    from compress_edge.data import open_dataset
+    from compress_edge.data.datasets import open_dataset
 
     ds = open_dataset(str(class_folder))
     net = CountingNet()
@@ -272,7 +272,7 @@ def test_extract_features_normalises_caches_and_leaves_the_dataset_alone(class_f
 
 
 def test_an_embedder_gives_the_same_features_as_its_module(class_folder, tmp_path, monkeypatch):
-    from compress_edge.data import open_dataset
+    from compress_edge.data.datasets import open_dataset
 
     net = CountingNet().eval()
 

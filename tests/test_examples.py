@@ -21,7 +21,7 @@ def _run(python, script, *args, cwd):
 
 @pytest.fixture
 def small_model(tmp_path):
-    from compress_edge.models import create_model, save_model, spec_for
+    from compress_edge.models.resolve import create_model, save_model, spec_for
 
     torch.manual_seed(0)
     model = create_model("mobilenet_v3_small", small_input=True)
@@ -54,7 +54,7 @@ def test_export_and_compare(tmp_path, class_folder, small_model):
 def test_device_examples_run_without_torch(tmp_path, class_folder, small_model, torchfree_python):
     from compress_edge.export.onnx import export_onnx
 
-    from compress_edge.models import load_model
+    from compress_edge.models.resolve import load_model
 
     model, spec = load_model(small_model)
     onnx = tmp_path / "student.onnx"

@@ -14,7 +14,7 @@ from compress_edge.export.parity import GOALS, compare, load_check_images
 from compress_edge.export.runtimes import PRECISION_KEY, open_embedder
 
 from compress_edge.errors import ExportError, ModelError
-from compress_edge.models import create_model, recalibrate_batchnorm, save_model, spec_for
+from compress_edge.models.resolve import create_model, recalibrate_batchnorm, save_model, spec_for
 
 
 def make_student(images: np.ndarray, normalize: bool = True, seed: int = 0):

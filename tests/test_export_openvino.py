@@ -21,7 +21,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from compress_edge.cli import app  # noqa: E402
 from compress_edge.errors import DependencyError, ModelError  # noqa: E402
-from compress_edge.models import create_model, recalibrate_batchnorm, save_model, spec_for  # noqa: E402
+from compress_edge.models.resolve import create_model, recalibrate_batchnorm, save_model, spec_for  # noqa: E402
 
 runner = CliRunner()
 #: A random-weight MobileNetV3-Small (hard-swish, squeeze-excitation) quantises far worse than a trained

@@ -17,7 +17,7 @@ from compress_edge.export.runtimes import open_embedder
 from onnx import TensorProto, numpy_helper
 
 from compress_edge.errors import DataError
-from compress_edge.models import create_model, recalibrate_batchnorm, save_model, spec_for
+from compress_edge.models.resolve import create_model, recalibrate_batchnorm, save_model, spec_for
 
 
 def _student(images: np.ndarray):

@@ -21,7 +21,7 @@ from compress_edge.export.runtimes import open_embedder
 from onnx import TensorProto, helper
 
 from compress_edge.errors import DependencyError, ExportError, ModelError
-from compress_edge.models import create_model, spec_for
+from compress_edge.models.resolve import create_model, spec_for
 
 HAVE_TRT = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
 HAVE_GPU = torch.cuda.is_available()

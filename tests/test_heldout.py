@@ -17,11 +17,11 @@ import pytest
 from typer.testing import CliRunner
 
 from compress_edge.cli import app
-from compress_edge.data import open_dataset
-from compress_edge.evaluate import extract_features, knn_eval
-from compress_edge.models import load_model, resolve_model
-from compress_edge.quality import random_weights_model, raw_pixel_features
-from compress_edge.synthetic import make_textures, train_labelled_teacher
+from compress_edge.data.datasets import open_dataset
+from compress_edge.eval.protocols import extract_features, knn_eval
+from compress_edge.models.resolve import load_model, resolve_model
+from compress_edge.eval.quality import random_weights_model, raw_pixel_features
+from compress_edge.data.synthetic import make_textures, train_labelled_teacher
 
 SIZE = 64
 

@@ -1,4 +1,4 @@
-"""compress_edge.images: decoding odd files, scanning folders, the eval preprocessing (no torch needed)."""
+"""compress_edge.data.images: decoding odd files, scanning folders, the eval preprocessing (no torch needed)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from compress_edge.errors import DataError
-from compress_edge.images import (
+from compress_edge.data.images import (
     IMAGE_EXTENSIONS,
     UnreadableImage,
     open_image,
@@ -256,7 +256,7 @@ def test_damaged_exif_keeps_the_pixels(tmp_path):
 def test_orientation_comes_from_pil_not_a_hand_written_table():
     import inspect
 
-    import compress_edge.images as images
+    import compress_edge.data.images as images
 
     assert "ImageOps.exif_transpose" in inspect.getsource(images._exif_transpose)
     assert not hasattr(images, "_ORIENTATION")
@@ -433,7 +433,7 @@ def test_images_module_imports_without_torch(tmp_path):
         "import sys\n"
         "sys.modules['torch'] = None\n"  # any 'import torch' now fails
         "sys.modules['torchvision'] = None\n"
-        "from compress_edge.images import open_image, preprocess_eval, scan_images\n"
+        "from compress_edge.data.images import open_image, preprocess_eval, scan_images\n"
         f"img = open_image({str(p)!r})\n"
         "out = preprocess_eval(img, 8, (0.5,) * 3, (0.5,) * 3)\n"
         f"assert len(scan_images({str(tmp_path)!r}).files) == 1\n"

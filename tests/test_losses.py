@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compress_edge.errors import TrainingError
-from compress_edge.losses import CompRess1Q, CompRess2Q, RegressionLoss, RingQueue, build_loss
+from compress_edge.train.losses import CompRess1Q, CompRess2Q, RegressionLoss, RingQueue, build_loss
 
 
 def _np_normalise(x):
@@ -219,7 +219,7 @@ def test_queue_remembers_image_ids_through_a_wrap():
 
 
 def test_moco_never_uses_a_key_of_the_query_image_as_a_negative():
-    from compress_edge.losses import MoCoLoss
+    from compress_edge.train.losses import MoCoLoss
 
     torch.manual_seed(0)
     masked, paper = MoCoLoss(dim=4, queue_size=6), MoCoLoss(dim=4, queue_size=6, mask_self=False)
@@ -280,7 +280,7 @@ def test_2q_follows_the_papers_loss_through_queue_wraps(momentum):
 
 
 def test_queue_state_keys_are_the_ones_checkpoints_hold():
-    from compress_edge.losses import MoCoLoss
+    from compress_edge.train.losses import MoCoLoss
 
     ring = {"bank", "ids", "ptr", "filled"}
     assert set(CompRess2Q(6, 4, queue_size=8).state_dict()) == {f"{q}.{b}" for q in ("teacher_queue", "student_queue")
@@ -307,7 +307,7 @@ def test_a_reloaded_loss_continues_where_the_saved_one_stood(method):
 
 
 def test_commit_queues_commits_every_queue_loss_inside_a_module():
-    from compress_edge.losses import MoCoLoss, commit_queues
+    from compress_edge.train.losses import MoCoLoss, commit_queues
 
     holder = torch.nn.ModuleDict({"distill": CompRess1Q(4, 3, queue_size=8), "moco": MoCoLoss(3, queue_size=8)})
     holder["distill"](torch.randn(2, 3), torch.randn(2, 4), None, torch.tensor([1, 2]))

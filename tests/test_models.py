@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compress_edge.errors import ModelError
-from compress_edge.models import (
+from compress_edge.models.resolve import (
     EmbeddingModel,
     create_model,
     describe_model,
@@ -26,7 +26,7 @@ from compress_edge.models import (
     save_model,
     spec_for,
 )
-from compress_edge.spec import SPEC_FILENAME, WEIGHTS_FILENAME, ModelSpec
+from compress_edge.models.spec import SPEC_FILENAME, WEIGHTS_FILENAME, ModelSpec
 from compress_edge.storage import sha256_file
 
 ARCHS = list_models("cnn")  # the torchvision CNNs; the ViTs are tested in test_vit.py

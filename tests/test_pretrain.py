@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from compress_edge.cli import app
-from compress_edge.losses import MoCoLoss, NTXent
-from compress_edge.models import load_model
+from compress_edge.train.losses import MoCoLoss, NTXent
+from compress_edge.models.resolve import load_model
 
 runner = CliRunner()
 
@@ -50,8 +50,8 @@ def test_moco_loss_matches_numpy_and_enqueues_after_commit():
 
 
 def test_moco_task_learns_a_generated_batch():
-    from compress_edge.models import create_model
-    from compress_edge.pretrain import MoCoTask
+    from compress_edge.models.resolve import create_model
+    from compress_edge.train.pretrain import MoCoTask
 
     torch.manual_seed(0)
     task = MoCoTask(create_model("mobilenet_v3_small", small_input=True, head="mlp", embed_dim=32), 32, 0.2, 0.9)

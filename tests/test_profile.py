@@ -9,8 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from compress_edge.models import create_model
-from compress_edge.profile import (
+from compress_edge.models.resolve import create_model
+from compress_edge.eval.profile import (
     FLOPS_NOTE,
     compare,
     count_params,
@@ -21,7 +21,7 @@ from compress_edge.profile import (
 
 
 def _fvcore_total(model, size):
-    """fvcore's count through its own entry point, independent of compress_edge.profile."""
+    """fvcore's count through its own entry point, independent of compress_edge.eval.profile."""
     from fvcore.nn import FlopCountAnalysis
 
     threads = torch.get_num_threads()

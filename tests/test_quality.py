@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compress_edge.quality import (
+from compress_edge.eval.quality import (
     Comparison,
     anchor_entropy,
     comparison_warnings,
@@ -73,7 +73,7 @@ def test_holdout_is_stratified_capped_and_skipped_for_small_or_unlabelled_data()
 
 
 def test_raw_pixels_are_plain_unit_vectors(class_folder):
-    from compress_edge.data import open_dataset
+    from compress_edge.data.datasets import open_dataset
 
     ds = open_dataset(str(class_folder))
     x = raw_pixel_features(ds, 24)
@@ -83,12 +83,12 @@ def test_raw_pixels_are_plain_unit_vectors(class_folder):
 
 
 def test_raw_pixels_of_gray_images_keep_one_channel_and_the_same_cosines():
-    from compress_edge.data import open_dataset
+    from compress_edge.data.datasets import open_dataset
 
     ds = open_dataset("fashion-mnist:test@50")
     gray = raw_pixel_features(ds, 28)
     assert gray.shape == (50, 28 * 28)
-    from compress_edge.images import preprocess_eval
+    from compress_edge.data.images import preprocess_eval
 
     rgb = np.stack([preprocess_eval(ds.get_image(i), 28, (0, 0, 0), (1, 1, 1)).ravel() for i in range(50)])
     rgb /= np.linalg.norm(rgb, axis=1, keepdims=True)

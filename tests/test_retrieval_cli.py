@@ -22,7 +22,7 @@ def make_model(root: Path, size: int = 32, seed: int = 2) -> Path:
     generated classes (distinct colours and shapes) correctly for this seed."""
     import torch
 
-    from compress_edge.models import create_model, save_model, spec_for
+    from compress_edge.models.resolve import create_model, save_model, spec_for
 
     torch.manual_seed(seed)
     model = create_model("mobilenet_v3_small", small_input=True).eval()
@@ -176,7 +176,7 @@ def test_build_with_weights_saves_the_checkpoint_as_the_index_model(built, tmp_p
     import torch
     import torchvision
 
-    from compress_edge.models import load_model, resolve_model
+    from compress_edge.models.resolve import load_model, resolve_model
 
     torch.manual_seed(7)
     ckpt = tmp_path / "third-party.pth"

@@ -29,9 +29,9 @@ from compress_edge.retrieval.shards import (
     write_embeddings,
 )
 
-from compress_edge import neighbors
+from compress_edge.eval import neighbors
 from compress_edge.errors import CompressEdgeError, IndexFileError, SpecMismatchError
-from compress_edge.spec import ModelSpec
+from compress_edge.models.spec import ModelSpec
 
 
 def clusters(n: int, d: int = 32, centres: int = 40, noise: float = 0.35, seed: int = 0):

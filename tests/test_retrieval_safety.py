@@ -50,7 +50,7 @@ def export(root: Path, seed: int = 2, size: int = 32) -> Path:
     import torch
     from compress_edge.export.onnx import export_onnx
 
-    from compress_edge.models import create_model, save_model, spec_for
+    from compress_edge.models.resolve import create_model, save_model, spec_for
 
     torch.manual_seed(seed)
     model = create_model("mobilenet_v3_small", small_input=True).eval()

@@ -29,7 +29,7 @@ def test_query_path_runs_without_torch(torchfree_python, tmp_path, make_images):
     from compress_edge.retrieval.index import build_from_images
     from compress_edge.retrieval.search import Searcher
 
-    from compress_edge.models import create_model, save_model, spec_for
+    from compress_edge.models.resolve import create_model, save_model, spec_for
 
     gallery = make_images(tmp_path / "gallery", per_class=6, size=32)
     queries = make_images(tmp_path / "queries", per_class=1, size=32, seed=11)

@@ -21,8 +21,8 @@ from compress_edge.export.runtimes import (
 from PIL import Image
 
 from compress_edge.errors import DataError, DependencyError, ModelError
-from compress_edge.images import open_image, preprocess_batch, scan_images
-from compress_edge.models import create_model, recalibrate_batchnorm, save_model, spec_for
+from compress_edge.data.images import open_image, preprocess_batch, scan_images
+from compress_edge.models.resolve import create_model, recalibrate_batchnorm, save_model, spec_for
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_bad_inputs_are_explained(setup, tmp_path):
         emb.embed([1, 2])
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
-    from compress_edge.images import UnreadableImage
+    from compress_edge.data.images import UnreadableImage
 
     with pytest.raises(UnreadableImage):
         emb.embed_paths([broken])
@@ -122,7 +122,7 @@ def test_one_device_choice():
 
     from compress_edge.devices import DeviceError, parse_device, resolve_device, torch_device_name
     from compress_edge.errors import TrainingError
-    from compress_edge.train import resolve_device as train_resolve_device
+    from compress_edge.train.engine import resolve_device as train_resolve_device
 
     assert train_resolve_device is resolve_device
     assert parse_device(None) == parse_device("") == parse_device("AUTO") == ("auto", None)

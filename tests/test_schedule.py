@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from compress_edge.schedule import (
+from compress_edge.train.schedule import (
     auto_batch_size,
     auto_queue_size,
     key_encoder_momentum,

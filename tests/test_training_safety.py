@@ -36,7 +36,7 @@ def _one_line_error(result) -> str:
 
 @pytest.fixture
 def saved_teacher(tmp_path):
-    from compress_edge.models import create_model, save_model, spec_for
+    from compress_edge.models.resolve import create_model, save_model, spec_for
 
     torch.manual_seed(1)
     teacher = create_model("mobilenet_v3_small", small_input=True)
@@ -195,7 +195,7 @@ def test_sigterm_to_the_process_group_stops_cache_teacher_after_a_shard_and_a_re
     assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept  # continued, not started over
     fresh = tmp_path / "fresh"
     assert runner.invoke(app, [*args[:-1], str(fresh), "--workers", "0"]).exit_code == 0
-    from compress_edge.teacher_cache import open_cache
+    from compress_edge.train.teacher_cache import open_cache
 
     a, b = open_cache(out), open_cache(fresh)
     assert len(a) == len(b) == 40 and a.meta["fingerprint"] == b.meta["fingerprint"]
@@ -278,7 +278,7 @@ def test_the_suggested_resume_command_quotes_the_run_folder(tmp_path, images):
 # 5. an architecture that cannot take the image size is refused before training
 # ----------------------------------------------------------------------------------------------
 def test_alexnet_at_32px_without_its_small_stem_is_refused_with_the_smallest_size(tmp_path, images):
-    from compress_edge.models import create_model
+    from compress_edge.models.resolve import create_model
 
     out = tmp_path / "run"
     args = _pretrain_args(images, out, "--epochs", "1")
@@ -313,8 +313,8 @@ def test_a_spec_in_metadata_that_is_not_json_is_refused_naming_the_file(tmp_path
     from safetensors.torch import load_file, save_file
 
     from compress_edge.errors import ModelError
-    from compress_edge.models import SPEC_METADATA_KEY, load_model
-    from compress_edge.spec import ModelSpec
+    from compress_edge.models.resolve import SPEC_METADATA_KEY, load_model
+    from compress_edge.models.spec import ModelSpec
 
     weights = tmp_path / "bare" / "student.safetensors"  # no model.json beside it: the spec inside is used
     weights.parent.mkdir()
@@ -323,7 +323,7 @@ def test_a_spec_in_metadata_that_is_not_json_is_refused_naming_the_file(tmp_path
         load_model(weights)
     # ONNX metadata_props take the same path: the ONNX readers pass their file as ``where``.
     with pytest.raises(ModelError, match=r"the metadata of model\.onnx is not valid JSON"):
-        ModelSpec.from_metadata({"compress_edge.spec": "{oops"}, where="model.onnx")
+        ModelSpec.from_metadata({"compress_edge.models.spec": "{oops"}, where="model.onnx")
 
 
 def test_the_weights_file_gets_the_same_mode_as_every_other_file(tmp_path, images):
@@ -357,7 +357,7 @@ LOADER_UNDER_SIGTERM = textwrap.dedent("""
     import os, signal, sys
     import torch
     from torch.utils.data import Dataset, Sampler
-    from compress_edge.data import StopSafeLoader
+    from compress_edge.data.datasets import StopSafeLoader
 
     class Report(Dataset):  # each item: how the worker that loads it treats SIGTERM
         def __len__(self):

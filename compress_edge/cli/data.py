@@ -46,7 +46,7 @@ def info(
 
     Example: compress-edge data info ~/photos --json
     """
-    from compress_edge.data import open_dataset
+    from compress_edge.data.datasets import open_dataset
 
     ds = open_dataset(data, data_root=data_root, download=download, progress=progress)
     summary = ds.describe()

@@ -137,8 +137,8 @@ def distill(
 
     Example: compress-edge distill images/ --teacher resnet50 --teacher-weights moco_v2.pth.tar --image-size 96 --out runs/distill
     """
-    from compress_edge.distill import DistillOptions, load_options, run_distill
-    from compress_edge.train import TrainConfig, current_dist, init_distributed
+    from compress_edge.train.distill import DistillOptions, load_options, run_distill
+    from compress_edge.train.engine import TrainConfig, current_dist, init_distributed
 
     init_distributed(device)
     if resume is not None:
@@ -190,7 +190,7 @@ def cache_teacher(
 
     Example: compress-edge cache-teacher fashion-mnist:train --teacher runs/teacher/student --views 4 --out runs/cache
     """
-    from compress_edge.distill import cache_teacher as build
+    from compress_edge.train.distill import cache_teacher as build
 
     cache = build(data, out, teacher=teacher, teacher_weights=teacher_weights, views=views, image_size=image_size,
                   batch_size=batch_size, shard_rows=shard_rows, seed=seed, data_root=data_root, workers=workers,

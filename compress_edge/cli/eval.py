@@ -79,7 +79,7 @@ def exported_spec(ref: str):
     if Path(ref).suffix.lower() in runtimes.ONNX_SUFFIXES + runtimes.IR_SUFFIXES:
         with runtimes.open_embedder(ref, device="cpu") as emb:
             return emb.spec
-    from compress_edge.spec import ModelSpec
+    from compress_edge.models.spec import ModelSpec
 
     return ModelSpec.from_dict(runtimes.read_sidecar(ref)["spec"])
 
@@ -96,7 +96,7 @@ def open_model(ref: str, *, device: str, image_size: int | None, weights: str | 
         return emb, emb.spec, f"{emb.name} {emb.precision}"
     from compress_edge.devices import resolve_device
     from compress_edge.errors import ModelError
-    from compress_edge.models import resolve_model
+    from compress_edge.models.resolve import resolve_model
 
     try:
         model, spec = resolve_model(ref, weights=weights, image_size=image_size, device=resolve_device(device))
@@ -109,8 +109,8 @@ def open_model(ref: str, *, device: str, image_size: int | None, weights: str | 
 
 def features(model: Any, spec: Any, data: str, *, data_root: str | None, batch_size: int, workers: int,
              device: str, cache_dir: Path | None, no_cache: bool, progress: bool):
-    from compress_edge.data import open_dataset
-    from compress_edge.evaluate import extract_features
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.eval.protocols import extract_features
 
     dataset = open_dataset(data, data_root=data_root, progress=progress)  # --no-progress: no "checking images"
     x, y = extract_features(model, dataset, spec=spec, batch_size=batch_size, device=device, workers=workers,
@@ -183,8 +183,8 @@ def knn_cmd(
 
     Example: compress-edge eval knn runs/distill --train fashion-mnist:train --test fashion-mnist:test --baselines
     """
-    from compress_edge.evaluate import knn_eval
-    from compress_edge.quality import embedding_spread, spread_warnings
+    from compress_edge.eval.protocols import knn_eval
+    from compress_edge.eval.quality import embedding_spread, spread_warnings
 
     ks = sorted(set(k or [20, 200]))
     if (train is None) == (index is None):
@@ -231,9 +231,9 @@ def knn_cmd(
 
 def _baselines(xtr, xte, train: str, test: str, spec, *, ks: list[int], temperature: float, opts: dict) -> dict:
     """kNN of raw pixels and of the same network with random weights on the same gallery and queries."""
-    from compress_edge.data import open_dataset
-    from compress_edge.evaluate import extract_features, knn_eval
-    from compress_edge.quality import random_weights_model, raw_pixel_features
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.eval.protocols import extract_features, knn_eval
+    from compress_edge.eval.quality import random_weights_model, raw_pixel_features
 
     gallery = open_dataset(train, data_root=opts["data_root"], progress=opts["progress"])
     queries = open_dataset(test, data_root=opts["data_root"], progress=opts["progress"])
@@ -258,7 +258,7 @@ def _knn_with_index(index_dir: Path, spec, xte, yte, test_classes: list[str], ks
                                 "pass --train DATA to search the gallery exactly") from None
     import numpy as np
 
-    from compress_edge.evaluate import knn_from_neighbors
+    from compress_edge.eval.protocols import knn_from_neighbors
 
     idx = open_index(index_dir)
     idx.spec.check_compatible(spec, what=f"the index {index_dir}")
@@ -306,7 +306,7 @@ def linear_cmd(
 
     Example: compress-edge eval linear runs/distill --train fashion-mnist:train --test fashion-mnist:test
     """
-    from compress_edge.evaluate import linear_probe
+    from compress_edge.eval.protocols import linear_probe
 
     net, spec, backend = open_model(model, device=device, image_size=image_size, weights=weights)
     opts = dict(data_root=data_root, batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
@@ -356,7 +356,7 @@ def cluster_cmd(
 
     Example: compress-edge eval cluster runs/distill --train fashion-mnist:train --test fashion-mnist:test
     """
-    from compress_edge.evaluate import cluster_alignment
+    from compress_edge.eval.protocols import cluster_alignment
 
     net, spec, backend = open_model(model, device=device, image_size=image_size, weights=weights)
     opts = dict(data_root=data_root, batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
@@ -409,7 +409,7 @@ def agreement_cmd(
 
     Example: compress-edge eval agreement runs/teacher runs/distill fashion-mnist:test
     """
-    from compress_edge.evaluate import neighbor_agreement
+    from compress_edge.eval.protocols import neighbor_agreement
 
     opts = dict(data_root=data_root, batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
                 no_cache=no_cache, progress=progress and not as_json)

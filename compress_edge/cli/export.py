@@ -326,7 +326,7 @@ def _weighted_embedder(arch: str, weights: str, *, device: str, threads: int | N
                        mean, std):
     """A PyTorch embedder of an architecture name with a third-party checkpoint's backbone (bench --weights)."""
     from compress_edge.export.runtimes import TorchEmbedder
-    from compress_edge.models import resolve_model
+    from compress_edge.models.resolve import resolve_model
 
     model, spec = resolve_model(arch, weights=weights, image_size=image_size)
     return TorchEmbedder(arch, module=model, spec=spec, device=device, threads=threads, mean=mean, std=std)

@@ -245,7 +245,7 @@ def build(
 def _convert_checkpoint(arch: str, weights: str, folder: Path, image_size: int | None) -> str:
     """An architecture name with a third-party checkpoint, saved as a compress-edge model folder: the index
     records that folder, so that search and add embed with the same weights."""
-    from compress_edge.models import resolve_model, save_model
+    from compress_edge.models.resolve import resolve_model, save_model
 
     model, spec = resolve_model(arch, weights=weights, image_size=image_size)
     from compress_edge.retrieval.safety import shown

@@ -42,7 +42,7 @@ def list_models_cmd(
 
     Example: compress-edge models list --image-size 32
     """
-    from compress_edge.models import describe_model, list_models
+    from compress_edge.models.resolve import describe_model, list_models
 
     infos = [describe_model(name, image_size=image_size, small_input=small_input) for name in list_models()]
     if as_json:
@@ -97,7 +97,7 @@ def inspect_cmd(
 
     Example: compress-edge models inspect dino_resnet50.pth --arch resnet50 --key teacher
     """
-    from compress_edge.checkpoints import inspect_checkpoint, refusal
+    from compress_edge.models.layouts import inspect_checkpoint, refusal
     from compress_edge.errors import ModelError
 
     info = inspect_checkpoint(path, arch=arch, small_input=small_input, key=key)

@@ -16,7 +16,7 @@ ModelRefArg = "A compress-edge model or run folder, an exported .onnx / .engine 
 def _profile_one(ref: str, image_size: int | None, kwargs: dict, depth: int, weights: str | None, role: str):
     from compress_edge.cli.eval import exported_spec, is_exported
     from compress_edge.errors import CompressEdgeError, ModelError
-    from compress_edge.profile import profile_model, profile_spec, resolve_for_profile
+    from compress_edge.eval.profile import profile_model, profile_spec, resolve_for_profile
 
     option = f"--{role}-weights"
     if is_exported(ref):
@@ -30,7 +30,7 @@ def _profile_one(ref: str, image_size: int | None, kwargs: dict, depth: int, wei
         if weights is not None:
             if kwargs:
                 raise ModelError(f"{option} sets the architecture's options itself: drop --{role}-kwargs")
-            from compress_edge.models import resolve_model
+            from compress_edge.models.resolve import resolve_model
 
             model, spec = resolve_model(ref, weights=weights, image_size=image_size)
         else:
@@ -66,7 +66,7 @@ def profile(
     Example: compress-edge profile resnet50 mobilenet_v2 --image-size 224
     """
     from compress_edge.cli.distill import parse_kwargs
-    from compress_edge.profile import FLOPS_NOTE, compare, unsupported_summary
+    from compress_edge.eval.profile import FLOPS_NOTE, compare, unsupported_summary
 
     t = _profile_one(teacher, image_size, parse_kwargs(teacher_kwargs), depth, teacher_weights, "teacher")
     s = _profile_one(student, image_size, parse_kwargs(student_kwargs), depth, student_weights, "student")
@@ -83,7 +83,7 @@ def _print(t, s, ratios: dict, skipped: str | None, depth: int) -> None:
     from rich.table import Table
 
     from compress_edge.cli.common import console
-    from compress_edge.profile import FLOPS_NOTE, human, human_bytes
+    from compress_edge.eval.profile import FLOPS_NOTE, human, human_bytes
 
     def say(text: str) -> None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)

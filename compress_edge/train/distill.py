@@ -32,13 +32,13 @@ from compress_edge.defaults import (
     PAPER_TEMPERATURE,
 )
 from compress_edge.errors import TrainingError
-from compress_edge.losses import (
+from compress_edge.train.losses import (
     build_loss,
     commit_queues,
     uses_momentum_encoder,
 )
-from compress_edge.spec import ModelSpec
-from compress_edge.train import (
+from compress_edge.models.spec import ModelSpec
+from compress_edge.train.engine import (
     TrainConfig,
     Trainer,
     TrainResult,
@@ -123,7 +123,7 @@ class DistillOptions:
     """Everything ``compress-edge distill`` takes; saved in the run's config.json for --resume.
 
     None means "auto": resolved from the data and the run length by :func:`setup` (see
-    :mod:`compress_edge.schedule`), and recorded in config.json's ``plan``.
+    :mod:`compress_edge.train.schedule`), and recorded in config.json's ``plan``.
     """
 
     data: str
@@ -160,8 +160,8 @@ def load_teacher(teacher: str | None, weights: str | None, data: str, image_size
     """The frozen teacher and its ModelSpec, whose image size and mean/std are the preprocessing
     every consumer of this distillation uses: a compress-edge teacher's own; for an architecture
     name, ImageNet's with third-party weights, else the data's (32 px for Fashion-MNIST)."""
-    from compress_edge.models import resolve_model
-    from compress_edge.spec import IMAGENET_MEAN, IMAGENET_STD
+    from compress_edge.models.resolve import resolve_model
+    from compress_edge.models.spec import IMAGENET_MEAN, IMAGENET_STD
 
     if teacher is None:
         raise TrainingError("no teacher: pass --teacher (a model folder, or an architecture with --teacher-weights), "
@@ -178,7 +178,7 @@ def load_teacher(teacher: str | None, weights: str | None, data: str, image_size
             )
         size = image_size or (32 if data.startswith("fashion-mnist") else 224)
         model, spec = resolve_model(teacher, weights=weights, image_size=size)
-        from compress_edge.data import default_normalisation
+        from compress_edge.data.datasets import default_normalisation
 
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if weights else default_normalisation(data)
         spec = spec.replace(image_size=size, mean=mean, std=std)
@@ -212,18 +212,18 @@ def setup(opts: DistillOptions) -> DistillSetup:
     """Build the dataset, the task and the student's ModelSpec from options (no training)."""
     from torch.utils.data import Subset
 
-    from compress_edge.data import TrainAugment, open_dataset
-    from compress_edge.models import SMALL_INPUT_MAX, create_model, model_family, spec_for
-    from compress_edge.quality import holdout_split
-    from compress_edge.schedule import auto_queue_size, key_encoder_momentum, plan_run
-    from compress_edge.teacher_cache import (
+    from compress_edge.data.datasets import TrainAugment, open_dataset
+    from compress_edge.models.resolve import SMALL_INPUT_MAX, create_model, model_family, spec_for
+    from compress_edge.eval.quality import holdout_split
+    from compress_edge.train.schedule import auto_queue_size, key_encoder_momentum, plan_run
+    from compress_edge.train.teacher_cache import (
         CachedTeacherDataset,
         PairedDataset,
         PairedViews,
         fingerprint_parts,
         open_cache,
     )
-    from compress_edge.train import current_dist
+    from compress_edge.train.engine import current_dist
 
     if opts.method not in METHODS:
         raise TrainingError(f"unknown --method {opts.method!r}; choose one of: {', '.join(METHODS)}")
@@ -312,7 +312,7 @@ def cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_we
     """Run the teacher once over ``data`` into a cache folder (``compress-edge cache-teacher``):
     ``views`` 0 for one centre view per image (the paper), K for K recorded augmented views. The
     cache folder's lock is held for the whole run (one writer per cache folder)."""
-    from compress_edge.train import run_folder_lock
+    from compress_edge.train.engine import run_folder_lock
 
     with run_folder_lock(out, "cache-teacher"):
         return _cache_teacher(data, out, teacher=teacher, teacher_weights=teacher_weights, views=views,
@@ -333,9 +333,9 @@ def crop_range(crop_scale: float | None) -> tuple[float, float]:
 def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_weights: str | None, views: int,
                    image_size: int | None, batch_size: int, shard_rows: int, seed: int, data_root: str | None,
                    workers: int, device: str, progress: bool, crop_scale: float | None):
-    from compress_edge.data import TrainAugment, eval_transform, open_dataset
+    from compress_edge.data.datasets import TrainAugment, eval_transform, open_dataset
     from compress_edge.devices import resolve_device
-    from compress_edge.teacher_cache import build_cache, fingerprint_parts, tensor_hash
+    from compress_edge.train.teacher_cache import build_cache, fingerprint_parts, tensor_hash
 
     dataset = open_dataset(data, data_root=data_root)
     model, spec = load_teacher(teacher, teacher_weights, data, image_size)
@@ -361,14 +361,14 @@ def augment_settings(augment) -> dict[str, Any]:
 def run_distill(opts: DistillOptions, *, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
     """Train a student into ``opts.out`` (see the module docstring); returns the engine's result. The
     run folder's lock is held for the whole run (one writer per run folder)."""
-    from compress_edge.train import run_folder_lock
+    from compress_edge.train.engine import run_folder_lock
 
     with run_folder_lock(opts.out, "distill"):
         return _run_distill(opts, resume=resume, stop_after_epochs=stop_after_epochs)
 
 
 def _run_distill(opts: DistillOptions, *, resume: bool, stop_after_epochs: int | None) -> TrainResult:
-    from compress_edge.models import save_model
+    from compress_edge.models.resolve import save_model
 
     run_dir = Path(opts.out)
     if not resume and (run_dir / "checkpoints" / "last.pt").exists():
@@ -410,8 +410,8 @@ def teacher_sample(ready: DistillSetup, device, images: int = TEACHER_CHECK_IMAG
     chosen = np.sort(rng.choice(pool, size=min(len(pool), images), replace=False))
     if ready.cache is not None:
         return np.stack([ready.cache.embedding(int(i), 0) for i in chosen])
-    from compress_edge.data import SubsetDataset
-    from compress_edge.evaluate import extract_features
+    from compress_edge.data.datasets import SubsetDataset
+    from compress_edge.eval.protocols import extract_features
 
     sample = SubsetDataset(f"{ready.dataset.name} (sample)", ready.dataset, indices=chosen)
     return extract_features(ready.teacher, sample, spec=ready.teacher_spec, device=str(device), use_cache=False,
@@ -420,7 +420,7 @@ def teacher_sample(ready: DistillSetup, device, images: int = TEACHER_CHECK_IMAG
 
 def check_teacher(ready: DistillSetup, run_dir: Path, *, device) -> None:
     """Before training: is the teacher's similarity distribution at this temperature worth copying?"""
-    from compress_edge.quality import record_quality, teacher_check
+    from compress_edge.eval.quality import record_quality, teacher_check
 
     record = teacher_check(teacher_sample(ready, device), ready.resolved["temperature"])
     record_quality(run_dir, "teacher", record)
@@ -429,7 +429,7 @@ def check_teacher(ready: DistillSetup, run_dir: Path, *, device) -> None:
 def final_check(ready: DistillSetup, run_dir: Path, opts: DistillOptions, *, device) -> None:
     """After training: the student against raw pixels, its random weights and the teacher (kNN on
     the held-out images), recorded in quality.json."""
-    from compress_edge.quality import heldout_check, record_quality
+    from compress_edge.eval.quality import heldout_check, record_quality
 
     teacher, teacher_spec = ready.teacher, ready.teacher_spec
     ref = opts.teacher or (ready.cache.meta.get("teacher") if ready.cache is not None else None)

@@ -7,7 +7,7 @@ Who imports whom (nothing runs back up):
     checkpoints.py   third-party checkpoints: read, recognise, load the backbone       -> backbones, model_files
     models.py        resolve_model (folder, file or name + --weights)                  -> all three
 
-The names of ``backbones`` and ``model_files`` are re-exported here, so ``compress_edge.models``
+The names of ``backbones`` and ``model_files`` are re-exported here, so ``compress_edge.models.resolve``
 stays the one import for callers.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from compress_edge.backbones import (
+from compress_edge.models.registry import (
     _REGISTRY,
     DEFAULT_EMBED_DIM,
     FAMILIES,
@@ -55,9 +55,9 @@ from compress_edge.backbones import (
     smallest_input_size,
     unknown_arch_message,
 )
-from compress_edge.checkpoints import checkpoint_stem, checkpoint_vit_options, load_backbone_weights
+from compress_edge.models.layouts import checkpoint_stem, checkpoint_vit_options, load_backbone_weights
 from compress_edge.errors import ModelError
-from compress_edge.model_files import (
+from compress_edge.models.files import (
     SPEC_METADATA_KEY,
     load_model,
     model_files,
@@ -65,7 +65,7 @@ from compress_edge.model_files import (
     save_model,
     spec_for,
 )
-from compress_edge.spec import ModelSpec
+from compress_edge.models.spec import ModelSpec
 
 __all__ = [
     "DEFAULT_EMBED_DIM",

@@ -1,7 +1,7 @@
 """compress-edge model files: the spec of a model, and the folder that holds both.
 
 A saved model is a folder with ``model.safetensors`` (the weights, never pickled) and ``model.json``
-(the :class:`~compress_edge.spec.ModelSpec`, holding the sha256 of the weights file).
+(the :class:`~compress_edge.models.spec.ModelSpec`, holding the sha256 of the weights file).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress_edge.backbones import EmbeddingModel, check_input_size, rebuild
+from compress_edge.models.registry import EmbeddingModel, check_input_size, rebuild
 from compress_edge.errors import ModelError
-from compress_edge.spec import (
+from compress_edge.models.spec import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SPEC_FILENAME,
@@ -30,7 +30,7 @@ from compress_edge.storage import atomic_path, sha256_file
 log = logging.getLogger(__name__)
 
 #: Safetensors metadata key holding the spec (without its hash), so a lone weights file describes itself.
-SPEC_METADATA_KEY = "compress_edge.spec"
+SPEC_METADATA_KEY = "compress_edge.models.spec"
 
 
 def spec_for(

@@ -11,7 +11,7 @@ A DATA argument is one of:
 Every dataset yields ``(image, label, index)``: the index lets a teacher cache and the CompRess
 memory bank address a sample; ``label`` is -1 when there are none.
 
-The eval transform is :func:`compress_edge.images.preprocess_eval` wrapped in a tensor, so the torch
+The eval transform is :func:`compress_edge.data.images.preprocess_eval` wrapped in a tensor, so the torch
 path and the torch-free device path give bit-identical inputs. :class:`TrainAugment` draws its random
 choices into a fixed-length parameter vector that can be stored and replayed exactly.
 """
@@ -43,8 +43,8 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from compress_edge.errors import DataError
-from compress_edge.images import open_image, preprocess_eval, scan_images, to_normalized_array, to_rgb
-from compress_edge.spec import IMAGENET_MEAN, IMAGENET_STD
+from compress_edge.data.images import open_image, preprocess_eval, scan_images, to_normalized_array, to_rgb
+from compress_edge.models.spec import IMAGENET_MEAN, IMAGENET_STD
 from compress_edge.storage import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class ImageDataset(Dataset):
 
 
 class FolderDataset(ImageDataset):
-    """Images read from files found by :func:`compress_edge.images.scan_images`."""
+    """Images read from files found by :func:`compress_edge.data.images.scan_images`."""
 
     def __init__(
         self, name: str, root: Path, labelled: bool | None = None, transform=None, progress: bool | None = None
@@ -628,7 +628,7 @@ def native_image_size(dataset: ImageDataset, *, sample: int = 256, seed: int = 0
 
 
 class EvalTransform:
-    """PIL image -> float32 tensor (3, S, S): exactly :func:`compress_edge.images.preprocess_eval`."""
+    """PIL image -> float32 tensor (3, S, S): exactly :func:`compress_edge.data.images.preprocess_eval`."""
 
     def __init__(
         self,

@@ -227,9 +227,9 @@ def build_cache(
     ds = _ViewsDataset(dataset, mode, views, eval_tf, augment, seed)
     dim = None
     emb_names, param_names = [], []
-    from compress_edge.data import StopSafeLoader
+    from compress_edge.data.datasets import StopSafeLoader
     from compress_edge.progress import progress_bar
-    from compress_edge.train import StopRequest, TrainingStopped
+    from compress_edge.train.engine import StopRequest, TrainingStopped
 
     with StopRequest(then="stopping once the current shard is written") as stop, progress_bar() as bar:
         task = bar.add_task("teacher cache", total=n, visible=progress)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from compress_edge.neighbors import l2_normalize
+from compress_edge.eval.neighbors import l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def raw_pixel_features(dataset, image_size: int, *, max_side: int = RAW_PIXELS_M
     px) as plain pixels in [0, 1], flattened and L2-normalised: float32 (N, C * S * S). Cosine kNN on
     these is the first baseline any model has to beat. C is 3, or 1 when every image is gray (its
     three channels equal): the cosines are the same, and kNN and a linear probe cost a third."""
-    from compress_edge.images import preprocess_eval
+    from compress_edge.data.images import preprocess_eval
 
     side = min(int(image_size), int(max_side))
     zero, one = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
@@ -158,8 +158,8 @@ def random_weights_model(spec, dataset, *, seed: int = 0, images: int = RECALIBR
     training" baseline; eval mode, on the CPU."""
     import torch
 
-    from compress_edge.data import eval_transform
-    from compress_edge.models import rebuild, recalibrate_batchnorm
+    from compress_edge.data.datasets import eval_transform
+    from compress_edge.models.resolve import rebuild, recalibrate_batchnorm
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -193,7 +193,7 @@ class Comparison:
 def knn_row(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
             *, spread_of: np.ndarray | None = None, device: str = "cpu") -> dict[str, Any]:
     """1-NN and weighted 20-NN accuracy (%) of ``queries`` against ``gallery``, and their spread."""
-    from compress_edge.evaluate import knn_eval
+    from compress_edge.eval.protocols import knn_eval
 
     k = max(1, min(20, len(gallery)))
     knn = knn_eval(l2_normalize(gallery), gallery_labels, l2_normalize(queries), query_labels, ks=(k,), device=device)
@@ -222,7 +222,7 @@ def compare_with_baselines(
     ``queries`` datasets (labelled). random_features / teacher_features: the same pairs for the
     random-weights twin (computed here from ``spec`` when None) and the teacher (optional).
     """
-    from compress_edge.evaluate import extract_features
+    from compress_edge.eval.protocols import extract_features
 
     yg, yq = np.asarray(gallery.labels), np.asarray(queries.labels)
     if random_features is None:
@@ -340,8 +340,8 @@ def heldout_check(name: str, model, spec, dataset, heldout: np.ndarray, *, teach
     teacher) by kNN, the held-out images of ``dataset`` searched among (at most CHECK_GALLERY of) its
     other images. Without held-out images (unlabelled data), only the spread. Logs a summary and
     plain warnings; returns the record for quality.json."""
-    from compress_edge.data import SubsetDataset
-    from compress_edge.evaluate import extract_features
+    from compress_edge.data.datasets import SubsetDataset
+    from compress_edge.eval.protocols import extract_features
 
     kw = dict(device=str(device), workers=workers, use_cache=False, progress=False)
     rng = np.random.default_rng(seed)

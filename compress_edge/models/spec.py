@@ -158,7 +158,7 @@ class ModelSpec:
     def to_metadata(self) -> dict[str, str]:
         """String key/values for ONNX ``metadata_props`` (the spec plus ONNX's ``Image.*`` keys)."""
         return {
-            "compress_edge.spec": json.dumps(self.to_dict()),
+            "compress_edge.models.spec": json.dumps(self.to_dict()),
             "Image.BitmapPixelFormat": "Rgb8",
             "Image.ColorSpaceGamma": "SRGB",
             "Image.NominalPixelRange": "Normalized_0_1",
@@ -167,7 +167,7 @@ class ModelSpec:
     @classmethod
     def from_metadata(cls, props: dict[str, str], where: str | os.PathLike | None = None) -> ModelSpec | None:
         """The spec in ONNX ``metadata_props``, or None; ``where`` is the file, named in a refusal."""
-        text = props.get("compress_edge.spec")
+        text = props.get("compress_edge.models.spec")
         if not text:
             return None
         return cls.from_json(text, where=f"the metadata of {where}" if where is not None else None)

@@ -6,7 +6,7 @@ neighbours their own way and hand (similarities, neighbour labels) to :func:`wei
 :func:`knn_predict`, so every path scores a query the same.
 
 The exact search is here too: :func:`exact_topk`, the one exact top-k by inner product, used by
-``eval knn`` and neighbour agreement (:mod:`compress_edge.evaluate`) and by retrieval's ground truth
+``eval knn`` and neighbour agreement (:mod:`compress_edge.eval.protocols`) and by retrieval's ground truth
 and exact search (:mod:`compress_edge.retrieval.exact`). numpy on a CPU; on a GPU the same loop runs
 its matrix products with torch, imported only then.
 

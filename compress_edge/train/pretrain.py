@@ -28,8 +28,8 @@ from compress_edge.defaults import (
     PRETRAIN_MIN_STEPS,
 )
 from compress_edge.errors import TrainingError
-from compress_edge.losses import MoCoLoss, NTXent, commit_queues
-from compress_edge.train import (
+from compress_edge.train.losses import MoCoLoss, NTXent, commit_queues
+from compress_edge.train.engine import (
     TrainConfig,
     Trainer,
     TrainResult,
@@ -151,11 +151,11 @@ class PretrainSetup:
 def setup(opts: PretrainOptions) -> PretrainSetup:
     from torch.utils.data import Subset
 
-    from compress_edge.data import TrainAugment, default_normalisation, native_image_size, open_dataset
-    from compress_edge.models import SMALL_INPUT_MAX, check_input_size, create_model
-    from compress_edge.quality import holdout_split
-    from compress_edge.schedule import key_encoder_momentum, plan_run
-    from compress_edge.train import current_dist
+    from compress_edge.data.datasets import TrainAugment, default_normalisation, native_image_size, open_dataset
+    from compress_edge.models.resolve import SMALL_INPUT_MAX, check_input_size, create_model
+    from compress_edge.eval.quality import holdout_split
+    from compress_edge.train.schedule import key_encoder_momentum, plan_run
+    from compress_edge.train.engine import current_dist
 
     if opts.method not in PRETRAIN_METHODS:
         raise TrainingError(f"unknown --method {opts.method!r}; choose one of: {', '.join(PRETRAIN_METHODS)}")
@@ -195,7 +195,7 @@ def setup(opts: PretrainOptions) -> PretrainSetup:
 def start_from(model: nn.Module, init: str, arch: str) -> None:
     """Load the backbone of the model folder ``init`` into ``model`` (its projection head stays new):
     pretraining continues from a saved model, e.g. a teacher trained longer than one run allowed."""
-    from compress_edge.model_files import load_model
+    from compress_edge.models.files import load_model
 
     start, spec = load_model(init)
     if spec.arch != arch:
@@ -211,7 +211,7 @@ def start_from(model: nn.Module, init: str, arch: str) -> None:
 
 def backbone_only(model: nn.Module, arch: str, kwargs: dict[str, Any]) -> nn.Module:
     """The trained network without its projection head: the representation to keep."""
-    from compress_edge.models import create_model
+    from compress_edge.models.resolve import create_model
 
     plain = create_model(arch, **{k: v for k, v in kwargs.items() if k not in ("head", "embed_dim")})
     plain.backbone.load_state_dict(model.backbone.state_dict())
@@ -220,15 +220,15 @@ def backbone_only(model: nn.Module, arch: str, kwargs: dict[str, Any]) -> nn.Mod
 
 def run_pretrain(opts: PretrainOptions, *, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
     """Pretrain into ``opts.out``, holding its lock for the whole run (one writer per run folder)."""
-    from compress_edge.train import run_folder_lock
+    from compress_edge.train.engine import run_folder_lock
 
     with run_folder_lock(opts.out, "pretrain"):
         return _run_pretrain(opts, resume=resume, stop_after_epochs=stop_after_epochs)
 
 
 def _run_pretrain(opts: PretrainOptions, *, resume: bool, stop_after_epochs: int | None) -> TrainResult:
-    from compress_edge.models import save_model, spec_for
-    from compress_edge.quality import heldout_check, record_quality
+    from compress_edge.models.resolve import save_model, spec_for
+    from compress_edge.eval.quality import heldout_check, record_quality
 
     run_dir = Path(opts.out)
     if not resume and (run_dir / "checkpoints" / "last.pt").exists():

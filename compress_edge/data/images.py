@@ -8,7 +8,7 @@ feeds onnxruntime, so the numbers a model sees there are the numbers it saw duri
 - :func:`scan_images` lists a class folder or an unlabelled image folder, decoding every file once so
   that a broken file is found at scan time, never in the middle of an epoch.
 - :func:`preprocess_eval` / :func:`preprocess_batch` are THE eval preprocessing (resize the shorter
-  side, centre crop, scale to [0, 1], normalise); ``compress_edge.data`` reuses them bit for bit.
+  side, centre crop, scale to [0, 1], normalise); ``compress_edge.data.datasets`` reuses them bit for bit.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress_edge.spec import ModelSpec
+from compress_edge.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def profile_spec(spec: ModelSpec, *, depth: int = 2, name: str | None = None,
                  image_size: int | None = None) -> ModelProfile:
     """Profile the architecture a ModelSpec describes (random weights: costs do not depend on them),
     e.g. for an exported file whose spec is all that is known."""
-    from compress_edge.models import rebuild
+    from compress_edge.models.resolve import rebuild
 
     model = rebuild(spec.arch, spec.arch_kwargs, normalize=spec.normalize)
     return profile_model(model, image_size or spec.image_size, depth=depth, channels=spec.channels,
@@ -183,9 +183,9 @@ def resolve_for_profile(
 ) -> tuple[nn.Module, ModelSpec]:
     """A MODEL argument as (model, spec) for profiling: a compress-edge model or run folder, or an
     architecture name with its options (``arch_kwargs``, e.g. width_mult; ``small_input`` defaults to
-    True at 64 px and below, as :func:`compress_edge.models.resolve_model` picks it)."""
+    True at 64 px and below, as :func:`compress_edge.models.resolve.resolve_model` picks it)."""
     from compress_edge.errors import ModelError
-    from compress_edge.models import SMALL_INPUT_MAX, create_model, list_models, resolve_model, spec_for
+    from compress_edge.models.resolve import SMALL_INPUT_MAX, create_model, list_models, resolve_model, spec_for
 
     kwargs = dict(arch_kwargs or {})
     if ref in list_models() and kwargs:

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from compress_edge import __version__
-from compress_edge.data import StopSafeLoader
+from compress_edge.data.datasets import StopSafeLoader
 from compress_edge.devices import resolve_device  # noqa: F401  (re-exported: the one device choice)
 from compress_edge.errors import TrainingError
 from compress_edge.storage import append_jsonl, atomic_path, atomic_write_json, folder_lock
@@ -52,7 +52,7 @@ class TrainConfig:
     """The engine's settings (a method's own settings live with the method).
 
     ``epochs``, ``batch_size``, ``lr`` and ``warmup_epochs`` may be None ("auto") in a command's
-    options; the command resolves them (:func:`compress_edge.schedule.plan_run`) before the engine runs.
+    options; the command resolves them (:func:`compress_edge.train.schedule.plan_run`) before the engine runs.
     """
 
     epochs: int | None = 10
@@ -78,7 +78,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def with_plan(self, plan) -> TrainConfig:
-        """These settings with a :class:`~compress_edge.schedule.RunPlan`'s batch, epochs, lr and (when
+        """These settings with a :class:`~compress_edge.train.schedule.RunPlan`'s batch, epochs, lr and (when
         on auto) warm-up filled in."""
         warmup = self.warmup_epochs
         if warmup is None:
@@ -205,7 +205,7 @@ class EpochSampler(Sampler[int]):
         self.start_batch = 0
 
     def batches_per_epoch(self) -> int:
-        from compress_edge.schedule import steps_per_epoch
+        from compress_edge.train.schedule import steps_per_epoch
 
         return steps_per_epoch(self.n, self.batch_size, self.world_size, self.max_batches)
 
@@ -324,7 +324,7 @@ def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
 class StopRequest:
     """SIGINT/SIGTERM set a flag that the caller checks at its next safe point (``then``: what happens
     there, for the log); a second signal stops at once. A forked loader worker that has not yet run
-    :func:`compress_edge.data.ignore_stop_signals` leaves the signal to the main process."""
+    :func:`compress_edge.data.datasets.ignore_stop_signals` leaves the signal to the main process."""
 
     def __init__(self, then: str = "saving a checkpoint after this step") -> None:
         self.signal: int | None = None

@@ -10,7 +10,7 @@ so a second evaluation of the same model on the same data costs a file read.
 The evaluations (CompRess, Abbasi Koohpayegani et al., NeurIPS 2020, Table 1; DINO's kNN protocol):
 
 - :func:`knn_eval`: 1-NN accuracy (the paper's "NN") and the weighted kNN vote of
-  :mod:`compress_edge.neighbors` (k = 20, 200, T = 0.07), exact search by chunked matrix products.
+  :mod:`compress_edge.eval.neighbors` (k = 20, 200, T = 0.07), exact search by chunked matrix products.
 - :func:`linear_probe`: multinomial logistic regression on frozen features, full-batch L-BFGS.
 - :func:`cluster_alignment`: spherical k-means (faiss) on the train features, clusters matched to
   classes by the Hungarian algorithm on the train labels, accuracy of that labelling on the test
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from compress_edge.errors import DataError, ModelError
-from compress_edge.neighbors import (
+from compress_edge.eval.neighbors import (
     BLOCK_CPU,
     DEFAULT_KS,
     DEFAULT_TEMPERATURE,
@@ -45,7 +45,7 @@ from compress_edge.neighbors import (
     knn_accuracies,
     l2_normalize,
 )
-from compress_edge.spec import ModelSpec
+from compress_edge.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def default_cache_dir() -> Path:
     root = os.environ.get(CACHE_ENV)
     if root:
         return Path(os.path.expanduser(root)) / "features"
-    from compress_edge.data import cache_dir
+    from compress_edge.data.datasets import cache_dir
 
     return cache_dir() / "features"
 
@@ -81,7 +81,7 @@ def model_identity(model: Any, spec: ModelSpec) -> dict[str, Any] | None:
     model file (an .onnx, an engine), else of its torch module, else the spec's ``weights_sha256``.
     The spec's identity (architecture, image size, mean/std) is part of it either way.
     """
-    from compress_edge.teacher_cache import tensor_hash
+    from compress_edge.train.teacher_cache import tensor_hash
 
     ident: dict[str, Any] = {"spec": spec.identity()}
     if isinstance(model, torch.nn.Module):
@@ -117,7 +117,7 @@ def _spec_of(model: Any, spec: ModelSpec | None) -> ModelSpec:
         return found
     raise ModelError(
         "extract_features needs the model's ModelSpec (image size, mean/std): pass spec=, or an embedder "
-        "with a .spec (compress_edge.models.resolve_model returns both)"
+        "with a .spec (compress_edge.models.resolve.resolve_model returns both)"
     )
 
 
@@ -138,7 +138,7 @@ def extract_features(
     model_or_embedder: a torch module mapping (B, C, S, S) to (B, D) (an EmbeddingModel), with
       ``spec``; or an object with ``spec`` and ``embed(float32 array (B, C, S, S)) -> (B, D)``
       (an export ``Embedder``: ONNX Runtime, TensorRT, PyTorch).
-    dataset: an :class:`~compress_edge.data.ImageDataset` (any dataset yielding (image, label, ...)
+    dataset: an :class:`~compress_edge.data.datasets.ImageDataset` (any dataset yielding (image, label, ...)
       works; without ``fingerprint()`` nothing is cached). Its images are fed through the eval
       preprocessing of ``spec`` (resize, centre crop, mean/std) on a copy; the dataset is untouched.
     device: for a torch module ("auto": CUDA when present); the module is moved there and run in eval
@@ -146,7 +146,7 @@ def extract_features(
     cache_dir: the features cache (default :func:`default_cache_dir`); ``use_cache=False`` neither
       reads nor writes it. Labels are -1 for unlabelled images.
     """
-    from compress_edge.data import eval_transform, make_loader
+    from compress_edge.data.datasets import eval_transform, make_loader
     from compress_edge.devices import resolve_device
     from compress_edge.progress import track
     from compress_edge.storage import atomic_path, atomic_write_json
@@ -304,7 +304,7 @@ def knn_eval(
 ) -> KnnResult:
     """1-NN and weighted kNN accuracy of the test features against the train (gallery) features.
 
-    Exact search (:func:`exact_topk`), then :func:`compress_edge.neighbors.weighted_knn_vote`.
+    Exact search (:func:`exact_topk`), then :func:`compress_edge.eval.neighbors.weighted_knn_vote`.
     """
     from compress_edge.devices import resolve_device
 

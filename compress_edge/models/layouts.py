@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from compress_edge.backbones import (
+from compress_edge.models.registry import (
     EmbeddingModel,
     create_model,
     list_models,
@@ -60,8 +60,8 @@ from compress_edge.backbones import (
     unknown_arch_message,
 )
 from compress_edge.errors import ModelError
-from compress_edge.model_files import SPEC_METADATA_KEY, model_files, read_safetensors
-from compress_edge.spec import SPEC_FILENAME, ModelSpec
+from compress_edge.models.files import SPEC_METADATA_KEY, model_files, read_safetensors
+from compress_edge.models.spec import SPEC_FILENAME, ModelSpec
 from compress_edge.storage import sha256_file
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,11 @@ METHODS = ["compress-2q", "compress-2q-nomomentum", "compress-1q", "regression",
 def _setup(method: str, args, device: str, amp: str = "off"):
     import torch
 
-    from compress_edge.train.distill import DistillTask
-    from compress_edge.train.losses import build_loss, uses_momentum_encoder
     from compress_edge.models.resolve import SMALL_INPUT_MAX, create_model
-    from compress_edge.train.engine import TrainConfig, Trainer
+    from compress_edge.train.config import TrainConfig
+    from compress_edge.train.distill import DistillTask
+    from compress_edge.train.engine import Trainer
+    from compress_edge.train.losses import build_loss, uses_momentum_encoder
 
     torch.manual_seed(0)
     student = create_model("mobilenet_v2", small_input=args.image_size <= SMALL_INPUT_MAX)
@@ -160,8 +161,8 @@ def held_extra_bytes(trainer) -> int:
 
 
 def _queue_bytes(method: str, args) -> int:
-    from compress_edge.train.losses import build_loss
     from compress_edge.models.resolve import create_model
+    from compress_edge.train.losses import build_loss
 
     dim = create_model("mobilenet_v2", small_input=True).embed_dim
     crit = build_loss(method, args.teacher_dim, dim, queue_size=args.queue)

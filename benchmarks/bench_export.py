@@ -104,9 +104,10 @@ def stand_in_student(arch: str, small_input: bool, size: int, folder: Path, stat
 
 def run(args: argparse.Namespace) -> dict:
     import torch
-    from compress_edge.export import ExportOptions, export_model
+    from compress_edge.export.bench import benchmark, count_gflops, machine_info
     from compress_edge.export.parity import load_check_images
-    from compress_edge.export.runtimes import benchmark, count_gflops, machine_info, open_embedder
+    from compress_edge.export.pipeline import ExportOptions, export_model
+    from compress_edge.export.runtimes import open_embedder
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -293,8 +294,8 @@ def int8_sweep(args: argparse.Namespace) -> dict:
     import time
 
     import torch
-    from compress_edge.export import ExportOptions, export_model
-    from compress_edge.export.runtimes import machine_info
+    from compress_edge.export.bench import machine_info
+    from compress_edge.export.pipeline import ExportOptions, export_model
 
     from compress_edge.models.resolve import list_models
 

@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from compress_edge.models.resolve import resolve_model, save_model
 from compress_edge.data.synthetic import make_textures, train_labelled_teacher
+from compress_edge.models.resolve import resolve_model, save_model
 
 
 def _cli(*args: str) -> str:

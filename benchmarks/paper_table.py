@@ -147,7 +147,7 @@ def make_data(s: Setting, work: Path) -> Setting:
 
 
 def _train_config(s: Setting, epochs: int | None, batch: int | None, amp: str = "off"):
-    from compress_edge.train.engine import TrainConfig
+    from compress_edge.train.config import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=batch, lr=None, warmup_epochs=None, workers=s.workers,
                        device=s.device, amp=amp, seed=s.seed, progress=False, log_every=50)
@@ -208,7 +208,9 @@ def distill(s: Setting, teacher_dir: str, cache: str, method: str, out: Path) ->
 # evaluation: one function for every row
 # --------------------------------------------------------------------------------------------------
 def evaluate_features(name: str, train_feats, test_feats, s: Setting, teacher_test=None) -> dict:
-    from compress_edge.eval.protocols import knn_eval, linear_probe, neighbor_agreement
+    from compress_edge.eval.agreement import neighbor_agreement
+    from compress_edge.eval.knn import knn_eval
+    from compress_edge.eval.linear import linear_probe
     from compress_edge.eval.quality import embedding_spread
 
     (xtr, ytr), (xte, yte) = train_feats, test_feats
@@ -223,7 +225,7 @@ def evaluate_features(name: str, train_feats, test_feats, s: Setting, teacher_te
 
 
 def model_features(model_dir: str | None, s: Setting, train_ds, test_ds, *, model=None, spec=None):
-    from compress_edge.eval.protocols import extract_features
+    from compress_edge.eval.features import extract_features
     from compress_edge.models.resolve import load_model
 
     if model is None:
@@ -290,8 +292,8 @@ def run(s: Setting, work: Path) -> dict:
     import torch
 
     from compress_edge.data.datasets import open_dataset
-    from compress_edge.models.resolve import load_model
     from compress_edge.eval.quality import random_weights_model, raw_pixel_features
+    from compress_edge.models.resolve import load_model
 
     if s.threads:
         torch.set_num_threads(int(s.threads))

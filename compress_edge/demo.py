@@ -21,10 +21,8 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from typing import Any
 
 from compress_edge.defaults import DEFAULT_METHOD, PAPER_TEMPERATURE
 from compress_edge.errors import CompressEdgeError
+from compress_edge.signals import Interrupted, StopRequest
 from compress_edge.storage import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -117,75 +116,6 @@ class DemoStopped(CompressEdgeError):
     """The demo stopped on SIGINT or SIGTERM; the message says what is kept and how to continue."""
 
 
-class _Interrupted(BaseException):
-    """Raised by the demo's signal handler; a BaseException (like KeyboardInterrupt), so that no handler
-    inside a stage takes it for an error of its own."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class _StopSignals:
-    """SIGINT and SIGTERM (also sent to the whole process group, by a scheduler or ``docker stop``) while
-    the demo runs. Outside the stages' own handling they stop the demo at once (:class:`_Interrupted`).
-    A training stage and the teacher cache take them over while they run and stop at a safe point,
-    raising ``TrainingStopped``, or, when the signal comes during their last step or shard, finish the
-    stage; the signal still reaches a wakeup fd (Python writes every signal's number there, whichever
-    Python handler takes it), which :meth:`seen` reads, so such a stop ends the demo after the stage."""
-
-    def __init__(self) -> None:
-        self._old: dict[int, Any] = {}
-        self._pid = os.getpid()
-        self._read = self._write = -1
-        self._old_fd: int | None = None
-        self.signum: int | None = None
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is not threading.main_thread():
-            return self  # signals reach the main thread only: nothing to handle here
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
-        self._old_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        for sig in _STOP_SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if os.getpid() != self._pid:  # a forked loader worker before it ignores stop signals
-            return
-        for sig in _STOP_SIGNALS:  # a second signal must not interrupt the way out
-            signal.signal(sig, signal.SIG_IGN)
-        self.signum = signum
-        raise _Interrupted(signum)
-
-    def seen(self) -> int | None:
-        """A stop signal that arrived since the last call (taken by a stage's own handler), or None."""
-        found = None
-        with contextlib.suppress(OSError):
-            while self._read >= 0 and (data := os.read(self._read, 512)):
-                found = next((n for n in data if n in _STOP_SIGNALS), found)
-        if found is not None:
-            self.signum = found
-        return found
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is not None:
-            self.seen()  # which signal stopped a stage that raised, for the message
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        if self._old_fd is not None:
-            signal.set_wakeup_fd(self._old_fd)
-        for fd in (self._read, self._write):
-            if fd >= 0:
-                os.close(fd)
-        self._read = self._write = -1
-
-
 class Demo:
     """Runs the stages in order into ``out``; each stage's result is saved in ``out/stages/NAME.json``
     and reused when the demo runs again with the same settings."""
@@ -220,9 +150,14 @@ class Demo:
         return self.out.joinpath(*parts)
 
     def run(self, stages: list[Stage]) -> dict[str, Any]:
-        """Run the stages not done before. SIGINT or SIGTERM stops the demo with :class:`DemoStopped`
-        (one line: the finished stages are kept, and running the demo again continues)."""
-        signals = _StopSignals()
+        """Run the stages not done before. SIGINT or SIGTERM (also sent to the whole process group, by a
+        scheduler or ``docker stop``) stops the demo with :class:`DemoStopped` (one line: the finished
+        stages are kept, and running the demo again continues). Outside the stages' own handling a signal
+        stops the demo at once. A training stage and the teacher cache take the signals over while they
+        run and stop at a safe point, raising ``TrainingStopped``, or, when the signal comes during their
+        last step or shard, finish the stage; the demo's handler still sees that signal (``seen``), so
+        such a stop ends the demo after the stage."""
+        signals = StopRequest(at_once=True, watch=True)
         with self._stopped_by(signals, stages) as where, signals:
             for i, stage in enumerate(stages, 1):
                 where[:] = [i, "during"]
@@ -241,11 +176,11 @@ class Demo:
                 # a stop that the stage's own handler took, when the stage finished anyway (a signal
                 # during the teacher cache's last shard): the demo stops here, the stage kept
                 if signals.seen() is not None and i < len(stages):
-                    raise _Interrupted(signals.signum)
+                    raise Interrupted(signals.signal)
         return self.results
 
     @contextlib.contextmanager
-    def _stopped_by(self, signals: _StopSignals, stages: list[Stage]) -> Iterator[list]:
+    def _stopped_by(self, signals: StopRequest, stages: list[Stage]) -> Iterator[list]:
         """Turn a stop (the demo's handler, or a training stage or the cache stopping at a safe point)
         into one :class:`DemoStopped` line."""
         from compress_edge.train.engine import TrainingStopped
@@ -253,9 +188,9 @@ class Demo:
         where: list = [1, "during"]
         try:
             yield where
-        except (_Interrupted, TrainingStopped, KeyboardInterrupt) as exc:  # KeyboardInterrupt: a second
+        except (Interrupted, TrainingStopped, KeyboardInterrupt) as exc:  # KeyboardInterrupt: a second
             # signal during a training stage, which stops it at once
-            signum = exc.signum if isinstance(exc, _Interrupted) else signals.signum
+            signum = exc.signum if isinstance(exc, Interrupted) else signals.signal
             name = signal.Signals(signum).name if signum is not None else "a stop signal"
             i, when = where
             stage = stages[i - 1]
@@ -274,7 +209,7 @@ class Demo:
 # ----------------------------------------------------------------------------------------------
 def _train_config(demo: Demo, *, epochs: int | None, batch: int | None, amp: str = "auto",
                   lr: float | None = None):
-    from compress_edge.train.engine import TrainConfig
+    from compress_edge.train.config import TrainConfig
 
     s = demo.settings
     return TrainConfig(epochs=epochs, batch_size=batch, lr=lr, warmup_epochs=None, workers=s.workers,
@@ -348,8 +283,8 @@ def _eval_sets(demo: Demo):
 
 
 def stage_profile(demo: Demo) -> dict[str, Any]:
-    from compress_edge.models.resolve import load_model
     from compress_edge.eval.profile import compare, profile_model
+    from compress_edge.models.resolve import load_model
 
     t_model, t_spec = load_model(demo.results["teacher"]["teacher"])
     s_model, s_spec = load_model(demo.results["distill"]["student"])
@@ -363,15 +298,13 @@ def stage_profile(demo: Demo) -> dict[str, Any]:
 
 
 def stage_evaluate(demo: Demo) -> dict[str, Any]:
-    from compress_edge.eval.protocols import (
-        cluster_alignment,
-        extract_features,
-        knn_eval,
-        linear_probe,
-        neighbor_agreement,
-    )
-    from compress_edge.models.resolve import load_model
+    from compress_edge.eval.agreement import neighbor_agreement
+    from compress_edge.eval.clustering import cluster_alignment
+    from compress_edge.eval.features import extract_features
+    from compress_edge.eval.knn import knn_eval
+    from compress_edge.eval.linear import linear_probe
     from compress_edge.eval.quality import embedding_spread, random_weights_model, raw_pixel_features
+    from compress_edge.models.resolve import load_model
 
     s = demo.settings
     train, test = _eval_sets(demo)
@@ -405,10 +338,11 @@ def stage_evaluate(demo: Demo) -> dict[str, Any]:
 def stage_export(demo: Demo) -> dict[str, Any]:
     import numpy as np
 
-    from compress_edge.deps import available
-    from compress_edge.export import ExportOptions, export_model
-    from compress_edge.export.runtimes import benchmark, open_embedder
     from compress_edge.data.images import preprocess_batch
+    from compress_edge.deps import available
+    from compress_edge.export.bench import benchmark
+    from compress_edge.export.pipeline import ExportOptions, export_model
+    from compress_edge.export.runtimes import open_embedder
 
     s = demo.settings
     out = demo.path("export")

@@ -9,9 +9,9 @@ reports how many tensors matched and refuses one whose backbone did not load.
 
 import argparse
 
-from compress_edge.train.distill import DistillOptions, run_distill
 from compress_edge.models.resolve import load_model
-from compress_edge.train.engine import TrainConfig
+from compress_edge.train.config import TrainConfig
+from compress_edge.train.distill import DistillOptions, run_distill
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--images", required=True, help="an image folder (class subfolders or not)")

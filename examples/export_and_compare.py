@@ -7,7 +7,7 @@ import argparse
 import time
 
 import numpy as np
-from compress_edge.export import ExportOptions, export_model
+from compress_edge.export.pipeline import ExportOptions, export_model
 from compress_edge.export.runtimes import open_embedder
 
 from compress_edge.data.images import scan_images

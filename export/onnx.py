@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from compress_edge.export.runtimes import PRECISION_KEY
+from compress_edge.export.exported import PRECISION_KEY
 
 from compress_edge.deps import available, require
 from compress_edge.errors import ExportError, ModelError

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from compress_edge.export.embedder import Embedder
+from compress_edge.export.exported import PRECISION_KEY, spec_from_onnx_metadata
 from compress_edge.export.onnx import quiet_logs
 from compress_edge.export.quantize import QuantizeResult
-from compress_edge.export.runtimes import PRECISION_KEY, Embedder, spec_from_onnx_metadata
 
 from compress_edge.deps import require
 from compress_edge.errors import DependencyError, ExportError, ModelError
@@ -102,7 +103,7 @@ def quantize_int8(
     calib: preprocessed calibration images float32 (N, C, S, S), the ones the ONNX INT8 files use;
     NNCF collects its statistics over all N, one image at a time.
     """
-    from compress_edge.export.quantize import check_calibration
+    from compress_edge.export.calibration import check_calibration
 
     from compress_edge.progress import optional_bar
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from compress_edge.export.runtimes import PRECISION_KEY, _sniff, read_sidecar
+from compress_edge.export.exported import PRECISION_KEY, _sniff, read_sidecar
 
 from compress_edge.deps import install_hint
 from compress_edge.errors import DependencyError, ExportError, ModelError
@@ -186,62 +186,20 @@ def build_engine(
     engine_path = Path(engine_path)
     if not onnx_path.is_file():
         raise ModelError(f"no ONNX file at {onnx_path}")
-    opt_batch = max_batch if opt_batch is None else opt_batch
-    if not (1 <= min_batch <= opt_batch <= max_batch):
-        raise ExportError(
-            f"the batch profile needs 1 <= --min-batch <= --opt-batch <= --max-batch, got {min_batch}, "
-            f"{opt_batch}, {max_batch}"
-        )
-    if workspace_mib <= 0:
-        raise ExportError(f"--workspace must be positive (MiB), got {workspace_mib}")
+    opt_batch = _check_build_options(min_batch, opt_batch, max_batch, workspace_mib)
     spec, precision = _onnx_spec(onnx_path, spec)
-    trt, name = trt_module(module)
-    version = module_version(trt)
-    if name == "tensorrt" and _major(version) < 10:
-        raise DependencyError(
-            f"TensorRT {version} is too old: compress-edge builds strongly typed networks, which need "
-            f"TensorRT 10 or newer; install it with: {install_hint('tensorrt')}"
-        )
+    trt, name, version = _checked_module(module)
     start = time.perf_counter()
     logger = _make_logger(trt)
-    builder = trt.Builder(logger)
-    # TensorRT 10 and TensorRT-RTX: opt in. TensorRT 11: always strongly typed, the flag kept but ignored.
-    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        raise ExportError(f"TensorRT ({name} {version}) cannot parse {onnx_path}: {parser_errors(parser, logger)}")
-
-    if network.num_inputs != 1:
-        raise ExportError(f"{onnx_path} has {network.num_inputs} inputs; an embedding model has one")
-    inp = network.get_input(0)
-    shape = tuple(inp.shape)
-    c, s = int(spec.channels), int(spec.image_size)
-    if len(shape) != 4 or tuple(shape[1:]) != (c, s, s):
-        raise ExportError(f"{onnx_path} takes input {shape}, but its ModelSpec says (batch, {c}, {s}, {s})")
-    notes: list[str] = []
-    if shape[0] != -1:
-        if not (min_batch == opt_batch == max_batch == shape[0]):
-            notes.append(f"the ONNX batch is fixed at {shape[0]}: profile set to it")
-        min_batch = opt_batch = max_batch = int(shape[0])
+    builder, network = _parse(trt, logger, onnx_path, f"{name} {version}")
+    inp, dims, notes = _profile(network, spec, onnx_path, (min_batch, opt_batch, max_batch))
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
     profile = builder.create_optimization_profile()
-    dims = {k: [b, c, s, s] for k, b in (("min", min_batch), ("opt", opt_batch), ("max", max_batch))}
     profile.set_shape(inp.name, dims["min"], dims["opt"], dims["max"])
     config.add_optimization_profile(profile)
-
-    cache_path: Path | None = None
-    if name == "tensorrt_rtx":
-        notes.append("TensorRT-RTX tunes kernels when the engine first runs; it has no build timing cache")
-    else:
-        cache_path = Path(timing_cache) if timing_cache else default_timing_cache(name, version)
-        blob = cache_path.read_bytes() if cache_path.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        if not config.set_timing_cache(cache, ignore_mismatch=False):
-            notes.append(f"timing cache {cache_path} does not fit this TensorRT/GPU: started a new one")
-            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    cache_path = _use_timing_cache(config, name, version, timing_cache, notes)
 
     gpu = gpu_name()
     serialized = builder.build_serialized_network(network, config)
@@ -252,14 +210,8 @@ def build_engine(
     with atomic_path(engine_path, suffix=".engine") as tmp:
         tmp.write_bytes(data)
     if cache_path is not None:
-        try:
-            cache_blob = bytes(config.get_timing_cache().serialize())
-            with atomic_path(cache_path, suffix=".cache") as tmp:
-                tmp.write_bytes(cache_blob)
-        except OSError as exc:
-            notes.append(f"could not save the timing cache to {cache_path} ({exc})")
-
-    sidecar = {
+        _save_timing_cache(config, cache_path, notes)
+    sidecar_path = _write_sidecar(engine_path, {
         "format": SIDECAR_FORMAT,
         "format_version": SIDECAR_VERSION,
         "spec": spec.to_dict(),
@@ -275,13 +227,7 @@ def build_engine(
         "host": platform.node(),
         "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "notes": notes,
-    }
-    sidecar_path = Path(str(engine_path) + ".json")
-    atomic_write_json(sidecar_path, sidecar)
-    from compress_edge.export.onnx import share
-
-    share(engine_path)
-    share(sidecar_path)
+    })
     return EngineBuild(
         path=str(engine_path),
         sidecar=str(sidecar_path),
@@ -295,6 +241,96 @@ def build_engine(
         timing_cache=str(cache_path) if cache_path else None,
         notes=notes,
     )
+
+
+def _check_build_options(min_batch: int, opt_batch: int | None, max_batch: int, workspace_mib: int) -> int:
+    """The batch the engine is tuned for (default ``max_batch``); ExportError for a profile or workspace that
+    cannot be built."""
+    opt_batch = max_batch if opt_batch is None else opt_batch
+    if not (1 <= min_batch <= opt_batch <= max_batch):
+        raise ExportError(
+            f"the batch profile needs 1 <= --min-batch <= --opt-batch <= --max-batch, got {min_batch}, "
+            f"{opt_batch}, {max_batch}"
+        )
+    if workspace_mib <= 0:
+        raise ExportError(f"--workspace must be positive (MiB), got {workspace_mib}")
+    return opt_batch
+
+
+def _checked_module(module: str | None):
+    """(the TensorRT module, its name, its version); DependencyError for a TensorRT older than 10."""
+    trt, name = trt_module(module)
+    version = module_version(trt)
+    if name == "tensorrt" and _major(version) < 10:
+        raise DependencyError(
+            f"TensorRT {version} is too old: compress-edge builds strongly typed networks, which need "
+            f"TensorRT 10 or newer; install it with: {install_hint('tensorrt')}"
+        )
+    return trt, name, version
+
+
+def _parse(trt, logger, onnx_path: Path, which: str):
+    """(builder, network) of ``onnx_path`` parsed into a strongly typed network."""
+    builder = trt.Builder(logger)
+    # TensorRT 10 and TensorRT-RTX: opt in. TensorRT 11: always strongly typed, the flag kept but ignored.
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise ExportError(f"TensorRT ({which}) cannot parse {onnx_path}: {parser_errors(parser, logger)}")
+    return builder, network
+
+
+def _profile(network, spec: ModelSpec, onnx_path: Path, batches: tuple[int, int, int]):
+    """(the network's one input, the profile's min / opt / max shapes, notes): the input checked against
+    ``spec``; a fixed ONNX batch replaces the asked ``batches``."""
+    if network.num_inputs != 1:
+        raise ExportError(f"{onnx_path} has {network.num_inputs} inputs; an embedding model has one")
+    inp = network.get_input(0)
+    shape = tuple(inp.shape)
+    c, s = int(spec.channels), int(spec.image_size)
+    if len(shape) != 4 or tuple(shape[1:]) != (c, s, s):
+        raise ExportError(f"{onnx_path} takes input {shape}, but its ModelSpec says (batch, {c}, {s}, {s})")
+    notes: list[str] = []
+    if shape[0] != -1:
+        if not (batches[0] == batches[1] == batches[2] == shape[0]):
+            notes.append(f"the ONNX batch is fixed at {shape[0]}: profile set to it")
+        batches = (int(shape[0]),) * 3
+    return inp, {k: [b, c, s, s] for k, b in zip(("min", "opt", "max"), batches, strict=True)}, notes
+
+
+def _use_timing_cache(config, name: str, version: str, timing_cache, notes: list[str]) -> Path | None:
+    """The timing cache file the build reads (a new cache when it does not fit); None for TensorRT-RTX."""
+    if name == "tensorrt_rtx":
+        notes.append("TensorRT-RTX tunes kernels when the engine first runs; it has no build timing cache")
+        return None
+    cache_path = Path(timing_cache) if timing_cache else default_timing_cache(name, version)
+    blob = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        notes.append(f"timing cache {cache_path} does not fit this TensorRT/GPU: started a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return cache_path
+
+
+def _save_timing_cache(config, cache_path: Path, notes: list[str]) -> None:
+    try:
+        cache_blob = bytes(config.get_timing_cache().serialize())
+        with atomic_path(cache_path, suffix=".cache") as tmp:
+            tmp.write_bytes(cache_blob)
+    except OSError as exc:
+        notes.append(f"could not save the timing cache to {cache_path} ({exc})")
+
+
+def _write_sidecar(engine_path: Path, sidecar: dict[str, Any]) -> Path:
+    """``<engine>.json`` written, and both files shared (readable by the group)."""
+    from compress_edge.export.onnx import share
+
+    sidecar_path = Path(str(engine_path) + ".json")
+    atomic_write_json(sidecar_path, sidecar)
+    share(engine_path)
+    share(sidecar_path)
+    return sidecar_path
 
 
 def parser_errors(parser, logger=None) -> str:

@@ -96,31 +96,10 @@ def build_index(
     rng = np.random.default_rng(seed)
     all_ids = store.ids()
     classes = _check_items(files, labels, classes, all_ids)
-
+    gen_dir = out / f"v{generation or 1:04d}"
     with faiss_threads(threads):
-        # Held-out queries for tuning: kept out of the index until tuning is over.
-        n_q = min(int(queries), n // 10) if tune and n >= 100 else 0
-        held = np.sort(rng.choice(all_ids, size=n_q, replace=False)) if n_q else np.zeros(0, np.int64)
-        xq = store.gather(held) if n_q else None
-
-        fidx = make_faiss_index(plan.key, d)
-        t0 = time.perf_counter()
-        fidx = _train(fidx, plan, store, rng, held, gpu)
-        train_seconds = time.perf_counter() - t0
-
-        gen_dir = out / f"v{generation or 1:04d}"
-        if gen_dir.exists():
-            shutil.rmtree(gen_dir)
-        gen_dir.mkdir(parents=True)
-        t0 = time.perf_counter()
-        fidx = _add_all(fidx, plan, store, held, gen_dir, gpu)
-        add_seconds = time.perf_counter() - t0
-
-        tuning: dict[str, Any] = {"skipped": True}
-        if n_q:
-            tuning = _tune_held_out(fidx, plan, store, xq, held, gen_dir, gpu=gpu, target_recall=target_recall)
-        params = tuning.get("search_params", {})
-
+        fidx, tuning, seconds = _train_add_tune(plan, store, all_ids, gen_dir, rng, queries=queries if tune else 0,
+                                                gpu=gpu, target_recall=target_recall)
     build_seconds = time.perf_counter() - t_start
     meta: dict[str, Any] = {
         "format": INDEX_FORMAT,
@@ -133,10 +112,10 @@ def build_index(
         "dim": d,
         "metric": "inner_product",
         "normalized": True,
-        "index": {**plan.to_dict(), "choice": index, "memory_budget": budget, "search_params": params,
-                  "gpu": bool(gpu)},
+        "index": {**plan.to_dict(), "choice": index, "memory_budget": budget,
+                  "search_params": tuning.get("search_params", {}), "gpu": bool(gpu)},
         "tuning": tuning,
-        "build": {"seconds": build_seconds, "train_seconds": train_seconds, "add_seconds": add_seconds,
+        "build": {"seconds": build_seconds, **seconds,
                   "threads": threads or faiss.omp_get_max_threads(), **(build_record or {})},
         "root": root,
         "classes": list(classes or []),
@@ -148,6 +127,36 @@ def build_index(
     }
     write_generation(fidx, out, gen_dir, meta)
     return RetrievalIndex.open(out, verify=False)
+
+
+def _train_add_tune(plan: IndexPlan, store: EmbeddingStore, all_ids: np.ndarray, gen_dir: Path,
+                    rng: np.random.Generator, *, queries: int, gpu: bool,
+                    target_recall: float) -> tuple[faiss.Index, dict[str, Any], dict[str, float]]:
+    """The FAISS index of ``plan`` trained and filled from ``store`` (ids ``all_ids``; its files in a fresh
+    ``gen_dir``) and tuned on up to ``queries`` held-out vectors (0: not tuned); (index, tuning record,
+    train and add seconds)."""
+    n = len(store)
+    # Held-out queries for tuning: kept out of the index until tuning is over.
+    n_q = min(int(queries), n // 10) if queries and n >= 100 else 0
+    held = np.sort(rng.choice(all_ids, size=n_q, replace=False)) if n_q else np.zeros(0, np.int64)
+    xq = store.gather(held) if n_q else None
+
+    fidx = make_faiss_index(plan.key, store.dim)
+    t0 = time.perf_counter()
+    fidx = _train(fidx, plan, store, rng, held, gpu)
+    train_seconds = time.perf_counter() - t0
+
+    if gen_dir.exists():
+        shutil.rmtree(gen_dir)
+    gen_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    fidx = _add_all(fidx, plan, store, held, gen_dir, gpu)
+    add_seconds = time.perf_counter() - t0
+
+    tuning: dict[str, Any] = {"skipped": True}
+    if n_q:
+        tuning = _tune_held_out(fidx, plan, store, xq, held, gen_dir, gpu=gpu, target_recall=target_recall)
+    return fidx, tuning, {"train_seconds": train_seconds, "add_seconds": add_seconds}
 
 
 def _check_items(files: Sequence[str] | None, labels: Sequence[int] | None, classes: Sequence[str] | None,

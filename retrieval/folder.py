@@ -176,7 +176,7 @@ class RetrievalIndex:
         None, with a warning, for a stored path that leads outside the gallery (``../``, an absolute
         path outside the root and the folders images were added from, a malformed dataset id): the
         sidecar is data, and what it names is never shown or opened unchecked."""
-        from compress_edge.retrieval.shards import is_dataset_id
+        from compress_edge.data.grammar import is_dataset_id
 
         base = str(root) if root is not None else self.root
         if is_dataset_id(file):

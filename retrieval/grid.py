@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from compress_edge.data.grammar import FASHION_MNIST, is_dataset_id, parse_dataset_id
 from compress_edge.data.images import open_image
 from compress_edge.storage import atomic_path
 
@@ -52,15 +53,19 @@ def load_item(path: str | None) -> Image.Image | None:
     """The image of a stored item: a file, or a dataset id such as "fashion-mnist:test/00042"."""
     if not path:
         return None
-    if path.lower().startswith("fashion-mnist:"):
+    if is_dataset_id(path):
+        item = parse_dataset_id(path)
+        if item is None:
+            log.debug("cannot load %s: not a well-formed dataset id", path)
+            return None
+        split, number = item
         try:
             from compress_edge.data.datasets import open_dataset  # torch; absent on a device
 
-            split, _, number = path.split(":", 1)[1].partition("/")
-            name = f"fashion-mnist:{split}"
+            name = f"{FASHION_MNIST}:{split}"
             if name not in _DATASETS:
                 _DATASETS[name] = open_dataset(name)
-            return _DATASETS[name].get_image(int(number))
+            return _DATASETS[name].get_image(number)
         except Exception as exc:  # the picture is a convenience: draw a blank tile instead
             log.debug("cannot load %s: %s", path, exc)
             return None

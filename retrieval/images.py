@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 def _open_embedder(model: Any, backend: str = "auto", device: str = "cpu", threads: int | None = None,
                    image_size: int | None = None):
-    """An Embedder as given, or opened from a model reference (folder, .onnx, .engine, arch name)."""
+    """(embedder, owned): an Embedder as given (not ours to close), or a MODEL argument (folder, .onnx,
+    .engine, .xml, arch name) opened by the one resolver, ``open_embedder`` (ours to close)."""
     if hasattr(model, "embed") and hasattr(model, "spec"):
         return model, False
     from compress_edge.export.runtimes import open_embedder

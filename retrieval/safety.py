@@ -10,13 +10,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 import unicodedata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from compress_edge.data.grammar import parse_dataset_id
 from compress_edge.errors import ModelError, SpecMismatchError
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 #: (bidirectional overrides, zero-width), line/paragraph separators, and the surrogates that stand
 #: for undecodable bytes in file names.
 _HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
-_DATASET_ID = re.compile(r"fashion-mnist:(train|test)/\d+", re.IGNORECASE)
 
 
 def shown(text: Any) -> str:
@@ -51,8 +50,9 @@ def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
 
 
 def dataset_id_ok(file: str) -> bool:
-    """A well-formed dataset item such as "fashion-mnist:test/00042"."""
-    return bool(_DATASET_ID.fullmatch(file))
+    """A well-formed dataset item such as "fashion-mnist:test/00042" (read by the DATA grammar,
+    :func:`compress_edge.data.grammar.parse_dataset_id`)."""
+    return parse_dataset_id(file) is not None
 
 
 def check_finite(x: np.ndarray, model: Any) -> np.ndarray:

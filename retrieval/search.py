@@ -26,8 +26,8 @@ from compress_edge.retrieval.safety import check_finite, check_model, shown
 from compress_edge.retrieval.shards import l2_normalize
 from PIL import Image
 
-from compress_edge.errors import DataError, IndexFileError
 from compress_edge.data.images import IMAGE_EXTENSIONS, scan_images
+from compress_edge.errors import DataError, IndexFileError
 
 __all__ = ["Hit", "Prediction", "Searcher", "open_index", "expand_queries"]
 

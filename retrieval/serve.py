@@ -46,7 +46,6 @@ import contextlib
 import functools
 import io
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -67,8 +66,8 @@ from compress_edge.retrieval.search import Searcher, predictions_of
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from compress_edge import __version__
-from compress_edge.errors import CompressEdgeError, DependencyError
 from compress_edge.data.images import to_rgb
+from compress_edge.errors import CompressEdgeError, DependencyError
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +342,8 @@ class SearchService:
 
     def _thumbnail(self, id_: int) -> bytes:
         from compress_edge.retrieval.grid import load_item
-        from compress_edge.retrieval.shards import is_dataset_id
+
+        from compress_edge.data.grammar import is_dataset_id
 
         pos = int(self.index.positions(np.array([id_]))[0])
         file = self.index.files[pos] if self.index.files is not None else None
@@ -374,7 +374,7 @@ class SearchService:
     def shown_file(self, file: str) -> str | None:
         """The stored path of an item as the index records it (relative to the gallery for a folder), or
         None when it leads outside the gallery: such a path is neither shown nor opened."""
-        from compress_edge.retrieval.shards import is_dataset_id
+        from compress_edge.data.grammar import is_dataset_id
 
         path = self.index.resolve(file, self.root) if file else None
         if path is None or not (is_dataset_id(path) or self.inside_gallery(path)):
@@ -428,155 +428,27 @@ def _require_server() -> None:
 
 
 def create_app(service: SearchService):
-    """The Starlette app of ``service``: the routes listed in the module's docstring."""
+    """The Starlette app of ``service``: the routes listed in the module's docstring, answered by
+    :class:`~compress_edge.retrieval.routes.Routes`."""
     _require_server()
+    from compress_edge.retrieval.routes import Routes
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    limits = service.limits
-    pages = {name: (STATIC_DIR / name).read_bytes() for name in STATIC_FILES}
-    busy = {"running": 0}
-    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
-
-    def error(status: int, message: str, **extra: str) -> JSONResponse:
-        return JSONResponse({"error": message, "status": status}, status_code=status, headers={**headers, **extra})
-
-    async def page(request: Request) -> Response:
-        name = request.path_params.get("name", "index.html")
-        if name not in STATIC_FILES:
-            return error(404, "no such file")
-        csp = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
-        return Response(pages[name], media_type=STATIC_FILES[name],
-                        headers={**headers, "Content-Security-Policy": csp})
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "vectors": service.index.ntotal, "busy": busy["running"]},
-                            headers=headers)
-
-    async def info(request: Request) -> Response:
-        return JSONResponse(service.info(), headers=headers)
-
-    async def gallery(request: Request) -> Response:
-        q = request.query_params
-        return JSONResponse(service.gallery(_integer(q.get("offset", 0), "offset"),
-                                            _integer(q.get("limit", 48), "limit")), headers=headers)
-
-    async def thumb(request: Request) -> Response:
-        id_ = _integer(request.path_params["id"], "id")
-        data = await run_in_threadpool(service.thumbnail, id_)
-        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600",
-                                                               "X-Content-Type-Options": "nosniff"})
-
-    async def read_body(request: Request, limit: int) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                raise RequestError(400, "bad Content-Length") from None
-            if declared > limit:
-                raise RequestError(413, f"the request has {declared:,} bytes; the limit is {limit:,}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise RequestError(413, f"the request has more than {limit:,} bytes")
-        return bytes(body)
-
-    async def search(request: Request) -> Response:
-        t0 = time.perf_counter()
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind not in ("application/json", "multipart/form-data"):
-            raise RequestError(415, "POST /search takes multipart/form-data (an image in the field 'image') "
-                                    'or application/json {"id": N}')
-        body = await read_body(request, FORM_OVERHEAD if kind == "application/json" else
-                               limits.max_bytes + FORM_OVERHEAD)
-        data = None
-        if kind == "application/json":
-            try:
-                payload = json.loads(body or b"null")
-            except (ValueError, UnicodeDecodeError):
-                raise RequestError(400, "the body is not valid JSON") from None
-            if not isinstance(payload, dict) or "id" not in payload:
-                raise RequestError(400, 'send JSON {"id": N, "k": 10} (a gallery id) or a multipart image upload')
-            k, params = service.check_k(payload.get("k")), service.check_param(payload.get("param"))
-        else:
-            data, k, params = await read_form(request, body)
-        # The limit is on the work (decoding, embedding, searching) running at once; uploads still
-        # arriving are bounded by their size and by uvicorn's limit on connections.
-        if busy["running"] >= limits.max_concurrent:
-            return error(503, f"busy: {busy['running']} searches are running (the limit is "
-                              f"{limits.max_concurrent}); try again", **{"Retry-After": "1"})
-        busy["running"] += 1
-        try:
-            if data is None:
-                out = await run_in_threadpool(service.search_id, payload["id"], k, params)
-            else:
-                t1 = time.perf_counter()
-                image = await run_in_threadpool(decode_upload, data, limits)
-                decode_ms = (time.perf_counter() - t1) * 1e3
-                out = await run_in_threadpool(service.search_image, image, k, params)
-                out["timings"]["decode_ms"] = decode_ms
-                out["query"]["bytes"] = len(data)
-        finally:
-            busy["running"] -= 1
-        out["timings"]["total_ms"] = (time.perf_counter() - t0) * 1e3
-        return JSONResponse(out, headers=headers)
-
-    async def read_form(request: Request, body: bytes) -> tuple[bytes, int, dict[str, int] | None]:
-        """(image bytes, k, search parameters) of a multipart body already read (and bounded)."""
-        sent = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form(max_files=1, max_fields=8, max_part_size=64 * 1024)
-        except HTTPException as exc:
-            raise RequestError(400, f"the multipart body cannot be read ({exc.detail})") from None
-        try:
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise RequestError(400, "send the image as the multipart file field 'image'")
-            k, params = service.check_k(form.get("k")), service.check_param(form.get("param"))
-            return await upload.read(), k, params
-        finally:
-            await form.close()
-
-    async def on_request_error(request: Request, exc: Exception) -> Response:
-        return error(getattr(exc, "status", 400), str(exc))  # registered for RequestError only
-
-    async def on_library_error(request: Request, exc: Exception) -> Response:
-        return error(400, " ".join(str(exc).split()))
-
-    async def on_http_error(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 500)
-        return error(status, str(getattr(exc, "detail", "")) or "error")
-
-    async def on_bug(request: Request, exc: Exception) -> Response:
-        log.error("internal error on %s: %s: %s", request.url.path, exc.__class__.__name__, _short(exc))
-        return error(500, f"internal error: {exc.__class__.__name__}")
-
+    r = Routes(service)
     routes = [
-        Route("/", page, methods=["GET"]),
-        Route("/static/{name}", page, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/info", info, methods=["GET"]),
-        Route("/gallery", gallery, methods=["GET"]),
-        Route("/thumb/{id}", thumb, methods=["GET"]),
-        Route("/search", search, methods=["POST"]),
+        Route("/", r.page, methods=["GET"]),
+        Route("/static/{name}", r.page, methods=["GET"]),
+        Route("/health", r.health, methods=["GET"]),
+        Route("/info", r.info, methods=["GET"]),
+        Route("/gallery", r.gallery, methods=["GET"]),
+        Route("/thumb/{id}", r.thumb, methods=["GET"]),
+        Route("/search", r.search, methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={
-        RequestError: on_request_error, CompressEdgeError: on_library_error, HTTPException: on_http_error,
-        Exception: on_bug,
+        RequestError: r.on_request_error, CompressEdgeError: r.on_library_error, HTTPException: r.on_http_error,
+        Exception: r.on_bug,
     })
 
 

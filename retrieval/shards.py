@@ -7,7 +7,8 @@ shard by shard (training sample, adding to the index, exact ground truth). Each 
 the index sidecar lists the manifests it uses, so shards left by an interrupted run are ignored.
 
 Torch-free: numpy, PIL and the image helpers only (Fashion-MNIST galleries import ``compress_edge.data.datasets``,
-which needs torch, when they are opened).
+which needs torch, when they are opened). DATA arguments are read with the one DATA grammar,
+:mod:`compress_edge.data.grammar`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import numpy as np
 from compress_edge.retrieval.safety import check_finite
 from PIL import Image
 
-from compress_edge.errors import DataError, IndexFileError
+from compress_edge.data.grammar import names_dataset, resolve_path
 from compress_edge.data.images import open_image, scan_images
+from compress_edge.errors import DataError, IndexFileError
 from compress_edge.eval.neighbors import l2_normalize
 from compress_edge.storage import atomic_path, atomic_write_json
 
@@ -243,13 +245,13 @@ class Gallery:
         return len(self.files)
 
 
-def is_dataset_id(file: str) -> bool:
-    return file.lower().startswith("fashion-mnist:")
-
-
 def open_gallery(data: Sequence[str], *, data_root: str | None = None, classes: Sequence[str] | None = None,
                  root: str | None = None, progress: bool | None = None) -> Gallery:
     """Open DATA arguments (folders, image files, fashion-mnist:train|test) as one :class:`Gallery`.
+
+    Each is read with the DATA grammar (:mod:`compress_edge.data.grammar`): a dataset name (with its
+    ``@N``) is opened by :func:`compress_edge.data.datasets.open_dataset`; anything else is an image
+    file or folder, a relative one looked up under ``data_root`` when it is not in the working directory.
 
     classes: class names already in an index (labels are mapped by name; new names are appended).
     root: the folder file paths are recorded relative to (default: the common folder of the inputs).
@@ -264,8 +266,7 @@ def open_gallery(data: Sequence[str], *, data_root: str | None = None, classes: 
     sources = []
     datasets: dict[str, Any] = {}
     for item in data:
-        head = item.split(":", 1)[0].lower()
-        if head in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
+        if names_dataset(item):
             from compress_edge.data.datasets import open_dataset  # needs torch: only for this kind of DATA
 
             ds = open_dataset(item, data_root=data_root, progress=quiet)
@@ -275,9 +276,7 @@ def open_gallery(data: Sequence[str], *, data_root: str | None = None, classes: 
                 entries.append((f, (ds.name, i), names[int(ds.labels[i])]))
             sources.append({"data": item, "kind": ds.kind, "images": len(ds)})
             continue
-        path = Path(os.path.expanduser(item))
-        if not path.exists() and data_root is not None and not path.is_absolute():
-            path = Path(data_root) / path
+        path = resolve_path(item, data_root)
         if path.is_file():
             open_image(path)  # a clear error now for an unreadable file
             entries.append((str(path.resolve()), None, -1))
@@ -362,7 +361,7 @@ def extract_embeddings(
     spec = embedder.spec
     writer = ShardWriter(folder, f"{prefix}-r{r}", int(spec.embed_dim), shard_rows,
                          extra={"rank": r, "world_size": w, "first": lo, "last": hi, **(extra or {})})
-    from compress_edge.export.runtimes import embed_batches
+    from compress_edge.export.embedder import embed_batches
 
     def load(first: int, end: int) -> list:
         return [gallery.load(i) for i in range(first, end)]

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from compress_edge.export.runtimes import benchmark, count_gflops, machine_info, open_embedder
+from compress_edge.export.bench import benchmark, count_gflops, machine_info
+from compress_edge.export.runtimes import open_embedder
 from typer.testing import CliRunner
 
 from compress_edge.cli import app
-from compress_edge.errors import DataError
 from compress_edge.data.images import preprocess_batch, scan_images
+from compress_edge.errors import DataError
 from compress_edge.models.resolve import create_model, recalibrate_batchnorm, save_model, spec_for
 from compress_edge.models.spec import ModelSpec
 
@@ -116,7 +117,7 @@ def test_calibration_with_a_ragged_last_batch_uses_the_method_asked_for(student,
 
 
 def test_calibration_batch_splits_the_images_evenly():
-    from compress_edge.export.quantize import calibration_batch
+    from compress_edge.export.calibration import calibration_batch
 
     assert calibration_batch(250, 16) == 10
     assert calibration_batch(256, 16) == 16

@@ -14,14 +14,10 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from compress_edge.models.layouts import (
-    MIN_MATCHED,
-    detect_format,
-    inspect_checkpoint,
-    load_backbone_weights,
-    read_checkpoint,
-)
 from compress_edge.errors import ModelError
+from compress_edge.models.formats import detect_format, read_checkpoint
+from compress_edge.models.inspection import inspect_checkpoint
+from compress_edge.models.layouts import MIN_MATCHED, load_backbone_weights
 from compress_edge.models.resolve import create_model, list_models, save_model, spec_for
 
 SIZE = 64  # the smallest side every ImageNet stem takes (AlexNet needs 63 px)

@@ -104,9 +104,9 @@ def test_info_empty_folder_is_one_line(tmp_path):
 
 
 def test_info_missing_fashion_mnist(monkeypatch, tmp_path):
-    from compress_edge.data import datasets as D
+    from compress_edge.data import fashion_mnist as F
 
-    monkeypatch.setattr(D, "SYSTEM_DATA_DIRS", ())
+    monkeypatch.setattr(F, "SYSTEM_DATA_DIRS", ())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("COMPRESS_EDGE_DATA", raising=False)
     result = runner.invoke(

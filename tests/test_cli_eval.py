@@ -143,7 +143,11 @@ def test_an_exported_model_is_opened_through_export_runtimes(model_dir, splits, 
         def __exit__(self, *exc):
             return None
 
+    real_open = runtimes.open_embedder
+
     def fake_open(path, backend="auto", **kw):
+        if not str(path).endswith(".onnx"):  # every MODEL goes through open_embedder: fake only the .onnx
+            return real_open(path, backend, **kw)
         seen["path"] = str(path)
         return FakeEmbedder()
 
@@ -224,12 +228,13 @@ def test_demo_export_stage_times_the_backends_on_its_test_images(model_dir, spli
     """The demo's latency table (stage_export) describes real inputs: benchmark() gets the demo's test
     images, preprocessed for the model, never random tensors. (Export itself is faked: only the
     timing's inputs are under test here.)"""
-    import compress_edge.export as export_pkg
+    import compress_edge.export.bench as bench_mod
+    import compress_edge.export.pipeline as export_pkg
     import compress_edge.export.runtimes as runtimes
 
     from compress_edge.demo import Demo, DemoSettings, stage_export
 
-    real_open, real_bench = runtimes.open_embedder, runtimes.benchmark
+    real_open, real_bench = runtimes.open_embedder, bench_mod.benchmark
     monkeypatch.setattr(export_pkg, "export_model", lambda opts: {"files": [], "parity": {}, "steps": {}})
     monkeypatch.setattr(runtimes, "open_embedder", lambda ref, **kw: real_open(str(model_dir), threads=1))
     seen = []
@@ -238,7 +243,7 @@ def test_demo_export_stage_times_the_backends_on_its_test_images(model_dir, spli
         seen.append(kw.get("images"))
         return real_bench(embedder, batch_sizes, **{**kw, "warmup": 0, "iters": 1})
 
-    monkeypatch.setattr(runtimes, "benchmark", bench)
+    monkeypatch.setattr(bench_mod, "benchmark", bench)
     demo = Demo(tmp_path / "demo", DemoSettings(test_data=splits[1], device="cpu", workers=0), progress=False)
     demo.results["distill"] = {"student": str(model_dir)}
     out = stage_export(demo)

@@ -156,13 +156,13 @@ def test_help_lists_the_choices():
 
 
 def test_choices_match_the_library():
+    from compress_edge.export.calibration import AUTO, CALIB_METHODS
     from compress_edge.export.onnx import EXPORTERS
-    from compress_edge.export.quantize import AUTO, CALIB_METHODS
     from compress_edge.export.runtimes import BACKENDS
 
     from compress_edge.defaults import METHODS
+    from compress_edge.train.optim import OPTIMIZERS
     from compress_edge.train.pretrain import PRETRAIN_METHODS
-    from compress_edge.train.engine import OPTIMIZERS
 
     def choices(path, option):
         param = next(p for p in _command(*path).params if option in p.opts)
@@ -213,7 +213,7 @@ def test_old_distill_spellings_reach_the_run(monkeypatch, tmp_path):
         raise CompressEdgeError("stopped by the test")
 
     monkeypatch.setattr(distill_mod, "run_distill", fake_run)
-    monkeypatch.setattr("compress_edge.train.engine.init_distributed", lambda device: None)
+    monkeypatch.setattr("compress_edge.train.distributed.init_distributed", lambda device: None)
     for spelling in (["--student-arch", "resnet18", "--student-kwargs", "width_mult=0.5"],
                      ["--arch", "resnet18", "--arch-kwargs", "width_mult=0.5"]):
         seen.clear()

@@ -1,4 +1,4 @@
-"""compress_edge.data.datasets: datasets, Fashion-MNIST files and download, transforms, loaders."""
+"""compress_edge.data: datasets, Fashion-MNIST files and download, transforms, loaders."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ import torch
 from PIL import Image
 
 from compress_edge.data import datasets as D
-from compress_edge.errors import DataError
+from compress_edge.data import fashion_mnist as F
+from compress_edge.data import loaders as L
+from compress_edge.data import transforms as T
 from compress_edge.data.images import open_image, preprocess_eval
+from compress_edge.errors import DataError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -31,18 +34,18 @@ needs_system_fmnist = pytest.mark.skipif(
 @pytest.fixture
 def no_fmnist(tmp_path, monkeypatch):
     """Hide every copy of Fashion-MNIST on this machine: system folder, cache, $COMPRESS_EDGE_DATA."""
-    monkeypatch.setattr(D, "SYSTEM_DATA_DIRS", ())
+    monkeypatch.setattr(F, "SYSTEM_DATA_DIRS", ())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv(D.DATA_ENV, raising=False)
-    monkeypatch.delenv(D.FMNIST_URL_ENV, raising=False)
+    monkeypatch.delenv(F.DATA_ENV, raising=False)
+    monkeypatch.delenv(F.FMNIST_URL_ENV, raising=False)
     return tmp_path
 
 
 def write_idx(folder: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool = False) -> None:
     """Write an IDX pair as the Fashion-MNIST files of ``split``."""
     folder.mkdir(parents=True, exist_ok=True)
-    stems = D._FMNIST_FILES[split]
+    stems = F._FMNIST_FILES[split]
     n, r, c = images.shape
     blobs = [
         (0x803).to_bytes(4, "big") + b"".join(v.to_bytes(4, "big") for v in (n, r, c)) + images.tobytes(),
@@ -85,7 +88,7 @@ def test_unlabelled_folder_dataset(tmp_path):
         d = tmp_path / "imgs" / sub
         d.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (10 + i, 8), (i * 40, 0, 0)).save(d / f"{i}.png")
-    ds = D.open_dataset(str(tmp_path / "imgs"), transform=D.eval_transform(8, MEAN, STD))
+    ds = D.open_dataset(str(tmp_path / "imgs"), transform=T.eval_transform(8, MEAN, STD))
     assert ds.kind == "image-folder" and not ds.has_labels and ds.classes == []
     np.testing.assert_array_equal(ds.labels, [-1, -1, -1])
     img, label, index = ds[2]
@@ -136,7 +139,7 @@ def test_download_flag_with_a_folder(class_folder):
 
 
 def test_dataset_is_picklable(class_folder):
-    ds = D.open_dataset(str(class_folder), transform=D.TrainAugment(16, MEAN, STD))
+    ds = D.open_dataset(str(class_folder), transform=T.TrainAugment(16, MEAN, STD))
     back = pickle.loads(pickle.dumps(ds))
     assert back.files == ds.files and back.classes == ds.classes
     torch.manual_seed(0)
@@ -152,12 +155,12 @@ def test_dataset_is_picklable(class_folder):
 @needs_system_fmnist
 def test_fashion_mnist_from_system_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(D.DATA_ENV, raising=False)
+    monkeypatch.delenv(F.DATA_ENV, raising=False)
     train = D.open_dataset("fashion-mnist:train")
     test = D.open_dataset("fashion-mnist:test")
     assert (len(train), len(test)) == (60000, 10000)
     assert train.location == str(SYSTEM_FMNIST)
-    assert train.classes == D.FASHION_MNIST_CLASSES and len(train.classes) == 10
+    assert train.classes == F.FASHION_MNIST_CLASSES and len(train.classes) == 10
     assert train.has_labels
     assert test.labels.min() == 0 and test.labels.max() == 9
     assert test.class_counts() == [1000] * 10
@@ -200,7 +203,7 @@ def test_fashion_mnist_from_data_root_copy_of_debian_files(no_fmnist):
 def test_fashion_mnist_env_folder(no_fmnist, monkeypatch):
     images, labels = small_fmnist(3)
     write_idx(no_fmnist / "envdata", "train", images, labels, gz=True)
-    monkeypatch.setenv(D.DATA_ENV, str(no_fmnist / "envdata"))
+    monkeypatch.setenv(F.DATA_ENV, str(no_fmnist / "envdata"))
     assert len(D.open_dataset("fashion-mnist:train")) == 3
 
 
@@ -258,7 +261,7 @@ def test_fashion_mnist_matches_torchvisions_dataset_on_the_debian_files(no_fmnis
     assert ours.location == str(SYSTEM_FMNIST)
     np.testing.assert_array_equal(ours.images, reference.data.numpy())
     np.testing.assert_array_equal(ours.labels, reference.targets.numpy())
-    assert list(reference.classes) == D.FASHION_MNIST_CLASSES
+    assert list(reference.classes) == F.FASHION_MNIST_CLASSES
     # The raw (unpacked) files read the same as the .gz ones.
     raw_ds = D.open_dataset("fashion-mnist:test", data_root=raw)
     np.testing.assert_array_equal(raw_ds.images, ours.images)
@@ -268,7 +271,7 @@ def test_fashion_mnist_matches_torchvisions_dataset_on_the_debian_files(no_fmnis
 def test_fashion_mnist_is_read_with_torchvisions_reader():
     import inspect
 
-    source = inspect.getsource(D._read_idx_cached)
+    source = inspect.getsource(F._read_idx_cached)
     assert "read_image_file" in source and "read_label_file" in source
     assert "frombuffer" not in source and "from_bytes" not in source  # no hand-written IDX parser left
 
@@ -339,13 +342,13 @@ def test_download_from_local_server(no_fmnist, served, monkeypatch):
     www, url = served
     shutil.copytree(SYSTEM_FMNIST, www / "mirror")
     # The first base URL has nothing (404): the mirror must be tried next.
-    monkeypatch.setenv(D.FMNIST_URL_ENV, f"{url}missing,{url}mirror/")
+    monkeypatch.setenv(F.FMNIST_URL_ENV, f"{url}missing,{url}mirror/")
     with pytest.raises(DataError, match="pass --download"):
         D.open_dataset("fashion-mnist:test")
     ds = D.open_dataset("fashion-mnist:test", download=True)
     dest = no_fmnist / "cache" / "compress-edge" / "fashion-mnist"
     assert ds.location == str(dest) and len(ds) == 10000
-    assert sorted(p.name for p in dest.iterdir()) == sorted(D._FMNIST_GZ_MD5)  # no temporary files left
+    assert sorted(p.name for p in dest.iterdir()) == sorted(F._FMNIST_GZ_MD5)  # no temporary files left
     for p in dest.iterdir():
         assert p.read_bytes() == (SYSTEM_FMNIST / p.name).read_bytes()
     assert "/missing/t10k-images-idx3-ubyte.gz" in _QuietHandler.requested
@@ -357,9 +360,9 @@ def test_download_from_local_server(no_fmnist, served, monkeypatch):
 
 def test_download_refuses_bad_checksum(no_fmnist, served, monkeypatch):
     www, url = served
-    for name in D._FMNIST_GZ_MD5:
+    for name in F._FMNIST_GZ_MD5:
         (www / name).write_bytes(gzip.compress(b"not fashion-mnist"))
-    monkeypatch.setenv(D.FMNIST_URL_ENV, url)
+    monkeypatch.setenv(F.FMNIST_URL_ENV, url)
     dest = no_fmnist / "dl"
     with pytest.raises(DataError, match="could not download train-images-idx3-ubyte.gz.*checksum mismatch"):
         D.open_dataset("fashion-mnist:test", data_root=dest, download=True)
@@ -380,7 +383,7 @@ def _photo(w=40, h=30, seed=0):
 @pytest.mark.parametrize("size", [(40, 30), (28, 28), (17, 50)])
 def test_eval_transform_equals_preprocess_eval(size):
     img = _photo(*size)
-    t = D.eval_transform(24, MEAN, STD)
+    t = T.eval_transform(24, MEAN, STD)
     out = t(img)
     assert out.dtype == torch.float32 and out.shape == (3, 24, 24)
     ref = preprocess_eval(img, 24, MEAN, STD)
@@ -388,17 +391,17 @@ def test_eval_transform_equals_preprocess_eval(size):
 
 
 def test_eval_transform_on_dataset_matches_device_path(class_folder):
-    ds = D.open_dataset(str(class_folder), transform=D.eval_transform(16, MEAN, STD))
+    ds = D.open_dataset(str(class_folder), transform=T.eval_transform(16, MEAN, STD))
     tensor = ds[4][0]
     device_side = preprocess_eval(open_image(ds.files[4]), 16, MEAN, STD)
     assert np.array_equal(tensor.numpy(), device_side)
 
 
 def test_train_augment_replay_is_exact():
-    aug = D.TrainAugment(32, MEAN, STD)
+    aug = T.TrainAugment(32, MEAN, STD)
     img = _photo()
     params = aug.sample_params(np.random.default_rng(5), *img.size)
-    assert params.shape == (D.PARAM_DIM,) and params.dtype == np.float32
+    assert params.shape == (T.PARAM_DIM,) and params.dtype == np.float32
     a, b = aug.apply(img, params), aug.apply(img, params.copy())
     assert a.shape == (3, 32, 32) and a.dtype == torch.float32
     assert torch.equal(a, b)
@@ -410,7 +413,7 @@ def test_train_augment_replay_is_exact():
 
 
 def test_train_augment_different_seeds_differ():
-    aug = D.TrainAugment(32, MEAN, STD)
+    aug = T.TrainAugment(32, MEAN, STD)
     img = _photo()
     p1 = aug.sample_params(np.random.default_rng(1), *img.size)
     p2 = aug.sample_params(np.random.default_rng(2), *img.size)
@@ -427,9 +430,9 @@ def test_train_augment_different_seeds_differ():
 
 
 def test_train_augment_params_are_sane():
-    aug = D.TrainAugment(32, MEAN, STD, scale=(0.3, 0.9))
+    aug = T.TrainAugment(32, MEAN, STD, scale=(0.3, 0.9))
     rng = np.random.default_rng(0)
-    S = D.SLOTS
+    S = T.SLOTS
     ps = np.stack([aug.sample_params(rng, 60, 40) for _ in range(400)])
     assert (ps[:, S.top] >= 0).all() and (ps[:, S.top] + ps[:, S.height] <= 40).all()
     assert (ps[:, S.left] >= 0).all() and (ps[:, S.left] + ps[:, S.width] <= 60).all()
@@ -449,16 +452,16 @@ def test_train_augment_params_are_sane():
 
 def test_train_augment_without_randomness_is_the_eval_view():
     # Everything switched off and the whole square image cropped: only resize + the shared conversion.
-    aug = D.TrainAugment(
+    aug = T.TrainAugment(
         16, MEAN, STD, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0, jitter_p=0, gray_p=0, blur_p=0
     )
     img = _photo(30, 30)
     out = aug.apply(img, aug.sample_params(np.random.default_rng(0), 30, 30))
-    assert torch.equal(out, D.eval_transform(16, MEAN, STD)(img))
+    assert torch.equal(out, T.eval_transform(16, MEAN, STD)(img))
 
 
 def test_train_augment_rejects_params_for_another_size():
-    aug = D.TrainAugment(16, MEAN, STD)
+    aug = T.TrainAugment(16, MEAN, STD)
     params = aug.sample_params(np.random.default_rng(0), 40, 30)
     with pytest.raises(ValueError, match="drawn for a 40x30 image"):
         aug.apply(_photo(30, 40), params)
@@ -467,17 +470,17 @@ def test_train_augment_rejects_params_for_another_size():
 
 
 def test_flip_and_gray_do_what_they_say():
-    aug = D.TrainAugment(16, MEAN, STD, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0, blur_p=0)
+    aug = T.TrainAugment(16, MEAN, STD, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0, blur_p=0)
     img = _photo(20, 20)
     base = aug.sample_params(np.random.default_rng(0), 20, 20)
-    base[D.SLOTS.flip] = 0
-    base[D.SLOTS.gray] = 0
+    base[T.SLOTS.flip] = 0
+    base[T.SLOTS.gray] = 0
     plain = aug.apply(img, base)
     flipped = base.copy()
-    flipped[D.SLOTS.flip] = 1
+    flipped[T.SLOTS.flip] = 1
     assert torch.equal(aug.apply(img, flipped), plain.flip(-1))
     gray = base.copy()
-    gray[D.SLOTS.gray] = 1
+    gray[T.SLOTS.gray] = 1
     g = aug.apply(img, gray)
     # Three equal channels before normalisation.
     raw = g * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
@@ -488,21 +491,21 @@ def test_flip_and_gray_do_what_they_say():
 
 
 def test_make_loader_batches(class_folder):
-    ds = D.open_dataset(str(class_folder), transform=D.eval_transform(16, MEAN, STD))
-    loader = D.make_loader(ds, batch_size=5, shuffle=True, workers=0, seed=0)
+    ds = D.open_dataset(str(class_folder), transform=T.eval_transform(16, MEAN, STD))
+    loader = L.make_loader(ds, batch_size=5, shuffle=True, workers=0, seed=0)
     seen = []
     for images, labels, index in loader:
         assert images.shape[1:] == (3, 16, 16) and images.dtype == torch.float32
         np.testing.assert_array_equal(labels.numpy(), ds.labels[index.numpy()])
         seen.extend(index.tolist())
     assert sorted(seen) == list(range(18)) and seen != list(range(18))
-    assert len(D.make_loader(ds, batch_size=5, workers=0, drop_last=True)) == 3
+    assert len(L.make_loader(ds, batch_size=5, workers=0, drop_last=True)) == 3
 
 
 def test_make_loader_workers_give_distinct_views(class_folder):
-    ds = D.open_dataset(str(class_folder), transform=D.TrainAugment(16, MEAN, STD))
+    ds = D.open_dataset(str(class_folder), transform=T.TrainAugment(16, MEAN, STD))
     sub = torch.utils.data.Subset(ds, [0] * 4)  # the same image four times
-    loader = D.make_loader(sub, batch_size=1, workers=2)
+    loader = L.make_loader(sub, batch_size=1, workers=2)
     assert loader.persistent_workers
     views = [b[0][0] for b in loader]
     assert len(views) == 4

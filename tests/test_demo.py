@@ -115,7 +115,7 @@ def _signalled(demo: Demo) -> dict:
 
 
 def _takes_the_signal_and_finishes(demo: Demo) -> dict:
-    from compress_edge.train.engine import StopRequest
+    from compress_edge.signals import StopRequest
 
     # like the teacher cache on its last shard: its own handler takes the signal and the stage finishes
     with StopRequest(then="finishing") as stop:
@@ -125,7 +125,8 @@ def _takes_the_signal_and_finishes(demo: Demo) -> dict:
 
 
 def _stops_at_a_safe_point(demo: Demo) -> dict:
-    from compress_edge.train.engine import StopRequest, TrainingStopped
+    from compress_edge.signals import StopRequest
+    from compress_edge.train.engine import TrainingStopped
 
     with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGINT)

@@ -16,11 +16,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 from compress_edge.cli import app
-from compress_edge.train.distill import DistillOptions, DistillTask, run_distill
 from compress_edge.errors import DataError, TrainingError
-from compress_edge.train.losses import build_loss
 from compress_edge.models.resolve import create_model, load_model, save_model, spec_for
-from compress_edge.train.engine import TrainConfig, Trainer, ema_update
+from compress_edge.train.config import TrainConfig
+from compress_edge.train.distill import DistillOptions, DistillTask, run_distill
+from compress_edge.train.engine import Trainer
+from compress_edge.train.losses import build_loss
+from compress_edge.train.method import ema_update
 
 runner = CliRunner()
 
@@ -100,7 +102,8 @@ _DDP_SCRIPT = textwrap.dedent("""
     from test_distill import TensorSet, TinyStudent, _config
     from compress_edge.train.distill import DistillTask
     from compress_edge.train.losses import build_loss
-    from compress_edge.train.engine import Trainer, init_distributed
+    from compress_edge.train.distributed import init_distributed
+    from compress_edge.train.engine import Trainer
     out, batch = sys.argv[1], int(sys.argv[2])
     info = init_distributed("cpu")
     torch.manual_seed(0)
@@ -202,7 +205,8 @@ def _cache(tmp_path, data, teacher, out="cache", *extra):
 
 
 def test_cache_with_views_replays_the_teachers_pixels(tmp_path, class_folder, saved_teacher):
-    from compress_edge.data.datasets import TrainAugment, open_dataset
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.data.transforms import TrainAugment
     from compress_edge.train.teacher_cache import CachedTeacherDataset, open_cache
 
     cache = open_cache(_cache(tmp_path, class_folder, saved_teacher, "cache", "--views", "3", "--shard-rows", "7"))
@@ -233,7 +237,7 @@ def test_cache_fingerprint_mismatch_is_refused(tmp_path, class_folder, saved_tea
 
 def test_crop_scale_is_recorded_by_the_cache_and_followed_by_the_student(tmp_path, class_folder, saved_teacher):
     from compress_edge.defaults import DISTILL_CROP_SCALE
-    from compress_edge.train.distill import setup
+    from compress_edge.train.distill import resolve_distillation as setup
     from compress_edge.train.teacher_cache import open_cache
 
     cache = _cache(tmp_path, class_folder, saved_teacher, "cache", "--views", "2", "--crop-scale", "0.6")
@@ -275,10 +279,11 @@ def _leave_one_out_1nn(x: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def test_tiny_distillation_lowers_the_loss_on_training_and_clean_images(tmp_path, make_images):
-    from compress_edge.data.datasets import eval_transform, open_dataset
-    from compress_edge.train.distill import load_teacher
-    from compress_edge.models.resolve import recalibrate_batchnorm
+    from compress_edge.data.datasets import open_dataset
     from compress_edge.data.synthetic import train_labelled_teacher
+    from compress_edge.data.transforms import eval_transform
+    from compress_edge.models.resolve import recalibrate_batchnorm
+    from compress_edge.train.distill import load_teacher
 
     data = make_images(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=16, size=32, seed=3)
     # A teacher with something to teach: a torchvision resnet18 trained on the folder's labels, loaded

@@ -115,7 +115,7 @@ def _fake_engine(tmp: Path, module: str, version: str) -> Path:
 
 
 def _fmnist_missing(tmp, images, monkeypatch):
-    import compress_edge.data.datasets as data
+    import compress_edge.data.fashion_mnist as data
 
     monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", ())
     monkeypatch.delenv("COMPRESS_EDGE_DATA", raising=False)

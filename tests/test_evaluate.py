@@ -8,20 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from compress_edge.eval.protocols import (
+from compress_edge.eval.agreement import neighbor_agreement
+from compress_edge.eval.clustering import (
     adjusted_rand_index,
     cluster_accuracy,
     cluster_alignment,
-    exact_topk,
-    extract_features,
     hungarian_match,
-    knn_eval,
-    knn_from_neighbors,
-    linear_probe,
-    neighbor_agreement,
     normalized_mutual_info,
 )
-from compress_edge.eval.neighbors import knn_predict, weighted_knn_vote
+from compress_edge.eval.features import extract_features
+from compress_edge.eval.knn import knn_eval, knn_from_neighbors
+from compress_edge.eval.linear import linear_probe
+from compress_edge.eval.neighbors import exact_topk, knn_predict, weighted_knn_vote
 from compress_edge.models.spec import ModelSpec
 
 

@@ -10,8 +10,9 @@ import onnx
 import pytest
 import torch
 from compress_edge.export import onnx as ce_onnx
+from compress_edge.export.exported import PRECISION_KEY
 from compress_edge.export.parity import GOALS, compare, load_check_images
-from compress_edge.export.runtimes import PRECISION_KEY, open_embedder
+from compress_edge.export.runtimes import open_embedder
 
 from compress_edge.errors import ExportError, ModelError
 from compress_edge.models.resolve import create_model, recalibrate_batchnorm, save_model, spec_for

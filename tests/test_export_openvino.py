@@ -14,9 +14,11 @@ pytest.importorskip("nncf")
 
 import torch  # noqa: E402
 from cli_helpers import cli_without  # noqa: E402
+from compress_edge.export.backends import TorchEmbedder  # noqa: E402
+from compress_edge.export.exported import PRECISION_KEY  # noqa: E402
 from compress_edge.export.openvino import IR_FILES, OpenVinoEmbedder, bin_path, read_ir_metadata  # noqa: E402
 from compress_edge.export.parity import GOALS, compare, load_check_images  # noqa: E402
-from compress_edge.export.runtimes import PRECISION_KEY, TorchEmbedder, open_embedder  # noqa: E402
+from compress_edge.export.runtimes import open_embedder  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from compress_edge.cli import app  # noqa: E402

@@ -9,10 +9,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from compress_edge.export import ExportOptions, ParityFailed, export_model
+from compress_edge.export import calibration as qc
+from compress_edge.export import exclusions as qx
 from compress_edge.export import onnx as ce_onnx
 from compress_edge.export import quantize as q
 from compress_edge.export.parity import GOALS, TOPK_GOALS, ParityResult, compare, load_check_images
+from compress_edge.export.pipeline import ExportOptions, ParityFailed, export_model
 from compress_edge.export.runtimes import open_embedder
 from onnx import TensorProto, numpy_helper
 
@@ -311,7 +313,7 @@ def _se_graph():
 
 
 def test_find_exclusions_by_pattern_with_reasons():
-    groups = {g["pattern"]: g for g in q.find_exclusions(_se_graph())}
+    groups = {g["pattern"]: g for g in qx.find_exclusions(_se_graph())}
     assert set(groups) == {"squeeze-excitation", "hard-swish", "embedding-head"}
     assert groups["squeeze-excitation"]["nodes"] == ["se_pool", "se_reduce", "se_relu", "se_expand", "se_gate",
                                                      "se_scale"]
@@ -320,7 +322,7 @@ def test_find_exclusions_by_pattern_with_reasons():
     # x * Sigmoid(x) gates x by itself: no global pool, so not squeeze-excitation, and stays quantised.
     assert not {"silu_mul", "silu_sigmoid", "stem"} & {n for g in groups.values() for n in g["nodes"]}
     for pattern, group in groups.items():
-        assert group["reason"] == q.EXCLUSION_REASONS[pattern] and len(group["reason"]) > 40
+        assert group["reason"] == qx.EXCLUSION_REASONS[pattern] and len(group["reason"]) > 40
 
 
 def test_mobilenet_v3_squeeze_excitation_is_kept_in_float(fp32, tmp_path):
@@ -329,7 +331,7 @@ def test_mobilenet_v3_squeeze_excitation_is_kept_in_float(fp32, tmp_path):
     excluded = {g["pattern"]: g for g in out.settings["excluded"]}
     assert set(excluded) == {"squeeze-excitation", "hard-swish", "embedding-head"}
     se = excluded["squeeze-excitation"]
-    assert se["reason"] == q.EXCLUSION_REASONS["squeeze-excitation"] and se["nodes"] == len(se["names"])
+    assert se["reason"] == qx.EXCLUSION_REASONS["squeeze-excitation"] and se["nodes"] == len(se["names"])
     proto = onnx.load(str(dst))
     by_name = {n.name: n for n in proto.graph.node}
     producers = {o: n for n in proto.graph.node for o in n.output}
@@ -352,7 +354,7 @@ def test_auto_calibration_keeps_the_method_with_the_best_parity(fp32, tmp_path):
     out = q.quantize_int8(fp32["path"], dst, fp32["spec"], fp32["images"][:16], target="cpu", calib_method="auto",
                           parity_images=fp32["images"])
     candidates = out.settings["calibration_candidates"]
-    assert [c["method"] for c in candidates] == list(q.CALIB_METHODS)  # every one tried, and recorded
+    assert [c["method"] for c in candidates] == list(qc.CALIB_METHODS)  # every one tried, and recorded
     measured = [c for c in candidates if "error" not in c]
     assert measured and all(c["k"] == 10 and c["topk_overlap"] is not None for c in measured)
     chosen = [c for c in candidates if c.get("chosen")]
@@ -395,7 +397,7 @@ def test_export_notes_say_what_int8_keeps_in_float_and_each_calibration_candidat
                                         strict=False, timing_iters=0))
     settings = report["steps"]["int8-cpu"]["settings"]
     assert report["calibration"]["requested_method"] == "auto"
-    assert report["calibration"]["method"] == settings["calibration"] in q.CALIB_METHODS
+    assert report["calibration"]["method"] == settings["calibration"] in qc.CALIB_METHODS
     notes = report["notes"]
     for group in settings["excluded"]:
         assert f"int8-cpu keeps {group['nodes']} nodes in float ({group['pattern']}): {group['reason']}" in notes

@@ -192,7 +192,7 @@ def test_engine_gives_the_same_embeddings_on_gpu(exports, engines, precision, go
 
 
 def test_engine_rebuilt_from_a_reduced_export_keeps_its_precision(exports, tmp_path):
-    from compress_edge.export import ExportOptions, export_model
+    from compress_edge.export.pipeline import ExportOptions, export_model
 
     out = tmp_path / "device"
     report = export_model(ExportOptions(model=str(exports["paths"]["int8-trt"]), out=str(out), trt=True, max_batch=4))

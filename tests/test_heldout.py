@@ -18,10 +18,11 @@ from typer.testing import CliRunner
 
 from compress_edge.cli import app
 from compress_edge.data.datasets import open_dataset
-from compress_edge.eval.protocols import extract_features, knn_eval
-from compress_edge.models.resolve import load_model, resolve_model
-from compress_edge.eval.quality import random_weights_model, raw_pixel_features
 from compress_edge.data.synthetic import make_textures, train_labelled_teacher
+from compress_edge.eval.features import extract_features
+from compress_edge.eval.knn import knn_eval
+from compress_edge.eval.quality import random_weights_model, raw_pixel_features
+from compress_edge.models.resolve import load_model, resolve_model
 
 SIZE = 64
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from compress_edge.errors import DataError
 from compress_edge.data.images import (
     IMAGE_EXTENSIONS,
     UnreadableImage,
@@ -21,6 +20,7 @@ from compress_edge.data.images import (
     preprocess_eval,
     scan_images,
 )
+from compress_edge.errors import DataError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from compress_edge.cli import app
-from compress_edge.train.losses import MoCoLoss, NTXent
 from compress_edge.models.resolve import load_model
+from compress_edge.train.losses import MoCoLoss, NTXent
 
 runner = CliRunner()
 
@@ -95,3 +95,26 @@ def test_a_few_pretraining_steps_lower_the_loss(tmp_path, make_images, method):
 def test_unknown_pretrain_method_is_one_line(tmp_path, class_folder):
     result = runner.invoke(app, ["pretrain", str(class_folder), "--method", "byol", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "simclr" in result.output  # a value off the list: bad usage
+
+
+def test_pretraining_can_start_from_a_saved_model(tmp_path, make_images):
+    from compress_edge.models.files import save_model, spec_for
+    from compress_edge.models.registry import create_model
+
+    data = make_images(tmp_path / "imgs", classes=("a", "b"), per_class=8, size=32, seed=3)
+    torch.manual_seed(5)
+    start = create_model("mobilenet_v3_small", small_input=True).eval()
+    save_model(start, spec_for(start, image_size=32), tmp_path / "start")
+    out = tmp_path / "run"
+    args = ["pretrain", str(data), "--arch", "mobilenet_v3_small", "--init", str(tmp_path / "start"), "--epochs", "1",
+            "--batch-size", "8", "--lr", "1e-12", "--image-size", "32", "--workers", "0", "--no-progress",
+            "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    model, spec = load_model(out / "student")
+    assert spec.source["init"] == str(tmp_path / "start")
+    trained = dict(model.named_parameters())
+    for name, p in start.named_parameters():  # a learning rate of 1e-12 leaves the starting weights as they were
+        torch.testing.assert_close(trained[name], p, atol=1e-6, rtol=0)
+    wrong = runner.invoke(app, [*args[:3], "resnet18", *args[4:-1], str(tmp_path / "run2")])
+    assert wrong.exit_code == 1 and "--arch mobilenet_v3_small" in wrong.output, wrong.output

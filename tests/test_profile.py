@@ -9,7 +9,6 @@ import pytest
 import torch
 import torchvision
 
-from compress_edge.models.resolve import create_model
 from compress_edge.eval.profile import (
     FLOPS_NOTE,
     compare,
@@ -18,6 +17,7 @@ from compress_edge.eval.profile import (
     unsupported_summary,
     weight_bytes,
 )
+from compress_edge.models.resolve import create_model
 
 
 def _fvcore_total(model, size):

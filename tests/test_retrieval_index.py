@@ -29,8 +29,8 @@ from compress_edge.retrieval.shards import (
     write_embeddings,
 )
 
-from compress_edge.eval import neighbors
 from compress_edge.errors import CompressEdgeError, IndexFileError, SpecMismatchError
+from compress_edge.eval import neighbors
 from compress_edge.models.spec import ModelSpec
 
 

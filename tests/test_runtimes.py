@@ -11,17 +11,13 @@ import numpy as np
 import pytest
 import torch
 from compress_edge.export import onnx as ce_onnx
-from compress_edge.export.runtimes import (
-    Embedder,
-    OnnxRuntimeEmbedder,
-    TorchEmbedder,
-    backend_for,
-    open_embedder,
-)
+from compress_edge.export.backends import OnnxRuntimeEmbedder, TorchEmbedder
+from compress_edge.export.embedder import Embedder
+from compress_edge.export.runtimes import backend_for, open_embedder
 from PIL import Image
 
-from compress_edge.errors import DataError, DependencyError, ModelError
 from compress_edge.data.images import open_image, preprocess_batch, scan_images
+from compress_edge.errors import DataError, DependencyError, ModelError
 from compress_edge.models.resolve import create_model, recalibrate_batchnorm, save_model, spec_for
 
 

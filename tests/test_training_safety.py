@@ -357,7 +357,7 @@ LOADER_UNDER_SIGTERM = textwrap.dedent("""
     import os, signal, sys
     import torch
     from torch.utils.data import Dataset, Sampler
-    from compress_edge.data.datasets import StopSafeLoader
+    from compress_edge.data.loaders import StopSafeLoader
 
     class Report(Dataset):  # each item: how the worker that loads it treats SIGTERM
         def __len__(self):

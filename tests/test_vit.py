@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from compress_edge.models.layouts import inspect_checkpoint, load_backbone_weights
 from compress_edge.errors import ModelError
+from compress_edge.models.inspection import inspect_checkpoint
+from compress_edge.models.layouts import load_backbone_weights
 from compress_edge.models.resolve import (
     POOLS,
     create_model,
@@ -271,8 +272,8 @@ def test_a_vit_of_another_size_is_refused_with_the_right_name(tmp_path):
 
 # --- a ViT student ---------------------------------------------------------------------------------------
 def test_a_vit_tiny_student_distils_from_a_dino_vit_teacher(tmp_path, make_images):
+    from compress_edge.train.config import TrainConfig
     from compress_edge.train.distill import DistillOptions, run_distill
-    from compress_edge.train.engine import TrainConfig
 
     data = make_images(tmp_path / "imgs", classes=("a", "b"), per_class=8, size=SIZE)
     torch.save(source_vit("vit_small_patch16_224").state_dict(), tmp_path / "dino_deitsmall16_pretrain.pth")

@@ -137,8 +137,9 @@ def distill(
 
     Example: compress-edge distill images/ --teacher resnet50 --teacher-weights moco_v2.pth.tar --image-size 96 --out runs/distill
     """
+    from compress_edge.train.config import TrainConfig
     from compress_edge.train.distill import DistillOptions, load_options, run_distill
-    from compress_edge.train.engine import TrainConfig, current_dist, init_distributed
+    from compress_edge.train.distributed import current_dist, init_distributed
 
     init_distributed(device)
     if resume is not None:

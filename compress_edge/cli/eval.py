@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,8 +11,6 @@ import typer
 from compress_edge.cli import app
 from compress_edge.cli.common import DEVICE_METAVAR
 from compress_edge.errors import CompressEdgeError
-
-log = logging.getLogger("compress_edge.cli.eval")
 
 eval_app = typer.Typer(
     help=(
@@ -54,70 +51,6 @@ ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Sho
 # --------------------------------------------------------------------------------------------------
 # shared helpers
 # --------------------------------------------------------------------------------------------------
-def _runtimes():
-    """compress_edge.export.runtimes, or a clear error when it is not there."""
-    try:
-        from compress_edge.export import runtimes
-    except ImportError as exc:
-        raise CompressEdgeError(
-            f"exported models (.onnx, .engine) are opened through compress_edge.export, which cannot be "
-            f"imported here ({exc}); evaluate the compress-edge model folder instead"
-        ) from None
-    return runtimes
-
-
-def is_exported(ref: str) -> bool:
-    """Whether ``ref`` names an exported model file (.onnx, a TensorRT engine or an OpenVINO IR: runtimes'
-    suffixes)."""
-    runtimes = _runtimes()
-    return Path(ref).suffix.lower() in runtimes.ONNX_SUFFIXES + runtimes.ENGINE_SUFFIXES + runtimes.IR_SUFFIXES
-
-
-def exported_spec(ref: str):
-    """The ModelSpec of an exported file, without running it (ONNX or IR metadata, an engine's sidecar)."""
-    runtimes = _runtimes()
-    if Path(ref).suffix.lower() in runtimes.ONNX_SUFFIXES + runtimes.IR_SUFFIXES:
-        with runtimes.open_embedder(ref, device="cpu") as emb:
-            return emb.spec
-    from compress_edge.models.spec import ModelSpec
-
-    return ModelSpec.from_dict(runtimes.read_sidecar(ref)["spec"])
-
-
-def open_model(ref: str, *, device: str, image_size: int | None, weights: str | None = None,
-               weights_option: str = "--weights") -> tuple[Any, Any, str]:
-    """(model or embedder, spec, backend) for a MODEL argument (an architecture name with ``weights``: its
-    checkpoint, given with ``weights_option``)."""
-    if is_exported(ref):
-        if weights is not None:
-            raise CompressEdgeError(f"{weights_option} goes with an architecture name, not with {ref}")
-        runtimes = _runtimes()
-        emb = runtimes.open_embedder(ref, device=device, image_size=image_size)
-        return emb, emb.spec, f"{emb.name} {emb.precision}"
-    from compress_edge.devices import resolve_device
-    from compress_edge.errors import ModelError
-    from compress_edge.models.resolve import resolve_model
-
-    try:
-        model, spec = resolve_model(ref, weights=weights, image_size=image_size, device=resolve_device(device))
-    except ModelError as exc:  # the library names --weights: say the option of this command
-        raise ModelError(str(exc).replace("--weights", weights_option)) from None
-    if spec.source.get("kind") == "random-init":
-        log.warning("%s is an architecture name: its weights are random (a baseline, not a trained model)", ref)
-    return model, spec, "torch fp32"
-
-
-def features(model: Any, spec: Any, data: str, *, data_root: str | None, batch_size: int, workers: int,
-             device: str, cache_dir: Path | None, no_cache: bool, progress: bool):
-    from compress_edge.data.datasets import open_dataset
-    from compress_edge.eval.protocols import extract_features
-
-    dataset = open_dataset(data, data_root=data_root, progress=progress)  # --no-progress: no "checking images"
-    x, y = extract_features(model, dataset, spec=spec, batch_size=batch_size, device=device, workers=workers,
-                            cache_dir=cache_dir, use_cache=not no_cache, progress=progress)
-    return x, y, dataset
-
-
 def _pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
@@ -141,11 +74,6 @@ def _print(title: str, rows: list[tuple[str, str]], notes: list[str] = ()) -> No
 
 def _emit(payload: dict[str, Any]) -> None:
     typer.echo(json.dumps(payload, indent=2, default=str))
-
-
-def _describe(ref: str, spec: Any, backend: str) -> dict[str, Any]:
-    return {"model": ref, "arch": spec.arch, "backend": backend, "image_size": spec.image_size,
-            "embed_dim": spec.embed_dim}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,33 +111,22 @@ def knn_cmd(
 
     Example: compress-edge eval knn runs/distill --train fashion-mnist:train --test fashion-mnist:test --baselines
     """
-    from compress_edge.eval.protocols import knn_eval
-    from compress_edge.eval.quality import embedding_spread, spread_warnings
+    from compress_edge.eval import measure
 
     ks = sorted(set(k or [20, 200]))
     if (train is None) == (index is None):
         raise CompressEdgeError("pass the gallery: either --train DATA or --index INDEX_DIR (one of them)")
     if baselines and index is not None:
         raise CompressEdgeError("--baselines needs the gallery images: pass --train DATA instead of --index")
-    net, spec, backend = open_model(model, device=device, image_size=image_size, weights=weights)
-    opts = dict(data_root=data_root, batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
-                no_cache=no_cache, progress=progress and not as_json)
-    xte, yte, test_ds = features(net, spec, test, **opts)
-    if index is not None:
-        result = _knn_with_index(index, spec, xte, yte, test_ds.classes, ks, temperature)
-        gallery = str(index)
-    else:
-        xtr, ytr, _ = features(net, spec, train, **opts)
-        result = knn_eval(xtr, ytr, xte, yte, ks=ks, temperature=temperature, device=device)
-        gallery = train
-    spread = embedding_spread(xte)
-    for warning in spread_warnings(spread, str(model)):
-        log.warning("%s", warning)
-    payload = {**_describe(model, spec, backend), "gallery": gallery, "test": test, **result.to_dict(),
+    net, spec, backend = measure.open_model(model, device=device, image_size=image_size, weights=weights)
+    opts = measure.FeatureOptions(data_root=data_root, batch_size=batch_size, workers=workers, device=device,
+                                  cache_dir=cache_dir, no_cache=no_cache, progress=progress and not as_json)
+    run = measure.knn(net, spec, name=str(model), test=test, train=train, index=index, ks=ks,
+                      temperature=temperature, baselines=baselines, opts=opts)
+    result, spread, gallery, compared = run.result, run.spread, run.gallery, run.baselines
+    payload = {**measure.describe(model, spec, backend), "gallery": gallery, "test": test, **result.to_dict(),
                "spread": spread.to_dict()}
-    compared = None
-    if baselines:
-        compared = _baselines(xtr, xte, train, test, spec, ks=ks, temperature=temperature, opts=opts)
+    if compared is not None:
         payload["baselines"] = compared
     if as_json:
         _emit(payload)
@@ -227,55 +144,6 @@ def knn_cmd(
     _print(f"kNN of {model} ({spec.arch}, {backend}), gallery {gallery}, queries {test}", rows,
            [f"weights exp(sim / {temperature:g}); exact search ({result.seconds:.1f} s after extraction)"
             if index is None else f"weights exp(sim / {temperature:g}); neighbours from the index {index}"])
-
-
-def _baselines(xtr, xte, train: str, test: str, spec, *, ks: list[int], temperature: float, opts: dict) -> dict:
-    """kNN of raw pixels and of the same network with random weights on the same gallery and queries."""
-    from compress_edge.data.datasets import open_dataset
-    from compress_edge.eval.protocols import extract_features, knn_eval
-    from compress_edge.eval.quality import random_weights_model, raw_pixel_features
-
-    gallery = open_dataset(train, data_root=opts["data_root"], progress=opts["progress"])
-    queries = open_dataset(test, data_root=opts["data_root"], progress=opts["progress"])
-    twin = random_weights_model(spec, gallery)
-    kw = dict(spec=spec, batch_size=opts["batch_size"], device=opts["device"], workers=opts["workers"],
-              use_cache=False, progress=opts["progress"])
-    pairs = {"raw pixels": (raw_pixel_features(gallery, spec.image_size), raw_pixel_features(queries, spec.image_size)),
-             "random weights": (extract_features(twin, gallery, **kw)[0], extract_features(twin, queries, **kw)[0])}
-    out = {}
-    for name, (g, q) in pairs.items():
-        r = knn_eval(g, gallery.labels, q, queries.labels, ks=ks, temperature=temperature, device=opts["device"])
-        out[name] = {"nn_top1": r.nn_top1, "knn_top1": r.knn[ks[0]]["top1"], "k": ks[0]}
-    return out
-
-
-def _knn_with_index(index_dir: Path, spec, xte, yte, test_classes: list[str], ks: list[int], temperature: float):
-    try:
-        from compress_edge.retrieval.index import open_index
-        from compress_edge.retrieval.knn import knn_classify
-    except ImportError as exc:
-        raise CompressEdgeError(f"--index needs compress_edge.retrieval, which is not available yet ({exc}); "
-                                "pass --train DATA to search the gallery exactly") from None
-    import numpy as np
-
-    from compress_edge.eval.protocols import knn_from_neighbors
-
-    idx = open_index(index_dir)
-    idx.spec.check_compatible(spec, what=f"the index {index_dir}")
-    if idx.labels is None:
-        raise CompressEdgeError(f"the index {index_dir} holds no labels; build it from a class folder or "
-                                "fashion-mnist to evaluate kNN with it")
-    # The index numbers its classes by name: bring the test labels into its numbering.
-    names = list(idx.classes)
-    missing = [c for c in test_classes if c not in names]
-    if missing:
-        raise CompressEdgeError(f"the index {index_dir} has no class {missing[0]!r} of the test data; its classes "
-                                f"are: {', '.join(names[:10])}")
-    remap = np.array([names.index(c) for c in test_classes], dtype=np.int64)
-    labels = remap[yte]
-    found = knn_classify(idx, xte, k=max([1, *ks]), temperature=temperature)
-    return knn_from_neighbors(found.similarities, found.neighbour_labels, labels, ks=ks, temperature=temperature,
-                              num_classes=max(len(names), int(labels.max()) + 1), gallery_size=idx.ntotal)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,16 +174,15 @@ def linear_cmd(
 
     Example: compress-edge eval linear runs/distill --train fashion-mnist:train --test fashion-mnist:test
     """
-    from compress_edge.eval.protocols import linear_probe
+    from compress_edge.eval import measure
 
-    net, spec, backend = open_model(model, device=device, image_size=image_size, weights=weights)
-    opts = dict(data_root=data_root, batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
-                no_cache=no_cache, progress=progress and not as_json)
-    xtr, ytr, _ = features(net, spec, train, **opts)
-    xte, yte, _ = features(net, spec, test, **opts)
-    result = linear_probe(xtr, ytr, xte, yte, weight_decay=weight_decay, max_iter=max_iter, device=device, seed=seed)
+    net, spec, backend = measure.open_model(model, device=device, image_size=image_size, weights=weights)
+    opts = measure.FeatureOptions(data_root=data_root, batch_size=batch_size, workers=workers, device=device,
+                                  cache_dir=cache_dir, no_cache=no_cache, progress=progress and not as_json)
+    result = measure.linear(net, spec, train=train, test=test, weight_decay=weight_decay, max_iter=max_iter,
+                            seed=seed, opts=opts)
     if as_json:
-        _emit({**_describe(model, spec, backend), "train": train, "test": test, **result.to_dict()})
+        _emit({**measure.describe(model, spec, backend), "train": train, "test": test, **result.to_dict()})
         return
     chosen = "given" if weight_decay is not None else "chosen on held-out train images"
     _print(f"linear probe of {model} ({spec.arch}, {backend}), train {train}, test {test}", [
@@ -356,17 +223,15 @@ def cluster_cmd(
 
     Example: compress-edge eval cluster runs/distill --train fashion-mnist:train --test fashion-mnist:test
     """
-    from compress_edge.eval.protocols import cluster_alignment
+    from compress_edge.eval import measure
 
-    net, spec, backend = open_model(model, device=device, image_size=image_size, weights=weights)
-    opts = dict(data_root=data_root, batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
-                no_cache=no_cache, progress=progress and not as_json)
-    xtr, ytr, _ = features(net, spec, train, **opts)
-    xte, yte = (xtr, ytr) if test is None else features(net, spec, test, **opts)[:2]
-    result = cluster_alignment(xtr, ytr, xte, yte, num_clusters=clusters, seed=seed, niter=niter,
-                               nredo=nredo)
+    net, spec, backend = measure.open_model(model, device=device, image_size=image_size, weights=weights)
+    opts = measure.FeatureOptions(data_root=data_root, batch_size=batch_size, workers=workers, device=device,
+                                  cache_dir=cache_dir, no_cache=no_cache, progress=progress and not as_json)
+    result = measure.cluster(net, spec, train=train, test=test, clusters=clusters, seed=seed, niter=niter,
+                             nredo=nredo, opts=opts)
     if as_json:
-        _emit({**_describe(model, spec, backend), "train": train, "test": test or train, **result.to_dict()})
+        _emit({**measure.describe(model, spec, backend), "train": train, "test": test or train, **result.to_dict()})
         return
     _print(f"cluster alignment of {model} ({spec.arch}, {backend}), k-means on {train}, scored on {test or train}", [
         ("accuracy %", _pct(result.accuracy)), ("NMI", f"{result.nmi:.4f}"), ("ARI", f"{result.ari:.4f}"),
@@ -409,22 +274,17 @@ def agreement_cmd(
 
     Example: compress-edge eval agreement runs/teacher runs/distill fashion-mnist:test
     """
-    from compress_edge.eval.protocols import neighbor_agreement
+    from compress_edge.eval import measure
 
-    opts = dict(data_root=data_root, batch_size=batch_size, workers=workers, device=device, cache_dir=cache_dir,
-                no_cache=no_cache, progress=progress and not as_json)
-    t_net, t_spec, t_backend = open_model(teacher, device=device, image_size=None, weights=teacher_weights,
-                                          weights_option="--teacher-weights")
-    xt, _, _ = features(t_net, t_spec, data, **opts)
-    s_net, s_spec, s_backend = open_model(student, device=device, image_size=None, weights=student_weights,
-                                          weights_option="--student-weights")
-    xs, _, _ = features(s_net, s_spec, data, **opts)
-    result = neighbor_agreement(xt, xs, ks=sorted(set(k or [10, 100])), max_queries=queries, seed=seed, device=device)
+    opts = measure.FeatureOptions(data_root=data_root, batch_size=batch_size, workers=workers, device=device,
+                                  cache_dir=cache_dir, no_cache=no_cache, progress=progress and not as_json)
+    t_desc, s_desc, result = measure.agreement(teacher, student, data, teacher_weights=teacher_weights,
+                                               student_weights=student_weights, ks=sorted(set(k or [10, 100])),
+                                               queries=queries, seed=seed, opts=opts)
     if as_json:
-        _emit({"teacher": _describe(teacher, t_spec, t_backend), "student": _describe(student, s_spec, s_backend),
-               "data": data, **result.to_dict()})
+        _emit({"teacher": t_desc, "student": s_desc, "data": data, **result.to_dict()})
         return
     rows = [(f"top-{kk} overlap %", _pct(v)) for kk, v in result.overlap.items()]
     rows += [("Spearman rho (mean)", f"{result.spearman:.4f}"), ("Spearman rho (std)", f"{result.spearman_std:.4f}"),
              ("queries / images", f"{result.queries} / {result.images}")]
-    _print(f"agreement of {student} ({s_spec.arch}) with {teacher} ({t_spec.arch}) on {data}", rows)
+    _print(f"agreement of {student} ({s_desc['arch']}) with {teacher} ({t_desc['arch']}) on {data}", rows)

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from compress_edge.cli import app
 from compress_edge.cli.common import DEVICE_METAVAR, Backend, CalibMethod, EngineSource, Exporter, console
 from compress_edge.errors import CompressEdgeError
-
-log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    import numpy as np
 
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Input side in pixels (an ONNX file without "
                                                                        "compress-edge metadata needs it).")]
@@ -103,7 +97,7 @@ def export(
 
     Example: compress-edge export runs/distill --fp16 --int8 cpu --calib-data fashion-mnist:train --out exports/student
     """
-    from compress_edge.export import ExportOptions, ParityFailed, export_model
+    from compress_edge.export.pipeline import ExportOptions, ParityFailed, export_model
 
     del onnx  # always on; the flag exists so that the documented command reads naturally
     opts = ExportOptions(
@@ -211,60 +205,30 @@ def bench(
 
     Example: compress-edge bench runs/distill exports/student/model.onnx exports/student/model.int8-cpu.onnx --threads 2
     """
-    from compress_edge.export.parity import cosine_per_row, synthetic_images
-    from compress_edge.export.runtimes import benchmark, count_gflops, machine_info, open_embedder
+    from compress_edge.export.bench_models import bench_models
 
-    sizes = batch or [1, 32]
-    source, where = (data, "--data") if data else _recorded_data(models)
-    inputs = {"kind": "real", "data": source, "from": where} if source else {"kind": "random"}
-    loaded: dict[tuple, np.ndarray] = {}
-    rows, cosines = [], {}
-    reference = pictures = None
-    named = [m for m in models if not Path(m).exists()]
-    if weights is not None and len(named) != 1:
-        raise CompressEdgeError(f"--weights goes with one architecture-name MODEL, and {len(named)} are given; "
-                                "bench one checkpoint at a time, or export it first and bench its model.onnx")
-    for model in models:
-        if weights is not None and model == named[0]:
-            embedder = _weighted_embedder(model, weights, device=device, threads=threads, image_size=image_size,
-                                          mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
-        else:
-            embedder = open_embedder(model, backend, device=device, threads=threads, image_size=image_size,
-                                     mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
-        try:
-            real = _bench_images(embedder.spec, source, where, max(32, *sizes), loaded, inputs)
-            rows += benchmark(embedder, sizes, warmup=warmup, iters=iters, min_seconds=min_seconds,
-                              gflop_per_image=count_gflops(embedder.spec), label=model, images=real)
-            test = (real[:32], "real") if real is not None else (synthetic_images(embedder.spec, 32), "synthetic")
-            if pictures is None:
-                pictures = test
-            # Compared only on the same kind of input (a set that failed to load midway is not).
-            same = test[1] == pictures[1] and test[0].shape[1:] == pictures[0].shape[1:]
-            emb = embedder.embed(test[0]) if same else None
-            if reference is None:
-                reference = emb
-            elif emb is not None and reference is not None and emb.shape == reference.shape:
-                cosines[model] = float(cosine_per_row(reference, emb).min())
-        finally:
-            embedder.close()
-    if inputs["kind"] == "random":
-        log.warning("bench ran on random tensors and synthetic pictures, which say little about real inputs (an "
-                    "INT8 model may answer them with zeros): pass --data with an image folder or fashion-mnist:test")
-    result = {"machine": machine_info(), "inputs": inputs, "rows": [r.to_dict() for r in rows],
-              "min_cosine_vs_first": cosines}
+    bench_result = bench_models(models, backend=backend, sizes=batch or [1, 32], threads=threads, warmup=warmup,
+                                iters=iters, min_seconds=min_seconds, device=device, image_size=image_size,
+                                mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), data=data,
+                                weights=weights)
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json.dumps(bench_result.to_dict(), indent=2))
         return
+    _print_bench(bench_result)
+
+
+def _print_bench(result) -> None:
+    """The table of a :class:`~compress_edge.export.bench_models.BenchResult`."""
     from rich.table import Table
 
-    m = result["machine"]
+    m, inputs, cosines = result.machine, result.inputs, result.min_cosine_vs_first
     table = Table(title=f"{m['cpu']}, {m['cores']} cores, {', '.join(m['simd']) or 'no AVX-512'}",
                   caption=f"inputs: {inputs.get('source', inputs['data'])}" if inputs["kind"] == "real"
                   else "inputs: random tensors (no images given)")
     for col in ("model", "backend", "precision", "threads", "batch", "p50 ms", "p95 ms", "img/s", "GFLOP/s",
                 "peak MB", "cos vs 1st"):
         table.add_column(col, justify="left" if col in ("model", "backend", "precision") else "right")
-    for r in rows:
+    for r in result.rows:
         cos = cosines.get(r.model)
         table.add_row(_short_name(r.model), r.backend, r.precision, str(r.threads or "default"), str(r.batch), f"{r.p50_ms:.2f}",
                       f"{r.p95_ms:.2f}", f"{r.images_per_s:.0f}",
@@ -274,62 +238,6 @@ def bench(
     from rich.console import Console
 
     (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
-
-
-def _recorded_data(models: list[str]) -> tuple[str | None, str]:
-    """The calibration (else parity) images export.json beside a model names, and that file; (None, "")."""
-    for model in models:
-        path = Path(model)
-        report_path = (path if path.is_dir() else path.parent) / "export.json"
-        try:
-            report = json.loads(report_path.read_text())
-        except (OSError, ValueError):
-            continue
-        for key in ("calibration", "check_images"):
-            entry = report.get(key) if isinstance(report, dict) else None
-            if not isinstance(entry, dict):
-                continue
-            recorded = entry.get("data")
-            source = str(entry.get("source", ""))
-            if not isinstance(recorded, str) and source.startswith("real (") and source.endswith(")"):
-                recorded = source[len("real (") : -1]  # an export.json from before "data" was recorded
-            if isinstance(recorded, str) and recorded:
-                return recorded, str(report_path)
-    return None, ""
-
-
-def _bench_images(spec, source: str | None, where: str, n: int, loaded: dict, inputs: dict) -> np.ndarray | None:
-    """``n`` real images preprocessed for ``spec`` (cached per preprocessing), or None without a source.
-
-    A set named only by export.json that cannot be read any more (moved, relative to another folder)
-    falls back to random input with a warning; --data that cannot be read is an error.
-    """
-    if source is None or inputs["kind"] != "real":
-        return None
-    from compress_edge.export.parity import load_check_images
-
-    key = (spec.channels, spec.image_size, tuple(spec.mean), tuple(spec.std))
-    if key not in loaded:
-        try:
-            loaded[key], inputs["source"] = load_check_images(source, spec, n, purpose="bench", progress=False)
-        except CompressEdgeError as exc:
-            if where == "--data":
-                raise
-            log.warning("cannot read the images %s names (%s)", where, exc)
-            inputs.clear()
-            inputs["kind"] = "random"
-            return None
-    return loaded[key]
-
-
-def _weighted_embedder(arch: str, weights: str, *, device: str, threads: int | None, image_size: int | None,
-                       mean, std):
-    """A PyTorch embedder of an architecture name with a third-party checkpoint's backbone (bench --weights)."""
-    from compress_edge.export.runtimes import TorchEmbedder
-    from compress_edge.models.resolve import resolve_model
-
-    model, spec = resolve_model(arch, weights=weights, image_size=image_size)
-    return TorchEmbedder(arch, module=model, spec=spec, device=device, threads=threads, mean=mean, std=std)
 
 
 def _short_name(model: str) -> str:

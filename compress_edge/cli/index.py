@@ -7,7 +7,6 @@ import json
 import logging
 import shlex
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +16,7 @@ import typer
 from compress_edge.cli import app
 from compress_edge.cli.common import DEVICE_METAVAR, Backend
 from compress_edge.errors import CompressEdgeError
+from compress_edge.signals import Interrupted, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -71,29 +71,16 @@ def _text(value: Any):
     return Text(shown("" if value is None else value))
 
 
-class _Terminated(BaseException):
-    """SIGTERM during a change to an index; a BaseException, like KeyboardInterrupt, so that no handler
-    on the way out takes it for an error of its own."""
-
-
 @contextlib.contextmanager
 def _stop_on_sigterm(what: str, index_dir: Path, again: str) -> Iterator[None]:
     """SIGTERM (sent to the process group by a scheduler or ``docker stop``) while an index changes: stop
     at once with one line. Every change is written whole (a new generation, then the sidecar, each
     atomically), so wherever it stops the index is the one from before or from after the change.
     again: how to finish the job. Without this, SIGTERM ended the process without a word."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame) -> None:  # noqa: ARG001
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not interrupt the way out
-        raise _Terminated
-
-    old = signal.signal(signal.SIGTERM, stop)
     try:
-        yield
-    except _Terminated:
+        with StopRequest(signals=(signal.SIGTERM,), at_once=True):
+            yield
+    except Interrupted:
         from compress_edge.retrieval.safety import shown
 
         folder = shlex.quote(str(index_dir))
@@ -101,8 +88,6 @@ def _stop_on_sigterm(what: str, index_dir: Path, again: str) -> Iterator[None]:
             f"{what} stopped by SIGTERM: {shown(index_dir)} holds the whole index from before or from after "
             f"the change, never a part of it ('compress-edge index info {shown(folder)}' shows which); {again}"
         ) from None
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _params(items: list[str] | None) -> dict[str, Any]:

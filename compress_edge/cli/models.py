@@ -97,8 +97,9 @@ def inspect_cmd(
 
     Example: compress-edge models inspect dino_resnet50.pth --arch resnet50 --key teacher
     """
-    from compress_edge.models.layouts import inspect_checkpoint, refusal
     from compress_edge.errors import ModelError
+    from compress_edge.models.inspection import inspect_checkpoint
+    from compress_edge.models.layouts import refusal
 
     info = inspect_checkpoint(path, arch=arch, small_input=small_input, key=key)
     report = info.report

@@ -74,8 +74,9 @@ def pretrain(
 
     Example: compress-edge pretrain fashion-mnist:train --out runs/teacher
     """
+    from compress_edge.train.config import TrainConfig
+    from compress_edge.train.distributed import current_dist, init_distributed
     from compress_edge.train.pretrain import PretrainOptions, load_pretrain_options, run_pretrain
-    from compress_edge.train.engine import TrainConfig, current_dist, init_distributed
 
     init_distributed(device)
     if resume is not None:

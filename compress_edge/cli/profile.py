@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,34 +10,6 @@ import typer
 from compress_edge.cli import app
 
 ModelRefArg = "A compress-edge model or run folder, an exported .onnx / .engine file, or an architecture name."
-
-
-def _profile_one(ref: str, image_size: int | None, kwargs: dict, depth: int, weights: str | None, role: str):
-    from compress_edge.cli.eval import exported_spec, is_exported
-    from compress_edge.errors import CompressEdgeError, ModelError
-    from compress_edge.eval.profile import profile_model, profile_spec, resolve_for_profile
-
-    option = f"--{role}-weights"
-    if is_exported(ref):
-        if kwargs or weights:
-            raise CompressEdgeError(f"architecture options and {option} go with an architecture name, not with {ref}")
-        # fvcore counts a torch graph: the exported file's architecture is rebuilt from its spec.
-        prof = profile_spec(exported_spec(ref), depth=depth, name=ref, image_size=image_size)
-        prof.file_bytes = Path(ref).stat().st_size
-        return prof
-    try:
-        if weights is not None:
-            if kwargs:
-                raise ModelError(f"{option} sets the architecture's options itself: drop --{role}-kwargs")
-            from compress_edge.models.resolve import resolve_model
-
-            model, spec = resolve_model(ref, weights=weights, image_size=image_size)
-        else:
-            model, spec = resolve_for_profile(ref, image_size=image_size, arch_kwargs=kwargs)
-    except ModelError as exc:  # the library names --weights: say the option of this command
-        raise ModelError(str(exc).replace("--weights", option)) from None
-    prof = profile_model(model, spec.image_size, depth=depth, channels=spec.channels, name=ref, spec=spec)
-    return prof
 
 
 @app.command("profile")
@@ -67,9 +38,12 @@ def profile(
     """
     from compress_edge.cli.distill import parse_kwargs
     from compress_edge.eval.profile import FLOPS_NOTE, compare, unsupported_summary
+    from compress_edge.eval.profile_ref import profile_ref
 
-    t = _profile_one(teacher, image_size, parse_kwargs(teacher_kwargs), depth, teacher_weights, "teacher")
-    s = _profile_one(student, image_size, parse_kwargs(student_kwargs), depth, student_weights, "student")
+    t = profile_ref(teacher, image_size=image_size, arch_kwargs=parse_kwargs(teacher_kwargs), depth=depth,
+                    weights=teacher_weights, role="teacher")
+    s = profile_ref(student, image_size=image_size, arch_kwargs=parse_kwargs(student_kwargs), depth=depth,
+                    weights=student_weights, role="student")
     ratios = compare(t, s)
     skipped = unsupported_summary(t, s)
     if as_json:

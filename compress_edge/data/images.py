@@ -8,7 +8,7 @@ feeds onnxruntime, so the numbers a model sees there are the numbers it saw duri
 - :func:`scan_images` lists a class folder or an unlabelled image folder, decoding every file once so
   that a broken file is found at scan time, never in the middle of an epoch.
 - :func:`preprocess_eval` / :func:`preprocess_batch` are THE eval preprocessing (resize the shorter
-  side, centre crop, scale to [0, 1], normalise); ``compress_edge.data.datasets`` reuses them bit for bit.
+  side, centre crop, scale to [0, 1], normalise); ``compress_edge.data.transforms`` reuses them bit for bit.
 """
 
 from __future__ import annotations
@@ -234,6 +234,33 @@ def scan_images(
     without image files, or one where no image can be read.
     """
     root = Path(os.path.expanduser(os.fspath(root))).absolute()
+    top_files, subdirs = _list_folder(root)
+    labelled, classes, per_dir = _read_layout(root, top_files, subdirs, labelled)
+    skipped: list[tuple[str, str]] = []
+    if labelled:
+        # Images beside the class folders belong to no class; say so rather than drop them quietly.
+        skipped.extend((str(p), "outside the class subfolders") for p in top_files)
+        candidates = [p for ci, name in enumerate(classes) for p in per_dir[name]]
+        cand_labels = [ci for ci, name in enumerate(classes) for _ in per_dir[name]]
+    else:
+        candidates = top_files + [p for name in subdirs for p in per_dir[name]]
+        candidates.sort(key=lambda p: p.relative_to(root).parts)
+        cand_labels = [-1] * len(candidates)
+    if not candidates:
+        raise DataError(
+            f"{root} holds no image files (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); pass a "
+            "folder of images, or a class folder (one subfolder of images per class)"
+        )
+    files, labels = _keep_readable(root, candidates, cand_labels, skipped,
+                                   _verify(candidates, workers, progress) if verify else [None] * len(candidates))
+    return ScanResult(
+        files=files, labels=labels, classes=classes, skipped=skipped, root=root, labelled=labelled
+    )
+
+
+def _list_folder(root: Path) -> tuple[list[Path], list[str]]:
+    """The image files at the top of ``root`` and its visible subfolders' names, sorted; raises
+    DataError for a missing folder, a file, or one that cannot be listed."""
     if not root.exists():
         raise DataError(
             f"no such folder: {root}; pass a folder of images, or a class folder "
@@ -241,16 +268,23 @@ def scan_images(
         )
     if not root.is_dir():
         raise DataError(f"{root} is a file, not a folder; pass the folder that holds the images")
-
-    root_real = os.path.realpath(root)
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
         raise DataError(f"cannot list {root} ({exc.strerror or exc}); check its permissions") from None
     top_files = [Path(e.path) for e in entries if _entry_is_file(e) and is_image_file(e.name)]
     subdirs = [e.name for e in entries if _entry_is_dir(e) and _visible_dir(e.name)]
-    per_dir, aliases, crossed = _walk_classes(root, root_real, subdirs) if labelled is not False else ({}, {}, True)
+    return top_files, subdirs
 
+
+def _read_layout(
+    root: Path, top_files: list[Path], subdirs: list[str], labelled: bool | None
+) -> tuple[bool, list[str], dict[str, list[Path]]]:
+    """Decide how ``root`` is read (see :func:`scan_images`) and walk it: (labelled, classes, the
+    image files under each subfolder). Raises DataError for a class folder with a class that is a
+    second name of another, or without a class subfolder that holds images."""
+    root_real = os.path.realpath(root)
+    per_dir, aliases, crossed = _walk_classes(root, root_real, subdirs) if labelled is not False else ({}, {}, True)
     if labelled is None:
         with_images = [name for name in subdirs if per_dir[name]]
         labelled = not top_files and len(with_images) >= 2 and len(with_images) + len(aliases) == len(subdirs)
@@ -262,38 +296,29 @@ def scan_images(
             f"the class folder {root / name} is a symlink to {what}; remove the link or give that class "
             "its own folder"
         )
-    if not labelled and crossed:  # an unlabelled folder: every real folder read once, whichever name led to it
-        visited: set[str] = {root_real}
-        per_dir = {name: _walk(root / name, visited) for name in subdirs}
-
-    skipped: list[tuple[str, str]] = []
-    if labelled:
-        classes = [name for name in subdirs if per_dir[name]]
-        if not classes:
-            raise DataError(
-                f"{root} has no class subfolders with images; arrange the images as "
-                f"{root}/<class>/<image>, or read it as an unlabelled image folder"
-            )
-        for name in subdirs:
-            if not per_dir[name]:
-                logger.debug("ignoring %s: no image files in it", root / name)
-        # Images beside the class folders belong to no class; say so rather than drop them quietly.
-        skipped.extend((str(p), "outside the class subfolders") for p in top_files)
-        candidates = [p for ci, name in enumerate(classes) for p in per_dir[name]]
-        cand_labels = [ci for ci, name in enumerate(classes) for _ in per_dir[name]]
-    else:
-        classes = []
-        candidates = top_files + [p for name in subdirs for p in per_dir[name]]
-        candidates.sort(key=lambda p: p.relative_to(root).parts)
-        cand_labels = [-1] * len(candidates)
-
-    if not candidates:
+    if not labelled:
+        if crossed:  # an unlabelled folder: every real folder read once, whichever name led to it
+            visited: set[str] = {root_real}
+            per_dir = {name: _walk(root / name, visited) for name in subdirs}
+        return False, [], per_dir
+    classes = [name for name in subdirs if per_dir[name]]
+    if not classes:
         raise DataError(
-            f"{root} holds no image files (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); pass a "
-            "folder of images, or a class folder (one subfolder of images per class)"
+            f"{root} has no class subfolders with images; arrange the images as "
+            f"{root}/<class>/<image>, or read it as an unlabelled image folder"
         )
+    for name in subdirs:
+        if not per_dir[name]:
+            logger.debug("ignoring %s: no image files in it", root / name)
+    return True, classes, per_dir
 
-    reasons = _verify(candidates, workers, progress) if verify else [None] * len(candidates)
+
+def _keep_readable(
+    root: Path, candidates: list[Path], cand_labels: list[int], skipped: list[tuple[str, str]],
+    reasons: list[str | None],
+) -> tuple[list[Path], list[int]]:
+    """The candidates that decoded (``reasons[i]`` None) and their labels; the others are added to
+    ``skipped`` and counted in one warning. Raises DataError when none decoded."""
     files: list[Path] = []
     labels: list[int] = []
     for path, label, reason in zip(candidates, cand_labels, reasons, strict=True):
@@ -302,7 +327,6 @@ def scan_images(
             labels.append(label)
         else:
             skipped.append((str(path), reason))
-
     if skipped:
         logger.warning(
             "skipped %d unreadable image file%s under %s (run with --verbose to list them)",
@@ -318,9 +342,7 @@ def scan_images(
             f"none of the {len(candidates)} image files under {root} could be read{example}; "
             "pass a folder that holds readable images"
         )
-    return ScanResult(
-        files=files, labels=labels, classes=classes, skipped=skipped, root=root, labelled=labelled
-    )
+    return files, labels
 
 
 def _entry_is_dir(entry: os.DirEntry) -> bool:

@@ -230,7 +230,8 @@ def train_labelled_teacher(train_root: str | Path, out: str | Path, *, image_siz
     import torchvision
     from torch import nn
 
-    from compress_edge.data.datasets import EvalTransform, open_dataset
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.data.transforms import EvalTransform
 
     torch.manual_seed(seed)
     ds = open_dataset(str(train_root), transform=EvalTransform(image_size))

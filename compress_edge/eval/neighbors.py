@@ -6,9 +6,9 @@ neighbours their own way and hand (similarities, neighbour labels) to :func:`wei
 :func:`knn_predict`, so every path scores a query the same.
 
 The exact search is here too: :func:`exact_topk`, the one exact top-k by inner product, used by
-``eval knn`` and neighbour agreement (:mod:`compress_edge.eval.protocols`) and by retrieval's ground truth
-and exact search (:mod:`compress_edge.retrieval.exact`). numpy on a CPU; on a GPU the same loop runs
-its matrix products with torch, imported only then.
+``eval knn`` (:mod:`compress_edge.eval.knn`), neighbour agreement (:mod:`compress_edge.eval.agreement`)
+and retrieval's ground truth and exact search (:mod:`compress_edge.retrieval.exact`). numpy on a CPU;
+on a GPU the same loop runs its matrix products with torch, imported only then.
 
 The vote is the one of Wu et al. 2018 ("Unsupervised Feature Learning via Non-Parametric Instance
 Discrimination") as used by DINO (Caron et al. 2021, ``eval_knn.py``): neighbour j of a query adds

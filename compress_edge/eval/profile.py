@@ -185,7 +185,13 @@ def resolve_for_profile(
     architecture name with its options (``arch_kwargs``, e.g. width_mult; ``small_input`` defaults to
     True at 64 px and below, as :func:`compress_edge.models.resolve.resolve_model` picks it)."""
     from compress_edge.errors import ModelError
-    from compress_edge.models.resolve import SMALL_INPUT_MAX, create_model, list_models, resolve_model, spec_for
+    from compress_edge.models.resolve import (
+        SMALL_INPUT_MAX,
+        create_model,
+        list_models,
+        resolve_model,
+        spec_for,
+    )
 
     kwargs = dict(arch_kwargs or {})
     if ref in list_models() and kwargs:

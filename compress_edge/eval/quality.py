@@ -158,7 +158,7 @@ def random_weights_model(spec, dataset, *, seed: int = 0, images: int = RECALIBR
     training" baseline; eval mode, on the CPU."""
     import torch
 
-    from compress_edge.data.datasets import eval_transform
+    from compress_edge.data.transforms import eval_transform
     from compress_edge.models.resolve import rebuild, recalibrate_batchnorm
 
     with torch.random.fork_rng():
@@ -193,7 +193,7 @@ class Comparison:
 def knn_row(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
             *, spread_of: np.ndarray | None = None, device: str = "cpu") -> dict[str, Any]:
     """1-NN and weighted 20-NN accuracy (%) of ``queries`` against ``gallery``, and their spread."""
-    from compress_edge.eval.protocols import knn_eval
+    from compress_edge.eval.knn import knn_eval
 
     k = max(1, min(20, len(gallery)))
     knn = knn_eval(l2_normalize(gallery), gallery_labels, l2_normalize(queries), query_labels, ks=(k,), device=device)
@@ -222,7 +222,7 @@ def compare_with_baselines(
     ``queries`` datasets (labelled). random_features / teacher_features: the same pairs for the
     random-weights twin (computed here from ``spec`` when None) and the teacher (optional).
     """
-    from compress_edge.eval.protocols import extract_features
+    from compress_edge.eval.features import extract_features
 
     yg, yq = np.asarray(gallery.labels), np.asarray(queries.labels)
     if random_features is None:
@@ -341,7 +341,7 @@ def heldout_check(name: str, model, spec, dataset, heldout: np.ndarray, *, teach
     other images. Without held-out images (unlabelled data), only the spread. Logs a summary and
     plain warnings; returns the record for quality.json."""
     from compress_edge.data.datasets import SubsetDataset
-    from compress_edge.eval.protocols import extract_features
+    from compress_edge.eval.features import extract_features
 
     kw = dict(device=str(device), workers=workers, use_cache=False, progress=False)
     rng = np.random.default_rng(seed)

@@ -1,3 +1,5 @@
-"""Models: the architecture registry (``registry``), third-party checkpoint layouts (``layouts``),
-compress-edge model folders (``files``: safetensors + ``spec``), and the one MODEL resolver
-(``resolve``). Nothing is imported here, so ``compress_edge.models.spec`` stays torch-free."""
+"""Models: the architecture registry (``backbone``, ``cnn``, ``vit``, ``registry``, ``sizes``), third-party
+checkpoints (``formats``, ``layouts``, ``inspection``), compress-edge model folders (``files``: safetensors
++ ``spec``), and ``resolve`` (a MODEL argument as a torch model, the PyTorch branch of the one MODEL
+resolver, ``compress_edge.export.runtimes.open_embedder``). Nothing is imported here, so
+``compress_edge.models.spec`` stays torch-free."""

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress_edge.models.registry import EmbeddingModel, check_input_size, rebuild
 from compress_edge.errors import ModelError
+from compress_edge.models.registry import EmbeddingModel, rebuild
+from compress_edge.models.sizes import check_input_size
 from compress_edge.models.spec import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -1,14 +1,22 @@
-"""The MODEL argument: one entry point, :func:`resolve_model`, above the model and checkpoint code.
+"""A MODEL argument as a torch model: :func:`resolve_model`, the PyTorch branch of the one MODEL resolver
+(:func:`compress_edge.export.runtimes.open_embedder`, which opens any MODEL argument as an Embedder), and the
+call for code that needs the torch module itself (training, export, profiling).
 
 Who imports whom (nothing runs back up):
 
-    backbones.py     registry, architectures, EmbeddingModel, create_model, input sizes
-    model_files.py   spec_for, save_model / load_model (compress-edge model folders)   -> backbones
-    checkpoints.py   third-party checkpoints: read, recognise, load the backbone       -> backbones, model_files
-    models.py        resolve_model (folder, file or name + --weights)                  -> all three
+    spec.py         ModelSpec (torch-free)
+    backbone.py     the table of architectures: Backbone, register_model
+    cnn.py, vit.py  the builders: torchvision CNNs, timm ViTs (and TokenPool)        -> backbone
+    registry.py     names -> EmbeddingModel: create_model, rebuild, list_models       -> backbone, cnn, vit
+    sizes.py        input sizes, describe_model, recalibrate_batchnorm                -> registry
+    files.py        spec_for, save_model / load_model (compress-edge model folders)   -> registry, sizes, spec
+    formats.py      third-party checkpoints: read safely, recognise the layout        -> files
+    layouts.py      match and load the backbone, guess the architecture, refuse       -> formats, registry
+    inspection.py   what ``compress-edge models inspect`` shows                       -> layouts
+    resolve.py      resolve_model (folder, file, or name + --weights)                 -> all of them
 
-The names of ``backbones`` and ``model_files`` are re-exported here, so ``compress_edge.models.resolve``
-stays the one import for callers.
+The model names of those modules are re-exported here, so ``compress_edge.models.resolve`` stays the one
+import for callers.
 """
 
 from __future__ import annotations
@@ -21,42 +29,18 @@ from typing import Any
 
 import torch
 
-from compress_edge.models.registry import (
-    _REGISTRY,
-    DEFAULT_EMBED_DIM,
-    FAMILIES,
-    HEADS,
-    POOLS,
-    SMALL_INPUT_MAX,
-    Backbone,
-    EmbeddingModel,
-    ModelInfo,
-    TokenPool,
+from compress_edge.errors import ModelError
+from compress_edge.models.backbone import _REGISTRY, FAMILIES, Backbone, register_model
+from compress_edge.models.cnn import (
     alexnet,
-    build_head,
-    check_input_size,
-    create_model,
-    describe_model,
     efficientnet_b0,
-    feature_map_size,
-    is_vit,
-    list_models,
     mobilenet_v2,
     mobilenet_v3_large,
     mobilenet_v3_small,
-    model_family,
-    model_summary,
-    rebuild,
-    recalibrate_batchnorm,
-    register_model,
     resnet18,
     resnet34,
     resnet50,
-    smallest_input_size,
-    unknown_arch_message,
 )
-from compress_edge.models.layouts import checkpoint_stem, checkpoint_vit_options, load_backbone_weights
-from compress_edge.errors import ModelError
 from compress_edge.models.files import (
     SPEC_METADATA_KEY,
     load_model,
@@ -65,7 +49,31 @@ from compress_edge.models.files import (
     save_model,
     spec_for,
 )
+from compress_edge.models.layouts import checkpoint_stem, checkpoint_vit_options, load_backbone_weights
+from compress_edge.models.registry import (
+    DEFAULT_EMBED_DIM,
+    HEADS,
+    SMALL_INPUT_MAX,
+    EmbeddingModel,
+    build_head,
+    create_model,
+    is_vit,
+    list_models,
+    model_family,
+    model_summary,
+    rebuild,
+    unknown_arch_message,
+)
+from compress_edge.models.sizes import (
+    ModelInfo,
+    check_input_size,
+    describe_model,
+    feature_map_size,
+    recalibrate_batchnorm,
+    smallest_input_size,
+)
 from compress_edge.models.spec import ModelSpec
+from compress_edge.models.vit import POOLS, TokenPool
 
 __all__ = [
     "DEFAULT_EMBED_DIM",

@@ -8,9 +8,7 @@ and a method into a run folder; ``run_distill(load_options(run_dir), resume=True
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,21 +30,19 @@ from compress_edge.defaults import (
     PAPER_TEMPERATURE,
 )
 from compress_edge.errors import TrainingError
-from compress_edge.train.losses import (
-    build_loss,
-    commit_queues,
-    uses_momentum_encoder,
-)
 from compress_edge.models.spec import ModelSpec
-from compress_edge.train.engine import (
-    TrainConfig,
-    Trainer,
-    TrainResult,
+from compress_edge.train.config import TrainConfig
+from compress_edge.train.engine import TrainResult
+from compress_edge.train.losses import build_loss, commit_queues, uses_momentum_encoder
+from compress_edge.train.method import (
+    RunOptions,
+    check_method,
     ema_update,
     frozen,
-    read_run_options,
-    seed_everything,
+    holdout_and_plan,
+    run_method,
 )
+from compress_edge.train.run_folder import read_run_options, run_folder_lock
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +115,10 @@ class DistillTask(nn.Module):
 # options -> a run
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class DistillOptions:
+class DistillOptions(RunOptions):
     """Everything ``compress-edge distill`` takes; saved in the run's config.json for --resume.
 
-    None means "auto": resolved from the data and the run length by :func:`setup` (see
+    None means "auto": resolved from the data and the run length by :func:`resolve_distillation` (see
     :mod:`compress_edge.train.schedule`), and recorded in config.json's ``plan``.
     """
 
@@ -145,15 +141,6 @@ class DistillOptions:
     student_image_size: int | None = None  # the student's (default: the teacher's)
     data_root: str | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=None, batch_size=None, lr=None))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DistillOptions:
-        d = dict(d)
-        d["train"] = TrainConfig(**d.get("train", {}))
-        return cls(**d)
 
 
 def load_teacher(teacher: str | None, weights: str | None, data: str, image_size: int | None):
@@ -178,7 +165,7 @@ def load_teacher(teacher: str | None, weights: str | None, data: str, image_size
             )
         size = image_size or (32 if data.startswith("fashion-mnist") else 224)
         model, spec = resolve_model(teacher, weights=weights, image_size=size)
-        from compress_edge.data.datasets import default_normalisation
+        from compress_edge.data.transforms import default_normalisation
 
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if weights else default_normalisation(data)
         spec = spec.replace(image_size=size, mean=mean, std=std)
@@ -208,37 +195,71 @@ class DistillSetup:
     resolved: dict[str, Any]
 
 
-def setup(opts: DistillOptions) -> DistillSetup:
+def resolve_distillation(opts: DistillOptions) -> DistillSetup:
     """Build the dataset, the task and the student's ModelSpec from options (no training)."""
-    from torch.utils.data import Subset
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.models.resolve import spec_for
+    from compress_edge.train.schedule import auto_queue_size, key_encoder_momentum
 
-    from compress_edge.data.datasets import TrainAugment, open_dataset
-    from compress_edge.models.resolve import SMALL_INPUT_MAX, create_model, model_family, spec_for
-    from compress_edge.eval.quality import holdout_split
-    from compress_edge.train.schedule import auto_queue_size, key_encoder_momentum, plan_run
-    from compress_edge.train.teacher_cache import (
-        CachedTeacherDataset,
-        PairedDataset,
-        PairedViews,
-        fingerprint_parts,
-        open_cache,
-    )
-    from compress_edge.train.engine import current_dist
-
-    if opts.method not in METHODS:
-        raise TrainingError(f"unknown --method {opts.method!r}; choose one of: {', '.join(METHODS)}")
+    check_method(opts.method, METHODS)
     dataset = open_dataset(opts.data, data_root=opts.data_root)
-    teacher, teacher_spec, cache = None, None, None
+    teacher, teacher_spec, cache, (teacher_size, mean, std) = _teacher_side(opts)
+    image_size = opts.student_image_size or teacher_size
+    images, teacher_dim, augment = _training_images(opts, dataset, cache, teacher_spec, image_size, teacher_size,
+                                                    mean, std)
+    train_set, heldout, plan = holdout_and_plan(
+        dataset, images, opts, base_lr=DISTILL_BASE_LR, min_steps=DISTILL_MIN_STEPS, min_epochs=DISTILL_MIN_EPOCHS,
+        max_epochs=DISTILL_MAX_EPOCHS, lr_scaling=DISTILL_LR_SCALING)
+    queue_size = opts.queue_size or auto_queue_size(len(train_set))
+    if queue_size > len(train_set):
+        logger.warning("--queue-size %d is more than the %d training images; using %d", queue_size, len(train_set),
+                       len(train_set))
+        queue_size = len(train_set)
+    ema = opts.ema if opts.ema is not None else key_encoder_momentum(plan.steps)
+
+    student = _student(opts, teacher_spec, image_size)
+    criterion = build_loss(opts.method, teacher_dim=teacher_dim, student_dim=student.embed_dim,
+                           queue_size=queue_size, temperature=opts.temperature, mask_self=opts.mask_self)
+    task = DistillTask(student, criterion, teacher=teacher,
+                       momentum_encoder=uses_momentum_encoder(opts.method), ema=ema)
+    source = {"kind": "distill", "method": opts.method, "teacher": opts.teacher or opts.teacher_cache,
+              "teacher_sha256": (teacher_spec.weights_sha256 if teacher_spec else None), "run": Path(opts.out).name}
+    spec = spec_for(student, image_size=image_size, mean=mean, std=std, source=source)
+    resolved = {"queue_size": queue_size, "teacher_dim": teacher_dim, "ema": ema, "temperature": opts.temperature,
+                "crop_scale": augment.scale[0],
+                "mask_self": opts.mask_self, "heldout_images": int(len(heldout)), "train_images": len(train_set)}
+    return DistillSetup(dataset=dataset, train_set=train_set, heldout=heldout, task=task, spec=spec, teacher=teacher,
+                        teacher_spec=teacher_spec, cache=cache, plan=plan, resolved=resolved)
+
+
+def _teacher_side(opts: DistillOptions):
+    """The live teacher and its spec, or the cache (and the spec it recorded, when it did), and the
+    teacher's input: (size, mean, std)."""
+    from compress_edge.train.teacher_cache import open_cache
+
     if opts.teacher_cache:
         cache = open_cache(opts.teacher_cache)
         teacher_spec = ModelSpec.from_dict(cache.meta["teacher_spec"]) if "teacher_spec" in cache.meta else None
         transform = cache.meta["parts"]["transform"]
         teacher_size = opts.image_size or transform["image_size"]
-        mean, std = tuple(transform["mean"]), tuple(transform["std"])
-    else:
-        teacher, teacher_spec = load_teacher(opts.teacher, opts.teacher_weights, opts.data, opts.image_size)
-        teacher_size, mean, std = teacher_spec.image_size, teacher_spec.mean, teacher_spec.std
-    image_size = opts.student_image_size or teacher_size
+        return None, teacher_spec, cache, (teacher_size, tuple(transform["mean"]), tuple(transform["std"]))
+    teacher, teacher_spec = load_teacher(opts.teacher, opts.teacher_weights, opts.data, opts.image_size)
+    return teacher, teacher_spec, None, (teacher_spec.image_size, teacher_spec.mean, teacher_spec.std)
+
+
+def _training_images(opts: DistillOptions, dataset, cache, teacher_spec, image_size: int, teacher_size: int,
+                     mean, std):
+    """What the student trains on (every image of ``dataset``, with its teacher side: a cached embedding,
+    the teacher's own view, or none when student and live teacher share a view), the teacher's
+    dimension and the student's augmentation."""
+    from compress_edge.data.transforms import TrainAugment
+    from compress_edge.train.teacher_cache import (
+        CachedTeacherDataset,
+        PairedDataset,
+        PairedViews,
+        fingerprint_parts,
+    )
+
     recorded = cache.meta["parts"]["transform"].get("augment") if cache is not None else None
     if opts.crop_scale is None and recorded:  # a cache's views are replayed as they were recorded
         scale = crop_range(recorded["scale"][0])
@@ -256,31 +277,16 @@ def setup(opts: DistillOptions) -> DistillSetup:
         if cache.mode == "center":
             logger.warning("the teacher cache holds one centre view per image (as the paper): the student trains on "
                            "augmented views whose teacher embedding came from the centre view")
-        full_set = CachedTeacherDataset(dataset, cache, augment)
-        teacher_dim = cache.dim
-    elif image_size != teacher_size:  # the teacher gets its own, larger render of the same view
+        return CachedTeacherDataset(dataset, cache, augment), cache.dim, augment
+    if image_size != teacher_size:  # the teacher gets its own, larger render of the same view
         dataset.transform = PairedViews(augment, teacher_augment)
-        full_set = PairedDataset(dataset)
-        teacher_dim = teacher_spec.embed_dim
-    else:
-        dataset.transform = augment
-        full_set = dataset
-        teacher_dim = teacher_spec.embed_dim
+        return PairedDataset(dataset), teacher_spec.embed_dim, augment
+    dataset.transform = augment
+    return dataset, teacher_spec.embed_dim, augment
 
-    train_idx, heldout = holdout_split(dataset.labels, opts.holdout if dataset.has_labels else 0.0,
-                                       seed=opts.train.seed)
-    train_set = full_set if len(heldout) == 0 else Subset(full_set, train_idx.tolist())
-    world = current_dist().world_size
-    plan = plan_run(len(train_set), batch_size=opts.train.batch_size, epochs=opts.train.epochs, lr=opts.train.lr,
-                    base_lr=DISTILL_BASE_LR, min_steps=DISTILL_MIN_STEPS, min_epochs=DISTILL_MIN_EPOCHS,
-                    max_epochs=DISTILL_MAX_EPOCHS, world_size=world,
-                    max_steps_per_epoch=opts.train.max_steps_per_epoch, lr_scaling=DISTILL_LR_SCALING)
-    queue_size = opts.queue_size or auto_queue_size(len(train_set))
-    if queue_size > len(train_set):
-        logger.warning("--queue-size %d is more than the %d training images; using %d", queue_size, len(train_set),
-                       len(train_set))
-        queue_size = len(train_set)
-    ema = opts.ema if opts.ema is not None else key_encoder_momentum(plan.steps)
+
+def _student(opts: DistillOptions, teacher_spec: ModelSpec | None, image_size: int) -> nn.Module:
+    from compress_edge.models.resolve import SMALL_INPUT_MAX, create_model, model_family
 
     kwargs = dict(opts.student_kwargs)
     # The student keeps the teacher's stem: a small-input stem under a teacher with an ImageNet stem
@@ -290,19 +296,7 @@ def setup(opts: DistillOptions) -> DistillSetup:
     if model_family(opts.student_arch) == "vit":
         kwargs.setdefault("img_size", image_size)  # the position embedding for the student's own image size
     embed = opts.embed_dim or None
-    student = create_model(opts.student_arch, embed_dim=embed, head="linear" if embed else None, **kwargs)
-    criterion = build_loss(opts.method, teacher_dim=teacher_dim, student_dim=student.embed_dim,
-                           queue_size=queue_size, temperature=opts.temperature, mask_self=opts.mask_self)
-    task = DistillTask(student, criterion, teacher=teacher,
-                       momentum_encoder=uses_momentum_encoder(opts.method), ema=ema)
-    source = {"kind": "distill", "method": opts.method, "teacher": opts.teacher or opts.teacher_cache,
-              "teacher_sha256": (teacher_spec.weights_sha256 if teacher_spec else None), "run": Path(opts.out).name}
-    spec = spec_for(student, image_size=image_size, mean=mean, std=std, source=source)
-    resolved = {"queue_size": queue_size, "teacher_dim": teacher_dim, "ema": ema, "temperature": opts.temperature,
-                "crop_scale": augment.scale[0],
-                "mask_self": opts.mask_self, "heldout_images": int(len(heldout)), "train_images": len(train_set)}
-    return DistillSetup(dataset=dataset, train_set=train_set, heldout=heldout, task=task, spec=spec, teacher=teacher,
-                        teacher_spec=teacher_spec, cache=cache, plan=plan, resolved=resolved)
+    return create_model(opts.student_arch, embed_dim=embed, head="linear" if embed else None, **kwargs)
 
 
 def cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_weights: str | None = None,
@@ -312,8 +306,6 @@ def cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_we
     """Run the teacher once over ``data`` into a cache folder (``compress-edge cache-teacher``):
     ``views`` 0 for one centre view per image (the paper), K for K recorded augmented views. The
     cache folder's lock is held for the whole run (one writer per cache folder)."""
-    from compress_edge.train.engine import run_folder_lock
-
     with run_folder_lock(out, "cache-teacher"):
         return _cache_teacher(data, out, teacher=teacher, teacher_weights=teacher_weights, views=views,
                               image_size=image_size, batch_size=batch_size, shard_rows=shard_rows, seed=seed,
@@ -333,7 +325,8 @@ def crop_range(crop_scale: float | None) -> tuple[float, float]:
 def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_weights: str | None, views: int,
                    image_size: int | None, batch_size: int, shard_rows: int, seed: int, data_root: str | None,
                    workers: int, device: str, progress: bool, crop_scale: float | None):
-    from compress_edge.data.datasets import TrainAugment, eval_transform, open_dataset
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.data.transforms import TrainAugment, eval_transform
     from compress_edge.devices import resolve_device
     from compress_edge.train.teacher_cache import build_cache, fingerprint_parts, tensor_hash
 
@@ -361,39 +354,20 @@ def augment_settings(augment) -> dict[str, Any]:
 def run_distill(opts: DistillOptions, *, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
     """Train a student into ``opts.out`` (see the module docstring); returns the engine's result. The
     run folder's lock is held for the whole run (one writer per run folder)."""
-    from compress_edge.train.engine import run_folder_lock
-
-    with run_folder_lock(opts.out, "distill"):
-        return _run_distill(opts, resume=resume, stop_after_epochs=stop_after_epochs)
-
-
-def _run_distill(opts: DistillOptions, *, resume: bool, stop_after_epochs: int | None) -> TrainResult:
     from compress_edge.models.resolve import save_model
 
-    run_dir = Path(opts.out)
-    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
-        raise TrainingError(f"{run_dir} already holds a run; continue it with --resume {shlex.quote(str(run_dir))}, "
-                            "or pick another --out")
-    seed_everything(opts.train.seed)  # the student's initial weights depend on it
-    ready = setup(opts)
-    task, plan = ready.task, ready.plan
+    def write_student(ready: DistillSetup, folder: Path) -> None:
+        save_model(ready.task.student, ready.spec, folder / "student")
 
-    def write_student(folder: Path) -> None:
-        save_model(task.student, ready.spec, folder / "student")
+    def announce(ready: DistillSetup, trainer) -> None:
+        logger.info("distilling %s -> %s with %s on %s (%s): %s; queue %d, T %g, key-encoder momentum %g%s",
+                    opts.teacher or opts.teacher_cache, opts.student_arch, opts.method, trainer.device,
+                    trainer.precision.name, ready.plan.describe(), ready.resolved["queue_size"], opts.temperature,
+                    ready.resolved["ema"], "" if opts.mask_self else " (own-image anchors kept, as the paper)")
 
-    config = opts.train.with_plan(plan)
-    trainer = Trainer(task, config, run_dir, on_checkpoint=write_student,
-                      extra_config={"distill": opts.to_dict(), "plan": plan.to_dict(), "resolved": ready.resolved})
-    logger.info("distilling %s -> %s with %s on %s (%s): %s; queue %d, T %g, key-encoder momentum %g%s",
-                opts.teacher or opts.teacher_cache, opts.student_arch, opts.method, trainer.device,
-                trainer.precision.name, plan.describe(), ready.resolved["queue_size"], opts.temperature,
-                ready.resolved["ema"], "" if opts.mask_self else " (own-image anchors kept, as the paper)")
-    if not resume and trainer.dist.is_main:
-        check_teacher(ready, run_dir, device=trainer.device)
-    result = trainer.fit(ready.train_set, resume=resume, stop_after_epochs=stop_after_epochs)
-    if result.epochs_done >= config.epochs and trainer.dist.is_main:
-        final_check(ready, run_dir, opts, device=trainer.device)
-    return result
+    return run_method("distill", opts, resolve_distillation, resume=resume, stop_after_epochs=stop_after_epochs,
+                      write_model=write_student, announce=announce, check_before=check_teacher,
+                      check_after=lambda ready, run_dir, device: final_check(ready, run_dir, opts, device=device))
 
 
 #: Training images the teacher embeds for the check at the start of a run.
@@ -411,14 +385,14 @@ def teacher_sample(ready: DistillSetup, device, images: int = TEACHER_CHECK_IMAG
     if ready.cache is not None:
         return np.stack([ready.cache.embedding(int(i), 0) for i in chosen])
     from compress_edge.data.datasets import SubsetDataset
-    from compress_edge.eval.protocols import extract_features
+    from compress_edge.eval.features import extract_features
 
     sample = SubsetDataset(f"{ready.dataset.name} (sample)", ready.dataset, indices=chosen)
     return extract_features(ready.teacher, sample, spec=ready.teacher_spec, device=str(device), use_cache=False,
                             progress=False)[0]
 
 
-def check_teacher(ready: DistillSetup, run_dir: Path, *, device) -> None:
+def check_teacher(ready: DistillSetup, run_dir: Path, device) -> None:
     """Before training: is the teacher's similarity distribution at this temperature worth copying?"""
     from compress_edge.eval.quality import record_quality, teacher_check
 

@@ -9,9 +9,7 @@ backbone without it (the representation that kNN, linear probes, distillation an
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,16 +26,18 @@ from compress_edge.defaults import (
     PRETRAIN_MIN_STEPS,
 )
 from compress_edge.errors import TrainingError
+from compress_edge.train.config import TrainConfig
+from compress_edge.train.engine import TrainResult
 from compress_edge.train.losses import MoCoLoss, NTXent, commit_queues
-from compress_edge.train.engine import (
-    TrainConfig,
-    Trainer,
-    TrainResult,
+from compress_edge.train.method import (
+    RunOptions,
+    check_method,
     ema_update,
     frozen,
-    read_run_options,
-    seed_everything,
+    holdout_and_plan,
+    run_method,
 )
+from compress_edge.train.run_folder import read_run_options
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ class MoCoTask(nn.Module):
 
 
 @dataclass
-class PretrainOptions:
-    """Everything ``compress-edge pretrain`` takes; None means "auto" (see :func:`setup`)."""
+class PretrainOptions(RunOptions):
+    """Everything ``compress-edge pretrain`` takes; None means "auto" (see :func:`resolve_pretraining`)."""
 
     data: str
     out: str
@@ -119,15 +119,6 @@ class PretrainOptions:
     init: str | None = None  # a model folder whose backbone weights the run starts from
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=None, batch_size=None, lr=None,
                                                                    weight_decay=5e-4, warmup_epochs=None))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PretrainOptions:
-        d = dict(d)
-        d["train"] = TrainConfig(**d.get("train", {}))
-        return cls(**d)
 
 
 @dataclass
@@ -148,28 +139,21 @@ class PretrainSetup:
     resolved: dict[str, Any]
 
 
-def setup(opts: PretrainOptions) -> PretrainSetup:
-    from torch.utils.data import Subset
-
-    from compress_edge.data.datasets import TrainAugment, default_normalisation, native_image_size, open_dataset
+def resolve_pretraining(opts: PretrainOptions) -> PretrainSetup:
+    """Build the dataset, the network and the task from options (no training)."""
+    from compress_edge.data.datasets import native_image_size, open_dataset
+    from compress_edge.data.transforms import TrainAugment, default_normalisation
     from compress_edge.models.resolve import SMALL_INPUT_MAX, check_input_size, create_model
-    from compress_edge.eval.quality import holdout_split
-    from compress_edge.train.schedule import key_encoder_momentum, plan_run
-    from compress_edge.train.engine import current_dist
+    from compress_edge.train.schedule import key_encoder_momentum
 
-    if opts.method not in PRETRAIN_METHODS:
-        raise TrainingError(f"unknown --method {opts.method!r}; choose one of: {', '.join(PRETRAIN_METHODS)}")
+    check_method(opts.method, PRETRAIN_METHODS)
     dataset = open_dataset(opts.data, data_root=opts.data_root)
     image_size = opts.image_size or native_image_size(dataset)
     mean, std = default_normalisation(opts.data)
     dataset.transform = TwoViews(TrainAugment.for_image_size(image_size, mean, std))
-    train_idx, heldout = holdout_split(dataset.labels, opts.holdout if dataset.has_labels else 0.0,
-                                       seed=opts.train.seed)
-    train_set = dataset if len(heldout) == 0 else Subset(dataset, train_idx.tolist())
-    plan = plan_run(len(train_set), batch_size=opts.train.batch_size, epochs=opts.train.epochs, lr=opts.train.lr,
-                    base_lr=PRETRAIN_BASE_LR, min_steps=PRETRAIN_MIN_STEPS, min_epochs=PRETRAIN_MIN_EPOCHS,
-                    max_epochs=PRETRAIN_MAX_EPOCHS, world_size=current_dist().world_size,
-                    max_steps_per_epoch=opts.train.max_steps_per_epoch)
+    train_set, heldout, plan = holdout_and_plan(
+        dataset, dataset, opts, base_lr=PRETRAIN_BASE_LR, min_steps=PRETRAIN_MIN_STEPS,
+        min_epochs=PRETRAIN_MIN_EPOCHS, max_epochs=PRETRAIN_MAX_EPOCHS)
     kwargs = dict(opts.arch_kwargs)
     kwargs.setdefault("small_input", image_size <= SMALL_INPUT_MAX)
     model = create_model(opts.arch, head="mlp", embed_dim=opts.proj_dim, **kwargs)
@@ -220,46 +204,32 @@ def backbone_only(model: nn.Module, arch: str, kwargs: dict[str, Any]) -> nn.Mod
 
 def run_pretrain(opts: PretrainOptions, *, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
     """Pretrain into ``opts.out``, holding its lock for the whole run (one writer per run folder)."""
-    from compress_edge.train.engine import run_folder_lock
-
-    with run_folder_lock(opts.out, "pretrain"):
-        return _run_pretrain(opts, resume=resume, stop_after_epochs=stop_after_epochs)
-
-
-def _run_pretrain(opts: PretrainOptions, *, resume: bool, stop_after_epochs: int | None) -> TrainResult:
-    from compress_edge.models.resolve import save_model, spec_for
     from compress_edge.eval.quality import heldout_check, record_quality
+    from compress_edge.models.resolve import save_model, spec_for
 
-    run_dir = Path(opts.out)
-    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
-        raise TrainingError(f"{run_dir} already holds a run; continue it with --resume {shlex.quote(str(run_dir))}, "
-                            "or pick another --out")
-    seed_everything(opts.train.seed)
-    ready = setup(opts)
-    source = {"kind": "pretrain", "method": opts.method, "run": run_dir.name, "data": opts.data}
+    source = {"kind": "pretrain", "method": opts.method, "run": Path(opts.out).name, "data": opts.data}
     if opts.init:
         source["init"] = str(opts.init)
 
-    def trained() -> tuple[nn.Module, Any]:
+    def trained(ready: PretrainSetup) -> tuple[nn.Module, Any]:
         plain = backbone_only(ready.model, opts.arch, ready.arch_kwargs)
         return plain, spec_for(plain, image_size=ready.image_size, mean=ready.mean, std=ready.std, source=source)
 
-    def write_model(folder: Path) -> None:
-        save_model(*trained(), folder / "student")
+    def write_model(ready: PretrainSetup, folder: Path) -> None:
+        save_model(*trained(ready), folder / "student")
 
-    config = opts.train.with_plan(ready.plan)
-    trainer = Trainer(ready.task, config, run_dir, on_checkpoint=write_model,
-                      extra_config={"pretrain": opts.to_dict(), "plan": ready.plan.to_dict(),
-                                    "resolved": ready.resolved})
-    logger.info("pretraining %s with %s at %d px on %s (%s): %s", opts.arch, opts.method, ready.image_size,
-                trainer.device, trainer.precision.name, ready.plan.describe())
-    result = trainer.fit(ready.train_set, resume=resume, stop_after_epochs=stop_after_epochs)
-    if result.epochs_done >= config.epochs and trainer.dist.is_main:
-        model, spec = trained()
-        record = heldout_check("the pretrained model", model.to(trainer.device), spec, ready.dataset, ready.heldout,
-                               device=trainer.device, workers=opts.train.workers)
+    def announce(ready: PretrainSetup, trainer) -> None:
+        logger.info("pretraining %s with %s at %d px on %s (%s): %s", opts.arch, opts.method, ready.image_size,
+                    trainer.device, trainer.precision.name, ready.plan.describe())
+
+    def check_after(ready: PretrainSetup, run_dir: Path, device) -> None:
+        model, spec = trained(ready)
+        record = heldout_check("the pretrained model", model.to(device), spec, ready.dataset, ready.heldout,
+                               device=device, workers=opts.train.workers)
         record_quality(run_dir, "heldout", record)
-    return result
+
+    return run_method("pretrain", opts, resolve_pretraining, resume=resume, stop_after_epochs=stop_after_epochs,
+                      write_model=write_model, announce=announce, check_after=check_after)
 
 
 def load_pretrain_options(run_dir: str | Path) -> PretrainOptions:

@@ -202,24 +202,16 @@ def build_cache(
     extra_meta: dict[str, Any] | None = None,
 ) -> TeacherCache:
     """Embed ``dataset`` with the frozen ``teacher`` into a cache folder (see the module docstring)."""
-    if mode not in MODES:
-        raise DataError(f"unknown cache mode {mode!r}; use one of {', '.join(MODES)}")
-    views = 1 if mode == "center" else int(views)
-    if views < 1:
-        raise DataError("--views must be at least 1")
+    from compress_edge.progress import progress_bar
+    from compress_edge.signals import StopRequest
+    from compress_edge.train.engine import TrainingStopped
+
+    views = _views_of(mode, views)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(parts, teacher_sha256)
-    stamp = out / "building.json"  # which cache the shards already present belong to
-    if (out / "meta.json").is_file():
-        existing = open_cache(out)
-        if existing.meta.get("fingerprint") == fp:
-            logger.info("teacher cache %s is already complete", out)
-            return existing
-        raise DataError(f"{out} already holds a different teacher cache; choose another --out or delete it")
-    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") != fp:
-        raise DataError(f"{out} holds part of a different teacher cache; choose another --out or delete it")
-    atomic_write_json(stamp, {"fingerprint": fp})
+    done = _claim_folder(out, fp)
+    if done is not None:
+        return done
 
     teacher = teacher.to(device).eval()
     n = len(dataset)
@@ -227,10 +219,6 @@ def build_cache(
     ds = _ViewsDataset(dataset, mode, views, eval_tf, augment, seed)
     dim = None
     emb_names, param_names = [], []
-    from compress_edge.data.datasets import StopSafeLoader
-    from compress_edge.progress import progress_bar
-    from compress_edge.train.engine import StopRequest, TrainingStopped
-
     with StopRequest(then="stopping once the current shard is written") as stop, progress_bar() as bar:
         task = bar.add_task("teacher cache", total=n, visible=progress)
         for s in range(n_shards):
@@ -242,24 +230,13 @@ def build_cache(
                 dim = int(np.load(out / emb_name, mmap_mode="r").shape[2])
                 bar.advance(task, hi - lo)
                 continue  # finished by an earlier, interrupted run
-            subset = torch.utils.data.Subset(ds, range(lo, hi))
-            loader = StopSafeLoader(subset, batch_size=max(1, batch_size // views), num_workers=workers,
-                                    pin_memory=torch.device(device).type == "cuda")
-            emb_rows: list[np.ndarray] = []
-            param_rows: list[np.ndarray] = []
-            for x, params, _ in loader:
-                b = x.shape[0]
-                feats = teacher(x.flatten(0, 1).to(device, non_blocking=True)).float()
-                feats = torch.nn.functional.normalize(feats, dim=1)
-                emb_rows.append(feats.view(b, views, -1).cpu().numpy().astype(np.float16))
-                if mode == "views":
-                    param_rows.append(params.numpy())
-                bar.advance(task, b)
-            emb = np.concatenate(emb_rows)
+            shard = torch.utils.data.Subset(ds, range(lo, hi))
+            emb, params = _embed_shard(teacher, shard, mode, views, batch_size=batch_size, workers=workers,
+                                       device=device, advance=lambda b: bar.advance(task, b))
             dim = emb.shape[2]
             _save_npy(out / emb_name, emb)
             if mode == "views":
-                _save_npy(out / param_name, np.concatenate(param_rows))
+                _save_npy(out / param_name, params)
             if stop.signal is not None and s < n_shards - 1:
                 raise TrainingStopped(
                     f"cache-teacher stopped after {hi} of {n} images ({s + 1} of {n_shards} shards written to "
@@ -281,8 +258,57 @@ def build_cache(
         **(extra_meta or {}),
     }
     atomic_write_json(out / "meta.json", meta)
-    stamp.unlink(missing_ok=True)
+    (out / "building.json").unlink(missing_ok=True)
     return open_cache(out)
+
+
+def _views_of(mode: str, views: int) -> int:
+    """Views per image: 1 in mode ``center``, ``views`` (at least 1) in mode ``views``."""
+    if mode not in MODES:
+        raise DataError(f"unknown cache mode {mode!r}; use one of {', '.join(MODES)}")
+    views = 1 if mode == "center" else int(views)
+    if views < 1:
+        raise DataError("--views must be at least 1")
+    return views
+
+
+def _claim_folder(out: Path, fp: str) -> TeacherCache | None:
+    """Make ``out`` the folder of the cache with fingerprint ``fp``: the cache when it is already complete
+    there, else None, with ``building.json`` saying which cache the shards present belong to. A folder
+    that holds (part of) another cache is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = out / "building.json"
+    if (out / "meta.json").is_file():
+        existing = open_cache(out)
+        if existing.meta.get("fingerprint") == fp:
+            logger.info("teacher cache %s is already complete", out)
+            return existing
+        raise DataError(f"{out} already holds a different teacher cache; choose another --out or delete it")
+    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") != fp:
+        raise DataError(f"{out} holds part of a different teacher cache; choose another --out or delete it")
+    atomic_write_json(stamp, {"fingerprint": fp})
+    return None
+
+
+def _embed_shard(teacher: nn.Module, shard, mode: str, views: int, *, batch_size: int, workers: int, device,
+                 advance) -> tuple[np.ndarray, np.ndarray | None]:
+    """The teacher's L2-normalised embeddings of one shard, (rows, V, Dt) float16, and the views'
+    parameters, (rows, V, P) (None in mode ``center``); ``advance(images)`` after each batch."""
+    from compress_edge.data.loaders import StopSafeLoader
+
+    loader = StopSafeLoader(shard, batch_size=max(1, batch_size // views), num_workers=workers,
+                            pin_memory=torch.device(device).type == "cuda")
+    emb_rows: list[np.ndarray] = []
+    param_rows: list[np.ndarray] = []
+    for x, params, _ in loader:
+        b = x.shape[0]
+        feats = teacher(x.flatten(0, 1).to(device, non_blocking=True)).float()
+        feats = torch.nn.functional.normalize(feats, dim=1)
+        emb_rows.append(feats.view(b, views, -1).cpu().numpy().astype(np.float16))
+        if mode == "views":
+            param_rows.append(params.numpy())
+        advance(b)
+    return np.concatenate(emb_rows), (np.concatenate(param_rows) if mode == "views" else None)
 
 
 def _save_npy(target: Path, array: np.ndarray) -> None:

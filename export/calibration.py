@@ -1,0 +1,209 @@
+"""INT8 calibration: the images (checked, split into equal batches and fed to onnxruntime's
+calibrators), the methods (minmax, percentile, entropy with finer histograms), and ``"auto"``, which
+quantises with each method and keeps the file whose embeddings stay closest to float32."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress_edge.errors import DataError, ExportError
+from compress_edge.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+#: ``calib_method="auto"``: every method in CALIB_METHODS is tried and the one with the best parity kept.
+AUTO = "auto"
+
+
+def calibration_batch(n: int, batch_size: int) -> int:
+    """The largest batch size up to ``batch_size`` that splits ``n`` images into equal batches."""
+    batch_size = max(1, min(int(batch_size), int(n)))
+    return next(b for b in range(batch_size, 0, -1) if n % b == 0)
+
+
+def check_calibration(calib: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """``calib`` as contiguous float32 (N, C, S, S) for ``spec``, or DataError."""
+    calib = np.asarray(calib)
+    expected = (spec.channels, spec.image_size, spec.image_size)
+    if calib.ndim != 4 or tuple(calib.shape[1:]) != expected:
+        raise DataError(
+            f"calibration images have shape {tuple(calib.shape)}; this model takes (N, {', '.join(map(str, expected))})"
+            " (wrong size or channel count): pass images preprocessed for it, or an image folder"
+        )
+    if len(calib) == 0:
+        raise DataError("no calibration images; pass --calib-data with at least one image")
+    return np.ascontiguousarray(calib, dtype=np.float32)
+
+
+def make_reader(calib: np.ndarray, input_name: str, batch_size: int, on_batch: Callable[[int], None] | None = None):
+    """An onnxruntime CalibrationDataReader over ``calib`` in batches of ``batch_size`` (rewindable);
+    ``on_batch(n)`` is called with each batch's size (a progress bar)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.i = 0
+
+        def get_next(self):
+            if self.i >= len(calib):
+                return None
+            batch = calib[self.i : self.i + batch_size]
+            self.i += len(batch)
+            if on_batch is not None:
+                on_batch(len(batch))
+            return {input_name: batch}
+
+        def rewind(self) -> None:
+            self.i = 0
+
+    return Reader()
+
+
+def calibrate(run: Callable[[str, Path], None], src: str | os.PathLike, tmp: Path, calib_method: str, *,
+              check_images: np.ndarray, check_kind: str, what: str) -> tuple[Path, dict[str, Any]]:
+    """Quantise with ``run(method, out)`` into ``tmp`` as ``calib_method`` asks; the file and the settings
+    that record what was done.
+
+    ``"auto"``: every method, the best by parity on ``check_images`` (``check_kind``: "calibration" or
+    "parity") kept. One method: that one, and minmax when a histogram method fails (degenerate
+    activations, a constant tensor). ``what`` names the quantisation in errors ("INT8 quantisation (cpu)
+    of model.onnx").
+    """
+    if calib_method == AUTO:
+        raw, candidates = choose_method(src, tmp, run, check_images)
+        return raw, {
+            "calibration": raw.stem,
+            "calibration_candidates": candidates,
+            "calibration_choice": (
+                f"tried {', '.join(CALIB_METHODS)}; kept the highest top-{_topk()} neighbour overlap, then the "
+                f"highest min cosine, against the float32 file on {len(check_images)} {check_kind} images"
+            ),
+        }
+    raw = tmp / f"{calib_method}.onnx"
+    try:
+        run(calib_method, raw)
+        return raw, {}
+    except Exception as exc:
+        if calib_method == "minmax":
+            raise ExportError(f"{what} failed: {type(exc).__name__}: {exc}") from None
+        # Histogram calibration fails on degenerate activations (a constant tensor): MinMax does not.
+        log.warning("%s calibration failed (%s); calibrating with minmax instead", calib_method, exc)
+        settings = {"calibration": "minmax (fallback)",
+                    "calibration_fallback_reason": f"{calib_method} failed: {type(exc).__name__}: {exc}"}
+    raw = tmp / "minmax.onnx"
+    try:
+        run("minmax", raw)
+    except Exception as exc2:
+        raise ExportError(f"{what} failed: {type(exc2).__name__}: {exc2}") from None
+    return raw, settings
+
+
+#: Entropy (KL) calibration: activation histograms of ENTROPY_BINS bins, searched for the threshold
+#: whose 128-level quantisation loses least. quantize_static builds its entropy calibrator with 128
+#: bins for 128 levels, where the search has nothing to clip and returns the MinMax range; its
+#: extra_options do not reach the bin count, so the ranges are computed here with create_calibrator.
+ENTROPY_BINS = 512
+
+
+def entropy_ranges(model: Path, cache: Path, reader, op_types, *, symmetric: bool) -> Path:
+    """Entropy-calibrated activation ranges of ``model`` on ``reader``'s batches, saved where
+    ``quantize_static(calibration_cache_path=...)`` reads them."""
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(
+        model, op_types, augmented_model_path=str(cache.with_suffix(".augmented.onnx")),
+        calibrate_method=CalibrationMethod.Entropy,
+        extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": 128, "symmetric": symmetric},
+    )
+    calibrator.collect_data(reader)
+    ranges = calibrator.compute_data()
+    # The image input keeps its full range: on mostly-background pictures (Fashion-MNIST) the KL search
+    # clips it to the background level and the first layer sees a flat image.
+    from onnxruntime.quantization.calibrate import TensorData
+
+    for name, images in _graph_input_ranges(reader).items():
+        if name in ranges.data:
+            td = ranges.data[name]
+            ranges.data[name] = TensorData(lowest=np.float32(images[0]), highest=np.float32(images[1]),
+                                           **{k: getattr(td, k) for k in ("hist", "bins", "hist_edges")
+                                              if hasattr(td, k)})
+    save_tensors_data(ranges, cache)
+    return cache
+
+
+def _graph_input_ranges(reader) -> dict[str, tuple[float, float]]:
+    """The min and max of each input over every batch ``reader`` gives (rewound before and after)."""
+    reader.rewind()
+    out: dict[str, tuple[float, float]] = {}
+    while (batch := reader.get_next()) is not None:
+        for name, x in batch.items():
+            lo, hi = float(np.min(x)), float(np.max(x))
+            old = out.get(name, (lo, hi))
+            out[name] = (min(lo, old[0]), max(hi, old[1]))
+    reader.rewind()
+    return out
+
+
+def _topk() -> int:
+    from compress_edge.export.parity import TOPK
+
+    return TOPK
+
+
+def choose_method(src, tmp: Path, run, images: np.ndarray) -> tuple[Path, list[dict[str, Any]]]:
+    """Quantise with every calibration method into ``tmp`` and keep the best by parity on ``images``:
+    the highest top-10 overlap with ``src``'s embeddings, then the highest min cosine.
+
+    Returns the chosen file and every candidate's record (method, min/mean cosine, top-10 overlap,
+    seconds, chosen; or the error that method raised)."""
+    from compress_edge.export.parity import compare
+
+    reference = _embed(src, images)
+    candidates: list[dict[str, Any]] = []
+    best: tuple[tuple[float, float], Path, dict[str, Any]] | None = None
+    for method in CALIB_METHODS:
+        out = tmp / f"{method}.onnx"
+        t0 = time.perf_counter()
+        try:
+            run(method, out)
+            got = _embed(out, images)
+        except Exception as exc:
+            candidates.append({"method": method, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        r = compare(reference, got, name=method, reference_name="fp32", goal=0.0)
+        entry = {"method": method, "min_cosine": r.min_cosine, "mean_cosine": r.mean_cosine,
+                 "topk_overlap": r.topk_overlap, "k": r.k, "seconds": round(time.perf_counter() - t0, 2),
+                 "chosen": False}
+        candidates.append(entry)
+        score = (_num(r.topk_overlap), _num(r.min_cosine))
+        if best is None or score > best[0]:
+            best = (score, out, entry)
+    if best is None:
+        raise ExportError("INT8 quantisation failed with every calibration method: "
+                          + "; ".join(f"{c['method']}: {c['error']}" for c in candidates))
+    best[2]["chosen"] = True
+    return best[1], candidates
+
+
+def _num(x: float | None) -> float:
+    """A parity number for ranking: None (no overlap measurable) and NaN rank lowest."""
+    return -1.0 if x is None or x != x else float(x)
+
+
+def _embed(path: str | os.PathLike, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The first output of the ONNX file at ``path`` for ``images``, on onnxruntime's CPU provider."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: images[i : i + batch]})[0] for i in range(0, len(images), batch)])

@@ -58,6 +58,7 @@ def bench_models(
     architecture-name model. Random tensors (with a warning) only when there are no images."""
     from compress_edge.export.bench import benchmark, count_gflops, machine_info
     from compress_edge.export.parity import cosine_per_row, synthetic_images
+    from compress_edge.export.runtimes import open_embedder
 
     sizes = list(sizes)
     source, where = (data, "--data") if data else recorded_data(models)
@@ -70,8 +71,9 @@ def bench_models(
         raise CompressEdgeError(f"--weights goes with one architecture-name MODEL, and {len(named)} are given; "
                                 "bench one checkpoint at a time, or export it first and bench its model.onnx")
     for model in models:
-        embedder = _open(model, backend, weights=weights if named and model == named[0] else None, device=device,
-                         threads=threads, image_size=image_size, mean=mean, std=std)
+        checkpoint = weights if named and model == named[0] else None  # a third-party checkpoint: PyTorch
+        embedder = open_embedder(model, "torch" if checkpoint is not None else backend, weights=checkpoint,
+                                 device=device, threads=threads, image_size=image_size, mean=mean, std=std)
         try:
             real = _bench_images(embedder.spec, source, where, max(32, *sizes), loaded, inputs)
             rows += benchmark(embedder, sizes, warmup=warmup, iters=iters, min_seconds=min_seconds,
@@ -92,23 +94,6 @@ def bench_models(
         log.warning("bench ran on random tensors and synthetic pictures, which say little about real inputs (an "
                     "INT8 model may answer them with zeros): pass --data with an image folder or fashion-mnist:test")
     return BenchResult(machine=machine_info(), inputs=inputs, rows=rows, min_cosine_vs_first=cosines)
-
-
-def _open(model: str, backend: str, *, weights: str | None, device: str, threads: int | None,
-          image_size: int | None, mean, std):
-    """The embedder of ``model``: with ``weights``, a PyTorch architecture with a third-party checkpoint's
-    backbone; else whatever :func:`~compress_edge.export.runtimes.open_embedder` opens."""
-    if weights is None:
-        from compress_edge.export.runtimes import open_embedder
-
-        return open_embedder(model, backend, device=device, threads=threads, image_size=image_size, mean=mean,
-                             std=std)
-    from compress_edge.export.backends import TorchEmbedder
-
-    from compress_edge.models.resolve import resolve_model
-
-    module, spec = resolve_model(model, weights=weights, image_size=image_size)
-    return TorchEmbedder(model, module=module, spec=spec, device=device, threads=threads, mean=mean, std=std)
 
 
 def recorded_data(models: list[str]) -> tuple[str | None, str]:

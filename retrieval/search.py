@@ -6,7 +6,7 @@
 ...     hits = searcher.search(["query.jpg"], k=5)[0]
 ...     labels = searcher.classify(["query.jpg"])
 
-A :class:`Searcher` pairs an index with an :class:`~compress_edge.export.runtimes.Embedder` and
+A :class:`Searcher` pairs an index with an :class:`~compress_edge.export.embedder.Embedder` and
 refuses one whose ModelSpec is not the index's (an index built with model A cannot be queried with
 model B). Torch-free with an ONNX model: numpy, PIL, onnxruntime and faiss only.
 """

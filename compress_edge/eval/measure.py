@@ -1,6 +1,6 @@
 """The library behind ``compress-edge eval``: a MODEL argument opened by the one resolver
 (:func:`compress_edge.export.runtimes.open_embedder`), DATA arguments embedded (features cached), and
-the protocols of :mod:`compress_edge.eval.protocols` run on them. The command line parses and prints.
+the protocols of the protocol modules (:mod:`compress_edge.eval.knn`, ``linear``, ``clustering``, ``agreement``) run on them. The command line parses and prints.
 """
 
 from __future__ import annotations

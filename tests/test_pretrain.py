@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -116,5 +117,9 @@ def test_pretraining_can_start_from_a_saved_model(tmp_path, make_images):
     trained = dict(model.named_parameters())
     for name, p in start.named_parameters():  # a learning rate of 1e-12 leaves the starting weights as they were
         torch.testing.assert_close(trained[name], p, atol=1e-6, rtol=0)
+    shutil.rmtree(tmp_path / "start")  # a resumed run takes its weights from its checkpoint, not from --init
+    resumed = runner.invoke(app, ["pretrain", "--resume", str(out), "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output
+    save_model(start, spec_for(start, image_size=32), tmp_path / "start")
     wrong = runner.invoke(app, [*args[:3], "resnet18", *args[4:-1], str(tmp_path / "run2")])
     assert wrong.exit_code == 1 and "--arch mobilenet_v3_small" in wrong.output, wrong.output

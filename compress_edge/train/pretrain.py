@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -228,8 +228,14 @@ def run_pretrain(opts: PretrainOptions, *, resume: bool = False, stop_after_epoc
                                device=device, workers=opts.train.workers)
         record_quality(run_dir, "heldout", record)
 
-    return run_method("pretrain", opts, resolve_pretraining, resume=resume, stop_after_epochs=stop_after_epochs,
+    # A resumed run's weights come from its checkpoint: --init is not read again (its folder may be gone).
+    resolve = _resolve_without_init if resume else resolve_pretraining
+    return run_method("pretrain", opts, resolve, resume=resume, stop_after_epochs=stop_after_epochs,
                       write_model=write_model, announce=announce, check_after=check_after)
+
+
+def _resolve_without_init(opts: PretrainOptions) -> PretrainSetup:
+    return resolve_pretraining(replace(opts, init=None))
 
 
 def load_pretrain_options(run_dir: str | Path) -> PretrainOptions:

@@ -33,6 +33,12 @@ def test_spread_flags_embeddings_that_use_a_few_directions_but_not_ten_classes()
     centres = rng.normal(size=(10, 64))  # ten well separated classes: about ten directions, not collapsed
     classes = embedding_spread(centres[rng.integers(0, 10, 500)] + 0.1 * rng.normal(size=(500, 64)))
     assert classes.effective_rank > 5 and not classes.collapsed
+    # A narrow cone along a few directions: neither bound alone is crossed, together they are collapse.
+    cone = embedding_spread(4.0 + rng.normal(size=(500, 5)) @ rng.normal(size=(5, 64)))
+    assert 0.5 < cone.mean_cosine < 0.9 and 4 < cone.effective_rank < 8 and cone.collapsed, cone
+    # A random network's kind of features: one cone, but many directions: not collapsed.
+    wide = embedding_spread(1.0 + rng.normal(size=(500, 64)))
+    assert wide.mean_cosine > 0.4 and wide.effective_rank > 30 and not wide.collapsed, wide
 
 
 def test_spread_mean_cosine_is_the_average_over_distinct_pairs():

@@ -166,8 +166,9 @@ def quantize_int8(
 
     calib: preprocessed calibration images float32 (N, C, S, S) (see ``parity.load_check_images``).
     calib_method: one of :data:`CALIB_METHODS`, or ``"auto"``: each is tried and the file whose
-      embeddings of ``parity_images`` (default: ``calib``) are closest to ``src``'s is kept: the highest
-      top-10 neighbour overlap, then the highest min cosine. ``settings["calibration_candidates"]``
+      embeddings of ``parity_images`` (default: ``calib``) are closest to ``src``'s is kept
+      (``calibration.candidate_rank``: meeting both goals first, then the highest top-10 neighbour
+      overlap, then the highest min cosine). ``settings["calibration_candidates"]``
       holds every method's parity (or its error).
     exclude: for ``target="cpu"``, keep in float the node groups :func:`find_exclusions` finds
       (squeeze-excitation, hard-swish, the embedding head), each with its reason in

@@ -349,6 +349,24 @@ def test_mobilenet_v3_squeeze_excitation_is_kept_in_float(fp32, tmp_path):
     assert trt.settings["excluded"] == []
 
 
+def test_calibration_rank_prefers_meeting_both_goals_then_overlap_else_the_closest():
+    def best(*cands):
+        return max(cands, key=qc.candidate_rank)["method"]
+
+    # Of two passing files, the better neighbours; a passing file over a failing one with more overlap.
+    assert best({"method": "a", "topk_overlap": 0.95, "min_cosine": 0.999},
+                {"method": "b", "topk_overlap": 0.97, "min_cosine": 0.99}) == "b"
+    assert best({"method": "a", "topk_overlap": 0.92, "min_cosine": 0.985},
+                {"method": "b", "topk_overlap": 0.99, "min_cosine": 0.97}) == "a"
+    # Neither passes (efficientnet_b0 at 32 px, measured): the same overlap, but one file's worst embedding
+    # points elsewhere: the other is kept.
+    assert best({"method": "percentile", "topk_overlap": 0.959, "min_cosine": 0.9502},
+                {"method": "entropy", "topk_overlap": 0.961, "min_cosine": 0.4763}) == "percentile"
+    # A candidate with no measurable overlap ranks below one with any.
+    assert best({"method": "a", "topk_overlap": None, "min_cosine": 0.99},
+                {"method": "b", "topk_overlap": 0.5, "min_cosine": 0.9}) == "b"
+
+
 def test_auto_calibration_keeps_the_method_with_the_best_parity(fp32, tmp_path):
     dst = tmp_path / "auto.onnx"
     out = q.quantize_int8(fp32["path"], dst, fp32["spec"], fp32["images"][:16], target="cpu", calib_method="auto",
@@ -359,7 +377,7 @@ def test_auto_calibration_keeps_the_method_with_the_best_parity(fp32, tmp_path):
     assert measured and all(c["k"] == 10 and c["topk_overlap"] is not None for c in measured)
     chosen = [c for c in candidates if c.get("chosen")]
     assert len(chosen) == 1 and chosen[0]["method"] == out.settings["calibration"]
-    best = max(measured, key=lambda c: (c["topk_overlap"], c["min_cosine"]))
+    best = max(measured, key=qc.candidate_rank)
     assert chosen[0] is best
     assert "top-10 neighbour overlap, then the highest min cosine" in out.settings["calibration_choice"]
     assert f"on {len(fp32['images'])} parity images" in out.settings["calibration_choice"]

@@ -20,7 +20,8 @@ Goals (2-core x86 CPU with AVX-512 VNNI): onnxruntime fp32 >= 3x PyTorch eager a
 int8-cpu >= 1.5x onnxruntime fp32 at batch 32 with cosine >= 0.98.
 
 ``--int8-sweep`` (issue 15) exports every CNN and ViT-Tiny / ViT-Small at 32 and 224 px with random
-weights (BatchNorm statistics re-estimated), ``--int8 cpu --calib-method auto``, and prints per model
+weights, or with ``--sweep-train-steps N`` briefly trained ones (BatchNorm statistics re-estimated),
+``--int8 cpu --calib-method auto``, and prints per model
 what was kept in float, each calibration method's parity, the chosen one and the int8-cpu file's parity
 against the goal (min cosine >= 0.98, top-10 overlap >= 0.9).
 """
@@ -290,14 +291,17 @@ def sweep_model(arch: str, size: int, folder: Path, data: str = "fashion-mnist:t
     kind = "benchmark-random-weights"
     if train_steps:
         train_size = min(size, 64)
+        if vit:  # a whole number of patches (DINOv2's 14 px patches: 56)
+            patch = model.backbone.patch_embed.patch_size[0]
+            train_size = max(patch, train_size // patch * patch)
         stem = "" if vit else ("-small" if size <= 64 else "-imagenet")
         state = trained_weights(folder.parent.parent / "trained" / f"{arch}{stem}-{train_size}", train_steps, threads,
                                 arch, small_input=size <= 64, size=train_size)
         if vit and train_size != size:
             from timm.layers import resample_abs_pos_embed
 
-            grid = size // model.backbone.patch_embed.patch_size[0]
-            prefix = state["backbone.pos_embed"].shape[1] - (train_size // model.backbone.patch_embed.patch_size[0]) ** 2
+            grid = size // patch
+            prefix = state["backbone.pos_embed"].shape[1] - (train_size // patch) ** 2
             state["backbone.pos_embed"] = resample_abs_pos_embed(state["backbone.pos_embed"], new_size=[grid, grid],
                                                                  num_prefix_tokens=prefix)
         model.load_state_dict(state)

@@ -93,16 +93,25 @@ def trained_weights(folder: Path, steps: int, threads: int, arch: str = "mobilen
 
 def stand_in_student(arch: str, small_input: bool, size: int, folder: Path, state: dict, bn_images: int = 256) -> Path:
     """A model folder with the trained ``state`` and BatchNorm statistics re-estimated at ``size`` px."""
-    import torch
-    from compress_edge.export.parity import load_check_images
-
-    from compress_edge.models.resolve import create_model, recalibrate_batchnorm, save_model, spec_for
+    from compress_edge.models.resolve import create_model
 
     model = create_model(arch, small_input=small_input)
     model.load_state_dict(state)
-    spec = spec_for(model, image_size=size, source={"kind": "benchmark-stand-in", "data": "fashion-mnist"})
-    images, _ = load_check_images("fashion-mnist:train", spec, bn_images)
-    recalibrate_batchnorm(model, (torch.from_numpy(images[i : i + 64]) for i in range(0, len(images), 64)))
+    return _recalibrate_and_save(model, size, folder, "benchmark-stand-in", "fashion-mnist:train", bn_images, 64)
+
+
+def _recalibrate_and_save(model, size: int, folder: Path, kind: str, data: str, bn_images: int, batch: int) -> Path:
+    """``model`` saved in ``folder`` for ``size`` px, its BatchNorm statistics (if any) re-estimated on
+    ``bn_images`` images of ``data`` in batches of ``batch``."""
+    import torch
+    from compress_edge.export.parity import load_check_images
+
+    from compress_edge.models.resolve import is_vit, recalibrate_batchnorm, save_model, spec_for
+
+    spec = spec_for(model, image_size=size, source={"kind": kind, "data": "fashion-mnist"})
+    if not is_vit(model):
+        images, _ = load_check_images(data, spec, bn_images, progress=False)
+        recalibrate_batchnorm(model, (torch.from_numpy(images[i : i + batch]) for i in range(0, len(images), batch)))
     save_model(model.eval(), spec, folder)
     return folder
 
@@ -278,12 +287,12 @@ def sweep_model(arch: str, size: int, folder: Path, data: str = "fashion-mnist:t
                 train_steps: int = 0, threads: int = 1) -> Path:
     """``arch`` at ``size`` px (small-input stem at 64 px and below for a CNN; a ViT's position embedding
     built for ``size``), random or, with ``train_steps``, briefly trained (:func:`trained_weights`, at
-    ``size`` up to 64 px: the 224 px variants take the weights trained at 64 px, a ViT's position
-    embedding resampled), with BatchNorm statistics re-estimated on ``data`` at ``size``."""
+    ``size`` up to 64 px: the 224 px variants take the weights trained at 64 px, loaded the way any
+    checkpoint is, a ViT's position embedding resampled), with BatchNorm statistics re-estimated on
+    ``data`` at ``size``."""
     import torch
-    from compress_edge.export.parity import load_check_images
 
-    from compress_edge.models.resolve import create_model, is_vit, recalibrate_batchnorm, save_model, spec_for
+    from compress_edge.models.resolve import create_model, load_backbone_weights
 
     torch.manual_seed(0)
     vit = arch.startswith("vit")
@@ -295,23 +304,11 @@ def sweep_model(arch: str, size: int, folder: Path, data: str = "fashion-mnist:t
             patch = model.backbone.patch_embed.patch_size[0]
             train_size = max(patch, train_size // patch * patch)
         stem = "" if vit else ("-small" if size <= 64 else "-imagenet")
-        state = trained_weights(folder.parent.parent / "trained" / f"{arch}{stem}-{train_size}", train_steps, threads,
-                                arch, small_input=size <= 64, size=train_size)
-        if vit and train_size != size:
-            from timm.layers import resample_abs_pos_embed
-
-            grid = size // patch
-            prefix = state["backbone.pos_embed"].shape[1] - (train_size // patch) ** 2
-            state["backbone.pos_embed"] = resample_abs_pos_embed(state["backbone.pos_embed"], new_size=[grid, grid],
-                                                                 num_prefix_tokens=prefix)
-        model.load_state_dict(state)
+        trained = folder.parent.parent / "trained" / f"{arch}{stem}-{train_size}"
+        trained_weights(trained, train_steps, threads, arch, small_input=size <= 64, size=train_size)
+        load_backbone_weights(model, trained / "model.safetensors")
         kind = f"benchmark-trained-{train_steps}-steps"
-    spec = spec_for(model, image_size=size, source={"kind": kind, "data": "fashion-mnist"})
-    if not is_vit(model):
-        images, _ = load_check_images(data, spec, bn_images, progress=False)
-        recalibrate_batchnorm(model, (torch.from_numpy(images[i : i + 32]) for i in range(0, len(images), 32)))
-    save_model(model.eval(), spec, folder)
-    return folder
+    return _recalibrate_and_save(model, size, folder, kind, data, bn_images, 32)
 
 
 def int8_sweep(args: argparse.Namespace) -> dict:

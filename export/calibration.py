@@ -202,11 +202,11 @@ def candidate_rank(entry: dict[str, Any]) -> tuple[float, ...]:
     overlap / its goal and min cosine / its goal. Ranking by overlap alone would keep, of two files with
     the same overlap, one whose worst embedding points elsewhere (min cosine 0.48 against 0.95 measured on
     efficientnet_b0)."""
-    from compress_edge.export.parity import GOALS, TOPK_GOALS
+    from compress_edge.export.parity import GOALS, TOPK_GOALS, overlap_below
 
     overlap, cosine = _num(entry.get("topk_overlap")), _num(entry.get("min_cosine"))
     o_goal, c_goal = TOPK_GOALS["int8-cpu"], GOALS["int8-cpu"]
-    if overlap >= o_goal - 1e-9 and cosine >= c_goal:
+    if not overlap_below(overlap, o_goal) and cosine >= c_goal:
         return (1.0, overlap, cosine)
     return (0.0, min(overlap / o_goal, cosine / c_goal), overlap)
 

@@ -153,18 +153,23 @@ def _train_config(s: Setting, epochs: int | None, batch: int | None, amp: str = 
                        device=s.device, amp=amp, seed=s.seed, progress=False, log_every=50)
 
 
+def _reuse_or_run(out: Path, opts: Any, run: Any) -> dict:
+    """The record of the run in ``out`` if it ran with ``opts``, else run it (``run(opts)``) and record it."""
+    if (record := _reuse(out, opts.to_dict())) is not None:
+        return record
+    started = time.perf_counter()
+    result = run(opts)
+    return _done(out, opts.to_dict(), time.perf_counter() - started, epochs=result.epochs_done,
+                 steps=result.global_step)
+
+
 def pretrain(s: Setting, data: str, out: Path, arch: str, kwargs: dict, image_size: int, epochs: int | None,
              batch: int | None, amp: str = "off") -> dict:
     from compress_edge.train.pretrain import PretrainOptions, run_pretrain
 
     opts = PretrainOptions(data=data, out=str(out), arch=arch, arch_kwargs=dict(kwargs), image_size=image_size,
                            holdout=0.0, train=_train_config(s, epochs, batch, amp))
-    if (record := _reuse(out, opts.to_dict())) is not None:
-        return record
-    started = time.perf_counter()
-    result = run_pretrain(opts)
-    return _done(out, opts.to_dict(), time.perf_counter() - started, epochs=result.epochs_done,
-                 steps=result.global_step)
+    return _reuse_or_run(out, opts, run_pretrain)
 
 
 def teacher(s: Setting, work: Path) -> tuple[str, dict]:
@@ -196,12 +201,7 @@ def distill(s: Setting, teacher_dir: str, cache: str, method: str, out: Path) ->
                           student_arch=s.student_arch, student_kwargs=dict(s.student_kwargs),
                           student_image_size=s.student_image_size, embed_dim=s.embed_dim, method=method,
                           holdout=0.0, train=_train_config(s, s.epochs, s.batch_size))
-    if (record := _reuse(out, opts.to_dict())) is not None:
-        return record
-    started = time.perf_counter()
-    result = run_distill(opts)
-    return _done(out, opts.to_dict(), time.perf_counter() - started, epochs=result.epochs_done,
-                 steps=result.global_step)
+    return _reuse_or_run(out, opts, run_distill)
 
 
 # --------------------------------------------------------------------------------------------------

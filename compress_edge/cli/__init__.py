@@ -24,6 +24,14 @@ app = typer.Typer(
 )
 
 
+def command_group(name: str, help: str, example: str | None = None) -> typer.Typer:
+    """A group of subcommands (``compress-edge NAME ...``) added to the app; ``example``: a command line
+    shown under the help."""
+    group = typer.Typer(help=f"{help}\n\nExample: {example}" if example else help, no_args_is_help=True)
+    app.add_typer(group, name=name)
+    return group
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"compress-edge {__version__}")

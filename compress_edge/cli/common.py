@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -35,6 +37,38 @@ EngineSource = Literal["fp32", "fp16", "int8-trt"]
 #: auto: the GPU when the runtime sees one (torch: CUDA; onnxruntime: its CUDA provider), else the CPU.
 DEVICE_METAVAR = "<auto|cpu|cuda|cuda:N>"
 
+# Options several commands take with the same meaning, written once.
+DataRootOpt = Annotated[str | None, typer.Option("--data-root", help="Where to look for Fashion-MNIST first.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar=DEVICE_METAVAR, help="auto (CUDA when present), cpu, "
+                                                                             "cuda or cuda:N.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Data-loader worker processes.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+AmpOpt = Annotated[Amp, typer.Option("--amp", help="Mixed precision: auto (bf16/fp16 on GPU), bf16, fp16, off.")]
+MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps-per-epoch", help="Cap the steps of each epoch (quick "
+                                                 "trials).")]
+#: The batch of pretrain and distill, both following the data set's size.
+BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per step per process (default: "
+                                                 "auto, 256 or fewer so an epoch has 8 steps).", show_default=False)]
+
+
+def holdout_option(compared: str) -> Any:
+    """--holdout of a training command; ``compared``: what the trained model is compared with."""
+    return typer.Option("--holdout", help=f"Share of labelled images (at most 1,000) kept out of training to compare "
+                                          f"{compared} at the end (quality.json); 0: none.")
+
+
+def epochs_option(min_steps: int, min_epochs: int) -> Any:
+    """--epochs of a training command whose run length is chosen from the data (at least these)."""
+    return typer.Option("--epochs", help=f"Passes over the data (default: auto, at least {min_steps} optimizer "
+                                         f"steps and {min_epochs} epochs).", show_default=False)
+
+
+def lr_option(base_lr: float) -> Any:
+    """--lr of a training command, scaled from ``base_lr`` per 256 images."""
+    return typer.Option("--lr", help=f"SGD learning rate, warm-up then cosine (default: auto, {base_lr:g} per 256 "
+                                     "images of batch).", show_default=False)
+
 
 @dataclass
 class State:
@@ -53,6 +87,27 @@ def setup_logging(verbose: bool) -> None:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+
+
+def train_or_resume(what: str, *, device: str, resume: Path | None, progress: bool, stop_after: int | None,
+                    load: Callable[[Path], Any], build: Callable[[], Any], run: Callable[..., Any]) -> None:
+    """The body of a training command (pretrain, distill): continue the run in ``resume`` (its options
+    read back by ``load``), or start the one ``build()`` describes; ``run(opts, resume=..., stop_after_epochs=...)``
+    trains. Rank 0 (the only process without torchrun) then says where ``what`` was written."""
+    from compress_edge.train.distributed import current_dist, init_distributed
+
+    init_distributed(device)
+    if resume is not None:
+        opts = load(resume)
+        opts.train.progress = progress
+    else:
+        opts = build()
+    result = run(opts, resume=resume is not None, stop_after_epochs=stop_after)
+    if current_dist().is_main:  # under torchrun, only rank 0 speaks
+        out = Path(opts.out)
+        checks = f"; checks in {out / 'quality.json'}" if (out / "quality.json").is_file() else ""
+        console.print(f"{what} written to {out / 'student'} ({result.epochs_done} epochs, {result.global_step} "
+                      f"steps, last loss {result.last_loss:.4f}, {result.seconds:.0f} s){checks}")
 
 
 def _fail(message: str, code: int) -> None:

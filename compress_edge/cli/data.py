@@ -8,10 +8,9 @@ from typing import Annotated
 
 import typer
 
-from compress_edge.cli import app
+from compress_edge.cli import command_group
 
-data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
+data_app = command_group("data", "Inspect datasets.")
 
 # Skipped files listed in the table view; --json (and --verbose logs) list them all.
 _SHOWN_SKIPPED = 20

@@ -9,7 +9,23 @@ from typing import Annotated
 import typer
 
 from compress_edge.cli import app
-from compress_edge.cli.common import DEVICE_METAVAR, Amp, DistillMethod, Optimizer, console
+from compress_edge.cli.common import (
+    AmpOpt,
+    BatchSizeOpt,
+    DataRootOpt,
+    DeviceOpt,
+    DistillMethod,
+    MaxStepsOpt,
+    Optimizer,
+    ProgressOpt,
+    SeedOpt,
+    WorkersOpt,
+    console,
+    epochs_option,
+    holdout_option,
+    lr_option,
+    train_or_resume,
+)
 from compress_edge.defaults import (
     DEFAULT_HOLDOUT,
     DEFAULT_METHOD,
@@ -34,10 +50,6 @@ TeacherWeightsOpt = Annotated[
 ]
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Input side in pixels (default: the "
                                                                        "teacher's; 32 for Fashion-MNIST).")]
-DataRootOpt = Annotated[str | None, typer.Option("--data-root", help="Where to look for Fashion-MNIST first.")]
-DeviceOpt = Annotated[str, typer.Option("--device", metavar=DEVICE_METAVAR, help="auto (CUDA when present), cpu, "
-                                                                             "cuda or cuda:N.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", help="Data-loader worker processes.")]
 
 
 def parse_kwargs(items: list[str] | None) -> dict:
@@ -89,18 +101,11 @@ def distill(
     mask_self: Annotated[bool, typer.Option("--mask-self/--no-mask-self", help="Leave the anchors that came "
                                             "from a query's own image out of both softmaxes; --no-mask-self is "
                                             "the paper's loss exactly.")] = True,
-    holdout: Annotated[float, typer.Option("--holdout", help="Share of labelled images (at most 1,000) kept out "
-                                           "of training to compare the student with its teacher, raw pixels and "
-                                           "its random weights at the end (quality.json); 0: none.")] = DEFAULT_HOLDOUT,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data (default: auto, at least "
-                                               f"{DISTILL_MIN_STEPS} optimizer steps and {DISTILL_MIN_EPOCHS} "
-                                               "epochs).", show_default=False)] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per step per process "
-                                                   "(default: auto, 256 or fewer so an epoch has 8 steps).",
-                                                   show_default=False)] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate, warm-up then cosine (default: auto, "
-                                             f"{DISTILL_BASE_LR:g} per 256 images of batch).",
-                                             show_default=False)] = None,
+    holdout: Annotated[float, holdout_option("the student with its teacher, raw pixels and its random "
+                                             "weights")] = DEFAULT_HOLDOUT,
+    epochs: Annotated[int | None, epochs_option(DISTILL_MIN_STEPS, DISTILL_MIN_EPOCHS)] = None,
+    batch_size: BatchSizeOpt = None,
+    lr: Annotated[float | None, lr_option(DISTILL_BASE_LR)] = None,
     optimizer: Annotated[Optimizer, typer.Option("--optimizer", help="The optimizer.")] = "sgd",
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (AdamW: beta1).")] = 0.9,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="SGD weight decay.")] = 1e-4,
@@ -117,14 +122,12 @@ def distill(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Epochs between checkpoints.")] = 1,
     stop_after: Annotated[int | None, typer.Option("--stop-after", help="Train at most this many epochs in this "
                                                    "invocation, then save (resume later).")] = None,
-    max_steps_per_epoch: Annotated[int | None, typer.Option("--max-steps-per-epoch", help="Cap the steps of "
-                                                            "each epoch (quick trials).")] = None,
+    max_steps_per_epoch: MaxStepsOpt = None,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
-    amp: Annotated[Amp, typer.Option("--amp", help="Mixed precision: auto (bf16/fp16 on GPU), bf16, fp16, "
-                                      "off.")] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    amp: AmpOpt = "auto",
+    seed: SeedOpt = 0,
+    progress: ProgressOpt = True,
 ) -> None:
     """Distil a teacher into a small student with CompRess.
 
@@ -139,17 +142,11 @@ def distill(
     """
     from compress_edge.train.config import TrainConfig
     from compress_edge.train.distill import DistillOptions, load_options, run_distill
-    from compress_edge.train.distributed import current_dist, init_distributed
 
-    init_distributed(device)
-    if resume is not None:
-        opts = load_options(resume)
-        opts.train.progress = progress
-        result = run_distill(opts, resume=True, stop_after_epochs=stop_after)
-    else:
+    def build() -> DistillOptions:
         if data is None:
             raise CompressEdgeError("DATA is missing: pass the training images, or --resume RUN_DIR")
-        opts = DistillOptions(
+        return DistillOptions(
             data=data, out=str(out), teacher=teacher, teacher_weights=teacher_weights, teacher_cache=teacher_cache,
             student_arch=student_arch, student_kwargs=parse_kwargs(student_kwargs), embed_dim=embed_dim,
             method=method, queue_size=queue_size, temperature=temperature, ema=ema, mask_self=mask_self,
@@ -160,11 +157,9 @@ def distill(
                               checkpoint_every=checkpoint_every, seed=seed, max_steps_per_epoch=max_steps_per_epoch,
                               progress=progress),
         )
-        result = run_distill(opts, stop_after_epochs=stop_after)
-    if current_dist().is_main:  # under torchrun, only rank 0 speaks
-        console.print(f"student written to {Path(opts.out) / 'student'} "
-                      f"({result.epochs_done} epochs, {result.global_step} steps, last loss {result.last_loss:.4f}, "
-                      f"{result.seconds:.0f} s); checks in {Path(opts.out) / 'quality.json'}")
+
+    train_or_resume("student", device=device, resume=resume, progress=progress, stop_after=stop_after,
+                    load=load_options, build=build, run=run_distill)
 
 
 @app.command("cache-teacher")
@@ -183,7 +178,7 @@ def cache_teacher(
     data_root: DataRootOpt = None,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Run the teacher once over the data and store its embeddings (float16, sharded, memory-mapped).
 

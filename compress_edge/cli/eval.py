@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from compress_edge.cli import app
-from compress_edge.cli.common import DEVICE_METAVAR
+from compress_edge.cli import command_group
+from compress_edge.cli.common import DataRootOpt, DeviceOpt, ProgressOpt, WorkersOpt
 from compress_edge.errors import CompressEdgeError
+from compress_edge.eval.measure import FeatureOptions  # a dataclass: no torch, no numpy
 
-eval_app = typer.Typer(
-    help=(
-        "Measure frozen embeddings: kNN and 1-NN accuracy, a linear probe, cluster alignment, and how "
-        "well a student keeps its teacher's neighbours. Features are cached, so a second evaluation of "
-        "the same model on the same data is instant.\n\n"
-        "Example: compress-edge eval knn runs/distill --train fashion-mnist:train --test fashion-mnist:test"
-    ),
-    no_args_is_help=True,
+eval_app = command_group(
+    "eval",
+    "Measure frozen embeddings: kNN and 1-NN accuracy, a linear probe, cluster alignment, and how "
+    "well a student keeps its teacher's neighbours. Features are cached, so a second evaluation "
+    "of the same model on the same data is instant.",
+    "compress-edge eval knn runs/distill --train fashion-mnist:train --test fashion-mnist:test",
 )
-app.add_typer(eval_app, name="eval")
 
 ModelArg = Annotated[
     str,
@@ -31,11 +33,7 @@ ModelArg = Annotated[
 TrainOpt = Annotated[str, typer.Option("--train", help="Gallery / training images: a class folder or "
                                                        "fashion-mnist:train.")]
 TestOpt = Annotated[str, typer.Option("--test", help="Query / test images: a class folder or fashion-mnist:test.")]
-DataRootOpt = Annotated[str | None, typer.Option("--data-root", help="Where to look for Fashion-MNIST first.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Data-loader worker processes.")]
-DeviceOpt = Annotated[str, typer.Option("--device", metavar=DEVICE_METAVAR, help="auto (CUDA when present), cpu, "
-                                                                             "cuda or cuda:N.")]
 WeightsOpt = Annotated[str | None, typer.Option("--weights", help="A third-party checkpoint for an architecture-name "
                                                                    "MODEL (torchvision, MoCo, SimCLR, SwAV, DINO, "
                                                                    "Lightning): detected automatically.")]
@@ -45,7 +43,42 @@ CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Features 
                                                   "$COMPRESS_EDGE_CACHE/features or ~/.cache/compress-edge/features).")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the features cache.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object instead of a table.")]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+
+#: The options of reading and embedding DATA, the same in every eval command (name, type, default), in
+#: the order --help lists them after each command's own.
+_FEATURE_PARAMS: tuple[tuple[str, Any, Any], ...] = (
+    ("data_root", DataRootOpt, None),
+    ("batch_size", BatchOpt, 256),
+    ("workers", WorkersOpt, 2),
+    ("device", DeviceOpt, "auto"),
+    ("cache_dir", CacheDirOpt, None),
+    ("no_cache", NoCacheOpt, False),
+    ("as_json", JsonOpt, False),
+    ("progress", ProgressOpt, True),
+)
+
+
+def feature_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give an eval command the options every eval command shares (--data-root ... --progress), written
+    once: typer sees them in the command's signature; the command gets them as ``opts`` (a
+    :class:`~compress_edge.eval.measure.FeatureOptions`, no bar with --json) and ``as_json``."""
+    hints = typing.get_type_hints(command, include_extras=True)  # the Annotated[..., typer.Option] kept
+    own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values()
+           if p.name not in ("opts", "as_json")]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
+              for name, kind, default in _FEATURE_PARAMS]
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> None:
+        given = {name: kwargs.pop(name) for name, _, _ in _FEATURE_PARAMS}
+        as_json = given.pop("as_json")
+        given["progress"] = given["progress"] and not as_json
+        command(**kwargs, opts=FeatureOptions(**given), as_json=as_json)
+
+    del run.__wrapped__  # typer reads the signature below, not the command's own
+    run.__signature__ = inspect.Signature([*own, *shared])
+    run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+    return run
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,6 +113,7 @@ def _emit(payload: dict[str, Any]) -> None:
 # knn
 # --------------------------------------------------------------------------------------------------
 @eval_app.command("knn")
+@feature_options
 def knn_cmd(
     model: ModelArg,
     test: TestOpt,
@@ -92,18 +126,13 @@ def knn_cmd(
                                                 "(repeatable; default 20 and 200).")] = None,
     temperature: Annotated[float, typer.Option("--temperature", "-T", min=1e-6, help="Vote weight exp(sim / T).")] = 0.07,
     weights: WeightsOpt = None,
-    data_root: DataRootOpt = None,
-    batch_size: BatchOpt = 256,
-    workers: WorkersOpt = 2,
-    device: DeviceOpt = "auto",
     image_size: ImageSizeOpt = None,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
     baselines: Annotated[bool, typer.Option("--baselines", help="Also measure the two baselines a model has to "
                                             "beat: cosine kNN on raw pixels, and the same network with random "
                                             "weights (batch-norm statistics re-estimated on --train).")] = False,
-    as_json: JsonOpt = False,
-    progress: ProgressOpt = True,
+    *,
+    opts: FeatureOptions,
+    as_json: bool,
 ) -> None:
     """1-NN accuracy (the CompRess paper's NN column) and weighted kNN accuracy (DINO's protocol: weights
     exp(sim / T), T = 0.07, k = 20 and 200), by exact search over the gallery; and the spread of the
@@ -118,9 +147,7 @@ def knn_cmd(
         raise CompressEdgeError("pass the gallery: either --train DATA or --index INDEX_DIR (one of them)")
     if baselines and index is not None:
         raise CompressEdgeError("--baselines needs the gallery images: pass --train DATA instead of --index")
-    net, spec, backend = measure.open_model(model, device=device, image_size=image_size, weights=weights)
-    opts = measure.FeatureOptions(data_root=data_root, batch_size=batch_size, workers=workers, device=device,
-                                  cache_dir=cache_dir, no_cache=no_cache, progress=progress and not as_json)
+    net, spec, backend = measure.open_model(model, device=opts.device, image_size=image_size, weights=weights)
     run = measure.knn(net, spec, name=str(model), test=test, train=train, index=index, ks=ks,
                       temperature=temperature, baselines=baselines, opts=opts)
     result, spread, gallery, compared = run.result, run.spread, run.gallery, run.baselines
@@ -150,6 +177,7 @@ def knn_cmd(
 # linear
 # --------------------------------------------------------------------------------------------------
 @eval_app.command("linear")
+@feature_options
 def linear_cmd(
     model: ModelArg,
     train: TrainOpt,
@@ -159,15 +187,10 @@ def linear_cmd(
     max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="L-BFGS iterations per fit.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split.")] = 0,
     weights: WeightsOpt = None,
-    data_root: DataRootOpt = None,
-    batch_size: BatchOpt = 256,
-    workers: WorkersOpt = 2,
-    device: DeviceOpt = "auto",
     image_size: ImageSizeOpt = None,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    as_json: JsonOpt = False,
-    progress: ProgressOpt = True,
+    *,
+    opts: FeatureOptions,
+    as_json: bool,
 ) -> None:
     """Top-1 / top-5 of a linear classifier (logistic regression, full-batch L-BFGS) trained on the frozen
     --train features and tested on the --test features.
@@ -176,9 +199,7 @@ def linear_cmd(
     """
     from compress_edge.eval import measure
 
-    net, spec, backend = measure.open_model(model, device=device, image_size=image_size, weights=weights)
-    opts = measure.FeatureOptions(data_root=data_root, batch_size=batch_size, workers=workers, device=device,
-                                  cache_dir=cache_dir, no_cache=no_cache, progress=progress and not as_json)
+    net, spec, backend = measure.open_model(model, device=opts.device, image_size=image_size, weights=weights)
     result = measure.linear(net, spec, train=train, test=test, weight_decay=weight_decay, max_iter=max_iter,
                             seed=seed, opts=opts)
     if as_json:
@@ -195,6 +216,7 @@ def linear_cmd(
 # cluster
 # --------------------------------------------------------------------------------------------------
 @eval_app.command("cluster")
+@feature_options
 def cluster_cmd(
     model: ModelArg,
     train: TrainOpt,
@@ -207,15 +229,10 @@ def cluster_cmd(
     nredo: Annotated[int, typer.Option("--nredo", min=1, help="k-means runs from different starts; the best "
                                        "(lowest objective) is kept.")] = 5,
     weights: WeightsOpt = None,
-    data_root: DataRootOpt = None,
-    batch_size: BatchOpt = 256,
-    workers: WorkersOpt = 2,
-    device: DeviceOpt = "auto",
     image_size: ImageSizeOpt = None,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    as_json: JsonOpt = False,
-    progress: ProgressOpt = True,
+    *,
+    opts: FeatureOptions,
+    as_json: bool,
 ) -> None:
     """Cluster alignment (the CompRess paper): spherical k-means of the --train features (faiss, fixed
     seed), clusters matched one-to-one to classes by the Hungarian algorithm on the train labels, and the
@@ -225,9 +242,7 @@ def cluster_cmd(
     """
     from compress_edge.eval import measure
 
-    net, spec, backend = measure.open_model(model, device=device, image_size=image_size, weights=weights)
-    opts = measure.FeatureOptions(data_root=data_root, batch_size=batch_size, workers=workers, device=device,
-                                  cache_dir=cache_dir, no_cache=no_cache, progress=progress and not as_json)
+    net, spec, backend = measure.open_model(model, device=opts.device, image_size=image_size, weights=weights)
     result = measure.cluster(net, spec, train=train, test=test, clusters=clusters, seed=seed, niter=niter,
                              nredo=nredo, opts=opts)
     if as_json:
@@ -244,6 +259,7 @@ def cluster_cmd(
 # agreement
 # --------------------------------------------------------------------------------------------------
 @eval_app.command("agreement")
+@feature_options
 def agreement_cmd(
     teacher: Annotated[str, typer.Argument(help="The teacher: a model or run folder, an exported file, or an "
                                                 "architecture name.")],
@@ -259,14 +275,9 @@ def agreement_cmd(
                                                         "architecture-name teacher.")] = None,
     student_weights: Annotated[str | None, typer.Option("--student-weights", help="A third-party checkpoint for an "
                                                         "architecture-name student.")] = None,
-    data_root: DataRootOpt = None,
-    batch_size: BatchOpt = 256,
-    workers: WorkersOpt = 2,
-    device: DeviceOpt = "auto",
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    as_json: JsonOpt = False,
-    progress: ProgressOpt = True,
+    *,
+    opts: FeatureOptions,
+    as_json: bool,
 ) -> None:
     """How well the student keeps the teacher's neighbours on the same images: the share of each query's
     k nearest neighbours (teacher's space) that are also among its k nearest in the student's space, and the
@@ -276,8 +287,6 @@ def agreement_cmd(
     """
     from compress_edge.eval import measure
 
-    opts = measure.FeatureOptions(data_root=data_root, batch_size=batch_size, workers=workers, device=device,
-                                  cache_dir=cache_dir, no_cache=no_cache, progress=progress and not as_json)
     t_desc, s_desc, result = measure.agreement(teacher, student, data, teacher_weights=teacher_weights,
                                                student_weights=student_weights, ks=sorted(set(k or [10, 100])),
                                                queries=queries, seed=seed, opts=opts)

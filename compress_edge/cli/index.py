@@ -13,21 +13,18 @@ from typing import Annotated, Any
 
 import typer
 
-from compress_edge.cli import app
+from compress_edge.cli import app, command_group
 from compress_edge.cli.common import DEVICE_METAVAR, Backend
 from compress_edge.errors import CompressEdgeError
 from compress_edge.signals import Interrupted, StopRequest
 
 log = logging.getLogger(__name__)
 
-index_app = typer.Typer(
-    help=(
-        "Build and change FAISS indexes of image embeddings.\n\n"
-        "Example: compress-edge index build runs/distill/student fashion-mnist:test --out runs/index"
-    ),
-    no_args_is_help=True,
+index_app = command_group(
+    "index",
+    "Build and change FAISS indexes of image embeddings.",
+    "compress-edge index build runs/distill/student fashion-mnist:test --out runs/index",
 )
-app.add_typer(index_app, name="index")
 
 IndexDirArg = Annotated[Path, typer.Argument(help="The index folder (made by 'compress-edge index build').")]
 ModelOpt = Annotated[

@@ -7,16 +7,13 @@ from typing import Annotated
 
 import typer
 
-from compress_edge.cli import app
+from compress_edge.cli import command_group
 
-models_app = typer.Typer(
-    help=(
-        "List architectures and inspect model files and third-party checkpoints.\n\n"
-        "Example: compress-edge models inspect moco_v2_800ep_pretrain.pth.tar --arch resnet50"
-    ),
-    no_args_is_help=True,
+models_app = command_group(
+    "models",
+    "List architectures and inspect model files and third-party checkpoints.",
+    "compress-edge models inspect moco_v2_800ep_pretrain.pth.tar --arch resnet50",
 )
-app.add_typer(models_app, name="models")
 
 
 def _params(n: int) -> str:

@@ -26,17 +26,10 @@ from compress_edge.defaults import (
     PRETRAIN_MIN_STEPS,
 )
 from compress_edge.errors import TrainingError
+from compress_edge.train import method as shared  # the steps every training method shares
 from compress_edge.train.config import TrainConfig
 from compress_edge.train.engine import TrainResult
 from compress_edge.train.losses import MoCoLoss, NTXent, commit_queues
-from compress_edge.train.method import (
-    RunOptions,
-    check_method,
-    ema_update,
-    frozen,
-    holdout_and_plan,
-    run_method,
-)
 from compress_edge.train.run_folder import read_run_options
 
 logger = logging.getLogger(__name__)
@@ -79,7 +72,7 @@ class MoCoTask(nn.Module):
                  mask_self: bool = True):
         super().__init__()
         self.model = model
-        self.key_encoder = frozen(copy.deepcopy(model)).train()
+        self.key_encoder = shared.frozen(copy.deepcopy(model)).train()
         self.ema = float(ema)
         self.criterion = MoCoLoss(model.embed_dim, queue_size, temperature, mask_self=mask_self)
 
@@ -96,11 +89,11 @@ class MoCoTask(nn.Module):
     @torch.no_grad()
     def after_step(self) -> None:
         commit_queues(self.criterion)
-        ema_update(self.key_encoder, self.model, self.ema)
+        shared.ema_update(self.key_encoder, self.model, self.ema)
 
 
 @dataclass
-class PretrainOptions(RunOptions):
+class PretrainOptions(shared.RunOptions):
     """Everything ``compress-edge pretrain`` takes; None means "auto" (see :func:`resolve_pretraining`)."""
 
     data: str
@@ -146,12 +139,12 @@ def resolve_pretraining(opts: PretrainOptions) -> PretrainSetup:
     from compress_edge.models.resolve import SMALL_INPUT_MAX, check_input_size, create_model
     from compress_edge.train.schedule import key_encoder_momentum
 
-    check_method(opts.method, PRETRAIN_METHODS)
+    shared.check_method(opts.method, PRETRAIN_METHODS)
     dataset = open_dataset(opts.data, data_root=opts.data_root)
     image_size = opts.image_size or native_image_size(dataset)
     mean, std = default_normalisation(opts.data)
     dataset.transform = TwoViews(TrainAugment.for_image_size(image_size, mean, std))
-    train_set, heldout, plan = holdout_and_plan(
+    train_set, heldout, plan = shared.holdout_and_plan(
         dataset, dataset, opts, base_lr=PRETRAIN_BASE_LR, min_steps=PRETRAIN_MIN_STEPS,
         min_epochs=PRETRAIN_MIN_EPOCHS, max_epochs=PRETRAIN_MAX_EPOCHS)
     kwargs = dict(opts.arch_kwargs)
@@ -230,7 +223,7 @@ def run_pretrain(opts: PretrainOptions, *, resume: bool = False, stop_after_epoc
 
     # A resumed run's weights come from its checkpoint: --init is not read again (its folder may be gone).
     resolve = _resolve_without_init if resume else resolve_pretraining
-    return run_method("pretrain", opts, resolve, resume=resume, stop_after_epochs=stop_after_epochs,
+    return shared.run_method("pretrain", opts, resolve, resume=resume, stop_after_epochs=stop_after_epochs,
                       write_model=write_model, announce=announce, check_after=check_after)
 
 

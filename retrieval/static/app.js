@@ -48,19 +48,26 @@ async function loadInfo() {
   }
 }
 
+// A clickable element of class `cls` holding the item's thumbnail (loaded when scrolled to).
+function imageTile(tag, cls, item, alt) {
+  const el = document.createElement(tag);
+  el.className = cls;
+  el.dataset.id = item.id;
+  const img = document.createElement("img");
+  if (item.thumb) img.src = item.thumb;
+  img.alt = alt;
+  img.loading = "lazy";
+  el.append(img);
+  return el;
+}
+
 function showResult(result, queryLabel) {
   const list = $("neighbours");
   list.replaceChildren();
   for (const n of result.neighbours) {
-    const li = document.createElement("li");
-    li.className = "neighbour";
-    li.dataset.id = n.id;
+    const li = imageTile("li", "neighbour", n, n.label_name || `#${n.id}`);
     if (queryLabel != null && n.label_name === queryLabel) li.classList.add("same");
-    const img = document.createElement("img");
-    if (n.thumb) img.src = n.thumb;
-    img.alt = n.label_name || `#${n.id}`;
-    img.loading = "lazy";
-    li.append(img, text("div", `#${n.rank}  `, "rank"));
+    li.append(text("div", `#${n.rank}  `, "rank"));
     li.lastChild.append(text("span", n.score.toFixed(4), "score"));
     li.append(text("div", n.label_name || (n.path ? n.path.split("/").pop() : `id ${n.id}`), "label"));
     li.title = n.path || String(n.id);
@@ -131,14 +138,9 @@ async function loadGallery() {
   const box = $("gallery");
   box.replaceChildren();
   for (const item of page.items) {
-    const tile = document.createElement("div");
-    tile.className = "tile";
-    tile.dataset.id = item.id;
-    const img = document.createElement("img");
-    if (item.thumb) img.src = item.thumb;
-    img.alt = item.label_name || item.name || `#${item.id}`;
-    img.loading = "lazy";
-    tile.append(img, text("div", item.label_name || item.name || `#${item.id}`, "label"));
+    const name = item.label_name || item.name || `#${item.id}`;
+    const tile = imageTile("div", "tile", item, name);
+    tile.append(text("div", name, "label"));
     tile.addEventListener("click", () => searchId(item.id, item.label_name));
     box.append(tile);
   }

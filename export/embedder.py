@@ -180,7 +180,8 @@ def embed_batches(
     rows ``start`` to ``stop - 1``, ``batch_size`` at a time, yielded as (first row, embeddings (n, D)).
 
     ``load(lo, hi)`` gives the images of rows lo..hi-1 (PIL images or paths); they are decoded and
-    preprocessed in ``workers`` threads while the previous batch is embedded. ``batch_size`` is
+    preprocessed in ``workers`` threads while the previous batch is embedded. It may instead give a
+    float32 array (n, C, S, S) already preprocessed (any n: e.g. several views of each image). ``batch_size`` is
     checked now, the loop runs as it is iterated.
     """
     if batch_size <= 0:
@@ -197,6 +198,8 @@ def _embed_batches(embedder: Any, load: Callable, start: int, stop: int, batch_s
 
     def prepare(lo: int) -> np.ndarray:
         items = load(lo, min(lo + batch_size, stop))
+        if isinstance(items, np.ndarray):  # already preprocessed (the teacher cache's augmented views)
+            return items
         return preprocess_batch(items, spec.image_size, spec.mean, spec.std, workers=workers)
 
     bar = optional_bar(progress)

@@ -225,6 +225,19 @@ def test_cache_with_views_replays_the_teachers_pixels(tmp_path, class_folder, sa
         assert torch.nn.functional.cosine_similarity(fresh, emb, dim=0) > 0.999
 
 
+def test_centre_cache_holds_the_features_evaluation_extracts(tmp_path, class_folder, saved_teacher):
+    """One extraction loop: the paper's centre-view cache and ``extract_features`` embed alike."""
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.eval.features import extract_features
+    from compress_edge.train.teacher_cache import open_cache
+
+    cache = open_cache(_cache(tmp_path, class_folder, saved_teacher, "cache", "--shard-rows", "5"))
+    teacher, spec = load_model(saved_teacher)
+    feats, _ = extract_features(teacher, open_dataset(str(class_folder)), spec=spec, device="cpu", use_cache=False,
+                                progress=False)
+    np.testing.assert_allclose(cache.all_embeddings(), feats, atol=2e-3)  # float16
+
+
 def test_cache_fingerprint_mismatch_is_refused(tmp_path, class_folder, saved_teacher, make_images):
     cache = _cache(tmp_path, class_folder, saved_teacher)
     with pytest.raises(DataError, match="another transform"):

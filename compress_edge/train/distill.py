@@ -328,6 +328,7 @@ def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_w
     from compress_edge.data.datasets import open_dataset
     from compress_edge.data.transforms import TrainAugment, eval_transform
     from compress_edge.devices import resolve_device
+    from compress_edge.export.backends import TorchEmbedder
     from compress_edge.train.teacher_cache import build_cache, fingerprint_parts, tensor_hash
 
     dataset = open_dataset(data, data_root=data_root)
@@ -336,10 +337,11 @@ def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_w
     mode = "views" if views > 0 else "center"
     parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=spec.image_size, mean=spec.mean,
                               std=spec.std, mode=mode, views=max(1, views), augment=augment_settings(augment), seed=seed)
+    embedder = TorchEmbedder(spec.arch, device=str(resolve_device(device)), module=model, spec=spec)
     return build_cache(
-        model, dataset, out, parts=parts, teacher_sha256=tensor_hash(model), mode=mode, views=max(1, views),
+        embedder, dataset, out, parts=parts, teacher_sha256=tensor_hash(model), mode=mode, views=max(1, views),
         eval_tf=eval_transform(spec.image_size, spec.mean, spec.std), augment=augment, seed=seed,
-        batch_size=batch_size, workers=workers, device=resolve_device(device), shard_rows=shard_rows,
+        batch_size=batch_size, workers=workers, shard_rows=shard_rows,
         progress=progress, extra_meta={"teacher_spec": spec.to_dict(), "data": data,
                                        "teacher": str(Path(teacher).resolve()) if Path(teacher).exists() else teacher,
                                        "teacher_weights": teacher_weights},

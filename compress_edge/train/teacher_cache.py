@@ -183,7 +183,7 @@ class _ViewsDataset(Dataset):
 
 @torch.no_grad()
 def build_cache(
-    teacher: nn.Module,
+    teacher: Any,
     dataset,
     out: str | os.PathLike,
     *,
@@ -196,12 +196,12 @@ def build_cache(
     seed: int,
     batch_size: int = 256,
     workers: int = 2,
-    device: torch.device | str = "cpu",
     shard_rows: int = 65_536,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
 ) -> TeacherCache:
-    """Embed ``dataset`` with the frozen ``teacher`` into a cache folder (see the module docstring)."""
+    """Embed ``dataset`` with ``teacher`` (an Embedder: ``spec``, ``embed``; the frozen network in a
+    :class:`~compress_edge.export.backends.TorchEmbedder`) into a cache folder (see the module docstring)."""
     from compress_edge.progress import progress_bar
     from compress_edge.signals import StopRequest
     from compress_edge.train.engine import TrainingStopped
@@ -213,7 +213,6 @@ def build_cache(
     if done is not None:
         return done
 
-    teacher = teacher.to(device).eval()
     n = len(dataset)
     n_shards = (n + shard_rows - 1) // shard_rows
     ds = _ViewsDataset(dataset, mode, views, eval_tf, augment, seed)
@@ -232,7 +231,7 @@ def build_cache(
                 continue  # finished by an earlier, interrupted run
             shard = torch.utils.data.Subset(ds, range(lo, hi))
             emb, params = _embed_shard(teacher, shard, mode, views, batch_size=batch_size, workers=workers,
-                                       device=device, advance=lambda b: bar.advance(task, b))
+                                       advance=lambda b: bar.advance(task, b))
             dim = emb.shape[2]
             _save_npy(out / emb_name, emb)
             if mode == "views":
@@ -290,25 +289,32 @@ def _claim_folder(out: Path, fp: str) -> TeacherCache | None:
     return None
 
 
-def _embed_shard(teacher: nn.Module, shard, mode: str, views: int, *, batch_size: int, workers: int, device,
+def _embed_shard(teacher: Any, shard, mode: str, views: int, *, batch_size: int, workers: int,
                  advance) -> tuple[np.ndarray, np.ndarray | None]:
     """The teacher's L2-normalised embeddings of one shard, (rows, V, Dt) float16, and the views'
-    parameters, (rows, V, P) (None in mode ``center``); ``advance(images)`` after each batch."""
+    parameters, (rows, V, P) (None in mode ``center``); ``advance(images)`` after each batch. The views
+    go through the one extraction loop (``embed_batches``) as preprocessed arrays, ``batch_size`` views
+    (rounded down to whole images) a run."""
     from compress_edge.data.loaders import StopSafeLoader
+    from compress_edge.eval.neighbors import l2_normalize
+    from compress_edge.export.embedder import embed_batches
 
-    loader = StopSafeLoader(shard, batch_size=max(1, batch_size // views), num_workers=workers,
-                            pin_memory=torch.device(device).type == "cuda")
-    emb_rows: list[np.ndarray] = []
+    images_per_batch = max(1, batch_size // views)
+    batches = iter(StopSafeLoader(shard, batch_size=images_per_batch, num_workers=workers))  # in this thread
+    emb = np.empty((len(shard), views, int(teacher.spec.embed_dim)), dtype=np.float16)
     param_rows: list[np.ndarray] = []
-    for x, params, _ in loader:
-        b = x.shape[0]
-        feats = teacher(x.flatten(0, 1).to(device, non_blocking=True)).float()
-        feats = torch.nn.functional.normalize(feats, dim=1)
-        emb_rows.append(feats.view(b, views, -1).cpu().numpy().astype(np.float16))
+
+    def load(lo: int, hi: int) -> np.ndarray:  # in the loop's prefetch thread, in order
+        x, params, _ = next(batches)
         if mode == "views":
             param_rows.append(params.numpy())
+        return x.flatten(0, 1).numpy()
+
+    for lo, feats in embed_batches(teacher, load, 0, len(shard), batch_size=images_per_batch):
+        b = len(feats) // views
+        emb[lo : lo + b] = l2_normalize(feats).reshape(b, views, -1)
         advance(b)
-    return np.concatenate(emb_rows), (np.concatenate(param_rows) if mode == "views" else None)
+    return emb, (np.concatenate(param_rows) if mode == "views" else None)
 
 
 def _save_npy(target: Path, array: np.ndarray) -> None:

@@ -375,12 +375,12 @@ def print_sweep(results: dict) -> None:
     print(f"calibration: {results['calib']}; parity: {results['parity']} (top-10 gallery)")
     print("goal: int8-cpu min cosine >= 0.98 and top-10 overlap >= 0.9 against the float32 file")
     print()
-    print("| model | px | kept in float (nodes) | minmax ovl / cos | percentile ovl / cos | entropy ovl / cos | chosen "
-          "| int8 min cos | int8 top-10 | goal | fp32 ms b=1 | int8 ms b=1 | deploy | s |")
-    print("|---|---:|---|---|---|---|---|---:|---:|---|---:|---:|---|---:|")
+    print("| model | px | kept in float (nodes) | minmax ovl / cos | percentile ovl / cos | entropy ovl / cos "
+          "| dynamic ovl / cos | chosen | int8 min cos | int8 top-10 | goal | fp32 ms b=1 | int8 ms b=1 | deploy | s |")
+    print("|---|---:|---|---|---|---|---|---|---:|---:|---|---:|---:|---|---:|")
     for r in results["rows"]:
         if "error" in r:
-            print(f"| {r['arch']} | {r['size']} | export failed: {r['error'][:160]} |" + " |" * 11)
+            print(f"| {r['arch']} | {r['size']} | export failed: {r['error'][:160]} |" + " |" * 12)
             continue
         cands = {c["method"]: c for c in r["candidates"]}
 
@@ -397,6 +397,7 @@ def print_sweep(results: dict) -> None:
         met = "met" if p["passed"] else "NOT MET"
         ms = [f"{x:.2f}" if x is not None else "-" for x in (r["fp32_ms"], r["int8_ms"])]
         print(f"| {r['arch']} | {r['size']} | {excl} | {cell('minmax')} | {cell('percentile')} | {cell('entropy')} | "
+              f"{cell('dynamic')} | "
               f"{r['chosen']} | {p['min_cosine']:.4f} | {p['topk_overlap']:.3f} | {met} | {ms[0]} | {ms[1]} | "
               f"{r['recommended']} | {r['seconds']:.0f} |")
     if results["not_measured"]:
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-steps", type=int, default=300, help="Supervised steps of the stand-in student.")
     parser.add_argument("--calib-images", type=int, default=256)
     parser.add_argument("--calib-method", default="auto", help="auto (try each, keep the best parity), minmax, "
-                        "percentile or entropy.")
+                        "percentile, entropy or dynamic.")
     parser.add_argument("--parity-images", type=int, default=200)
     parser.add_argument("--data", default="fashion-mnist:test",
                         help="Images for the parity checks and the timed batches (a folder or fashion-mnist:test).")

@@ -19,8 +19,36 @@ from compress_edge.models.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 CALIB_METHODS = ("minmax", "percentile", "entropy")
-#: ``calib_method="auto"``: every method in CALIB_METHODS is tried and the one with the best parity kept.
+#: Dynamic quantisation (int8-cpu only): MatMul / Gemm weights int8 per channel, their activations
+#: quantised at run time from each batch's own range, nothing calibrated. onnxruntime recommends it for
+#: transformers, whose activation outliers (attention, LayerNorm, GELU) one static range clips.
+DYNAMIC = "dynamic"
+#: ``calib_method="auto"``: every method of :func:`candidate_methods` is tried and the one with the best
+#: parity kept.
 AUTO = "auto"
+#: Dynamic quantisation is tried where MatMul / Gemm hold at least this share of the weights (a
+#: transformer); in a CNN it would quantise the head alone: a file as slow as float32, not an INT8 one.
+DYNAMIC_MATMUL_SHARE = 0.5
+
+
+def matmul_weight_share(proto) -> float:
+    """The share of the graph's weight elements that feed MatMul / Gemm nodes (0 without weights)."""
+    sizes = {i.name: int(np.prod(i.dims)) for i in proto.graph.initializer}
+    by_op = {"matmul": 0, "other": 0}
+    for node in proto.graph.node:
+        n = sum(sizes.get(x, 0) for x in node.input[1:])
+        by_op["matmul" if node.op_type in ("MatMul", "Gemm") else "other"] += n
+    total = by_op["matmul"] + by_op["other"]
+    return by_op["matmul"] / total if total else 0.0
+
+
+def candidate_methods(target: str, proto) -> tuple[str, ...]:
+    """The methods ``"auto"`` tries for ``target``: the three calibrations, and for the CPU target dynamic
+    quantisation where MatMul / Gemm hold most weights (:data:`DYNAMIC_MATMUL_SHARE`). TensorRT takes
+    only explicit (static) Q/DQ."""
+    if target == "cpu" and matmul_weight_share(proto) >= DYNAMIC_MATMUL_SHARE:
+        return (*CALIB_METHODS, DYNAMIC)
+    return CALIB_METHODS
 
 
 def calibration_batch(n: int, batch_size: int) -> int:
@@ -68,22 +96,23 @@ def make_reader(calib: np.ndarray, input_name: str, batch_size: int, on_batch: C
 
 
 def calibrate(run: Callable[[str, Path], None], src: str | os.PathLike, tmp: Path, calib_method: str, *,
-              check_images: np.ndarray, check_kind: str, what: str) -> tuple[Path, dict[str, Any]]:
+              check_images: np.ndarray, check_kind: str, what: str,
+              methods: tuple[str, ...] = CALIB_METHODS) -> tuple[Path, dict[str, Any]]:
     """Quantise with ``run(method, out)`` into ``tmp`` as ``calib_method`` asks; the file and the settings
     that record what was done.
 
-    ``"auto"``: every method, the best by parity on ``check_images`` (``check_kind``: "calibration" or
-    "parity") kept. One method: that one, and minmax when a histogram method fails (degenerate
+    ``"auto"``: every one of ``methods``, the best by parity on ``check_images`` (``check_kind``:
+    "calibration" or "parity") kept. One method: that one, and minmax when a histogram method fails (degenerate
     activations, a constant tensor). ``what`` names the quantisation in errors ("INT8 quantisation (cpu)
     of model.onnx").
     """
     if calib_method == AUTO:
-        raw, candidates = choose_method(src, tmp, run, check_images)
+        raw, candidates = choose_method(src, tmp, run, check_images, methods)
         return raw, {
             "calibration": raw.stem,
             "calibration_candidates": candidates,
             "calibration_choice": (
-                f"tried {', '.join(CALIB_METHODS)}; kept, of those meeting both goals, the highest top-{_topk()} "
+                f"tried {', '.join(methods)}; kept, of those meeting both goals, the highest top-{_topk()} "
                 "neighbour overlap, then the highest min cosine, else the one closest to meeting both (the highest "
                 f"of the lower of overlap / goal and min cosine / goal), against the float32 file on "
                 f"{len(check_images)} {check_kind} images"
@@ -94,7 +123,7 @@ def calibrate(run: Callable[[str, Path], None], src: str | os.PathLike, tmp: Pat
         run(calib_method, raw)
         return raw, {}
     except Exception as exc:
-        if calib_method == "minmax":
+        if calib_method in ("minmax", DYNAMIC):
             raise ExportError(f"{what} failed: {type(exc).__name__}: {exc}") from None
         # Histogram calibration fails on degenerate activations (a constant tensor): MinMax does not.
         log.warning("%s calibration failed (%s); calibrating with minmax instead", calib_method, exc)
@@ -160,8 +189,9 @@ def _topk() -> int:
     return TOPK
 
 
-def choose_method(src, tmp: Path, run, images: np.ndarray) -> tuple[Path, list[dict[str, Any]]]:
-    """Quantise with every calibration method into ``tmp`` and keep the best by parity on ``images``
+def choose_method(src, tmp: Path, run, images: np.ndarray,
+                  methods: tuple[str, ...] = CALIB_METHODS) -> tuple[Path, list[dict[str, Any]]]:
+    """Quantise with every one of ``methods`` into ``tmp`` and keep the best by parity on ``images``
     against ``src``'s embeddings (:func:`candidate_rank`).
 
     Returns the chosen file and every candidate's record (method, min/mean cosine, top-10 overlap,
@@ -171,7 +201,7 @@ def choose_method(src, tmp: Path, run, images: np.ndarray) -> tuple[Path, list[d
     reference = _embed(src, images)
     candidates: list[dict[str, Any]] = []
     best: tuple[tuple[float, ...], Path, dict[str, Any]] | None = None
-    for method in CALIB_METHODS:
+    for method in methods:
         out = tmp / f"{method}.onnx"
         t0 = time.perf_counter()
         try:

@@ -30,8 +30,10 @@ import numpy as np
 from compress_edge.export.calibration import (
     AUTO,
     CALIB_METHODS,
+    DYNAMIC,
     calibrate,
     calibration_batch,
+    candidate_methods,
     check_calibration,
     entropy_ranges,
     make_reader,
@@ -76,6 +78,24 @@ class Int8Recipe:
                               "ActivationSymmetric": self.activation_symmetric, "QuantizeBias": self.quantize_bias,
                               "UseQDQContribOps": False},
         }
+
+
+def dynamic_kwargs() -> dict[str, Any]:
+    """quantize_dynamic's settings: MatMul / Gemm weights QInt8 per channel, full range."""
+    from onnxruntime.quantization import QuantType
+
+    return {"weight_type": QuantType.QInt8, "per_channel": True, "reduce_range": False,
+            "op_types_to_quantize": ["MatMul", "Gemm"]}
+
+
+#: How export.json describes a dynamically quantised file (replacing the static recipe's lines).
+DYNAMIC_SETTINGS = {
+    "format": "dynamic (DynamicQuantizeLinear + MatMulInteger)",
+    "activations": "QUInt8, quantised at run time from each batch's own range (no calibration)",
+    "weights": "QInt8 symmetric, per-channel",
+    "op_types": ["MatMul", "Gemm"],
+    "bias": "float (not quantised)",
+}
 
 
 #: What each INT8 target is: x86 CPUs (VNNI) run unsigned asymmetric activations fastest; TensorRT's
@@ -134,9 +154,12 @@ def int8_settings(target: str, calib_method: str = "percentile") -> dict[str, An
     """The quantize_static settings for ``target`` ("cpu" or "trt") as export.json records them."""
     if target not in INT8_TARGETS:
         raise ExportError(f"unknown INT8 target {target!r}; choose one of: {', '.join(INT8_TARGETS)}")
-    if calib_method not in (*CALIB_METHODS, AUTO):
+    if calib_method not in (*CALIB_METHODS, DYNAMIC, AUTO):
         raise ExportError(f"unknown calibration method {calib_method!r}; choose one of: "
-                          f"{', '.join((*CALIB_METHODS, AUTO))}")
+                          f"{', '.join((*CALIB_METHODS, DYNAMIC, AUTO))}")
+    if calib_method == DYNAMIC and target != "cpu":
+        raise ExportError(f"dynamic quantisation is for the CPU target only; int8-{target} needs a calibration "
+                          f"({', '.join(CALIB_METHODS)} or auto)")
     r = INT8_RECIPES[target]
     return {
         "format": "QDQ",
@@ -195,8 +218,11 @@ def quantize_int8(
         check = calib if parity_images is None else np.ascontiguousarray(parity_images, dtype=np.float32)
         raw, chosen = calibrate(run, src, Path(tmp), calib_method, check_images=check,
                                 check_kind="calibration" if parity_images is None else "parity",
-                                what=f"INT8 quantisation ({target}) of {src}")
+                                what=f"INT8 quantisation ({target}) of {src}",
+                                methods=candidate_methods(target, onnx.load(str(pre), load_external_data=False)))
         settings.update(chosen)
+        if settings["calibration"] == DYNAMIC:
+            settings.update(DYNAMIC_SETTINGS)
         proto = onnx.load(str(raw))
     _drop_unused_domains(proto)
     set_metadata(
@@ -263,11 +289,15 @@ class _Quantizer:
         self.bar.advance(self.task, n)
 
     def __call__(self, method: str, out: Path) -> None:
-        from onnxruntime.quantization import CalibrationMethod, quantize_static
+        from onnxruntime.quantization import CalibrationMethod, quantize_dynamic, quantize_static
 
         bar = self.bar
         reader = lambda: self.reader(None if bar is None else self._advance)  # noqa: E731
         kwargs = self.recipe.quantize_kwargs()
+        if method == DYNAMIC:  # nothing to calibrate
+            with _quiet_stdout(), _quiet_ort_warnings():
+                quantize_dynamic(str(self.pre), str(out), **dynamic_kwargs(), nodes_to_exclude=self.excluded or None)
+            return
         if bar is not None:
             bar.reset(self.task)
             bar.start()

@@ -156,7 +156,7 @@ def test_help_lists_the_choices():
 
 
 def test_choices_match_the_library():
-    from compress_edge.export.calibration import AUTO, CALIB_METHODS
+    from compress_edge.export.calibration import AUTO, CALIB_METHODS, DYNAMIC
     from compress_edge.export.onnx import EXPORTERS
     from compress_edge.export.runtimes import BACKENDS
 
@@ -172,7 +172,7 @@ def test_choices_match_the_library():
     assert choices(("pretrain",), "--method") == set(PRETRAIN_METHODS)
     assert choices(("distill",), "--optimizer") == set(OPTIMIZERS)
     assert choices(("export",), "--exporter") == set(EXPORTERS)
-    assert choices(("export",), "--calib-method") == {AUTO, *CALIB_METHODS}
+    assert choices(("export",), "--calib-method") == {AUTO, *CALIB_METHODS, DYNAMIC}
     for path in (("bench",), ("search",), ("classify",), ("index", "build"), ("index", "add")):
         assert choices(path, "--backend") == {"auto", *BACKENDS}, path
 

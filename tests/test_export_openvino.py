@@ -17,7 +17,7 @@ from cli_helpers import cli_without  # noqa: E402
 from compress_edge.export.backends import TorchEmbedder  # noqa: E402
 from compress_edge.export.exported import PRECISION_KEY  # noqa: E402
 from compress_edge.export.openvino import IR_FILES, OpenVinoEmbedder, bin_path, read_ir_metadata  # noqa: E402
-from compress_edge.export.parity import GOALS, compare, load_check_images  # noqa: E402
+from compress_edge.export.parity import GOALS, compare, load_check_images, overlap_below  # noqa: E402
 from compress_edge.export.runtimes import open_embedder  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -138,6 +138,27 @@ def test_nncf_int8_of_a_resnet_reaches_the_int8_goal(exported, tmp_path):
     print(result.line())
     assert result.passed, result.line()  # min cosine >= 0.98
     assert result.topk_overlap >= 0.9, result.line()
+
+
+def test_nncf_int8_of_a_vit_is_quantised_as_a_transformer(exported, tmp_path):
+    """A ViT (weights mostly MatMul) gets NNCF's transformer recipe, a CNN its CNN one; both recorded."""
+    from compress_edge.export import onnx as ce_onnx
+    from compress_edge.export import openvino as ovx
+
+    assert exported["report"]["steps"]["openvino-int8"]["settings"]["preset"] == "performance"  # the MobileNet
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+    spec = spec_for(model, image_size=32)
+    images = exported["images"]
+    ce_onnx.export_onnx(model, spec, tmp_path / "vit.onnx")
+    step = ovx.quantize_int8(tmp_path / "vit.onnx", tmp_path / IR_FILES["int8"], spec, images[:12])
+    assert step.settings["model_type"].startswith("transformer") and step.settings["preset"].startswith("mixed")
+    with torch.no_grad():
+        ref = model(torch.from_numpy(images)).numpy()
+    result = compare(ref, open_embedder(tmp_path / IR_FILES["int8"]).embed(images), name="openvino int8",
+                     reference_name="pytorch fp32", goal=GOALS["int8-cpu"])
+    print(result.line())
+    assert result.passed and not overlap_below(result.topk_overlap, 0.9), result.line()
 
 
 def test_bench_times_the_ir_beside_the_onnx_file(exported):

@@ -372,7 +372,9 @@ def test_auto_calibration_keeps_the_method_with_the_best_parity(fp32, tmp_path):
     out = q.quantize_int8(fp32["path"], dst, fp32["spec"], fp32["images"][:16], target="cpu", calib_method="auto",
                           parity_images=fp32["images"])
     candidates = out.settings["calibration_candidates"]
-    assert [c["method"] for c in candidates] == list(qc.CALIB_METHODS)  # every one tried, and recorded
+    # every one tried, and recorded; no dynamic quantisation for a CNN (it would quantise the head alone)
+    assert [c["method"] for c in candidates] == list(qc.CALIB_METHODS)
+    assert qc.matmul_weight_share(onnx.load(str(fp32["path"]))) < qc.DYNAMIC_MATMUL_SHARE
     measured = [c for c in candidates if "error" not in c]
     assert measured and all(c["k"] == 10 and c["topk_overlap"] is not None for c in measured)
     chosen = [c for c in candidates if c.get("chosen")]
@@ -405,7 +407,7 @@ def test_entropy_calibration_is_not_minmax_again(fp32, tmp_path):
 
 def test_unknown_calibration_method_is_one_line(fp32, tmp_path):
     with pytest.raises(Exception, match=r"unknown calibration method 'kl'; choose one of: minmax, percentile, "
-                                        r"entropy, auto"):
+                                        r"entropy, dynamic, auto"):
         q.quantize_int8(fp32["path"], tmp_path / "x.onnx", fp32["spec"], fp32["images"][:4], calib_method="kl")
 
 

@@ -313,3 +313,43 @@ def test_a_vit_student_exports_to_onnx_with_parity(tmp_path, make_images):
     check = compare(ref, got, name="onnxruntime", reference_name="torch", goal=GOALS["fp32"])
     assert check.passed and check.min_cosine >= 0.9999, check.line()
     assert result.exporter == "dynamo", result.fallback_reason
+
+
+def test_a_vit_is_quantised_dynamically_when_that_keeps_it_closest(tmp_path, make_images):
+    """A ViT's weights are mostly MatMul: auto also tries dynamic quantisation (activations quantised at
+    run time), which keeps the embeddings where one static range clips the attention's outliers."""
+    import onnx
+    from compress_edge.export import onnx as ce_onnx
+    from compress_edge.export import quantize as q
+    from compress_edge.export.calibration import (
+        CALIB_METHODS,
+        DYNAMIC,
+        candidate_methods,
+        matmul_weight_share,
+    )
+    from compress_edge.export.parity import GOALS, compare, load_check_images
+    from compress_edge.export.runtimes import open_embedder
+
+    torch.manual_seed(0)
+    model = create_model(TINY, img_size=SIZE, patch_size=8, depth=2).eval()
+    spec = spec_for(model, image_size=SIZE)
+    pixels, _ = load_check_images(make_images(tmp_path / "imgs", size=40), spec, 32)
+    path = ce_onnx.export_onnx(model, spec, tmp_path / "vit.onnx").path
+    proto = onnx.load(str(path))
+    assert matmul_weight_share(proto) > 0.9
+    assert candidate_methods("cpu", proto) == (*CALIB_METHODS, DYNAMIC)
+    assert candidate_methods("trt", proto) == CALIB_METHODS  # TensorRT takes explicit Q/DQ only
+
+    ref = open_embedder(path).embed(pixels)
+    out = q.quantize_int8(path, tmp_path / "dyn.onnx", spec, pixels[:8], calib_method=DYNAMIC)
+    assert out.settings["calibration"] == DYNAMIC and "run time" in out.settings["activations"]
+    ops = {n.op_type for n in onnx.load(str(out.path)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "QuantizeLinear" not in ops
+    got = compare(ref, open_embedder(out.path).embed(pixels), name="dynamic", reference_name="fp32",
+                  goal=GOALS["int8-cpu"])
+    assert got.passed, got.line()
+
+    auto = q.quantize_int8(path, tmp_path / "auto.onnx", spec, pixels[:8], calib_method="auto", parity_images=pixels)
+    assert [c["method"] for c in auto.settings["calibration_candidates"]] == [*CALIB_METHODS, DYNAMIC]
+    with pytest.raises(Exception, match="dynamic quantisation is for the CPU target only"):
+        q.quantize_int8(path, tmp_path / "x.onnx", spec, pixels[:8], target="trt", calib_method=DYNAMIC)

@@ -31,7 +31,7 @@ Amp = Literal["auto", "bf16", "fp16", "off"]
 Optimizer = Literal["sgd", "adamw"]
 Backend = Literal["auto", "torch", "onnxruntime", "tensorrt", "openvino"]
 Exporter = Literal["auto", "dynamo", "torchscript"]
-CalibMethod = Literal["auto", "percentile", "minmax", "entropy"]
+CalibMethod = Literal["auto", "percentile", "minmax", "entropy", "dynamic"]
 EngineSource = Literal["fp32", "fp16", "int8-trt"]
 #: --device is open-ended (cuda:N): its forms are shown instead of <str>. Every command defaults to
 #: auto: the GPU when the runtime sees one (torch: CUDA; onnxruntime: its CUDA provider), else the CPU.

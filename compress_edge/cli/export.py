@@ -56,8 +56,9 @@ def export(
                                                    "preprocessed images.")] = None,
     calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images taken from --calib-data.")] = 256,
     calib_method: Annotated[CalibMethod, typer.Option("--calib-method", help="auto (try percentile (99.999), "
-                                                      "minmax and entropy; keep the best parity), or one of "
-                                                      "them.")] = "auto",
+                                                      "minmax and entropy, and for int8-cpu of a model whose "
+                                                      "weights are mostly MatMul (a ViT) dynamic quantisation; "
+                                                      "keep the best parity), or one of them.")] = "auto",
     parity_data: Annotated[str | None, typer.Option("--parity-data", help="Images for the parity checks "
                                                     "(default: --calib-data).")] = None,
     parity_images: Annotated[int, typer.Option("--parity-images", help="Images in the parity checks and the "

@@ -390,6 +390,8 @@ def print_sweep(results: dict) -> None:
                 return "-"
             if "error" in c:
                 return "failed"
+            if "skipped" in c:
+                return "skipped (memory)"
             return f"{c['topk_overlap']:.3f} / {c['min_cosine']:.4f}"
 
         p = r["parity"]

@@ -491,6 +491,8 @@ def _quantization_notes(key: str, settings: dict[str, Any]) -> list[str]:
         def one(c: dict[str, Any]) -> str:
             if "error" in c:
                 return f"{c['method']} failed ({c['error']})"
+            if "skipped" in c:
+                return f"{c['method']} {c['skipped']}"
             overlap = "-" if c["topk_overlap"] is None else f"{c['topk_overlap']:.3f}"
             return f"{c['method']} top-{c['k']} overlap {overlap}, min cosine {c['min_cosine']:.4f}"
 

@@ -31,11 +31,13 @@ from compress_edge.export.calibration import (
     AUTO,
     CALIB_METHODS,
     DYNAMIC,
+    HISTOGRAM_METHODS,
     calibrate,
     calibration_batch,
     candidate_methods,
     check_calibration,
     entropy_ranges,
+    histogram_images,
     make_reader,
 )
 from compress_edge.export.exclusions import find_exclusions, name_nodes
@@ -212,14 +214,15 @@ def quantize_int8(
         pre, exclusions = _prepare(src, Path(tmp), exclude=target == "cpu" and exclude)
         settings["excluded"] = [{"pattern": g["pattern"], "nodes": len(g["nodes"]), "names": g["nodes"],
                                  "reason": g["reason"]} for g in exclusions]
+        graph = onnx.load(str(pre), load_external_data=False)
+        readers, skip = _readers(graph, calib, input_name, batch_size, settings)
         run = _Quantizer(pre, Path(tmp), INT8_RECIPES[target], [n for g in exclusions for n in g["nodes"]],
-                         lambda on_batch: make_reader(calib, input_name, batch_size, on_batch),
-                         progress=progress, label=f"calibrating int8-{target}", total=len(calib))
+                         readers, progress=progress, label=f"calibrating int8-{target}")
         check = calib if parity_images is None else np.ascontiguousarray(parity_images, dtype=np.float32)
         raw, chosen = calibrate(run, src, Path(tmp), calib_method, check_images=check,
                                 check_kind="calibration" if parity_images is None else "parity",
-                                what=f"INT8 quantisation ({target}) of {src}",
-                                methods=candidate_methods(target, onnx.load(str(pre), load_external_data=False)))
+                                what=f"INT8 quantisation ({target}) of {src}", methods=candidate_methods(target, graph),
+                                skip=skip)
         settings.update(chosen)
         if settings["calibration"] == DYNAMIC:
             settings.update(DYNAMIC_SETTINGS)
@@ -245,6 +248,29 @@ def quantize_int8(
         settings=settings,
         calib_images=int(len(calib)),
     )
+
+
+def _readers(graph, calib: np.ndarray, input_name: str, batch_size: int,
+             settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """The calibration images of each method as (images, reader factory ``f(on_batch)``): all of them,
+    but for the histogram methods only as many as fit in memory (an even subset, recorded in
+    ``settings``); and the methods to skip (method: why) when too few fit."""
+    n, why = histogram_images(graph, len(calib))
+
+    def reader(images: np.ndarray, batch: int):
+        return images, lambda on_batch: make_reader(images, input_name, batch, on_batch)
+
+    every = reader(calib, batch_size)
+    readers = {m: every for m in (*CALIB_METHODS, DYNAMIC)}
+    if why is None:
+        return readers, None
+    if n == 0:
+        return readers, {m: f"skipped: {why}; pass fewer --calib-images, or --calib-method minmax or dynamic"
+                         for m in HISTOGRAM_METHODS}
+    subset = calib[np.linspace(0, len(calib) - 1, n).round().astype(int)]
+    settings["histogram_calibration_images"] = {"images": n, "reason": f"{why}: an even subset of {n}"}
+    readers.update({m: reader(subset, calibration_batch(n, batch_size)) for m in HISTOGRAM_METHODS})
+    return readers, None
 
 
 def _prepare(src: str | os.PathLike, tmp: Path, *, exclude: bool) -> tuple[Path, list[dict[str, Any]]]:
@@ -277,13 +303,13 @@ class _Quantizer:
     (what :func:`calibration.calibrate` calls once per method it tries), with one progress bar."""
 
     def __init__(self, pre: Path, tmp: Path, recipe: Int8Recipe, excluded: list[str],
-                 reader: Callable[[Callable[[int], None] | None], Any], *, progress: bool, label: str,
-                 total: int) -> None:
+                 readers: dict[str, tuple[np.ndarray, Callable[[Callable[[int], None] | None], Any]]], *,
+                 progress: bool, label: str) -> None:
         from compress_edge.progress import optional_bar
 
-        self.pre, self.tmp, self.recipe, self.excluded, self.reader = pre, tmp, recipe, excluded, reader
+        self.pre, self.tmp, self.recipe, self.excluded, self.readers = pre, tmp, recipe, excluded, readers
         self.bar = optional_bar(progress)
-        self.task = self.bar.add_task(label, total=total) if self.bar is not None else None
+        self.task = self.bar.add_task(label, total=None) if self.bar is not None else None
 
     def _advance(self, n: int) -> None:
         self.bar.advance(self.task, n)
@@ -292,14 +318,15 @@ class _Quantizer:
         from onnxruntime.quantization import CalibrationMethod, quantize_dynamic, quantize_static
 
         bar = self.bar
-        reader = lambda: self.reader(None if bar is None else self._advance)  # noqa: E731
+        images, make = self.readers[method]
+        reader = lambda: make(None if bar is None else self._advance)  # noqa: E731
         kwargs = self.recipe.quantize_kwargs()
         if method == DYNAMIC:  # nothing to calibrate
             with _quiet_stdout(), _quiet_ort_warnings():
                 quantize_dynamic(str(self.pre), str(out), **dynamic_kwargs(), nodes_to_exclude=self.excluded or None)
             return
         if bar is not None:
-            bar.reset(self.task)
+            bar.reset(self.task, total=len(images))
             bar.start()
         try:
             with _quiet_stdout(), _quiet_ort_warnings():

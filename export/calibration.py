@@ -27,7 +27,8 @@ DYNAMIC = "dynamic"
 #: parity kept.
 AUTO = "auto"
 #: Dynamic quantisation is tried where MatMul / Gemm hold at least this share of the weights (a
-#: transformer); in a CNN it would quantise the head alone: a file as slow as float32, not an INT8 one.
+#: transformer, or AlexNet's fully connected layers); a CNN's weights are mostly convolutions, which a
+#: dynamic file would leave in float32.
 DYNAMIC_MATMUL_SHARE = 0.5
 
 
@@ -161,9 +162,9 @@ def calibrate(run: Callable[[str, Path], None], src: str | os.PathLike, tmp: Pat
     that record what was done.
 
     ``"auto"``: every one of ``methods``, the best by parity on ``check_images`` (``check_kind``:
-    "calibration" or "parity") kept; those in ``skip`` (method: why) are recorded, not run. One method
-    that is in ``skip``: ExportError with the reason. One method: that one, and minmax when a histogram method fails (degenerate
-    activations, a constant tensor). ``what`` names the quantisation in errors ("INT8 quantisation (cpu)
+    "calibration" or "parity") kept; those in ``skip`` (method: why) are recorded, not run. One method:
+    that one (ExportError with the reason when it is in ``skip``), and minmax when a histogram method
+    fails (degenerate activations, a constant tensor). ``what`` names the quantisation in errors ("INT8 quantisation (cpu)
     of model.onnx").
     """
     if calib_method == AUTO:

@@ -190,11 +190,13 @@ def quantize_int8(
     """Statically quantise ``src`` (float32 ONNX) into ``dst`` for ``target``.
 
     calib: preprocessed calibration images float32 (N, C, S, S) (see ``parity.load_check_images``).
-    calib_method: one of :data:`CALIB_METHODS`, or ``"auto"``: each is tried and the file whose
-      embeddings of ``parity_images`` (default: ``calib``) are closest to ``src``'s is kept
-      (``calibration.candidate_rank``: meeting both goals first, then the highest top-10 neighbour
-      overlap, then the highest min cosine). ``settings["calibration_candidates"]``
-      holds every method's parity (or its error).
+    calib_method: one of :data:`CALIB_METHODS`, ``"dynamic"`` (``target="cpu"`` only), or ``"auto"``:
+      each of ``calibration.candidate_methods`` is tried (dynamic where MatMul / Gemm hold most weights)
+      and the file whose embeddings of ``parity_images`` (default: ``calib``) are closest to ``src``'s is
+      kept (``calibration.candidate_rank``: meeting both goals first, then the highest top-10 neighbour
+      overlap, then the highest min cosine). ``settings["calibration_candidates"]`` holds every method's
+      parity (or its error, or why it was skipped). Percentile and entropy calibrate on as many of
+      ``calib`` as fit in memory (``calibration.histogram_images``; recorded when fewer).
     exclude: for ``target="cpu"``, keep in float the node groups :func:`find_exclusions` finds
       (squeeze-excitation, hard-swish, the embedding head), each with its reason in
       ``settings["excluded"]``. The TensorRT target quantises its own op types and excludes nothing.

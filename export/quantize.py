@@ -39,6 +39,7 @@ from compress_edge.export.calibration import (
     entropy_ranges,
     histogram_images,
     make_reader,
+    memory_batch,
 )
 from compress_edge.export.exclusions import find_exclusions, name_nodes
 from compress_edge.export.onnx import INPUT_NAME, save_model_proto, set_metadata
@@ -205,10 +206,6 @@ def quantize_int8(
     onnx = require("onnx", "INT8 quantisation")
     settings = int8_settings(target, calib_method)
     calib = check_calibration(calib, spec)
-    # onnxruntime's histogram calibrators (percentile, entropy) stack every batch's outputs into one
-    # array: a ragged last batch makes them fail. Equal batches that cover every image once instead.
-    batch_size = calibration_batch(len(calib), batch_size)
-    settings["calibration_batch"] = batch_size
     input_name = _input_name(src)
     start = time.perf_counter()
 
@@ -217,6 +214,14 @@ def quantize_int8(
         settings["excluded"] = [{"pattern": g["pattern"], "nodes": len(g["nodes"]), "names": g["nodes"],
                                  "reason": g["reason"]} for g in exclusions]
         graph = onnx.load(str(pre), load_external_data=False)
+        # onnxruntime's histogram calibrators (percentile, entropy) stack every batch's outputs into one
+        # array: a ragged last batch makes them fail. Equal batches that cover every image once instead,
+        # each small enough for its run to fit in memory.
+        fits = memory_batch(graph, batch_size)
+        asked, batch_size = batch_size, calibration_batch(len(calib), fits)
+        settings["calibration_batch"] = batch_size
+        if fits < min(asked, len(calib)):
+            settings["calibration_batch_reason"] = f"a batch of {fits + 1} images' activations would not fit in memory"
         readers, skip = _readers(graph, calib, input_name, batch_size, settings)
         run = _Quantizer(pre, Path(tmp), INT8_RECIPES[target], [n for g in exclusions for n in g["nodes"]],
                          readers, progress=progress, label=f"calibrating int8-{target}")
@@ -257,7 +262,7 @@ def _readers(graph, calib: np.ndarray, input_name: str, batch_size: int,
     """The calibration images of each method as (images, reader factory ``f(on_batch)``): all of them,
     but for the histogram methods only as many as fit in memory (an even subset, recorded in
     ``settings``); and the methods to skip (method: why) when too few fit."""
-    n, why = histogram_images(graph, len(calib))
+    n, why = histogram_images(graph, len(calib), batch=batch_size)
 
     def reader(images: np.ndarray, batch: int):
         return images, lambda on_batch: make_reader(images, input_name, batch, on_batch)

@@ -430,31 +430,36 @@ def test_export_notes_say_what_int8_keeps_in_float_and_each_calibration_candidat
             assert f"{c['method']} top-10 overlap {c['topk_overlap']:.3f}, min cosine {c['min_cosine']:.4f}" in line
 
 
-def test_histogram_calibration_takes_as_many_images_as_fit_in_memory(fp32, tmp_path, monkeypatch):
-    """onnxruntime's percentile and entropy calibrators hold every image's activations at once (a DINOv2
-    ViT-B/14 at 224 px was killed for memory on 32 images): they get an even subset that fits, or are
-    skipped with the reason; minmax and dynamic always take every image."""
+def test_calibration_takes_as_many_images_and_as_large_batches_as_fit_in_memory(fp32, tmp_path, monkeypatch):
+    """onnxruntime's calibration session keeps a whole batch's activations alive (ViT-S/8 at 224 px was killed
+    for memory in MinMax with batches of 16), and its percentile and entropy calibrators hold every image's
+    (a DINOv2 ViT-B/14 at 224 px was killed on 32 images): the batch shrinks to what fits, the histogram
+    methods get an even subset that fits, or are skipped with the reason; minmax and dynamic take every image."""
     pre, _ = q._prepare(fp32["path"], tmp_path, exclude=True)  # the graph the calibrators read
-    inferred = onnx.load(str(pre))
-    per = qc.activation_bytes(inferred)
+    graph = onnx.load(str(pre))
+    per = qc.activation_bytes(graph)
     assert per > 0
     share = qc.HISTOGRAM_MEMORY_SHARE
-    assert qc.histogram_images(inferred, 64, available=int(64 * per / share) + 1) == (64, None)
-    n, why = qc.histogram_images(inferred, 64, available=int(20 * per / share) + 1)
-    assert n == 20 and "64 images' activations" in why
-    assert qc.histogram_images(inferred, 64, available=int(4 * per / share))[0] == 0  # too few: skipped
+    assert qc.memory_batch(graph, 16, available=int(64 * per / share)) == 16
+    assert qc.memory_batch(graph, 16, available=int(10 * per / share)) == 5  # twice the batch's activations
+    assert qc.memory_batch(graph, 16, available=per) == 1
+    assert qc.histogram_images(graph, 64, available=int(66 * per / share) + 1) == (64, None)
+    n, why = qc.histogram_images(graph, 64, available=int(20 * per / share) + 1)
+    assert n == 18 and "64 images' activations" in why  # 20 fit, less a running batch of 1 (twice)
+    assert qc.histogram_images(graph, 64, available=int(9 * per / share))[0] == 0  # too few: skipped
 
     images = fp32["images"][:32]
-    monkeypatch.setattr(qc, "available_memory", lambda: int(12 * per / share))
+    monkeypatch.setattr(qc, "available_memory", lambda: int((len(images) + 12) * per / share))
     out = q.quantize_int8(fp32["path"], tmp_path / "subset.onnx", fp32["spec"], images, calib_method="auto",
                           parity_images=fp32["images"])
     used = out.settings["histogram_calibration_images"]
-    assert 8 <= used["images"] < 32 and "even subset" in used["reason"]
+    assert 8 <= used["images"] < len(images) and "even subset" in used["reason"]
     assert all("error" not in c and "skipped" not in c for c in out.settings["calibration_candidates"])
 
     monkeypatch.setattr(qc, "available_memory", lambda: int(2 * per / share))
     out = q.quantize_int8(fp32["path"], tmp_path / "skip.onnx", fp32["spec"], images, calib_method="auto",
                           parity_images=fp32["images"])
+    assert out.settings["calibration_batch"] == 1 and "would not fit" in out.settings["calibration_batch_reason"]
     skipped = {c["method"] for c in out.settings["calibration_candidates"] if "skipped" in c}
     assert skipped == {"percentile", "entropy"} and out.settings["calibration"] == "minmax"
     with pytest.raises(Exception, match=f"percentile calibration skipped: {len(images)} images' activations .* MiB"):

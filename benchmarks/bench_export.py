@@ -375,12 +375,15 @@ def print_sweep(results: dict) -> None:
     print(f"calibration: {results['calib']}; parity: {results['parity']} (top-10 gallery)")
     print("goal: int8-cpu min cosine >= 0.98 and top-10 overlap >= 0.9 against the float32 file")
     print()
-    print("| model | px | kept in float (nodes) | minmax ovl / cos | percentile ovl / cos | entropy ovl / cos "
-          "| dynamic ovl / cos | chosen | int8 min cos | int8 top-10 | goal | fp32 ms b=1 | int8 ms b=1 | deploy | s |")
-    print("|---|---:|---|---|---|---|---|---|---:|---:|---|---:|---:|---|---:|")
+    from compress_edge.export.calibration import CALIB_METHODS, DYNAMIC
+
+    methods = (*CALIB_METHODS, DYNAMIC)
+    print("| model | px | kept in float (nodes) | " + " | ".join(f"{m} ovl / cos" for m in methods)
+          + " | chosen | int8 min cos | int8 top-10 | goal | fp32 ms b=1 | int8 ms b=1 | deploy | s |")
+    print("|---|---:|---|" + "---|" * len(methods) + "---|---:|---:|---|---:|---:|---|---:|")
     for r in results["rows"]:
         if "error" in r:
-            print(f"| {r['arch']} | {r['size']} | export failed: {r['error'][:160]} |" + " |" * 12)
+            print(f"| {r['arch']} | {r['size']} | export failed: {r['error'][:160]} |" + " |" * (8 + len(methods)))
             continue
         cands = {c["method"]: c for c in r["candidates"]}
 
@@ -398,8 +401,7 @@ def print_sweep(results: dict) -> None:
         excl = ", ".join(f"{k} {v}" for k, v in r["excluded"].items()) or "none"
         met = "met" if p["passed"] else "NOT MET"
         ms = [f"{x:.2f}" if x is not None else "-" for x in (r["fp32_ms"], r["int8_ms"])]
-        print(f"| {r['arch']} | {r['size']} | {excl} | {cell('minmax')} | {cell('percentile')} | {cell('entropy')} | "
-              f"{cell('dynamic')} | "
+        print(f"| {r['arch']} | {r['size']} | {excl} | {' | '.join(cell(m) for m in methods)} | "
               f"{r['chosen']} | {p['min_cosine']:.4f} | {p['topk_overlap']:.3f} | {met} | {ms[0]} | {ms[1]} | "
               f"{r['recommended']} | {r['seconds']:.0f} |")
     if results["not_measured"]:

@@ -32,15 +32,25 @@ AUTO = "auto"
 DYNAMIC_MATMUL_SHARE = 0.5
 
 
+#: The op types dynamic quantisation quantises, and whose weight share decides where it is tried.
+MATMUL_OPS = ("MatMul", "Gemm")
+
+
 def matmul_weight_share(proto) -> float:
     """The share of the graph's weight elements that feed MatMul / Gemm nodes (0 without weights)."""
     sizes = {i.name: int(np.prod(i.dims)) for i in proto.graph.initializer}
     by_op = {"matmul": 0, "other": 0}
     for node in proto.graph.node:
         n = sum(sizes.get(x, 0) for x in node.input[1:])
-        by_op["matmul" if node.op_type in ("MatMul", "Gemm") else "other"] += n
+        by_op["matmul" if node.op_type in MATMUL_OPS else "other"] += n
     total = by_op["matmul"] + by_op["other"]
     return by_op["matmul"] / total if total else 0.0
+
+
+def mostly_matmul(proto) -> bool:
+    """Whether MatMul / Gemm hold most of the graph's weights (:data:`DYNAMIC_MATMUL_SHARE`): a
+    transformer, which onnxruntime quantises dynamically and NNCF with its transformer recipe."""
+    return matmul_weight_share(proto) >= DYNAMIC_MATMUL_SHARE
 
 
 #: The calibrations that build histograms: onnxruntime keeps every calibration image's activations in
@@ -117,7 +127,7 @@ def candidate_methods(target: str, proto) -> tuple[str, ...]:
     """The methods ``"auto"`` tries for ``target``: the three calibrations, and for the CPU target dynamic
     quantisation where MatMul / Gemm hold most weights (:data:`DYNAMIC_MATMUL_SHARE`). TensorRT takes
     only explicit (static) Q/DQ."""
-    if target == "cpu" and matmul_weight_share(proto) >= DYNAMIC_MATMUL_SHARE:
+    if target == "cpu" and mostly_matmul(proto):
         return (*CALIB_METHODS, DYNAMIC)
     return CALIB_METHODS
 

@@ -106,11 +106,11 @@ def quantize_int8(
     NNCF collects its statistics over all N, one image at a time.
     transformer: quantise as NNCF's ``ModelType.TRANSFORMER`` (its mixed preset: asymmetric activations,
       and the attention's and normalisation's patterns kept in float) instead of the CNN recipe. None:
-      when MatMul / Gemm hold most of the weights (``calibration.matmul_weight_share``), as for dynamic
+      when MatMul / Gemm hold most of the weights (``calibration.mostly_matmul``), as for dynamic
       quantisation in onnxruntime.
     """
     import onnx
-    from compress_edge.export.calibration import DYNAMIC_MATMUL_SHARE, check_calibration, matmul_weight_share
+    from compress_edge.export.calibration import check_calibration, mostly_matmul
 
     from compress_edge.progress import optional_bar
 
@@ -119,7 +119,7 @@ def quantize_int8(
         nncf = require("nncf", "OpenVINO INT8 quantisation")
     calib = check_calibration(calib, spec)
     if transformer is None:
-        transformer = matmul_weight_share(onnx.load(str(src), load_external_data=False)) >= DYNAMIC_MATMUL_SHARE
+        transformer = mostly_matmul(onnx.load(str(src), load_external_data=False))
     start = time.perf_counter()
     model = _convert(ov, src)
     bar = optional_bar(progress)

@@ -21,7 +21,6 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from compress_edge.export.calibration import (
     CALIB_METHODS,
     DYNAMIC,
     HISTOGRAM_METHODS,
+    MATMUL_OPS,
     calibrate,
     calibration_batch,
     candidate_methods,
@@ -83,22 +83,32 @@ class Int8Recipe:
         }
 
 
-def dynamic_kwargs() -> dict[str, Any]:
-    """quantize_dynamic's settings: MatMul / Gemm weights QInt8 per channel, full range."""
-    from onnxruntime.quantization import QuantType
+@dataclass(frozen=True)
+class DynamicRecipe:
+    """quantize_dynamic's settings, written once: :meth:`quantize_kwargs` passes them to onnxruntime and
+    :meth:`settings` shows them in export.json (replacing the static recipe's lines)."""
 
-    return {"weight_type": QuantType.QInt8, "per_channel": True, "reduce_range": False,
-            "op_types_to_quantize": ["MatMul", "Gemm"]}
+    weights: str = "QInt8"
+    per_channel: bool = True
+    op_types: tuple[str, ...] = MATMUL_OPS
+
+    def quantize_kwargs(self) -> dict[str, Any]:
+        from onnxruntime.quantization import QuantType
+
+        return {"weight_type": getattr(QuantType, self.weights), "per_channel": self.per_channel,
+                "reduce_range": False, "op_types_to_quantize": list(self.op_types)}
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "format": "dynamic (DynamicQuantizeLinear + MatMulInteger)",
+            "activations": "QUInt8, quantised at run time from each batch's own range (no calibration)",
+            "weights": f"{self.weights} symmetric, {'per-channel' if self.per_channel else 'per-tensor'}",
+            "op_types": list(self.op_types),
+            "bias": "float (not quantised)",
+        }
 
 
-#: How export.json describes a dynamically quantised file (replacing the static recipe's lines).
-DYNAMIC_SETTINGS = {
-    "format": "dynamic (DynamicQuantizeLinear + MatMulInteger)",
-    "activations": "QUInt8, quantised at run time from each batch's own range (no calibration)",
-    "weights": "QInt8 symmetric, per-channel",
-    "op_types": ["MatMul", "Gemm"],
-    "bias": "float (not quantised)",
-}
+DYNAMIC_RECIPE = DynamicRecipe()
 
 
 #: What each INT8 target is: x86 CPUs (VNNI) run unsigned asymmetric activations fastest; TensorRT's
@@ -222,9 +232,9 @@ def quantize_int8(
         settings["calibration_batch"] = batch_size
         if fits < min(asked, len(calib)):
             settings["calibration_batch_reason"] = f"a batch of {fits + 1} images' activations would not fit in memory"
-        readers, skip = _readers(graph, calib, input_name, batch_size, settings)
+        readers, skip = _readers(graph, calib, batch_size, settings)
         run = _Quantizer(pre, Path(tmp), INT8_RECIPES[target], [n for g in exclusions for n in g["nodes"]],
-                         readers, progress=progress, label=f"calibrating int8-{target}")
+                         readers, input_name, progress=progress, label=f"calibrating int8-{target}")
         check = calib if parity_images is None else np.ascontiguousarray(parity_images, dtype=np.float32)
         raw, chosen = calibrate(run, src, Path(tmp), calib_method, check_images=check,
                                 check_kind="calibration" if parity_images is None else "parity",
@@ -232,7 +242,7 @@ def quantize_int8(
                                 skip=skip)
         settings.update(chosen)
         if settings["calibration"] == DYNAMIC:
-            settings.update(DYNAMIC_SETTINGS)
+            settings.update(DYNAMIC_RECIPE.settings())
         proto = onnx.load(str(raw))
     _drop_unused_domains(proto)
     set_metadata(
@@ -257,18 +267,13 @@ def quantize_int8(
     )
 
 
-def _readers(graph, calib: np.ndarray, input_name: str, batch_size: int,
-             settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str] | None]:
-    """The calibration images of each method as (images, reader factory ``f(on_batch)``): all of them,
-    but for the histogram methods only as many as fit in memory (an even subset, recorded in
-    ``settings``); and the methods to skip (method: why) when too few fit."""
+def _readers(graph, calib: np.ndarray, batch_size: int,
+             settings: dict[str, Any]) -> tuple[dict[str, tuple[np.ndarray, int]], dict[str, str] | None]:
+    """The calibration images and batch of each static method: all of them, but for the histogram
+    methods only as many as fit in memory (an even subset, recorded in ``settings``); and the methods to
+    skip (method: why) when too few fit."""
     n, why = histogram_images(graph, len(calib), batch=batch_size)
-
-    def reader(images: np.ndarray, batch: int):
-        return images, lambda on_batch: make_reader(images, input_name, batch, on_batch)
-
-    every = reader(calib, batch_size)
-    readers = {m: every for m in (*CALIB_METHODS, DYNAMIC)}
+    readers = {m: (calib, batch_size) for m in CALIB_METHODS}
     if why is None:
         return readers, None
     if n == 0:
@@ -276,7 +281,7 @@ def _readers(graph, calib: np.ndarray, input_name: str, batch_size: int,
                          for m in HISTOGRAM_METHODS}
     subset = calib[np.linspace(0, len(calib) - 1, n).round().astype(int)]
     settings["histogram_calibration_images"] = {"images": n, "reason": f"{why}: an even subset of {n}"}
-    readers.update({m: reader(subset, calibration_batch(n, batch_size)) for m in HISTOGRAM_METHODS})
+    readers.update({m: (subset, calibration_batch(n, batch_size)) for m in HISTOGRAM_METHODS})
     return readers, None
 
 
@@ -310,11 +315,11 @@ class _Quantizer:
     (what :func:`calibration.calibrate` calls once per method it tries), with one progress bar."""
 
     def __init__(self, pre: Path, tmp: Path, recipe: Int8Recipe, excluded: list[str],
-                 readers: dict[str, tuple[np.ndarray, Callable[[Callable[[int], None] | None], Any]]], *,
-                 progress: bool, label: str) -> None:
+                 readers: dict[str, tuple[np.ndarray, int]], input_name: str, *, progress: bool, label: str) -> None:
         from compress_edge.progress import optional_bar
 
         self.pre, self.tmp, self.recipe, self.excluded, self.readers = pre, tmp, recipe, excluded, readers
+        self.input_name = input_name
         self.bar = optional_bar(progress)
         self.task = self.bar.add_task(label, total=None) if self.bar is not None else None
 
@@ -324,14 +329,15 @@ class _Quantizer:
     def __call__(self, method: str, out: Path) -> None:
         from onnxruntime.quantization import CalibrationMethod, quantize_dynamic, quantize_static
 
-        bar = self.bar
-        images, make = self.readers[method]
-        reader = lambda: make(None if bar is None else self._advance)  # noqa: E731
-        kwargs = self.recipe.quantize_kwargs()
         if method == DYNAMIC:  # nothing to calibrate
             with _quiet_stdout(), _quiet_ort_warnings():
-                quantize_dynamic(str(self.pre), str(out), **dynamic_kwargs(), nodes_to_exclude=self.excluded or None)
+                quantize_dynamic(str(self.pre), str(out), **DYNAMIC_RECIPE.quantize_kwargs(),
+                                 nodes_to_exclude=self.excluded or None)
             return
+        bar = self.bar
+        images, batch = self.readers[method]
+        reader = lambda: make_reader(images, self.input_name, batch, None if bar is None else self._advance)  # noqa: E731
+        kwargs = self.recipe.quantize_kwargs()
         if bar is not None:
             bar.reset(self.task, total=len(images))
             bar.start()

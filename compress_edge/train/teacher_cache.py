@@ -181,7 +181,6 @@ class _ViewsDataset(Dataset):
         return x, torch.from_numpy(np.stack(params).astype(np.float32)), i
 
 
-@torch.no_grad()
 def build_cache(
     teacher: Any,
     dataset,

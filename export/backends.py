@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from compress_edge.export.embedder import Embedder
-from compress_edge.export.exported import PRECISION_KEY, _sniff, override_norm, spec_from_onnx_metadata
+from compress_edge.export.embedder import Embedder, GraphIO, ModelFileEmbedder
+from compress_edge.export.exported import _sniff, override_norm
 
 from compress_edge.deps import require
 from compress_edge.devices import parse_device, torch_device_name, unknown_device
@@ -89,32 +89,20 @@ def _resolve(model: str, weights: Any, weights_option: str, **kwargs: Any) -> tu
 # --------------------------------------------------------------------------------------------------
 # onnxruntime (torch-free)
 # --------------------------------------------------------------------------------------------------
-class OnnxRuntimeEmbedder(Embedder):
+class OnnxRuntimeEmbedder(ModelFileEmbedder):
     """An ONNX file run by onnxruntime (CPU or CUDA execution provider). Needs no torch.
 
     threads: intra-op threads (None: onnxruntime's default, one per physical core).
     image_size / mean / std: required for an ONNX file without compress-edge metadata; for one with
     it, mean / std override the stored values (with a warning).
+    optimization: onnxruntime's graph optimisation level: "all" (default), "extended", "basic" or "none".
     """
 
     name = "onnxruntime"
+    kind = "ONNX file"
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        device: str = "cpu",
-        threads: int | None = None,
-        image_size: int | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        optimization: str = "all",
-    ) -> None:
+    def _load(self, path: Path, device: str, optimization: str = "all") -> GraphIO:
         ort = require("onnxruntime", "the onnxruntime backend")
-        path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"no ONNX file at {path}: the path does not exist or is a folder")
-        self.path = str(path)
         self.device, providers = _ort_providers(ort, device)
         options = ort.SessionOptions()
         options.graph_optimization_level = {
@@ -125,42 +113,24 @@ class OnnxRuntimeEmbedder(Embedder):
         }[optimization]
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        if self.threads:
+            options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph types
             raise ModelError(_not_onnx_message(path, exc)) from None
-        self.threads = int(threads) if threads else None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or len(outputs) < 1:
-            raise ModelError(
-                f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; an embedding model has one "
-                "image input and one embedding output"
-            )
-        self._input, self._output = inputs[0].name, outputs[0].name
-        if inputs[0].type != "tensor(float)":
-            raise ModelError(
-                f"{path} takes {inputs[0].type} input; compress-edge runs models with float32 image input"
-            )
-        meta = self.session.get_modelmeta()
-        props = dict(meta.custom_metadata_map or {})
-        self.precision = props.get(PRECISION_KEY, "unknown")
-        self.spec = spec_from_onnx_metadata(
-            props,
-            path,
-            input_shape=list(inputs[0].shape),
-            output_shape=list(outputs[0].shape),
-            image_size=image_size,
-            mean=mean,
-            std=std,
-            probe=self._probe_dim,
-        )
-        batch_dim = inputs[0].shape[0] if inputs[0].shape else None
-        if isinstance(batch_dim, int) and batch_dim > 0:
-            # A fixed-batch file (not written by compress-edge): feed it exactly that many images.
-            self.max_batch = self.min_batch = batch_dim
+        io = GraphIO(len(inputs), len(outputs), list(inputs[0].shape) if inputs else [],
+                     list(outputs[0].shape) if outputs else [],
+                     dict(self.session.get_modelmeta().custom_metadata_map or {}), probe=self._probe_dim)
+        if io.inputs == 1 and io.outputs >= 1:
+            self._input, self._output = inputs[0].name, outputs[0].name
+            if inputs[0].type != "tensor(float)":
+                raise ModelError(
+                    f"{path} takes {inputs[0].type} input; compress-edge runs models with float32 image input"
+                )
+        return io
 
     def _probe_dim(self, image_size: int) -> int:
         x = np.zeros((1, 3, image_size, image_size), dtype=np.float32)

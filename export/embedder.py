@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -163,6 +165,58 @@ class Embedder:
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """What a model file's graph says about itself: its inputs and outputs (counts, shapes of the
+    first), its compress-edge metadata, and a way to learn the embedding size by running it (or None)."""
+
+    inputs: int
+    outputs: int
+    input_shape: list
+    output_shape: list
+    props: dict[str, str]
+    probe: Callable[[int], int] | None = None
+
+
+class ModelFileEmbedder(Embedder):
+    """An Embedder over one exported model file (an ONNX file, an OpenVINO IR), its constructor written
+    once: the file checked, opened by the subclass's :meth:`_load` (which returns its :class:`GraphIO`),
+    one image input and one embedding output required, the ModelSpec read from the metadata (or from
+    ``image_size`` / ``mean`` / ``std`` for a file without any), and a fixed batch adopted.
+
+    ``options``: the backend's own (onnxruntime's ``optimization``, OpenVINO's ``inference_precision``).
+    """
+
+    #: What the file is, in errors ("ONNX file").
+    kind = "model file"
+
+    def __init__(self, path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+                 image_size: int | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, **options: Any) -> None:
+        from compress_edge.export.exported import PRECISION_KEY, spec_from_onnx_metadata
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"no {self.kind} at {path}: the path does not exist or is a folder")
+        self.path = str(path)
+        self.threads = int(threads) if threads else None
+        io = self._load(path, device, **options)
+        if io.inputs != 1 or io.outputs < 1:
+            raise ModelError(f"{path} has {io.inputs} inputs and {io.outputs} outputs; an embedding model has "
+                             "one image input and one embedding output")
+        self.precision = io.props.get(PRECISION_KEY, "unknown")
+        self.spec = spec_from_onnx_metadata(io.props, path, input_shape=io.input_shape, output_shape=io.output_shape,
+                                            image_size=image_size, mean=mean, std=std, probe=io.probe)
+        batch = io.input_shape[0] if io.input_shape else None
+        if isinstance(batch, int) and batch > 0:
+            # A fixed-batch file (not written by compress-edge): feed it exactly that many images.
+            self.max_batch = self.min_batch = batch
+
+    def _load(self, path: Path, device: str, **options: Any) -> GraphIO:
+        """Open ``path`` for ``device`` (``self.threads`` threads), set ``self.device``, and say what the graph is."""
         raise NotImplementedError
 
 

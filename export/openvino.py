@@ -28,13 +28,12 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from compress_edge.export.embedder import Embedder
-from compress_edge.export.exported import PRECISION_KEY, spec_from_onnx_metadata
+from compress_edge.export.embedder import GraphIO, ModelFileEmbedder
+from compress_edge.export.exported import PRECISION_KEY
 from compress_edge.export.onnx import quiet_logs
 from compress_edge.export.quantize import QuantizeResult
 
@@ -215,7 +214,7 @@ def _openvino(purpose: str):
 # --------------------------------------------------------------------------------------------------
 # The Embedder (torch-free)
 # --------------------------------------------------------------------------------------------------
-class OpenVinoEmbedder(Embedder):
+class OpenVinoEmbedder(ModelFileEmbedder):
     """An OpenVINO IR (``model.xml`` + ``model.bin``) compiled for an Intel CPU, GPU or NPU.
 
     device: "cpu", "gpu", "gpu.N", "npu" or "auto" (the GPU when OpenVINO sees one, else the CPU).
@@ -226,26 +225,13 @@ class OpenVinoEmbedder(Embedder):
     """
 
     name = "openvino"
+    kind = "OpenVINO model"
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        device: str = "cpu",
-        threads: int | None = None,
-        image_size: int | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        inference_precision: str | None = None,
-    ) -> None:
+    def _load(self, path: Path, device: str, inference_precision: str | None = None) -> GraphIO:
         ov = _openvino("the OpenVINO backend")
-        path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"no OpenVINO model at {path}: the path does not exist or is a folder")
         if not bin_path(path).is_file():
             raise ModelError(f"no {bin_path(path).name} beside {path}: an OpenVINO model is the .xml and its .bin; "
                              "copy both")
-        self.path = str(path)
         with open(path, "rb") as fh:
             head = fh.read(4096)
         if b"<net" not in head:  # not an IR: OpenVINO would try every other frontend on it, noisily
@@ -259,23 +245,18 @@ class OpenVinoEmbedder(Embedder):
             raise ModelError(f"{path} is not an OpenVINO model OpenVINO can read ({detail}); write it again with "
                              "'compress-edge export --openvino'") from None
         inputs, outputs = model.inputs, model.outputs
-        if len(inputs) != 1 or len(outputs) < 1:
-            raise ModelError(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; an embedding model has "
-                             "one image input and one embedding output")
-        props = read_ir_metadata(model)
-        self.precision = props.get(PRECISION_KEY, "unknown")
-        in_shape = _dims(inputs[0].get_partial_shape())
-        self.spec = spec_from_onnx_metadata(props, path, input_shape=in_shape,
-                                            output_shape=_dims(outputs[0].get_partial_shape()),
-                                            image_size=image_size, mean=mean, std=std)
+        io = GraphIO(len(inputs), len(outputs), _dims(inputs[0].get_partial_shape()) if inputs else [],
+                     _dims(outputs[0].get_partial_shape()) if outputs else [], read_ir_metadata(model))
+        if io.inputs != 1 or io.outputs < 1:
+            return io  # refused by the caller, before compiling
         self.device, ov_device = _ov_device(core, device)
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if inference_precision is None and ov_device == "CPU":
             inference_precision = "f32"
         if inference_precision:
             config["INFERENCE_PRECISION_HINT"] = inference_precision
-        if threads and ov_device == "CPU":
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if self.threads and ov_device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = self.threads
         try:
             self._compiled = core.compile_model(model, ov_device, config)
         except Exception as exc:
@@ -285,9 +266,7 @@ class OpenVinoEmbedder(Embedder):
         self._output = self._compiled.output(0)
         self._version = ov.get_version()
         self._inference_precision = inference_precision or "device default"
-        self.threads = int(threads) if threads else None
-        if in_shape and isinstance(in_shape[0], int) and in_shape[0] > 0:
-            self.max_batch = self.min_batch = in_shape[0]  # a fixed-batch IR: feed it exactly that many
+        return io
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         result = self._request.infer({0: batch})

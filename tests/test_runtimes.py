@@ -184,3 +184,31 @@ def test_onnxruntime_embedder_runs_without_torch(setup, torchfree_python, tmp_pa
     assert got.shape == ref.shape
     assert np.sum(got * ref, axis=1).min() > 0.9999
     assert np.abs(got - ref).max() < 1e-4
+
+
+def _graph_file(path, inputs, batch=None):
+    """A tiny ONNX file without compress-edge metadata: each input's spatial mean, (B, 3, 8, 8) -> (B, 3)."""
+    from onnx import TensorProto, helper, save_model
+
+    ins = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, 3, 8, 8]) for name in inputs]
+    nodes = [helper.make_node("ReduceMean", [inputs[0], "axes"], ["y"], keepdims=0)]
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])
+    graph = helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])],
+                              initializer=[axes])
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_model_file_embedder_checks_the_graph_once_for_every_backend(tmp_path):
+    """The checks every exported-file embedder shares (ModelFileEmbedder): a missing path, a graph with
+    two image inputs, and a fixed-batch file (fed exactly its batch)."""
+    with pytest.raises(ModelError, match=r"no ONNX file at .*missing\.onnx: the path does not exist"):
+        OnnxRuntimeEmbedder(tmp_path / "missing.onnx")
+    two = _graph_file(tmp_path / "two.onnx", ["a", "b"])
+    with pytest.raises(ModelError, match="has 2 inputs and 1 outputs; an embedding model has one image input"):
+        OnnxRuntimeEmbedder(two, image_size=8)
+    fixed = OnnxRuntimeEmbedder(_graph_file(tmp_path / "fixed.onnx", ["images"], batch=4), image_size=8, threads=1,
+                                mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert (fixed.min_batch, fixed.max_batch, fixed.spec.embed_dim) == (4, 4, 3)
+    x = np.random.default_rng(0).normal(size=(6, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(fixed.embed(x), x.mean(axis=(2, 3)), atol=1e-5)  # 4, then 2 padded to 4

@@ -70,6 +70,72 @@ def lr_option(base_lr: float) -> Any:
                                      "images of batch).", show_default=False)
 
 
+def with_options(params: tuple[tuple[str, Any, Any], ...],
+                 pack: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A decorator that gives commands the options ``params`` (name, Annotated type, default) written once:
+    typer sees them in the command's signature, after the command's own; the command gets ``pack(values)``
+    (keyword arguments, e.g. one dataclass) instead of the values themselves."""
+    import functools
+    import inspect
+    import typing
+
+    names = [name for name, _, _ in params]
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        hints = typing.get_type_hints(command, include_extras=True)  # the Annotated[..., typer.Option] kept
+        packed = set(pack({name: default for name, _, default in params}))
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values()
+               if p.name not in packed]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
+                  for name, kind, default in params]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> None:
+            given = {name: kwargs.pop(name) for name in names}
+            command(**kwargs, **pack(given))
+
+        del run.__wrapped__  # typer reads the signature below, not the command's own
+        run.__signature__ = inspect.Signature([*own, *shared])
+        run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+        return run
+
+    return decorate
+
+
+@dataclass
+class RunFlags:
+    """How a training command runs, the same for pretrain and distill (recorded in the run's TrainConfig)."""
+
+    stop_after: int | None
+    max_steps_per_epoch: int | None
+    workers: int
+    device: str
+    amp: str
+    seed: int
+    progress: bool
+
+    def train_kwargs(self) -> dict[str, Any]:
+        """The TrainConfig fields these set."""
+        return {"max_steps_per_epoch": self.max_steps_per_epoch, "workers": self.workers, "device": self.device,
+                "amp": self.amp, "seed": self.seed, "progress": self.progress}
+
+
+#: The options of running a training command (name, type, default), after each command's own in --help.
+_RUN_PARAMS: tuple[tuple[str, Any, Any], ...] = (
+    ("stop_after", Annotated[int | None, typer.Option("--stop-after", help="Train at most this many epochs in this "
+                                                       "invocation, then save (resume later).")], None),
+    ("max_steps_per_epoch", MaxStepsOpt, None),
+    ("workers", WorkersOpt, 2),
+    ("device", DeviceOpt, "auto"),
+    ("amp", AmpOpt, "auto"),
+    ("seed", SeedOpt, 0),
+    ("progress", ProgressOpt, True),
+)
+
+#: ``@run_options``: a training command gets its run options as ``flags`` (:class:`RunFlags`).
+run_options = with_options(_RUN_PARAMS, lambda values: {"flags": RunFlags(**values)})
+
+
 @dataclass
 class State:
     verbose: bool = False
@@ -89,20 +155,20 @@ def setup_logging(verbose: bool) -> None:
     root.propagate = False
 
 
-def train_or_resume(what: str, *, device: str, resume: Path | None, progress: bool, stop_after: int | None,
-                    load: Callable[[Path], Any], build: Callable[[], Any], run: Callable[..., Any]) -> None:
+def train_or_resume(what: str, flags: RunFlags, *, resume: Path | None, load: Callable[[Path], Any],
+                    build: Callable[[], Any], run: Callable[..., Any]) -> None:
     """The body of a training command (pretrain, distill): continue the run in ``resume`` (its options
     read back by ``load``), or start the one ``build()`` describes; ``run(opts, resume=..., stop_after_epochs=...)``
     trains. Rank 0 (the only process without torchrun) then says where ``what`` was written."""
     from compress_edge.train.distributed import current_dist, init_distributed
 
-    init_distributed(device)
+    init_distributed(flags.device)
     if resume is not None:
         opts = load(resume)
-        opts.train.progress = progress
+        opts.train.progress = flags.progress
     else:
         opts = build()
-    result = run(opts, resume=resume is not None, stop_after_epochs=stop_after)
+    result = run(opts, resume=resume is not None, stop_after_epochs=flags.stop_after)
     if current_dist().is_main:  # under torchrun, only rank 0 speaks
         out = Path(opts.out)
         checks = f"; checks in {out / 'quality.json'}" if (out / "quality.json").is_file() else ""

@@ -10,20 +10,19 @@ import typer
 
 from compress_edge.cli import app
 from compress_edge.cli.common import (
-    AmpOpt,
     BatchSizeOpt,
     DataRootOpt,
     DeviceOpt,
     DistillMethod,
-    MaxStepsOpt,
     Optimizer,
     ProgressOpt,
-    SeedOpt,
+    RunFlags,
     WorkersOpt,
     console,
     epochs_option,
     holdout_option,
     lr_option,
+    run_options,
     train_or_resume,
 )
 from compress_edge.defaults import (
@@ -74,6 +73,7 @@ CropScaleOpt = Annotated[float | None, typer.Option("--crop-scale", help="The sm
 
 
 @app.command("distill")
+@run_options
 def distill(
     data: Annotated[str | None, typer.Argument(help="Training images: a class folder, an image folder, or "
                                                     "fashion-mnist:train. Not needed with --resume.")] = None,
@@ -120,14 +120,8 @@ def distill(
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder "
                                                 "(every other option comes from its config.json).")] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Epochs between checkpoints.")] = 1,
-    stop_after: Annotated[int | None, typer.Option("--stop-after", help="Train at most this many epochs in this "
-                                                   "invocation, then save (resume later).")] = None,
-    max_steps_per_epoch: MaxStepsOpt = None,
-    workers: WorkersOpt = 2,
-    device: DeviceOpt = "auto",
-    amp: AmpOpt = "auto",
-    seed: SeedOpt = 0,
-    progress: ProgressOpt = True,
+    *,
+    flags: RunFlags,
 ) -> None:
     """Distil a teacher into a small student with CompRess.
 
@@ -153,13 +147,11 @@ def distill(
             crop_scale=crop_scale, holdout=holdout, image_size=image_size, student_image_size=student_image_size,
             data_root=data_root,
             train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
-                              weight_decay=weight_decay, warmup_epochs=None, workers=workers, device=device, amp=amp,
-                              checkpoint_every=checkpoint_every, seed=seed, max_steps_per_epoch=max_steps_per_epoch,
-                              progress=progress),
+                              weight_decay=weight_decay, warmup_epochs=None, checkpoint_every=checkpoint_every,
+                              **flags.train_kwargs()),
         )
 
-    train_or_resume("student", device=device, resume=resume, progress=progress, stop_after=stop_after,
-                    load=load_options, build=build, run=run_distill)
+    train_or_resume("student", flags, resume=resume, load=load_options, build=build, run=run_distill)
 
 
 @app.command("cache-teacher")

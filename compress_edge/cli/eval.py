@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
-import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from compress_edge.cli import command_group
-from compress_edge.cli.common import DataRootOpt, DeviceOpt, ProgressOpt, WorkersOpt
+from compress_edge.cli.common import DataRootOpt, DeviceOpt, ProgressOpt, WorkersOpt, with_options
 from compress_edge.errors import CompressEdgeError
 from compress_edge.eval.measure import FeatureOptions  # a dataclass: no torch, no numpy
 
@@ -58,27 +54,15 @@ _FEATURE_PARAMS: tuple[tuple[str, Any, Any], ...] = (
 )
 
 
-def feature_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give an eval command the options every eval command shares (--data-root ... --progress), written
-    once: typer sees them in the command's signature; the command gets them as ``opts`` (a
-    :class:`~compress_edge.eval.measure.FeatureOptions`, no bar with --json) and ``as_json``."""
-    hints = typing.get_type_hints(command, include_extras=True)  # the Annotated[..., typer.Option] kept
-    own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values()
-           if p.name not in ("opts", "as_json")]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
-              for name, kind, default in _FEATURE_PARAMS]
+def _pack_features(values: dict[str, Any]) -> dict[str, Any]:
+    as_json = values.pop("as_json")
+    return {"opts": FeatureOptions(**values | {"progress": values["progress"] and not as_json}), "as_json": as_json}
 
-    @functools.wraps(command)
-    def run(**kwargs: Any) -> None:
-        given = {name: kwargs.pop(name) for name, _, _ in _FEATURE_PARAMS}
-        as_json = given.pop("as_json")
-        given["progress"] = given["progress"] and not as_json
-        command(**kwargs, opts=FeatureOptions(**given), as_json=as_json)
 
-    del run.__wrapped__  # typer reads the signature below, not the command's own
-    run.__signature__ = inspect.Signature([*own, *shared])
-    run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
-    return run
+#: ``@feature_options``: an eval command gets the options every eval command shares (--data-root ...
+#: --progress) as ``opts`` (a :class:`~compress_edge.eval.measure.FeatureOptions`, no bar with --json)
+#: and ``as_json``.
+feature_options = with_options(_FEATURE_PARAMS, _pack_features)
 
 
 # --------------------------------------------------------------------------------------------------

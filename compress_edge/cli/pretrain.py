@@ -9,18 +9,14 @@ import typer
 
 from compress_edge.cli import app
 from compress_edge.cli.common import (
-    AmpOpt,
     BatchSizeOpt,
     DataRootOpt,
-    DeviceOpt,
-    MaxStepsOpt,
     PretrainMethod,
-    ProgressOpt,
-    SeedOpt,
-    WorkersOpt,
+    RunFlags,
     epochs_option,
     holdout_option,
     lr_option,
+    run_options,
     train_or_resume,
 )
 from compress_edge.cli.distill import parse_kwargs
@@ -29,6 +25,7 @@ from compress_edge.errors import CompressEdgeError
 
 
 @app.command("pretrain")
+@run_options
 def pretrain(
     data: Annotated[str | None, typer.Argument(help="Training images: a class folder, an image folder, or "
                                                     "fashion-mnist:train. Not needed with --resume.")] = None,
@@ -60,13 +57,8 @@ def pretrain(
                                              "new.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The run folder.")] = Path("runs/pretrain"),
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder.")] = None,
-    stop_after: Annotated[int | None, typer.Option("--stop-after", help="Train at most this many epochs now.")] = None,
-    max_steps_per_epoch: MaxStepsOpt = None,
-    workers: WorkersOpt = 2,
-    device: DeviceOpt = "auto",
-    amp: AmpOpt = "auto",
-    seed: SeedOpt = 0,
-    progress: ProgressOpt = True,
+    *,
+    flags: RunFlags,
 ) -> None:
     """Pretrain a self-supervised model (SimCLR or MoCo v2): a teacher, or a student from scratch.
 
@@ -89,9 +81,7 @@ def pretrain(
             proj_dim=proj_dim, temperature=temperature, queue_size=queue_size, ema=ema, mask_self=mask_self,
             holdout=holdout, image_size=image_size, data_root=data_root, init=init,
             train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                              warmup_epochs=None, workers=workers, device=device, amp=amp, seed=seed,
-                              max_steps_per_epoch=max_steps_per_epoch, progress=progress),
+                              warmup_epochs=None, **flags.train_kwargs()),
         )
 
-    train_or_resume("model", device=device, resume=resume, progress=progress, stop_after=stop_after,
-                    load=load_pretrain_options, build=build, run=run_pretrain)
+    train_or_resume("model", flags, resume=resume, load=load_pretrain_options, build=build, run=run_pretrain)

@@ -29,6 +29,12 @@ ModelArg = Annotated[
 TrainOpt = Annotated[str, typer.Option("--train", help="Gallery / training images: a class folder or "
                                                        "fashion-mnist:train.")]
 TestOpt = Annotated[str, typer.Option("--test", help="Query / test images: a class folder or fashion-mnist:test.")]
+#: knn's gallery: images to embed, or an index built from them.
+GalleryOpt = Annotated[str | None, typer.Option("--train", help="Gallery images: a class folder or "
+                                                                "fashion-mnist:train (not with --index).")]
+IndexOpt = Annotated[Path | None, typer.Option("--index", help="Search this index folder (built by 'compress-edge "
+                                                               "index build' with the same model) instead of "
+                                                               "embedding --train.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 WeightsOpt = Annotated[str | None, typer.Option("--weights", help="A third-party checkpoint for an architecture-name "
                                                                    "MODEL (torchvision, MoCo, SimCLR, SwAV, DINO, "
@@ -101,11 +107,8 @@ def _emit(payload: dict[str, Any]) -> None:
 def knn_cmd(
     model: ModelArg,
     test: TestOpt,
-    train: Annotated[str | None, typer.Option("--train", help="Gallery images: a class folder or "
-                                                              "fashion-mnist:train (not with --index).")] = None,
-    index: Annotated[Path | None, typer.Option("--index", help="Search this index folder (built by 'compress-edge "
-                                                               "index build' with the same model) instead of "
-                                                               "embedding --train.")] = None,
+    train: GalleryOpt = None,
+    index: IndexOpt = None,
     k: Annotated[list[int] | None, typer.Option("-k", min=1, help="Neighbours of the weighted vote "
                                                 "(repeatable; default 20 and 200).")] = None,
     temperature: Annotated[float, typer.Option("--temperature", "-T", min=1e-6, help="Vote weight exp(sim / T).")] = 0.07,

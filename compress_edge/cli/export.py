@@ -40,6 +40,16 @@ def _default_out(model: str) -> Path:
     return Path("exports") / (name or "model")
 
 
+# The TensorRT engine's build options.
+MinBatchOpt = Annotated[int, typer.Option("--min-batch", help="Smallest batch of the engine's profile.")]
+OptBatchOpt = Annotated[int | None, typer.Option("--opt-batch", help="Batch the engine is tuned for (default: "
+                                                 "--max-batch).")]
+MaxBatchOpt = Annotated[int, typer.Option("--max-batch", help="Largest batch of the engine's profile.")]
+WorkspaceOpt = Annotated[int, typer.Option("--workspace", help="TensorRT workspace limit in MiB.")]
+TimingCacheOpt = Annotated[Path | None, typer.Option("--timing-cache", help="TensorRT timing cache reused across "
+                                                     "builds (default: ~/.cache/compress-edge).")]
+
+
 @app.command("export")
 def export(
     model: Annotated[str, typer.Argument(help="A compress-edge model or run folder, an architecture name (with "
@@ -70,13 +80,11 @@ def export(
     trt_from: Annotated[EngineSource | None, typer.Option("--trt-from", help="Which ONNX the engine is built "
                                                           "from: fp32, fp16 or int8-trt (default: the lowest "
                                                           "precision asked for).")] = None,
-    min_batch: Annotated[int, typer.Option("--min-batch", help="Smallest batch of the engine's profile.")] = 1,
-    opt_batch: Annotated[int | None, typer.Option("--opt-batch", help="Batch the engine is tuned for (default: "
-                                                  "--max-batch).")] = None,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch of the engine's profile.")] = 32,
-    workspace: Annotated[int, typer.Option("--workspace", help="TensorRT workspace limit in MiB.")] = 1024,
-    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="TensorRT timing cache reused across "
-                                                      "builds (default: ~/.cache/compress-edge).")] = None,
+    min_batch: MinBatchOpt = 1,
+    opt_batch: OptBatchOpt = None,
+    max_batch: MaxBatchOpt = 32,
+    workspace: WorkspaceOpt = 1024,
+    timing_cache: TimingCacheOpt = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 18 to 20.")] = 18,
     exporter: Annotated[Exporter, typer.Option("--exporter", help="auto (dynamo, then TorchScript), dynamo or "
                                           "torchscript.")] = "auto",

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from compress_edge.cli import app
 
 ModelRefArg = "A compress-edge model or run folder, an exported .onnx / .engine file, or an architecture name."
+
+
+def _kwargs_option(role: str, example: str) -> Any:
+    """--teacher-kwargs / --student-kwargs: the same option for each model."""
+    return typer.Option(f"--{role}-kwargs", help=f"Options of an architecture-name {role} as key=value (repeatable), "
+                                                 f"e.g. {example}.")
+
+
+def _weights_option(role: str) -> Any:
+    """--teacher-weights / --student-weights: the same option for each model."""
+    return typer.Option(f"--{role}-weights", help=f"A third-party checkpoint for an architecture-name {role} "
+                                                  "(torchvision, MoCo, SimCLR, SwAV, DINO, Lightning): detected "
+                                                  "automatically.")
 
 
 @app.command("profile")
@@ -20,15 +33,10 @@ def profile(
                                                    "(default: each model's own; 224 for an architecture name).")] = None,
     depth: Annotated[int, typer.Option("--depth", min=0, help="Module depth of the per-module tables (1: the "
                                        "network's layers, 2: their children, ...; 0: no tables).")] = 2,
-    teacher_kwargs: Annotated[list[str] | None, typer.Option("--teacher-kwargs", help="Options of an "
-                              "architecture-name teacher as key=value (repeatable), e.g. small_input=false.")] = None,
-    student_kwargs: Annotated[list[str] | None, typer.Option("--student-kwargs", help="Options of an "
-                              "architecture-name student as key=value (repeatable), e.g. width_mult=0.5.")] = None,
-    teacher_weights: Annotated[str | None, typer.Option("--teacher-weights", help="A third-party checkpoint for "
-                               "an architecture-name teacher (torchvision, MoCo, SimCLR, SwAV, DINO, "
-                               "Lightning): detected automatically.")] = None,
-    student_weights: Annotated[str | None, typer.Option("--student-weights", help="A third-party checkpoint for "
-                               "an architecture-name student.")] = None,
+    teacher_kwargs: Annotated[list[str] | None, _kwargs_option("teacher", "small_input=false")] = None,
+    student_kwargs: Annotated[list[str] | None, _kwargs_option("student", "width_mult=0.5")] = None,
+    teacher_weights: Annotated[str | None, _weights_option("teacher")] = None,
+    student_weights: Annotated[str | None, _weights_option("student")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of tables.")] = False,
 ) -> None:
     """Parameters and FLOPs (fvcore) of a teacher and a student at an input size: totals, per-module tables,

@@ -46,3 +46,25 @@ def stop_process(proc, timeout: float = 20) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def randomize_bn(model, seed: int = 1) -> None:
+    """Give every BatchNorm non-default running statistics, so that a checkpoint or copy that loses them shows."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def imports_torch(*modules: str) -> bool:
+    """Whether importing ``modules`` in a fresh interpreter loads torch (the torch-free paths must not)."""
+    import subprocess
+    import sys
+
+    code = f"import sys\nimport {', '.join(modules)}\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip() == "True"

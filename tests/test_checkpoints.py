@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from cli_helpers import randomize_bn
 from safetensors.torch import save_file
 from torch import nn
 
@@ -24,15 +25,6 @@ SIZE = 64  # the smallest side every ImageNet stem takes (AlexNet needs 63 px)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def randomize_bn(model: nn.Module, seed: int = 1) -> None:
-    """Non-default BN running statistics, so that a checkpoint that lost them shows."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 def source_net(arch: str = "resnet18", seed: int = 0) -> nn.Module:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -13,18 +12,6 @@ from compress_edge.cli import app
 
 runner = CliRunner()
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    # The CLI installs its own handler on the "compress_edge" logger and stops propagation; put
-    # things back so later tests (caplog) see the package's records again.
-    log = logging.getLogger("compress_edge")
-    saved = (list(log.handlers), log.level, log.propagate)
-    yield
-    log.handlers[:] = saved[0]
-    log.setLevel(saved[1])
-    log.propagate = saved[2]
 
 
 def _lines(text: str) -> list[str]:

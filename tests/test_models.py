@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from cli_helpers import randomize_bn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -43,15 +44,6 @@ PROMISED = {
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def randomize_bn(model: nn.Module, seed: int = 1) -> None:
-    """Give every BatchNorm non-default running statistics, so that forgetting them shows."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 def images(size: int = 32, n: int = 2, seed: int = 0) -> torch.Tensor:

@@ -4,7 +4,6 @@ images, through Typer's CliRunner, with a small real model (PyTorch and its ONNX
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -28,16 +27,6 @@ def make_model(root: Path, size: int = 32, seed: int = 2) -> Path:
     model = create_model("mobilenet_v3_small", small_input=True).eval()
     save_model(model, spec_for(model, image_size=size), root)
     return root
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    log = logging.getLogger("compress_edge")
-    saved = (list(log.handlers), log.level, log.propagate)
-    yield
-    log.handlers[:] = saved[0]
-    log.setLevel(saved[1])
-    log.propagate = saved[2]
 
 
 @pytest.fixture(scope="module")

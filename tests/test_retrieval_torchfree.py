@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from cli_helpers import imports_torch
 
 
 def test_retrieval_modules_import_without_torch():
-    code = ("import sys\n"
-            "import compress_edge.retrieval.index, compress_edge.retrieval.knn, compress_edge.retrieval.search\n"
-            "import compress_edge.retrieval.shards, compress_edge.retrieval.grid\n"
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert not imports_torch("compress_edge.retrieval.index", "compress_edge.retrieval.knn",
+                             "compress_edge.retrieval.search", "compress_edge.retrieval.shards",
+                             "compress_edge.retrieval.grid")
 
 
 @pytest.mark.slow

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import imports_torch
 from compress_edge.export import onnx as ce_onnx
 from compress_edge.export.backends import OnnxRuntimeEmbedder, TorchEmbedder
 from compress_edge.export.embedder import Embedder
@@ -154,9 +154,7 @@ def test_norm_override_warns_and_applies(setup, caplog):
 
 
 def test_runtimes_module_does_not_import_torch():
-    code = "import sys, compress_edge.export.runtimes, compress_edge.export; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert not imports_torch("compress_edge.export.runtimes", "compress_edge.export")
 
 
 @pytest.mark.slow

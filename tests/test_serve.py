@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from cli_helpers import stop_process
+from cli_helpers import imports_torch, stop_process
 from PIL import Image
 
 CLASSES = ("circle", "square", "stripes")
@@ -152,12 +152,8 @@ def query_bytes(built, cls: str = "square") -> bytes:
 # The API
 # --------------------------------------------------------------------------------------------------
 def test_serve_imports_without_torch():
-    code = ("import sys\n"
-            "import compress_edge.retrieval.serve, compress_edge.cli.serve\n"
-            "import starlette.applications, uvicorn\n"
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert not imports_torch("compress_edge.retrieval.serve", "compress_edge.cli.serve",
+                             "starlette.applications", "uvicorn")
 
 
 def test_health_info_and_page(server):

@@ -146,8 +146,10 @@ def test_bad_vit_options_say_what_to_pass():
         create_model("vit_tiny_patch16_224", pool="max")
     with pytest.raises(ModelError, match="dynamic_img_size must be true or false"):
         create_model("vit_tiny_patch16_224", dynamic_img_size="no")
-    with pytest.raises(ModelError, match="multiple of patch_size"):
+    with pytest.raises(ModelError, match="multiple of patch_size .*got img_size=40: use img_size 32 or 48"):
         create_model("vit_tiny_patch16_224", img_size=40)
+    with pytest.raises(ModelError, match="got img_size=8: use img_size 16 "):
+        create_model("vit_tiny_patch16_224", img_size=8)
     model = create_model("vit_tiny_patch16_224", img_size=SIZE)
     with pytest.raises(ModelError, match="img_size=64"):
         spec_for(model, image_size=64)

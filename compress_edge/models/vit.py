@@ -60,10 +60,13 @@ def _vit(
     img_size, patch_size, num_heads, depth = int(img_size), int(patch_size), int(num_heads), int(depth)
     if pool not in POOLS:
         raise ModelError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
-    if patch_size <= 0 or img_size < patch_size or img_size % patch_size:
-        raise ModelError(
-            f"img_size must be a positive multiple of patch_size ({patch_size}); got img_size={img_size}"
-        )
+    if patch_size <= 0:
+        raise ModelError(f"patch_size must be positive, got {patch_size}")
+    if img_size < patch_size or img_size % patch_size:
+        below, above = img_size // patch_size * patch_size, (img_size // patch_size + 1) * patch_size
+        near = " or ".join(str(n) for n in (below, above) if n >= patch_size)
+        raise ModelError(f"img_size must be a positive multiple of patch_size ({patch_size}); got img_size={img_size}: "
+                         f"use img_size {near} (with the same --image-size) or a model with another patch size")
     if not isinstance(dynamic_img_size, bool):
         raise ModelError(f"dynamic_img_size must be true or false, got {dynamic_img_size!r}")
     if num_heads <= 0 or depth <= 0:

@@ -339,7 +339,8 @@ class _Quantizer:
         reader = lambda: make_reader(images, self.input_name, batch, None if bar is None else self._advance)  # noqa: E731
         kwargs = self.recipe.quantize_kwargs()
         if bar is not None:
-            bar.reset(self.task, total=len(images))
+            # entropy reads the images twice: once for the histograms, once for the input's range
+            bar.reset(self.task, total=len(images) * (2 if method == "entropy" else 1))
             bar.start()
         try:
             with _quiet_stdout(), _quiet_ort_warnings():

@@ -124,7 +124,7 @@ class OnnxRuntimeEmbedder(ModelFileEmbedder):
         io = GraphIO(len(inputs), len(outputs), list(inputs[0].shape) if inputs else [],
                      list(outputs[0].shape) if outputs else [],
                      dict(self.session.get_modelmeta().custom_metadata_map or {}), probe=self._probe_dim)
-        if io.inputs == 1 and io.outputs >= 1:
+        if io.is_embedding_graph:  # else refused by the caller
             self._input, self._output = inputs[0].name, outputs[0].name
             if inputs[0].type != "tensor(float)":
                 raise ModelError(

@@ -180,6 +180,11 @@ class GraphIO:
     props: dict[str, str]
     probe: Callable[[int], int] | None = None
 
+    @property
+    def is_embedding_graph(self) -> bool:
+        """One image input and at least one output (the first is the embedding)."""
+        return self.inputs == 1 and self.outputs >= 1
+
 
 class ModelFileEmbedder(Embedder):
     """An Embedder over one exported model file (an ONNX file, an OpenVINO IR), its constructor written
@@ -204,7 +209,7 @@ class ModelFileEmbedder(Embedder):
         self.path = str(path)
         self.threads = int(threads) if threads else None
         io = self._load(path, device, **options)
-        if io.inputs != 1 or io.outputs < 1:
+        if not io.is_embedding_graph:
             raise ModelError(f"{path} has {io.inputs} inputs and {io.outputs} outputs; an embedding model has "
                              "one image input and one embedding output")
         self.precision = io.props.get(PRECISION_KEY, "unknown")

@@ -247,7 +247,7 @@ class OpenVinoEmbedder(ModelFileEmbedder):
         inputs, outputs = model.inputs, model.outputs
         io = GraphIO(len(inputs), len(outputs), _dims(inputs[0].get_partial_shape()) if inputs else [],
                      _dims(outputs[0].get_partial_shape()) if outputs else [], read_ir_metadata(model))
-        if io.inputs != 1 or io.outputs < 1:
+        if not io.is_embedding_graph:
             return io  # refused by the caller, before compiling
         self.device, ov_device = _ov_device(core, device)
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}

@@ -23,6 +23,7 @@ from compress_edge.models.registry import (
     model_summary,
     rebuild,
 )
+from compress_edge.models.vit import patch_multiples
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _vit_size_message(model: EmbeddingModel, image_size: int) -> str:
     patch, built = int(kw["patch_size"]), int(kw["img_size"])
     if kw.get("dynamic_img_size") or image_size % patch:
         return (f"{model.arch} cuts images into {patch}px patches: {image_size}px is no multiple of {patch}; "
-                f"use --image-size {max(patch, image_size // patch * patch)} or patch_size that divides it")
+                f"use --image-size {patch_multiples(image_size, patch)[0]} or patch_size that divides it")
     return (f"{model.arch} was built for {built}px images (img_size={built}); build it for {image_size}px "
             f"(--arch-kwargs img_size={image_size}) or let it take any side (dynamic_img_size=true)")
 

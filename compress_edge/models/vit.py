@@ -43,6 +43,14 @@ class TokenPool(nn.Module):
         return f"kind={self.kind!r}, prefix_tokens={self.prefix_tokens}"
 
 
+def patch_multiples(size: int, patch: int) -> list[int]:
+    """The sides nearest ``size`` that a ``patch`` px patch grid covers: the multiple below (when there is
+    one) and the one above; ``[size]`` when it is one already."""
+    if size >= patch and size % patch == 0:
+        return [size]
+    below = size // patch * patch
+    return [n for n in (below, below + patch) if n >= patch]
+
 def _vit(
     timm_name: str,
     *,
@@ -63,8 +71,7 @@ def _vit(
     if patch_size <= 0:
         raise ModelError(f"patch_size must be positive, got {patch_size}")
     if img_size < patch_size or img_size % patch_size:
-        below, above = img_size // patch_size * patch_size, (img_size // patch_size + 1) * patch_size
-        near = " or ".join(str(n) for n in (below, above) if n >= patch_size)
+        near = " or ".join(str(n) for n in patch_multiples(img_size, patch_size))
         raise ModelError(f"img_size must be a positive multiple of patch_size ({patch_size}); got img_size={img_size}: "
                          f"use img_size {near} (with the same --image-size) or a model with another patch size")
     if not isinstance(dynamic_img_size, bool):

@@ -17,11 +17,13 @@ parameters, FLOPs (fvcore: one multiply-add is one FLOP), embedding size and tra
 Data sets:
 
 - ``fashion-mnist``: the demo's split (``fashion-mnist:train@20000``, ``fashion-mnist:test@2000``),
-  the teacher shipped with the package (made by ``compress-edge pretrain``; ``--pretrain-teacher``
+  the teacher shipped with the package (made by ``compress-edge pretrain``; ``--teacher pretrain``
   trains one here instead), resnet18 at 64 px; students mobilenet_v2 x0.5 at 32 px.
 - ``shapes``: ten classes of coloured shapes on clutter, generated here with a fixed seed
-  (``compress_edge.data.synthetic``), 32 px; the teacher is pretrained here with ``compress-edge
-  pretrain``'s defaults (resnet18).
+  (``compress_edge.data.synthetic``), 32 px; the teacher is a torchvision resnet18 trained here with
+  the training labels (20 epochs) and brought to ``distill`` as a user brings a checkpoint
+  (``--teacher pretrain``: pretrained here with ``compress-edge pretrain``'s defaults instead); the
+  students learn without labels.
 
     python benchmarks/paper_table.py --dataset fashion-mnist     # ~90 min on 2 CPU cores
     python benchmarks/paper_table.py --dataset shapes
@@ -59,11 +61,11 @@ class Setting:
     dataset: str
     train: str  # DATA of the training images (the gallery)
     test: str  # DATA of the queries
-    teacher: str  # "shipped", or "pretrain"
+    teacher: str  # "shipped", "pretrain" (SimCLR here) or "supervised" (trained here with the train labels)
     teacher_arch: str
     teacher_kwargs: dict[str, Any]
     teacher_image_size: int
-    teacher_epochs: int | None  # pretrain only; None: pretrain's automatic run length
+    teacher_epochs: int | None  # pretrain: None is pretrain's automatic run length; supervised: epochs
     student_arch: str
     student_kwargs: dict[str, Any]
     student_image_size: int
@@ -86,8 +88,8 @@ PRESETS = {
         student_image_size=32, embed_dim=128, epochs=10, batch_size=256, cache_views=4,
     ),
     "shapes": Setting(
-        dataset="shapes", train="", test="", teacher="pretrain", teacher_arch="resnet18",
-        teacher_kwargs={"small_input": False}, teacher_image_size=32, teacher_epochs=None,
+        dataset="shapes", train="", test="", teacher="supervised", teacher_arch="resnet18",
+        teacher_kwargs={"small_input": False}, teacher_image_size=32, teacher_epochs=20,
         student_arch="mobilenet_v2", student_kwargs={"width_mult": 0.5, "small_input": False},
         student_image_size=32, embed_dim=128, epochs=30, batch_size=256, cache_views=4,
         generated={"train_per_class": 500, "test_per_class": 100, "size": 32, "seed": 0},
@@ -178,10 +180,34 @@ def teacher(s: Setting, work: Path) -> tuple[str, dict]:
         from compress_edge.demo import shipped_teacher
 
         return str(shipped_teacher()), {"seconds": 0.0, "shipped": True}
+    if s.teacher == "supervised":
+        return supervised_teacher(s, work)
     out = work / "teacher"
     record = pretrain(s, s.train, out, s.teacher_arch, s.teacher_kwargs, s.teacher_image_size, s.teacher_epochs,
                       None, amp="bf16" if s.device != "cuda" else "auto")
     return str(out / "student"), record
+
+
+def supervised_teacher(s: Setting, work: Path) -> tuple[str, dict]:
+    """A torchvision resnet18 trained with the training images' labels, saved as the plain state dict a
+    user brings (``--teacher resnet18 --teacher-weights FILE``), then opened the way ``distill`` opens it."""
+    from compress_edge.data.synthetic import train_labelled_teacher
+    from compress_edge.models.resolve import resolve_model, save_model
+
+    if s.teacher_arch != "resnet18":
+        raise SystemExit("a supervised teacher is a torchvision resnet18 here")
+    out = work / "teacher-supervised"
+    options = {"kwargs": s.teacher_kwargs, "image_size": s.teacher_image_size, "epochs": s.teacher_epochs,
+               "seed": s.seed, "train": s.train}
+    if (record := _reuse(out, options)) is None:
+        started = time.perf_counter()
+        weights = train_labelled_teacher(s.train, out / "teacher.pth", image_size=s.teacher_image_size,
+                                         epochs=s.teacher_epochs or 30, seed=s.seed,
+                                         small_input=bool(s.teacher_kwargs.get("small_input", False)))
+        model, spec = resolve_model("resnet18", weights=str(weights), image_size=s.teacher_image_size)
+        save_model(model, spec, out / "model")
+        record = _done(out, options, time.perf_counter() - started)
+    return str(out / "model"), record
 
 
 def teacher_cache(s: Setting, teacher_dir: str, work: Path) -> tuple[str, float]:
@@ -371,8 +397,9 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=sorted(PRESETS), default="fashion-mnist")
     p.add_argument("--quick", action="store_true", help="a smoke run: few images, two epochs")
-    p.add_argument("--pretrain-teacher", action="store_true", help="fashion-mnist: pretrain the teacher here "
-                   "instead of using the shipped one (hours on a CPU)")
+    p.add_argument("--teacher", choices=("shipped", "pretrain", "supervised"), default=None,
+                   help="the teacher: the package's (fashion-mnist), pretrained here with SimCLR (hours on a CPU), "
+                   "or trained here with the training labels (default: the preset's)")
     p.add_argument("--work", type=Path, default=None, help="folder for data, runs and results "
                    "(default: runs/paper-table-<dataset>[-quick])")
     p.add_argument("--epochs", type=int, default=None, help="epochs of every student")
@@ -383,8 +410,10 @@ def main(argv: list[str] | None = None) -> None:
     s = PRESETS[args.dataset]
     if args.quick:
         s = quick(s)
-    if args.pretrain_teacher:
-        s = dataclasses.replace(s, teacher="pretrain")
+    if args.teacher == "shipped" and s.dataset != "fashion-mnist":
+        p.error("--teacher shipped: the package ships a Fashion-MNIST teacher only")
+    if args.teacher:
+        s = dataclasses.replace(s, teacher=args.teacher)
     for name in ("epochs", "threads", "workers", "device"):
         if getattr(args, name) is not None:
             s = dataclasses.replace(s, **{name: getattr(args, name)})

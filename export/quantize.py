@@ -4,7 +4,9 @@
   caller keeps feeding float32 images.
 - ``int8-cpu``: onnxruntime static quantisation in QDQ format with the settings onnxruntime runs
   fastest on x86 (VNNI) CPUs: unsigned 8-bit activations (asymmetric), signed 8-bit per-channel
-  symmetric weights, full range (no ``reduce_range``: VNNI does not saturate), calibrated on images.
+  symmetric weights, calibrated on images. Full range on VNNI and non-x86 CPUs; 7-bit weights
+  (``reduce_range``) on an x86 CPU without VNNI, whose 8-bit dot product (AVX2's ``vpmaddubsw``)
+  saturates its 16-bit sums (:func:`int8_saturates`).
   Squeeze-excitation blocks, hard-swish and the embedding head stay in float
   (:func:`find_exclusions`, each with its reason); ``calib_method="auto"`` tries every calibration
   method and keeps the one with the best parity.
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -58,7 +61,7 @@ TRT_OP_TYPES = ["Conv", "Gemm", "MatMul", "ConvTranspose"]
 class Int8Recipe:
     """The quantize_static settings of one INT8 target, written once: :func:`quantize_int8` passes them
     to onnxruntime and :func:`int8_settings` shows them in export.json. Both targets quantise weights to
-    QInt8, symmetric, per channel, full range (no ``reduce_range``), in QDQ format."""
+    QInt8, symmetric, per channel, in QDQ format; full range unless ``reduce_range`` (7-bit weights)."""
 
     #: onnxruntime QuantType of the activations ("QUInt8" or "QInt8").
     activations: str
@@ -66,6 +69,8 @@ class Int8Recipe:
     #: The op types quantised; None: onnxruntime's defaults.
     op_types: list[str] | None
     quantize_bias: bool
+    #: 7-bit weights: for x86 CPUs without VNNI (:func:`int8_saturates`).
+    reduce_range: bool = False
 
     def quantize_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of onnxruntime's quantize_static (all but the model paths, reader and calibration)."""
@@ -73,7 +78,7 @@ class Int8Recipe:
 
         return {
             "quant_format": QuantFormat.QDQ, "weight_type": QuantType.QInt8, "per_channel": True,
-            "reduce_range": False, "activation_type": getattr(QuantType, self.activations),
+            "reduce_range": self.reduce_range, "activation_type": getattr(QuantType, self.activations),
             **({"op_types_to_quantize": self.op_types} if self.op_types else {}),
             # Percentile (99.999) clips the rare outliers MinMax would stretch the range for. Only standard
             # ONNX QuantizeLinear / DequantizeLinear (no com.microsoft operators).
@@ -91,18 +96,20 @@ class DynamicRecipe:
     weights: str = "QInt8"
     per_channel: bool = True
     op_types: tuple[str, ...] = MATMUL_OPS
+    reduce_range: bool = False
 
     def quantize_kwargs(self) -> dict[str, Any]:
         from onnxruntime.quantization import QuantType
 
         return {"weight_type": getattr(QuantType, self.weights), "per_channel": self.per_channel,
-                "reduce_range": False, "op_types_to_quantize": list(self.op_types)}
+                "reduce_range": self.reduce_range, "op_types_to_quantize": list(self.op_types)}
 
     def settings(self) -> dict[str, Any]:
         return {
             "format": "dynamic (DynamicQuantizeLinear + MatMulInteger)",
             "activations": "QUInt8, quantised at run time from each batch's own range (no calibration)",
-            "weights": f"{self.weights} symmetric, {'per-channel' if self.per_channel else 'per-tensor'}",
+            "weights": f"{self.weights} symmetric, {'per-channel' if self.per_channel else 'per-tensor'}"
+                       f"{', 7-bit (reduce_range)' if self.reduce_range else ''}",
             "op_types": list(self.op_types),
             "bias": "float (not quantised)",
         }
@@ -118,6 +125,40 @@ INT8_RECIPES = {
     "trt": Int8Recipe(activations="QInt8", activation_symmetric=True, op_types=TRT_OP_TYPES, quantize_bias=False),
 }
 INT8_TARGETS = tuple(INT8_RECIPES)
+
+#: x86 CPU flags whose 8-bit dot product accumulates in 32 bits (no saturation).
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+REDUCE_RANGE_REASON = ("this x86 CPU has no VNNI: its 8-bit dot product (vpmaddubsw) adds pairs of products in 16 "
+                       "bits and saturates, so weights are quantised to 7 bits (reduce_range, onnxruntime's remedy "
+                       "for such CPUs); a file made here runs on VNNI CPUs too")
+
+
+def int8_saturates(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """True on an x86 CPU without VNNI (``/proc/cpuinfo`` flags), where onnxruntime's u8 x s8 kernels
+    can saturate their 16-bit intermediate sums; False on VNNI, on other architectures and where the
+    flags cannot be read. ``cpuinfo`` and ``machine`` stand in for this machine's (for tests)."""
+    import platform
+
+    if (machine or platform.machine()).lower() not in _X86:
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    return flags is not None and not VNNI_FLAGS & set(flags)
+
+
+def int8_recipe(target: str) -> Int8Recipe:
+    """The recipe of ``target`` on this machine (7-bit weights for the CPU target where it saturates)."""
+    recipe = INT8_RECIPES[target]
+    return dataclasses.replace(recipe, reduce_range=target == "cpu" and int8_saturates())
+
+
+def dynamic_recipe() -> DynamicRecipe:
+    return dataclasses.replace(DYNAMIC_RECIPE, reduce_range=int8_saturates())
 
 
 @dataclass
@@ -173,12 +214,13 @@ def int8_settings(target: str, calib_method: str = "percentile") -> dict[str, An
     if calib_method == DYNAMIC and target != "cpu":
         raise ExportError(f"dynamic quantisation is for the CPU target only; int8-{target} needs a calibration "
                           f"({', '.join(CALIB_METHODS)} or auto)")
-    r = INT8_RECIPES[target]
+    r = int8_recipe(target)
     return {
         "format": "QDQ",
         "activations": f"{r.activations} {'symmetric' if r.activation_symmetric else '(asymmetric)'}",
-        "weights": "QInt8 symmetric, per-channel",
-        "reduce_range": False,
+        "weights": f"QInt8 symmetric, per-channel{', 7-bit (reduce_range)' if r.reduce_range else ''}",
+        "reduce_range": r.reduce_range,
+        **({"reduce_range_reason": REDUCE_RANGE_REASON} if r.reduce_range else {}),
         "calibration": calib_method,
         "op_types": list(r.op_types) if r.op_types else "onnxruntime defaults",
         "bias": "int32 (onnxruntime default)" if r.quantize_bias else "float (not quantised)",
@@ -233,7 +275,7 @@ def quantize_int8(
         if fits < min(asked, len(calib)):
             settings["calibration_batch_reason"] = f"a batch of {fits + 1} images' activations would not fit in memory"
         readers, skip = _readers(graph, calib, batch_size, settings)
-        run = _Quantizer(pre, Path(tmp), INT8_RECIPES[target], [n for g in exclusions for n in g["nodes"]],
+        run = _Quantizer(pre, Path(tmp), int8_recipe(target), [n for g in exclusions for n in g["nodes"]],
                          readers, input_name, progress=progress, label=f"calibrating int8-{target}")
         check = calib if parity_images is None else np.ascontiguousarray(parity_images, dtype=np.float32)
         raw, chosen = calibrate(run, src, Path(tmp), calib_method, check_images=check,
@@ -242,7 +284,7 @@ def quantize_int8(
                                 skip=skip)
         settings.update(chosen)
         if settings["calibration"] == DYNAMIC:
-            settings.update(DYNAMIC_RECIPE.settings())
+            settings.update(dynamic_recipe().settings())
         proto = onnx.load(str(raw))
     _drop_unused_domains(proto)
     set_metadata(
@@ -331,7 +373,7 @@ class _Quantizer:
 
         if method == DYNAMIC:  # nothing to calibrate
             with _quiet_stdout(), _quiet_ort_warnings():
-                quantize_dynamic(str(self.pre), str(out), **DYNAMIC_RECIPE.quantize_kwargs(),
+                quantize_dynamic(str(self.pre), str(out), **dynamic_recipe().quantize_kwargs(),
                                  nodes_to_exclude=self.excluded or None)
             return
         bar = self.bar

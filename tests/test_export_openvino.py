@@ -18,6 +18,7 @@ from compress_edge.export.backends import TorchEmbedder  # noqa: E402
 from compress_edge.export.exported import PRECISION_KEY  # noqa: E402
 from compress_edge.export.openvino import IR_FILES, OpenVinoEmbedder, bin_path, read_ir_metadata  # noqa: E402
 from compress_edge.export.parity import GOALS, compare, load_check_images, overlap_below  # noqa: E402
+from compress_edge.export.quantize import int8_saturates  # noqa: E402
 from compress_edge.export.runtimes import open_embedder  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -28,7 +29,8 @@ from compress_edge.models.resolve import create_model, recalibrate_batchnorm, sa
 runner = CliRunner()
 #: A random-weight MobileNetV3-Small (hard-swish, squeeze-excitation) quantises far worse than a trained
 #: student: its NNCF int8 IR measured min cosine 0.69, mean 0.90, top-10 overlap 0.86 on these 18 images
-#: (calibrated on 12). Its bound is a floor that catches a broken quantisation, not a quality goal; the
+#: (calibrated on 12) on a VNNI CPU; on an AVX2-only one 0.45 / 0.79 / 0.82 with NNCF's default overflow
+#: fix (first layer only), 0.67 / 0.89 / 0.83 with 7-bit weights in every layer, which export uses there. Its bound is a floor that catches a broken quantisation, not a quality goal; the
 #: project's goal (GOALS["int8-cpu"], top-10 >= 0.9) is asserted on a ResNet-18, which measured 0.995 / 0.94.
 MV3_INT8_FLOOR = {"min_cosine": 0.55, "mean_cosine": 0.85, "topk_overlap": 0.7}
 
@@ -67,6 +69,9 @@ def test_export_writes_the_ir_and_the_parity_table(exported):
     assert parity["openvino-fp16"]["passed"] and parity["openvino-fp16"]["goal"] == 0.999
     step = report["steps"]["openvino-int8"]
     assert step["calib_images"] == 12 and step["settings"]["tool"].startswith("nncf.quantize")
+    saturates = int8_saturates()
+    assert step["settings"]["overflow_fix"] == ("enable" if saturates else "first_layer_only")
+    assert ("overflow_fix_reason" in step["settings"]) == saturates
     assert report["calibration"]["per_file"] == {"openvino-int8": "nncf min-max statistics"}
     assert "openvino" in report["versions"] and "nncf" in report["versions"]
     # float16 weights halve the file, int8 weights quarter it.
@@ -140,8 +145,10 @@ def test_nncf_int8_of_a_resnet_reaches_the_int8_goal(exported, tmp_path):
     assert result.topk_overlap >= 0.9, result.line()
 
 
-def test_nncf_int8_of_a_vit_is_quantised_as_a_transformer(exported, tmp_path):
-    """A ViT (weights mostly MatMul) gets NNCF's transformer recipe, a CNN its CNN one; both recorded."""
+def test_nncf_int8_of_a_vit_is_quantised_as_a_transformer(exported, tmp_path, make_images):
+    """A ViT (weights mostly MatMul) gets NNCF's transformer recipe, a CNN its CNN one; both recorded.
+    Parity on 60 images: with the fixture's 18 each image's top 10 is 10 of its 17 neighbours, and one
+    swapped neighbour moved the overlap across 0.9."""
     from compress_edge.export import onnx as ce_onnx
     from compress_edge.export import openvino as ovx
 
@@ -149,9 +156,9 @@ def test_nncf_int8_of_a_vit_is_quantised_as_a_transformer(exported, tmp_path):
     torch.manual_seed(0)
     model = create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
     spec = spec_for(model, image_size=32)
-    images = exported["images"]
+    images, _ = load_check_images(make_images(tmp_path / "images", per_class=20, size=40), spec, 60)
     ce_onnx.export_onnx(model, spec, tmp_path / "vit.onnx")
-    step = ovx.quantize_int8(tmp_path / "vit.onnx", tmp_path / IR_FILES["int8"], spec, images[:12])
+    step = ovx.quantize_int8(tmp_path / "vit.onnx", tmp_path / IR_FILES["int8"], spec, images[::5])  # 4 per class
     assert step.settings["model_type"].startswith("transformer") and step.settings["preset"].startswith("mixed")
     with torch.no_grad():
         ref = model(torch.from_numpy(images)).numpy()

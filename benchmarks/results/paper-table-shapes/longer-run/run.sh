@@ -9,3 +9,4 @@ compress-edge distill $D/data/train --teacher $D/teacher-supervised/model --teac
     --arch mobilenet_v2 --arch-kwargs width_mult=0.5 --arch-kwargs small_input=false --embed-dim 128 \
     --holdout 0 --epochs 120 --workers 0 --no-progress --out runs/shapes-1q-120ep
 compress-edge eval knn runs/shapes-1q-120ep/student --train $D/data/train --test $D/data/test
+# the same with --epochs 60 --out runs/shapes-1q-60ep (1,140 steps): 60-epochs/

@@ -36,11 +36,15 @@ import numpy as np
 from compress_edge.export.embedder import GraphIO, ModelFileEmbedder
 from compress_edge.export.exported import PRECISION_KEY
 from compress_edge.export.onnx import quiet_logs
-from compress_edge.export.quantize import QuantizeResult, int8_saturates
+from compress_edge.export.quantize import SATURATION_CAUSE, QuantizeResult, int8_saturates
 
 from compress_edge.deps import require
 from compress_edge.errors import DependencyError, ExportError, ModelError
 from compress_edge.models.spec import ModelSpec
+
+#: Recorded in export.json where NNCF quantises every layer's weights to 7 bits (see :func:`quantize_int8`).
+OVERFLOW_FIX_REASON = (f"{SATURATION_CAUSE}, so every layer's weights use 7 bits (NNCF's OverflowFix.ENABLE; its "
+                       "default fixes the first layer only)")
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +178,6 @@ def quantize_int8(
         },
         calib_images=int(len(calib)),
     )
-
-
-OVERFLOW_FIX_REASON = ("this x86 CPU has no VNNI: its 8-bit dot product adds pairs of products in 16 bits and "
-                       "saturates, so every layer's weights use 7 bits (NNCF's OverflowFix.ENABLE; its default fixes "
-                       "the first layer only)")
 
 
 def _convert(ov, src: str | os.PathLike):

@@ -129,8 +129,10 @@ INT8_TARGETS = tuple(INT8_RECIPES)
 #: x86 CPU flags whose 8-bit dot product accumulates in 32 bits (no saturation).
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
-REDUCE_RANGE_REASON = ("this x86 CPU has no VNNI: its 8-bit dot product (vpmaddubsw) adds pairs of products in 16 "
-                       "bits and saturates, so weights are quantised to 7 bits (reduce_range, onnxruntime's remedy "
+#: Why weights get 7 bits where :func:`int8_saturates`; each INT8 tool's reason continues it.
+SATURATION_CAUSE = ("this x86 CPU has no VNNI: its 8-bit dot product (vpmaddubsw) adds pairs of products in 16 "
+                    "bits and saturates")
+REDUCE_RANGE_REASON = (f"{SATURATION_CAUSE}, so weights are quantised to 7 bits (reduce_range, onnxruntime's remedy "
                        "for such CPUs); a file made here runs on VNNI CPUs too")
 
 

@@ -24,7 +24,9 @@ from compress_edge.eval.knn import knn_eval
 from compress_edge.eval.quality import random_weights_model, raw_pixel_features
 from compress_edge.models.resolve import load_model, resolve_model
 
-SIZE = 64
+#: 32 px keeps the suite's time: distill's automatic run (130 epochs, 1,690 steps here) at 64 px would
+#: take about 4 minutes more on 2 cores; benchmarks/heldout_check.py measures the same at 64 px.
+SIZE = 32
 
 
 def _weighted_knn(gallery, gallery_labels, queries, query_labels) -> float:
@@ -63,7 +65,7 @@ def test_distill_defaults_transfer_to_unseen_textures(tmp_path):
     assert scores["teacher"] > scores["raw pixels"] + 10, scores  # the set is one where a model matters
     assert scores["student"] > scores["raw pixels"] + 5, scores
     assert scores["student"] > scores["random"] + 5, scores
-    # Measured 49.0 against the teacher's 55.0 (SimCLR's crops, the earlier default, left the student
-    # 15 to 33 points behind on the benchmark's larger set of the same kind).
+    # Measured at 32 px: student 28.7, teacher 35.0, raw pixels 12.3, random weights 9.7 (at 64 px: 63.7
+    # against its teacher's 49.3; with the earlier 600-step default, 49.0 against 55.0).
     assert scores["student"] > scores["teacher"] - 12, scores
     assert quality["heldout"]["rows"]["the student"]["spread"]["mean_cosine"] < 0.9, quality  # not collapsed

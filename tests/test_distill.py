@@ -19,7 +19,7 @@ from compress_edge.cli import app
 from compress_edge.errors import DataError, TrainingError
 from compress_edge.models.resolve import create_model, load_model, save_model, spec_for
 from compress_edge.train.config import TrainConfig
-from compress_edge.train.distill import DistillOptions, DistillTask, run_distill
+from compress_edge.train.distill import DistillOptions, DistillTask, run_distill, run_length_check
 from compress_edge.train.engine import Trainer
 from compress_edge.train.losses import build_loss
 from compress_edge.train.method import ema_update
@@ -368,3 +368,33 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, class_folder, s
     after = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert after["global_step"] > state["global_step"]
     assert after["epoch"] == state["epoch"] + 1 and after["batch_in_epoch"] == 0
+
+
+def _epoch_lines(losses, first_epoch=1):
+    return "".join(json.dumps({"kind": "epoch", "epoch": first_epoch + i, "step": 10 * (first_epoch + i), "loss": loss})
+                   + "\n" + json.dumps({"kind": "train", "epoch": first_epoch + i, "loss": 9.0}) + "\n"
+                   for i, loss in enumerate(losses))
+
+
+def test_the_end_of_run_check_warns_when_the_loss_still_fell(tmp_path, caplog):
+    import logging
+
+    still_falling = tmp_path / "short"
+    still_falling.mkdir()
+    # 12 epochs falling at the same pace to the end; epoch 12 logged twice (a resume), the last line counts.
+    (still_falling / "metrics.jsonl").write_text(_epoch_lines([2.6 - 0.1 * e for e in range(11)] + [3.0])
+                                                 + _epoch_lines([1.5], first_epoch=12))
+    with caplog.at_level(logging.WARNING, logger="compress_edge.train.distill"):
+        record = run_length_check(still_falling, 12)
+    assert record["still_falling"] and record["late_fall"] == pytest.approx(0.3 / 1.1, abs=1e-4)
+    assert "--epochs 24" in caplog.text
+    assert json.loads((still_falling / "quality.json").read_text())["run_length"] == record
+
+    caplog.clear()
+    finished = tmp_path / "long"
+    finished.mkdir()
+    (finished / "metrics.jsonl").write_text(_epoch_lines([0.1 + 2.5 * np.exp(-e / 10) for e in range(130)]))
+    with caplog.at_level(logging.WARNING, logger="compress_edge.train.distill"):
+        record = run_length_check(finished, 130)
+    assert not record["still_falling"] and "still falling" not in caplog.text
+    assert run_length_check(tmp_path, 130) is None  # no metrics: nothing to judge

@@ -69,3 +69,4 @@ def test_distill_defaults_transfer_to_unseen_textures(tmp_path):
     # against its teacher's 49.3; with the earlier 600-step default, 49.0 against 55.0).
     assert scores["student"] > scores["teacher"] - 12, scores
     assert quality["heldout"]["rows"]["the student"]["spread"]["mean_cosine"] < 0.9, quality  # not collapsed
+    assert quality["run_length"]["still_falling"] is False, quality  # measured: 0.9 % of the fall in the last quarter

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from compress_edge.train.schedule import (
+    LATE_FALL_WARN,
     auto_batch_size,
     auto_queue_size,
     key_encoder_momentum,
+    late_fall,
     plan_run,
     scaled_lr,
     steps_per_epoch,
@@ -76,3 +78,17 @@ def test_a_given_setting_is_kept():
     assert (plan.batch_size, plan.epochs, plan.lr, plan.steps) == (100, 3, 0.2, 600)
     assert plan.automatic == ()
     assert "batch 100" in plan.describe() and "600 steps" in plan.describe()
+
+
+
+def test_a_run_stopped_while_the_loss_still_fell_is_told_from_a_finished_one():
+    import math
+
+    # Stopped mid-descent: the loss falls at the same pace to the end (a quarter of its fall in the last quarter).
+    assert late_fall([2.6 - 0.05 * e for e in range(30)]) == pytest.approx(8 / 29)  # epochs 22 to 30 of 30
+    # Finished: the loss levelled off long before the end.
+    assert late_fall([0.1 + 2.5 * math.exp(-e / 10) for e in range(130)]) < LATE_FALL_WARN / 10
+    # A loss that fell only in the last quarter.
+    assert late_fall([2.0] * 9 + [1.0] * 3) == pytest.approx(1.0)
+    assert late_fall([2.0] * 7) is None  # too few epochs to tell
+    assert late_fall([1.0] * 10 + [1.5]) is None  # the loss did not fall

@@ -416,6 +416,36 @@ def final_check(ready: DistillSetup, run_dir: Path, opts: DistillOptions, *, dev
     record = heldout_check("the student", student, ready.spec, ready.dataset, ready.heldout, teacher=teacher,
                            teacher_spec=teacher_spec, device=device, workers=opts.train.workers)
     record_quality(run_dir, "heldout", record)
+    run_length_check(run_dir, ready.plan.epochs)
+
+
+def run_length_check(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+    """Did the run end while the loss was still falling fast (see :data:`schedule.LATE_FALL_WARN`)?
+    Read from ``metrics.jsonl`` (the last line of each epoch, so a resumed run counts once); recorded in
+    quality.json as ``run_length`` with a warning that names a longer ``--epochs``."""
+    import json
+
+    from compress_edge.eval.quality import record_quality
+    from compress_edge.train.schedule import LATE_FALL_WARN, late_fall
+
+    losses: dict[int, float] = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        if row.get("kind") == "epoch":
+            losses[int(row["epoch"])] = float(row["loss"])
+    share = late_fall([losses[e] for e in sorted(losses)])
+    if share is None:
+        return None
+    record = {"late_fall": round(share, 4), "warn_above": LATE_FALL_WARN, "epochs": int(epochs),
+              "still_falling": share > LATE_FALL_WARN}
+    if record["still_falling"]:
+        logger.warning("the loss was still falling when the run ended (%.0f %% of its fall came in the last quarter "
+                       "of the %d epochs; finished runs measured at 3 %% or less): the student had not finished "
+                       "copying its teacher; a longer run, --epochs %d, is likely to score higher",
+                       100 * share, epochs, 2 * epochs)
+    record_quality(run_dir, "run_length", record)
+    return record
 
 
 def load_options(run_dir: str | Path) -> DistillOptions:

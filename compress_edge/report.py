@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 from typing import Any
 
-from compress_edge.storage import atomic_write_json, atomic_write_text
-
-
-def _epoch_losses(run_dir: Path) -> list[float]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r["loss"] for r in records if r.get("kind") == "epoch"]
+from compress_edge.storage import atomic_write_json, atomic_write_text, read_epoch_losses
 
 
 def _plots(demo, folder: Path) -> dict[str, str]:
@@ -27,11 +18,11 @@ def _plots(demo, folder: Path) -> dict[str, str]:
     r = demo.results
     files: dict[str, str] = {}
 
-    runs = [(name, run) for name, run in (("teacher (SimCLR)", demo.path("teacher")),
-                                           ("student (CompRess)", demo.path("student"))) if _epoch_losses(run)]
+    runs = [(name, losses) for name, losses in (("teacher (SimCLR)", read_epoch_losses(demo.path("teacher"))),
+                                                 ("student (CompRess)", read_epoch_losses(demo.path("student"))))
+            if losses]
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5), squeeze=False)
-    for ax, (name, run) in zip(axes[0], runs, strict=True):
-        losses = _epoch_losses(run)
+    for ax, (name, losses) in zip(axes[0], runs, strict=True):
         ax.plot(range(1, len(losses) + 1), losses, marker="o")
         ax.set_title(f"{name}: training loss")
         ax.set_xlabel("epoch")

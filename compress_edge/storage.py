@@ -92,6 +92,18 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
         fh.flush()
 
 
+def read_epoch_losses(run_dir: str | os.PathLike) -> list[float]:
+    """The epoch-mean losses of a run folder's ``metrics.jsonl`` in epoch order (the last line of each
+    epoch, so a resumed run counts an epoch once); empty when there is no log."""
+    path = Path(run_dir) / "metrics.jsonl"
+    losses: dict[int, float] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line) if line.strip() else {}
+        if row.get("kind") == "epoch":
+            losses[int(row["epoch"])] = float(row["loss"])
+    return [losses[e] for e in sorted(losses)]
+
+
 class FolderBusy(CompressEdgeError):
     """Raised by :func:`folder_lock` when another live process holds the folder."""
 

@@ -423,18 +423,11 @@ def run_length_check(run_dir: Path, epochs: int) -> dict[str, Any] | None:
     """Did the run end while the loss was still falling fast (see :data:`schedule.LATE_FALL_WARN`)?
     Read from ``metrics.jsonl`` (the last line of each epoch, so a resumed run counts once); recorded in
     quality.json as ``run_length`` with a warning that names a longer ``--epochs``."""
-    import json
-
     from compress_edge.eval.quality import record_quality
+    from compress_edge.storage import read_epoch_losses
     from compress_edge.train.schedule import LATE_FALL_WARN, late_fall
 
-    losses: dict[int, float] = {}
-    path = Path(run_dir) / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        row = json.loads(line)
-        if row.get("kind") == "epoch":
-            losses[int(row["epoch"])] = float(row["loss"])
-    share = late_fall([losses[e] for e in sorted(losses)])
+    share = late_fall(read_epoch_losses(run_dir))
     if share is None:
         return None
     record = {"late_fall": round(share, 4), "warn_above": LATE_FALL_WARN, "epochs": int(epochs),

@@ -48,7 +48,7 @@ def _setup(method: str, args, device: str, amp: str = "off"):
             for _ in range(0, queue.size, 1024):  # in chunks: no queue-sized temporary in the peak RSS
                 queue.push(torch.nn.functional.normalize(torch.randn(1024, queue.dim), dim=1))
     task = DistillTask(student, criterion, momentum_encoder=uses_momentum_encoder(method))
-    config = TrainConfig(batch_size=args.batch, device=device, amp=amp, progress=False, workers=0)
+    config = TrainConfig(epochs=1, batch_size=args.batch, lr=0.1, warmup_epochs=0.0, device=device, amp=amp, progress=False, workers=0)
     trainer = Trainer(task, config, "/tmp/compress-edge-bench-distill")
     scheduler = trainer._make_scheduler(1000)
     trainer.task.train()

@@ -21,6 +21,15 @@ DISTILL_LR_SCALING = "sqrt"
 DISTILL_MIN_STEPS = 600
 DISTILL_MIN_EPOCHS = 130
 DISTILL_MAX_EPOCHS = 200
+#: distill: the automatic batch leaves at least this many optimizer steps in an epoch (at most 256
+#: images, at least DISTILL_MIN_BATCH). The run length is counted in epochs, so on a set of a few
+#: thousand images the batch decides how many steps the student gets: on 4,500 generated shapes at 130
+#: epochs, batch 256 (17 steps an epoch) ended 11 points behind the teacher, 128 1.5 behind and 64
+#: level with it, in the same CPU time (README, "The batch").
+DISTILL_MIN_STEPS_PER_EPOCH = 64
+#: distill: the smallest automatic batch. Batch 16 helped on 580 and 2,000 images but cost the suite's
+#: 432-image check 6 points against batch 32 (batch-norm statistics of 16 images; README, "The batch").
+DISTILL_MIN_BATCH = 32
 #: distill: the student's embedding size when --embed-dim is not given (a linear head), so that an
 #: on-device index costs 512 bytes an image in float32.
 DEFAULT_STUDENT_EMBED = 128

@@ -22,7 +22,7 @@ parser.add_argument("--image-size", type=int, default=224)
 # None is distill's "auto": batch, run length, learning rate and queue follow the data set (README,
 # "Defaults that fit the run"); give numbers to override them.
 parser.add_argument("--epochs", type=int, default=None, help="default: the paper's 130, at least 600 steps")
-parser.add_argument("--batch-size", type=int, default=None, help="default: at most 256, at least 8 steps an epoch")
+parser.add_argument("--batch-size", type=int, default=None, help="default: at most 256, 64 steps an epoch, at least 32")
 parser.add_argument("--queue-size", type=int, default=None, help="default: the data set, at most 128,000")
 parser.add_argument("--out", default="runs/my-student")
 args = parser.parse_args()
@@ -36,7 +36,7 @@ options = DistillOptions(
     student_arch=args.student_arch,
     image_size=args.image_size,
     queue_size=args.queue_size,
-    train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=None, workers=2, progress=False),
+    train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, workers=2, progress=False),
 )
 
 # 2. Train. The run folder gets the student, config.json, metrics.jsonl and checkpoints/.

@@ -53,7 +53,7 @@ class TensorSet(torch.utils.data.Dataset):
 
 
 def _config(**kw):
-    base = dict(epochs=2, batch_size=8, lr=0.05, workers=0, device="cpu", log_every=1, progress=False, seed=0)
+    base = dict(epochs=2, batch_size=8, lr=0.05, warmup_epochs=0.0, workers=0, device="cpu", log_every=1, progress=False, seed=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -159,12 +159,23 @@ def saved_teacher(tmp_path):
 
 
 def _options(data, out, teacher, **kw):
-    train = dict(epochs=2, batch_size=6, workers=0, device="cpu", progress=False, lr=0.05)
+    train = dict(epochs=2, batch_size=6, workers=0, device="cpu", progress=False, lr=0.05, warmup_epochs=0.0)
     train.update(kw.pop("train", {}))
     base = dict(data=str(data), out=str(out), teacher=str(teacher), student_arch="mobilenet_v2",
                 student_kwargs={"width_mult": 0.35}, queue_size=12, train=TrainConfig(**train))
     base.update(kw)
     return DistillOptions(**base)
+
+
+def test_the_python_api_defaults_are_the_commands_auto_settings(tmp_path):
+    """DistillOptions() and a bare TrainConfig() leave batch, run length, lr and warm-up on auto, as the
+    CLI does; the engine refuses unresolved settings with what to do instead of training on a guess."""
+    from compress_edge.train.pretrain import PretrainOptions
+
+    for train in (DistillOptions(data="d", out="o").train, PretrainOptions(data="d", out="o").train, TrainConfig()):
+        assert (train.epochs, train.batch_size, train.lr, train.warmup_epochs) == (None, None, None, None)
+    with pytest.raises(TrainingError, match="epochs, batch_size, lr, warmup_epochs left on auto.*with_plan"):
+        Trainer(nn.Linear(2, 2), TrainConfig(device="cpu"), tmp_path / "run")
 
 
 def test_two_epochs_equal_one_epoch_resume_one_epoch(tmp_path, class_folder, saved_teacher):

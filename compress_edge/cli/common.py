@@ -48,8 +48,11 @@ AmpOpt = Annotated[Amp, typer.Option("--amp", help="Mixed precision: auto (bf16/
 MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps-per-epoch", help="Cap the steps of each epoch (quick "
                                                  "trials).")]
 #: The batch of pretrain and distill, both following the data set's size.
-BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per step per process (default: "
-                                                 "auto, 256 or fewer so an epoch has 8 steps).", show_default=False)]
+def batch_size_option(min_steps_per_epoch: int, smallest: int) -> Any:
+    """--batch-size of a training command whose batch is chosen from the data (at most 256 images)."""
+    return typer.Option("--batch-size", "-b", help=f"Images per step per process (default: auto, 256 or fewer so "
+                                                   f"an epoch has {min_steps_per_epoch} steps, at least {smallest}).",
+                        show_default=False)
 
 
 def holdout_option(compared: str) -> Any:

@@ -10,7 +10,6 @@ import typer
 
 from compress_edge.cli import app
 from compress_edge.cli.common import (
-    BatchSizeOpt,
     DataRootOpt,
     DeviceOpt,
     DistillMethod,
@@ -18,6 +17,7 @@ from compress_edge.cli.common import (
     ProgressOpt,
     RunFlags,
     WorkersOpt,
+    batch_size_option,
     console,
     epochs_option,
     holdout_option,
@@ -30,8 +30,10 @@ from compress_edge.defaults import (
     DEFAULT_METHOD,
     DEFAULT_STUDENT_EMBED,
     DISTILL_BASE_LR,
+    DISTILL_MIN_BATCH,
     DISTILL_MIN_EPOCHS,
     DISTILL_MIN_STEPS,
+    DISTILL_MIN_STEPS_PER_EPOCH,
     PAPER_TEMPERATURE,
 )
 from compress_edge.errors import CompressEdgeError
@@ -104,7 +106,7 @@ def distill(
     holdout: Annotated[float, holdout_option("the student with its teacher, raw pixels and its random "
                                              "weights")] = DEFAULT_HOLDOUT,
     epochs: Annotated[int | None, epochs_option(DISTILL_MIN_STEPS, DISTILL_MIN_EPOCHS)] = None,
-    batch_size: BatchSizeOpt = None,
+    batch_size: Annotated[int | None, batch_size_option(DISTILL_MIN_STEPS_PER_EPOCH, DISTILL_MIN_BATCH)] = None,
     lr: Annotated[float | None, lr_option(DISTILL_BASE_LR)] = None,
     optimizer: Annotated[Optimizer, typer.Option("--optimizer", help="The optimizer.")] = "sgd",
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (AdamW: beta1).")] = 0.9,

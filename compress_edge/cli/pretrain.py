@@ -9,10 +9,10 @@ import typer
 
 from compress_edge.cli import app
 from compress_edge.cli.common import (
-    BatchSizeOpt,
     DataRootOpt,
     PretrainMethod,
     RunFlags,
+    batch_size_option,
     epochs_option,
     holdout_option,
     lr_option,
@@ -22,6 +22,7 @@ from compress_edge.cli.common import (
 from compress_edge.cli.distill import parse_kwargs
 from compress_edge.defaults import DEFAULT_HOLDOUT, PRETRAIN_BASE_LR, PRETRAIN_MIN_EPOCHS, PRETRAIN_MIN_STEPS
 from compress_edge.errors import CompressEdgeError
+from compress_edge.train.schedule import MIN_BATCH, MIN_STEPS_PER_EPOCH
 
 
 @app.command("pretrain")
@@ -45,7 +46,7 @@ def pretrain(
                                             "the query's own image as a negative.")] = True,
     holdout: Annotated[float, holdout_option("the model with raw pixels and its random weights")] = DEFAULT_HOLDOUT,
     epochs: Annotated[int | None, epochs_option(PRETRAIN_MIN_STEPS, PRETRAIN_MIN_EPOCHS)] = None,
-    batch_size: BatchSizeOpt = None,
+    batch_size: Annotated[int | None, batch_size_option(MIN_STEPS_PER_EPOCH, MIN_BATCH)] = None,
     lr: Annotated[float | None, lr_option(PRETRAIN_BASE_LR)] = None,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="SGD weight decay.")] = 5e-4,
     image_size: Annotated[int | None, typer.Option("--image-size", help="Training size in pixels (default: auto, "

@@ -266,8 +266,8 @@ def comparison_warnings(result: Comparison, name: str) -> list[str]:
         gap = result.rows["teacher"]["knn20"] - result.rows[name]["knn20"]
         if gap > 5.0:
             out.append(f"{name} trails its teacher by {gap:.1f} points of weighted 20-NN on the held-out images; "
-                       "more images, more --epochs or a wider student narrow it (a teacher that trained on these "
-                       "images scores optimistically here)")
+                       "more images, more steps (more --epochs, or a smaller --batch-size) or a wider student narrow "
+                       "it (a teacher that trained on these images scores optimistically here)")
     teacher_spread = None
     if "teacher" in result.rows:
         t = result.rows["teacher"]["spread"]

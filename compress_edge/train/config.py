@@ -11,17 +11,19 @@ from typing import Any
 class TrainConfig:
     """The engine's settings (a method's own settings live with the method).
 
-    ``epochs``, ``batch_size``, ``lr`` and ``warmup_epochs`` may be None ("auto") in a command's
-    options; the command resolves them (:func:`compress_edge.train.schedule.plan_run`) before the engine runs.
+    ``epochs``, ``batch_size``, ``lr`` and ``warmup_epochs`` are None ("auto") unless given, as in the
+    commands: ``distill`` and ``pretrain`` (CLI and Python API alike) resolve them from the data and the
+    run length (:func:`compress_edge.train.schedule.plan_run`, :meth:`with_plan`) before the engine runs;
+    the engine itself (:class:`~compress_edge.train.engine.Trainer`) takes concrete numbers only.
     """
 
-    epochs: int | None = 10
-    batch_size: int | None = 256
-    lr: float | None = 0.01
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
     optimizer: str = "sgd"  # or "adamw"
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_epochs: float | None = 0.0
+    warmup_epochs: float | None = None
     schedule: str = "cosine"  # or "constant"
     workers: int = 2
     device: str = "auto"

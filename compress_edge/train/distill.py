@@ -24,8 +24,10 @@ from compress_edge.defaults import (
     DISTILL_CROP_SCALE,
     DISTILL_LR_SCALING,
     DISTILL_MAX_EPOCHS,
+    DISTILL_MIN_BATCH,
     DISTILL_MIN_EPOCHS,
     DISTILL_MIN_STEPS,
+    DISTILL_MIN_STEPS_PER_EPOCH,
     METHODS,
     PAPER_TEMPERATURE,
 )
@@ -140,7 +142,7 @@ class DistillOptions(RunOptions):
     image_size: int | None = None  # the teacher's input size (default: its own)
     student_image_size: int | None = None  # the student's (default: the teacher's)
     data_root: str | None = None
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=None, batch_size=None, lr=None))
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_teacher(teacher: str | None, weights: str | None, data: str, image_size: int | None):
@@ -209,7 +211,8 @@ def resolve_distillation(opts: DistillOptions) -> DistillSetup:
                                                     mean, std)
     train_set, heldout, plan = holdout_and_plan(
         dataset, images, opts, base_lr=DISTILL_BASE_LR, min_steps=DISTILL_MIN_STEPS, min_epochs=DISTILL_MIN_EPOCHS,
-        max_epochs=DISTILL_MAX_EPOCHS, lr_scaling=DISTILL_LR_SCALING)
+        max_epochs=DISTILL_MAX_EPOCHS, lr_scaling=DISTILL_LR_SCALING, min_steps_per_epoch=DISTILL_MIN_STEPS_PER_EPOCH,
+        min_batch=DISTILL_MIN_BATCH)
     queue_size = opts.queue_size or auto_queue_size(len(train_set))
     if queue_size > len(train_set):
         logger.warning("--queue-size %d is more than the %d training images; using %d", queue_size, len(train_set),

@@ -89,7 +89,8 @@ class Trainer:
     ):
         unresolved = [k for k in ("epochs", "batch_size", "lr", "warmup_epochs") if getattr(config, k) is None]
         if unresolved:
-            raise TrainingError(f"the engine needs concrete settings; {', '.join(unresolved)} left on auto")
+            raise TrainingError(f"the engine needs concrete settings; {', '.join(unresolved)} left on auto: give "
+                                "numbers, or resolve them with TrainConfig.with_plan(schedule.plan_run(...))")
         self.config = config
         self.run_dir = Path(run_dir)
         self.checkpoints = RunCheckpoints(self.run_dir)

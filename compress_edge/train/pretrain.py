@@ -110,8 +110,7 @@ class PretrainOptions(shared.RunOptions):
     image_size: int | None = None  # auto: the data's own size, within [32, 224]
     data_root: str | None = None
     init: str | None = None  # a model folder whose backbone weights the run starts from
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=None, batch_size=None, lr=None,
-                                                                   weight_decay=5e-4, warmup_epochs=None))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(weight_decay=5e-4))
 
 
 @dataclass

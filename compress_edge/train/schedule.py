@@ -5,7 +5,8 @@ training images, the number of processes and the image size, so that a user who 
 gets a setting that works on 500 images as on 2,000,000:
 
 - the batch follows the data: at most 256 images, and small enough for at least
-  ``MIN_STEPS_PER_EPOCH`` optimizer steps per epoch;
+  ``MIN_STEPS_PER_EPOCH`` optimizer steps per epoch (``distill`` asks for more, down to a larger
+  smallest batch: :data:`compress_edge.defaults.DISTILL_MIN_STEPS_PER_EPOCH`, ``DISTILL_MIN_BATCH``);
 - the run length is counted in optimizer steps, not epochs: enough steps for the optimizer and the
   key encoder, enough epochs for each image to be seen many times under augmentation, and no more
   epochs than a large data set needs;
@@ -47,11 +48,15 @@ def steps_per_epoch(images: int, batch_size: int, world_size: int = 1, max_steps
 def auto_batch_size(images: int, world_size: int = 1, *, largest: int = MAX_BATCH, smallest: int = MIN_BATCH,
                     min_steps: int = MIN_STEPS_PER_EPOCH) -> int:
     """The largest power of two up to ``largest`` images per process that leaves at least
-    ``min_steps`` steps per epoch (never below ``smallest``)."""
+    ``min_steps`` steps per epoch (never below ``smallest``, unless the data holds fewer than one such
+    batch: then the largest power of two that still makes one step)."""
     batch = int(largest)
     while batch > smallest and batch * world_size * min_steps > images:
         batch //= 2
-    return max(int(smallest), batch)
+    batch = max(int(smallest), batch)
+    while batch > 1 and batch * world_size > images:
+        batch //= 2
+    return batch
 
 
 def auto_epochs(images: int, batch_size: int, world_size: int = 1, *, min_steps: int, min_epochs: int,
@@ -114,11 +119,12 @@ class RunPlan:
 def plan_run(images: int, *, batch_size: int | None, epochs: int | None, lr: float | None, base_lr: float,
              min_steps: int, min_epochs: int, max_epochs: int, world_size: int = 1,
              max_steps_per_epoch: int | None = None, warmup_share: float = 0.05,
-             lr_scaling: str = "linear") -> RunPlan:
+             lr_scaling: str = "linear", min_steps_per_epoch: int = MIN_STEPS_PER_EPOCH,
+             min_batch: int = MIN_BATCH) -> RunPlan:
     """Resolve the "auto" (None) settings of a run; see the module docstring."""
     automatic = []
     if batch_size is None:
-        batch_size = auto_batch_size(images, world_size)
+        batch_size = auto_batch_size(images, world_size, min_steps=min_steps_per_epoch, smallest=min_batch)
         automatic.append("batch")
     if epochs is None:
         epochs = auto_epochs(images, batch_size, world_size, min_steps=min_steps, min_epochs=min_epochs,

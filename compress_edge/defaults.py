@@ -1,6 +1,8 @@
 """Method names and the paper's defaults, torch-free so that the command line imports without torch
 (a device runs ``compress-edge search`` and ``classify`` with onnxruntime, faiss and numpy only)."""
 
+from types import MappingProxyType
+
 METHODS = ("compress-2q", "compress-2q-nomomentum", "compress-1q", "regression", "regression-bn")
 PAPER_QUEUE_SIZE = 128_000  # CompRess, NeurIPS 2020
 PAPER_TEMPERATURE = 0.04
@@ -30,6 +32,13 @@ DISTILL_MIN_STEPS_PER_EPOCH = 64
 #: distill: the smallest automatic batch. Batch 16 helped on 580 and 2,000 images but cost the suite's
 #: 432-image check 6 points against batch 32 (batch-norm statistics of 16 images; README, "The batch").
 DISTILL_MIN_BATCH = 32
+#: distill's run-plan bounds as :func:`compress_edge.train.schedule.plan_run` takes them: one set for
+#: the command and for the tests that check what it plans.
+DISTILL_PLAN_LIMITS = MappingProxyType({
+    "base_lr": DISTILL_BASE_LR, "lr_scaling": DISTILL_LR_SCALING, "min_steps": DISTILL_MIN_STEPS,
+    "min_epochs": DISTILL_MIN_EPOCHS, "max_epochs": DISTILL_MAX_EPOCHS,
+    "min_steps_per_epoch": DISTILL_MIN_STEPS_PER_EPOCH, "min_batch": DISTILL_MIN_BATCH,
+})
 #: distill: the student's embedding size when --embed-dim is not given (a linear head), so that an
 #: on-device index costs 512 bytes an image in float32.
 DEFAULT_STUDENT_EMBED = 128

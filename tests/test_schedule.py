@@ -5,13 +5,10 @@ from __future__ import annotations
 import pytest
 
 from compress_edge.defaults import (
-    DISTILL_BASE_LR,
-    DISTILL_LR_SCALING,
-    DISTILL_MAX_EPOCHS,
     DISTILL_MIN_BATCH,
     DISTILL_MIN_EPOCHS,
-    DISTILL_MIN_STEPS,
     DISTILL_MIN_STEPS_PER_EPOCH,
+    DISTILL_PLAN_LIMITS,
 )
 from compress_edge.train.schedule import (
     LATE_FALL_WARN,
@@ -48,10 +45,7 @@ def test_distills_batch_gives_a_few_thousand_images_their_steps(images, batch):
     """distill's plan: 130 epochs at a batch that leaves 64 steps an epoch, never under 32 images (the
     README's measurements: on 4,500 shapes batch 256 ended 11 points behind the teacher, 64 level with it,
     in the same CPU time; batch 16 cost a 432-image set 6 points)."""
-    plan = plan_run(images, batch_size=None, epochs=None, lr=None, base_lr=DISTILL_BASE_LR,
-                    min_steps=DISTILL_MIN_STEPS, min_epochs=DISTILL_MIN_EPOCHS, max_epochs=DISTILL_MAX_EPOCHS,
-                    lr_scaling=DISTILL_LR_SCALING, min_steps_per_epoch=DISTILL_MIN_STEPS_PER_EPOCH,
-                    min_batch=DISTILL_MIN_BATCH)
+    plan = plan_run(images, batch_size=None, epochs=None, lr=None, **DISTILL_PLAN_LIMITS)
     assert plan.batch_size == batch
     assert plan.steps_per_epoch >= DISTILL_MIN_STEPS_PER_EPOCH or batch == DISTILL_MIN_BATCH
     assert plan.epochs == DISTILL_MIN_EPOCHS

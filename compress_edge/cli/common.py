@@ -47,7 +47,6 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 AmpOpt = Annotated[Amp, typer.Option("--amp", help="Mixed precision: auto (bf16/fp16 on GPU), bf16, fp16, off.")]
 MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps-per-epoch", help="Cap the steps of each epoch (quick "
                                                  "trials).")]
-#: The batch of pretrain and distill, both following the data set's size.
 def batch_size_option(min_steps_per_epoch: int, smallest: int) -> Any:
     """--batch-size of a training command whose batch is chosen from the data (at most 256 images)."""
     return typer.Option("--batch-size", "-b", help=f"Images per step per process (default: auto, 256 or fewer so "

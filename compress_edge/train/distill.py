@@ -20,14 +20,8 @@ from compress_edge.defaults import (
     DEFAULT_HOLDOUT,
     DEFAULT_METHOD,
     DEFAULT_STUDENT_EMBED,
-    DISTILL_BASE_LR,
     DISTILL_CROP_SCALE,
-    DISTILL_LR_SCALING,
-    DISTILL_MAX_EPOCHS,
-    DISTILL_MIN_BATCH,
-    DISTILL_MIN_EPOCHS,
-    DISTILL_MIN_STEPS,
-    DISTILL_MIN_STEPS_PER_EPOCH,
+    DISTILL_PLAN_LIMITS,
     METHODS,
     PAPER_TEMPERATURE,
 )
@@ -210,9 +204,7 @@ def resolve_distillation(opts: DistillOptions) -> DistillSetup:
     images, teacher_dim, augment = _training_images(opts, dataset, cache, teacher_spec, image_size, teacher_size,
                                                     mean, std)
     train_set, heldout, plan = holdout_and_plan(
-        dataset, images, opts, base_lr=DISTILL_BASE_LR, min_steps=DISTILL_MIN_STEPS, min_epochs=DISTILL_MIN_EPOCHS,
-        max_epochs=DISTILL_MAX_EPOCHS, lr_scaling=DISTILL_LR_SCALING, min_steps_per_epoch=DISTILL_MIN_STEPS_PER_EPOCH,
-        min_batch=DISTILL_MIN_BATCH)
+        dataset, images, opts, **DISTILL_PLAN_LIMITS)
     queue_size = opts.queue_size or auto_queue_size(len(train_set))
     if queue_size > len(train_set):
         logger.warning("--queue-size %d is more than the %d training images; using %d", queue_size, len(train_set),

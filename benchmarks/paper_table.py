@@ -8,7 +8,7 @@ test images), with frozen embeddings:
 - the student architecture with random weights, batch-norm statistics re-estimated on the data;
 - the student trained self-supervised from scratch (SimCLR, the same number of epochs);
 - the student distilled from the teacher with ``regression``, ``regression-bn``, ``compress-1q`` and
-  ``compress-2q``, each with the same epochs, batch and learning rate.
+  ``compress-2q``, each with the same epochs and batch (and each method's automatic learning rate).
 
 Columns: 1-NN and weighted 20-NN top-1 (%), linear probe top-1 (%), the spread of the test
 embeddings (mean pairwise cosine, effective rank), the top-10 neighbour overlap with the teacher,
@@ -26,8 +26,13 @@ Data sets:
   students learn without labels.
 
     python benchmarks/paper_table.py --dataset fashion-mnist     # ~90 min on 2 CPU cores
-    python benchmarks/paper_table.py --dataset shapes
+    python benchmarks/paper_table.py --dataset shapes --jobs 2 --threads 1   # distill's automatic plan
     python benchmarks/paper_table.py --dataset shapes --quick    # minutes: a smoke run
+
+The Fashion-MNIST preset trains every student the demo's 10 epochs (batch 256); the shapes preset
+gives every student, the from-scratch one included, the epochs and batch that ``distill`` chooses
+by itself for the training set (``--epochs`` overrides). ``--jobs N`` trains N students at a time,
+each with ``--threads`` torch threads.
 
 Prints the table and writes ``results.json`` and ``table.md`` in ``--work`` (default
 ``runs/paper-table-<dataset>``); finished runs are reused when the script runs again with the same
@@ -70,8 +75,8 @@ class Setting:
     student_kwargs: dict[str, Any]
     student_image_size: int
     embed_dim: int
-    epochs: int  # every student, the from-scratch one included
-    batch_size: int
+    epochs: int | None  # every student, the from-scratch one included; None: distill's automatic run length
+    batch_size: int | None  # None: distill's automatic batch
     cache_views: int
     threads: int | None = None
     workers: int = 1
@@ -91,7 +96,7 @@ PRESETS = {
         dataset="shapes", train="", test="", teacher="supervised", teacher_arch="resnet18",
         teacher_kwargs={"small_input": False}, teacher_image_size=32, teacher_epochs=20,
         student_arch="mobilenet_v2", student_kwargs={"width_mult": 0.5, "small_input": False},
-        student_image_size=32, embed_dim=128, epochs=30, batch_size=256, cache_views=4,
+        student_image_size=32, embed_dim=128, epochs=None, batch_size=None, cache_views=4,
         generated={"train_per_class": 500, "test_per_class": 100, "size": 32, "seed": 0},
     ),
 }
@@ -146,6 +151,22 @@ def make_data(s: Setting, work: Path) -> Setting:
         make_shapes(root / "test", g["test_per_class"], size=g["size"], seed=g["seed"] + 1)
         _done(root, options, time.perf_counter() - started)
     return dataclasses.replace(s, train=str(root / "train"), test=str(root / "test"))
+
+
+def resolve_plan(s: Setting) -> Setting:
+    """Fill an automatic (None) epochs or batch with what ``distill`` would choose for the training set,
+    so that every student, the SimCLR one included, trains the same epochs with the same batch."""
+    if s.epochs is not None and s.batch_size is not None:
+        return s
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.defaults import DISTILL_PLAN_LIMITS
+    from compress_edge.train.schedule import plan_run
+
+    plan = plan_run(len(open_dataset(s.train)), batch_size=s.batch_size, epochs=s.epochs, lr=None,
+                    **DISTILL_PLAN_LIMITS)
+    log.info("distill's plan for %d images: %d epochs of %d steps, batch %d", plan.images, plan.epochs,
+             plan.steps_per_epoch, plan.batch_size)
+    return dataclasses.replace(s, epochs=plan.epochs, batch_size=plan.batch_size)
 
 
 def _train_config(s: Setting, epochs: int | None, batch: int | None, amp: str = "off"):
@@ -314,7 +335,51 @@ def verdict(rows: list[dict]) -> dict[str, Any]:
             "within_3_of_teacher": by["teacher"]["knn20"] - main["knn20"] <= 0.03}
 
 
-def run(s: Setting, work: Path) -> dict:
+STUDENTS = ("scratch", *DISTILL_METHODS)
+
+
+def train_student(s: Setting, teacher_dir: str, cache: str, work: Path, name: str) -> dict:
+    """Train (or reuse) one student: ``scratch`` (SimCLR) or a distillation method."""
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(int(s.threads))
+    if name == "scratch":
+        return pretrain(s, s.train, work / "student-scratch", s.student_arch, s.student_kwargs,
+                        s.student_image_size, s.epochs, s.batch_size)
+    record = distill(s, teacher_dir, cache, name, work / f"student-{name}")
+    log.info("%s trained in %.0f s", name, record["seconds"])
+    return record
+
+
+def _worker_start() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def train_students(s: Setting, teacher_dir: str, cache: str, work: Path, jobs: int, on_done) -> dict[str, dict]:
+    """Every student's record; ``jobs`` students train at a time (separate processes, the SimCLR one
+    first: it is the longest), ``on_done(name, record)`` after each."""
+    records: dict[str, dict] = {}
+    if jobs <= 1:
+        for name in STUDENTS:
+            records[name] = train_student(s, teacher_dir, cache, work, name)
+            on_done(name, records[name])
+        return records
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_start) as pool:
+        futures = {pool.submit(train_student, s, teacher_dir, cache, work, name): name for name in STUDENTS}
+        for future in as_completed(futures):
+            name = futures[future]
+            records[name] = future.result()
+            on_done(name, records[name])
+    return records
+
+
+def run(s: Setting, work: Path, jobs: int = 1) -> dict:
     import torch
 
     from compress_edge.data.datasets import open_dataset
@@ -337,20 +402,17 @@ def run(s: Setting, work: Path) -> dict:
     cache, cache_seconds = teacher_cache(s, teacher_dir, work)
     results["stages"]["teacher_cache_seconds"] = round(cache_seconds, 1)
     save()
-    trained: list[tuple[str, Path, dict, float]] = []
-    scratch = work / "student-scratch"
-    record = pretrain(s, s.train, scratch, s.student_arch, s.student_kwargs, s.student_image_size, s.epochs,
-                      s.batch_size)
-    trained.append(("student: SimCLR from scratch", scratch / "student", record, 0.0))
-    results["stages"]["student-scratch"] = record
-    save()
-    for method in DISTILL_METHODS:
-        out = work / f"student-{method}"
-        record = distill(s, teacher_dir, cache, method, out)
-        trained.append((f"student: {method}", out / "student", record, cache_seconds))
-        results["stages"][f"student-{method}"] = record
-        log.info("%s trained in %.0f s", method, record["seconds"])
+    s = resolve_plan(s)
+    results["setting"] = dataclasses.asdict(s)
+
+    def student_done(name: str, record: dict) -> None:
+        results["stages"][f"student-{name}"] = record
         save()
+
+    records = train_students(s, teacher_dir, cache, work, jobs, on_done=student_done)
+    trained = [("student: SimCLR from scratch", work / "student-scratch" / "student", records["scratch"], 0.0)]
+    trained += [(f"student: {m}", work / f"student-{m}" / "student", records[m], cache_seconds)
+                for m in DISTILL_METHODS]
 
     train_ds, test_ds = open_dataset(s.train), open_dataset(s.test)
     t_train, t_test, t_model, t_spec = model_features(teacher_dir, s, train_ds, test_ds)
@@ -404,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
                    "(default: runs/paper-table-<dataset>[-quick])")
     p.add_argument("--epochs", type=int, default=None, help="epochs of every student")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--jobs", type=int, default=1, help="students trained at a time, each with --threads threads")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes")
     p.add_argument("--device", default=None, help="auto, cpu, cuda")
     args = p.parse_args(argv)
@@ -419,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
             s = dataclasses.replace(s, **{name: getattr(args, name)})
     work = args.work or Path("runs") / f"paper-table-{args.dataset}{'-quick' if args.quick else ''}"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    print_table(run(s, work))
+    print_table(run(s, work, jobs=max(1, args.jobs)))
 
 
 if __name__ == "__main__":

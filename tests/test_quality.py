@@ -12,6 +12,7 @@ from compress_edge.eval.quality import (
     embedding_spread,
     holdout_split,
     raw_pixel_features,
+    spread_warnings,
     temperature_warnings,
 )
 
@@ -36,6 +37,13 @@ def test_spread_flags_embeddings_that_use_a_few_directions_but_not_ten_classes()
     # A narrow cone along a few directions: neither bound alone is crossed, together they are collapse.
     cone = embedding_spread(4.0 + rng.normal(size=(500, 5)) @ rng.normal(size=(5, 64)))
     assert 0.5 < cone.mean_cosine < 0.9 and 4 < cone.effective_rank < 8 and cone.collapsed, cone
+    # A cone alone is a likely collapse to check with a kNN (one good student measured inside it), the
+    # crossed bounds a collapse.
+    (cone_warning,) = spread_warnings(cone, "the student")
+    assert "narrow cone" in cone_warning and "eval knn" in cone_warning, cone_warning
+    (squeezed_warning,) = spread_warnings(squeezed, "the student")
+    assert "nearly collapsed" in squeezed_warning and "narrow cone" not in squeezed_warning
+    assert spread_warnings(classes, "the student") == []
     # A random network's kind of features: one cone, but many directions: not collapsed.
     wide = embedding_spread(1.0 + rng.normal(size=(500, 64)))
     assert wide.mean_cosine > 0.4 and wide.effective_rank > 30 and not wide.collapsed, wide

@@ -125,3 +125,20 @@ def test_warnings_say_plainly_when_a_model_does_not_beat_its_baselines():
                               "same network, random weights": _row(45.0), "raw pixels": _row(50.0)},
                         gallery=900, queries=100)
     assert comparison_warnings(better, "the student") == []
+
+
+def test_a_narrow_cone_warns_only_when_the_knn_check_does_not_pass():
+    cone = {"mean_cos": 0.52, "rank": 7.1}  # the shapes table's compress-2q: 93.0 against its teacher's 93.8
+    passed = Comparison(rows={"the student": _row(58.0, **cone), "teacher": _row(60.0),
+                              "same network, random weights": _row(45.0), "raw pixels": _row(50.0)},
+                        gallery=900, queries=100)
+    assert comparison_warnings(passed, "the student") == []
+    failed = Comparison(rows={"the student": _row(48.0, **cone), "teacher": _row(60.0),
+                              "same network, random weights": _row(45.0), "raw pixels": _row(50.0)},
+                        gallery=900, queries=100)
+    text = " ".join(comparison_warnings(failed, "the student"))
+    assert "does not beat raw pixels" in text and "narrow cone" in text, text
+    squeezed = Comparison(rows={"the student": _row(58.0, mean_cos=0.3, rank=3.0), "teacher": _row(60.0),
+                                "same network, random weights": _row(45.0), "raw pixels": _row(50.0)},
+                          gallery=900, queries=100)
+    assert "nearly collapsed" in " ".join(comparison_warnings(squeezed, "the student"))

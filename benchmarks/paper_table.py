@@ -340,10 +340,6 @@ STUDENTS = ("scratch", *DISTILL_METHODS)
 
 def train_student(s: Setting, teacher_dir: str, cache: str, work: Path, name: str) -> dict:
     """Train (or reuse) one student: ``scratch`` (SimCLR) or a distillation method."""
-    if s.threads:
-        import torch
-
-        torch.set_num_threads(int(s.threads))
     if name == "scratch":
         return pretrain(s, s.train, work / "student-scratch", s.student_arch, s.student_kwargs,
                         s.student_image_size, s.epochs, s.batch_size)
@@ -352,7 +348,12 @@ def train_student(s: Setting, teacher_dir: str, cache: str, work: Path, name: st
     return record
 
 
-def _worker_start() -> None:
+def _worker_start(threads: int | None) -> None:
+    """A training process: its log lines, and ``--threads`` torch threads (``run`` sets the main one's)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s: %(message)s",
                         stream=sys.stderr)
 
@@ -370,7 +371,7 @@ def train_students(s: Setting, teacher_dir: str, cache: str, work: Path, jobs: i
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_start) as pool:
+                             initializer=_worker_start, initargs=(s.threads,)) as pool:
         futures = {pool.submit(train_student, s, teacher_dir, cache, work, name): name for name in STUDENTS}
         for future in as_completed(futures):
             name = futures[future]
@@ -390,7 +391,7 @@ def run(s: Setting, work: Path, jobs: int = 1) -> dict:
         torch.set_num_threads(int(s.threads))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    s = make_data(s, work)
+    s = resolve_plan(make_data(s, work))
     results: dict[str, Any] = {"setting": dataclasses.asdict(s), "machine": machine(), "rows": [], "stages": {}}
 
     def save() -> None:
@@ -402,8 +403,6 @@ def run(s: Setting, work: Path, jobs: int = 1) -> dict:
     cache, cache_seconds = teacher_cache(s, teacher_dir, work)
     results["stages"]["teacher_cache_seconds"] = round(cache_seconds, 1)
     save()
-    s = resolve_plan(s)
-    results["setting"] = dataclasses.asdict(s)
 
     def student_done(name: str, record: dict) -> None:
         results["stages"][f"student-{name}"] = record

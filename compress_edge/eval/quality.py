@@ -87,6 +87,11 @@ class Spread:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "collapsed": self.collapsed}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Spread:
+        """The inverse of :meth:`to_dict` (a row of a :class:`Comparison`)."""
+        return cls(d["mean_cosine"], d["effective_rank"], d["dim"], d["images"])
+
     def describe(self) -> str:
         return f"mean pairwise cosine {self.mean_cosine:.3f}, effective rank {self.effective_rank:.1f} of {self.dim}"
 
@@ -281,18 +286,15 @@ def comparison_warnings(result: Comparison, name: str) -> list[str]:
                 + ("train longer (more --epochs), use more images, or check the teacher"
                    if baseline == "raw pixels" else "this model has learned little; train longer or on more images")
             )
+    teacher_spread = None
     if "teacher" in result.rows:
+        teacher_spread = Spread.from_dict(result.rows["teacher"]["spread"])
         gap = result.rows["teacher"]["knn20"] - result.rows[name]["knn20"]
         if gap > 5.0:
             out.append(f"{name} trails its teacher by {gap:.1f} points of weighted 20-NN on the held-out images; "
                        "more images, more steps (more --epochs, or a smaller --batch-size) or a wider student narrow "
                        "it (a teacher that trained on these images scores optimistically here)")
-    teacher_spread = None
-    if "teacher" in result.rows:
-        t = result.rows["teacher"]["spread"]
-        teacher_spread = Spread(t["mean_cosine"], t["effective_rank"], t["dim"], t["images"])
-    s = result.rows[name]["spread"]
-    spread = Spread(s["mean_cosine"], s["effective_rank"], s["dim"], s["images"])
+    spread = Spread.from_dict(result.rows[name]["spread"])
     if out or not spread.narrow_cone:  # a narrow cone is a prompt for the kNN check that has just passed
         out += spread_warnings(spread, name, reference=teacher_spread)
     return out

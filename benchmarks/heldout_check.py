@@ -1,15 +1,20 @@
-"""Distillation on a data set nobody tuned for: generated textures, a supervised teacher, `distill`'s defaults.
+"""Distillation on a data set nobody tuned for (generated textures or scikit-learn's handwritten digits), a
+supervised teacher, `distill`'s defaults.
 
 The check a new user's first run amounts to, made reproducible:
 
-1. ``make_textures`` writes a 10-class set of coloured patterns (train and test from different seeds).
+1. ``make_textures`` writes a 10-class set of coloured patterns (train and test from different seeds),
+   or, with ``--dataset digits``, :func:`write_digits` writes a real handwritten set: the 1,797 digit
+   images scikit-learn ships (8x8 px, 16 grey levels), split by a fixed seed and enlarged to ``--size``.
 2. A torchvision ``resnet18`` is trained with labels on the train part and saved as a plain
-   torchvision-layout state dict (``teacher.pth``), the kind of checkpoint a user brings.
+   torchvision-layout state dict (``teacher.pth``), the kind of checkpoint a user brings; or, with
+   ``--teacher pretrain``, ``compress-edge pretrain TRAIN --image-size S`` makes the teacher with its defaults.
 3. ``compress-edge distill TRAIN --teacher resnet18 --teacher-weights teacher.pth --image-size S`` runs
    with every other option at its default (extra options can be passed to compare settings).
 4. ``compress-edge eval knn`` scores teacher, student, raw pixels and the student's random weights.
 
 Run:  python benchmarks/heldout_check.py --out runs/heldout --tag TAG [--per-class 64] [-- --method compress-2q]
+      python benchmarks/heldout_check.py --dataset digits --out runs/heldout-digits --tag defaults
 Prints the scores and writes ``results-TAG.json`` in the output folder; data, teacher and finished
 runs already there are reused.
 """
@@ -35,6 +40,30 @@ def _cli(*args: str) -> str:
     return done.stdout
 
 
+def write_digits(train: Path, test: Path, size: int, test_share: float = 0.4, seed: int = 0) -> None:
+    """scikit-learn's handwritten digits (``load_digits``: 1,797 images of 8x8 px, values 0 to 16, read
+    from the package, no download) as two class folders of PNG files enlarged to ``size`` px, a random
+    ``test_share`` of each class in ``test``."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SystemExit("--dataset digits reads scikit-learn's bundled digits: pip install scikit-learn") from None
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    for label in range(10):
+        idx = rng.permutation(np.flatnonzero(digits.target == label))
+        n_test = int(round(len(idx) * test_share))
+        for part, chosen in ((test, idx[:n_test]), (train, idx[n_test:])):
+            folder = part / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in chosen:
+                pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
+                Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR).save(folder / f"{i:04d}.png")
+
+
 def _knn(model: str, train: Path, test: Path, size: int, *extra: str) -> dict:
     return json.loads(_cli("eval", "knn", model, "--train", str(train), "--test", str(test), "--image-size",
                            str(size), "--json", *extra))
@@ -42,6 +71,12 @@ def _knn(model: str, train: Path, test: Path, size: int, *extra: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=("textures", "digits"), default="textures",
+                   help="textures: generated (--per-class, --test-per-class); digits: scikit-learn's handwritten "
+                        "digits, 60 %% train / 40 %% test")
+    p.add_argument("--teacher", choices=("supervised", "pretrain"), default="supervised",
+                   help="supervised: a torchvision resnet18 trained with the labels (a checkpoint a user brings); "
+                        "pretrain: `compress-edge pretrain TRAIN` with its defaults, then distill from that run")
     p.add_argument("--out", type=Path, default=Path("runs/heldout"))
     p.add_argument("--per-class", type=int, default=64)
     p.add_argument("--test-per-class", type=int, default=100)
@@ -55,28 +90,41 @@ def main(argv: list[str] | None = None) -> None:
     train = root / "data" / "train"
     test = root / "data" / "test"
     if not train.exists():
-        make_textures(train, a.per_class, size=a.size, seed=1)
-        make_textures(test, a.test_per_class, size=a.size, seed=2)
-    teacher = root / "teacher.pth"
-    if not teacher.exists():
-        t0 = time.time()
-        train_labelled_teacher(train, teacher, image_size=a.size, epochs=a.teacher_epochs)
-        print(f"teacher trained in {time.time() - t0:.0f}s", flush=True)
+        if a.dataset == "digits":
+            write_digits(train, test, a.size)
+        else:
+            make_textures(train, a.per_class, size=a.size, seed=1)
+            make_textures(test, a.test_per_class, size=a.size, seed=2)
+    took = {}  # seconds of what this call ran; a finished run reused has its time in its own folder
+    if a.teacher == "pretrain":  # the user's first two commands, nothing but the data and the image size
+        pre = root / "pretrain"
+        if not (pre / "student" / "model.safetensors").exists():
+            t0 = time.time()
+            _cli("pretrain", str(train), "--image-size", str(a.size), "--out", str(pre), "--no-progress")
+            took["pretrain"] = round(time.time() - t0, 1)
+        teacher_args = ["--teacher", str(pre)]
+        teacher_model = pre
+    else:
+        teacher = root / "teacher.pth"
+        if not teacher.exists():
+            t0 = time.time()
+            train_labelled_teacher(train, teacher, image_size=a.size, epochs=a.teacher_epochs)
+            took["teacher"] = round(time.time() - t0, 1)
+        teacher_args = ["--teacher", "resnet18", "--teacher-weights", str(teacher)]
+        teacher_model = root / "teacher-model"
+        if not (teacher_model / "model.safetensors").exists():
+            model, spec = resolve_model("resnet18", weights=teacher, image_size=a.size)
+            save_model(model, spec, teacher_model)
     run = root / f"distill-{a.tag}"
-    took = None  # a finished run reused: its time is in its own metrics.jsonl
     if not (run / "student" / "model.safetensors").exists():
         t0 = time.time()
-        _cli("distill", str(train), "--teacher", "resnet18", "--teacher-weights", str(teacher), "--image-size",
-             str(a.size), "--out", str(run), "--no-progress", *a.distill_args)
-        took = time.time() - t0
+        _cli("distill", str(train), *teacher_args, "--image-size", str(a.size), "--out", str(run), "--no-progress",
+             *a.distill_args)
+        took["distill"] = round(time.time() - t0, 1)
     student = _knn(str(run), train, test, a.size, "--baselines")
-    teacher_model = root / "teacher-model"
-    if not (teacher_model / "model.safetensors").exists():
-        model, spec = resolve_model("resnet18", weights=teacher, image_size=a.size)
-        save_model(model, spec, teacher_model)
     teacher_row = _knn(str(teacher_model), train, test, a.size)
-    result = {"tag": a.tag, "distill_args": a.distill_args, "distill_seconds": took,
-              "student": student, "teacher": teacher_row}
+    result = {"dataset": a.dataset, "teacher_from": a.teacher, "tag": a.tag, "distill_args": a.distill_args,
+              "seconds": took, "student": student, "teacher": teacher_row}
     (root / f"results-{a.tag}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

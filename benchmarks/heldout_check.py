@@ -52,6 +52,7 @@ def write_digits(train: Path, test: Path, size: int, test_share: float = 0.4, se
     except ImportError:
         raise SystemExit("--dataset digits reads scikit-learn's bundled digits: pip install scikit-learn") from None
     digits = load_digits()
+    pixels = (digits.images * (255 / 16)).round().astype(np.uint8)
     rng = np.random.default_rng(seed)
     for label in range(10):
         idx = rng.permutation(np.flatnonzero(digits.target == label))
@@ -60,8 +61,8 @@ def write_digits(train: Path, test: Path, size: int, test_share: float = 0.4, se
             folder = part / str(label)
             folder.mkdir(parents=True, exist_ok=True)
             for i in chosen:
-                pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
-                Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR).save(folder / f"{i:04d}.png")
+                image = Image.fromarray(pixels[i], "L").resize((size, size), Image.Resampling.BILINEAR)
+                image.save(folder / f"{i:04d}.png")
 
 
 def _knn(model: str, train: Path, test: Path, size: int, *extra: str) -> dict:

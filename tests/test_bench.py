@@ -306,3 +306,23 @@ def test_bench_export_has_a_vit_row():
     bench = _bench_export()
     assert any(arch.startswith("vit_") for arch, _, _ in bench.CONFIGS.values())
     assert "vit_tiny_patch16_224" in bench.SWEEP_VITS
+
+
+def test_whitening_check_fits_on_the_gallery_and_applies_the_same_map_to_the_queries():
+    spec = importlib.util.spec_from_file_location("whitening_check", Path(__file__).parent.parent / "benchmarks" /
+                                                  "whitening_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(300, 300)) * np.linspace(3, 0.01, 300)  # a few large directions, many small
+    gallery, queries = rng.normal(size=(2000, 300)) @ mixing.T + 5, rng.normal(size=(50, 300)) @ mixing.T + 5
+    got = {name: (g, q) for name, g, q in module.variants(gallery, queries)}
+    assert list(got)[:2] == ["plain", "centred"] and "pca256 p=1.0" in got
+    np.testing.assert_array_equal(got["plain"][0], gallery)
+    assert np.abs(got["centred"][0].mean(0)).max() < 1e-9  # centred on the gallery's mean ...
+    np.testing.assert_allclose(got["centred"][1], queries - gallery.mean(0))  # ... which the queries lose too
+    white = got["pca128 p=1.0"][0]
+    assert white.shape == (2000, 128)
+    np.testing.assert_allclose(np.cov(white.T), np.eye(128), atol=1e-6)  # whitened: unit covariance
+    pca = np.var(got["pca64 p=0.0"][0], axis=0)
+    assert np.all(np.diff(pca) <= 1e-9)  # PCA alone: variances in decreasing order

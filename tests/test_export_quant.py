@@ -46,6 +46,23 @@ def _inits(proto):
     return {i.name: i for i in proto.graph.initializer}
 
 
+@pytest.fixture(scope="module")
+def cli_export(fp32):
+    """One ``compress-edge export`` of the fixture's ONNX file with fp16 and int8-cpu (automatic
+    calibration on 12 images, the default timing), read by the tests of the report, its notes and its
+    choice of file: each of them ran the same export (about 20 s) on its own before."""
+    from typer.testing import CliRunner
+
+    from compress_edge.cli import app
+
+    out = fp32["root"] / "cli-export"
+    result = CliRunner().invoke(app, ["export", str(fp32["path"]), "--fp16", "--int8", "cpu", "--calib-data",
+                                      str(fp32["images_dir"]), "--calib-images", "12", "--out", str(out),
+                                      "--no-strict", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return {"out": out, "output": result.output, "report": json.loads((out / "export.json").read_text())}
+
+
 def test_fp16_parity(fp32):
     dst = fp32["root"] / "model.fp16.onnx"
     q.to_fp16(fp32["path"], dst, fp32["spec"])
@@ -174,16 +191,15 @@ def test_int8_without_calibration_data_is_refused(fp32, tmp_path):
         export_model(ExportOptions(model=str(fp32["path"]), out=str(tmp_path / "o"), int8=["cpu"]))
 
 
-def test_export_from_an_onnx_file_reports_reduced_precision(fp32, tmp_path):
-    report = export_model(ExportOptions(model=str(fp32["path"]), out=str(tmp_path / "o"), fp16=True, int8=["cpu"],
-                                        calib_data=str(fp32["images_dir"]), calib_images=12, strict=False))
+def test_export_from_an_onnx_file_reports_reduced_precision(cli_export):
+    report = cli_export["report"]
     assert set(report["parity"]) == {"fp16", "int8-cpu"}
     for key in ("fp16", "int8-cpu"):
         entry = report["parity"][key]
         assert entry["reference"] == "onnxruntime fp32" and entry["image_source"] == "real"
         assert entry["min_cosine"] > 0.5 and entry["topk_overlap"] is not None
     assert report["calibration"]["count"] == 12
-    assert (tmp_path / "o" / "export.json").is_file()
+    assert (cli_export["out"] / "export.json").is_file()
     assert report["files"]["model.int8-cpu.onnx"]["bytes"] > 0
 
 
@@ -251,28 +267,20 @@ def test_int8_that_passes_cosine_but_not_top10_overlap_is_failed(fp32, tmp_path)
     assert kept["passed"] or q.int8_saturates()
 
 
-def test_export_times_the_files_and_says_which_to_deploy(fp32, tmp_path):
-    from typer.testing import CliRunner
-
-    from compress_edge.cli import app
-
-    out = tmp_path / "o"
-    result = CliRunner().invoke(app, ["export", str(fp32["path"]), "--fp16", "--int8", "cpu", "--calib-data",
-                                      str(fp32["images_dir"]), "--out", str(out), "--no-strict", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "export.json").read_text())
+def test_export_times_the_files_and_says_which_to_deploy(cli_export):
+    out, output, report = cli_export["out"], cli_export["output"], cli_export["report"]
     timed = report["timing"]["files"]
     assert set(timed) == {"fp32", "fp16", "int8-cpu"}
     for entry in timed.values():
         assert entry["batch1_ms"] > 0 and entry["batch32_ms"] > 0 and (out / entry["file"]).is_file()
-        assert f"{entry['file']}: {entry['batch1_ms']:.2f} ms at batch 1" in result.output
+        assert f"{entry['file']}: {entry['batch1_ms']:.2f} ms at batch 1" in output
     assert report["timing"]["iters"] == 5 and report["timing"]["machine"]
     # recommended: the fastest file at batch 1 among those that pass parity (model.onnx always counts).
     passing = [k for k in timed if k == "fp32" or report["parity"][k]["passed"]]
     best = min(passing, key=lambda k: timed[k]["batch1_ms"])
     rec = report["recommended"]
     assert rec["key"] == best and rec["file"] == timed[best]["file"]
-    assert f"deploy: {out / rec['file']} (" in result.output
+    assert f"deploy: {out / rec['file']} (" in output
     # An INT8 file slower than float32 (at batch 1 or 32) or below its goals is named, with the numbers.
     int8, base = timed["int8-cpu"], timed["fp32"]
     slower = int8["batch1_ms"] > base["batch1_ms"] or int8["batch32_ms"] > base["batch32_ms"]
@@ -283,8 +291,8 @@ def test_export_times_the_files_and_says_which_to_deploy(fp32, tmp_path):
     assert any(n.startswith("int8-cpu fails parity") for n in report["notes"]) == \
         (not report["parity"]["int8-cpu"]["passed"])
     for note in report["notes"]:
-        assert f"note: {note}" in result.output
-    print(result.output)
+        assert f"note: {note}" in output
+    print(output)
 
 
 def test_no_timing_recommends_the_float32_file(fp32, tmp_path):
@@ -433,10 +441,8 @@ def test_unknown_calibration_method_is_one_line(fp32, tmp_path):
         q.quantize_int8(fp32["path"], tmp_path / "x.onnx", fp32["spec"], fp32["images"][:4], calib_method="kl")
 
 
-def test_export_notes_say_what_int8_keeps_in_float_and_each_calibration_candidate(fp32, tmp_path):
-    report = export_model(ExportOptions(model=str(fp32["path"]), out=str(tmp_path / "o"), int8=["cpu"],
-                                        calib_data=str(fp32["images_dir"]), calib_images=16, parity_images=32,
-                                        strict=False, timing_iters=0))
+def test_export_notes_say_what_int8_keeps_in_float_and_each_calibration_candidate(cli_export):
+    report = cli_export["report"]
     settings = report["steps"]["int8-cpu"]["settings"]
     assert report["calibration"]["requested_method"] == "auto"
     assert report["calibration"]["method"] == settings["calibration"] in qc.CALIB_METHODS

@@ -65,9 +65,13 @@ def _meta_model(arch: str, arch_kwargs: dict[str, Any]) -> EmbeddingModel:
 def feature_map_size(model: EmbeddingModel, image_size: int) -> tuple[int, int] | None:
     """(h, w) of the last spatial map for a square ``image_size`` input; None when it is too small.
 
-    Runs on a meta-device copy of the architecture, so it costs neither memory nor compute.
+    Runs on a meta-device copy of the architecture (``model`` itself when it is already there), so it
+    costs neither memory nor compute.
     """
-    meta = _meta_model(model.arch, model.arch_kwargs).eval()
+    on_meta = all(p.is_meta for p in model.parameters())
+    meta = model if on_meta else _meta_model(model.arch, model.arch_kwargs)
+    was_training = meta.training
+    meta.eval()
     seen: list[tuple[int, int]] = []
     target = meta.backbone.get_submodule(model.feature_map) if model.feature_map else meta.backbone
     handle = target.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[-2:])))
@@ -77,6 +81,7 @@ def feature_map_size(model: EmbeddingModel, image_size: int) -> tuple[int, int] 
         return None
     finally:
         handle.remove()
+        meta.train(was_training)
     return seen[-1] if seen else None
 
 

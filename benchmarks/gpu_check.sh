@@ -54,19 +54,20 @@ say() { echo "[gpu_check $(( $(date +%s) - started ))s] $*"; }
 
 if [[ "$SMOKE" == 1 ]]; then
     PY=${PYTHON:-$ROOT/.venv/bin/python}
-    CE=("$PY" -m compress_edge)
     TRAIN=fashion-mnist:train@2000 GALLERY=fashion-mnist:train@2000 QUERIES=fashion-mnist:test@200
     EXTRA=(--amp off --workers 1 --batch-size 64)
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     PY=python3
-    say "installing the project and the carried wheels (no network)"
-    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --target "$WORK/site" "$GPU_DIR"/whl/*.whl "$ROOT"
-    export PYTHONPATH=$WORK/site COMPRESS_EDGE_DATA=$GPU_DIR/data
-    CE=("$PY" -m compress_edge)
     TRAIN=fashion-mnist:train GALLERY=fashion-mnist:train@20000 QUERIES=fashion-mnist:test@2000
     EXTRA=(--amp bf16 --workers "$(( $(nproc) - 2 ))" --batch-size 256)
 fi
+say "installing the project and the carried wheels (no network)"
+"$PY" -m pip install -q --no-index --no-deps --no-build-isolation --target "$WORK/site" "$GPU_DIR"/whl/*.whl "$ROOT"
+export PYTHONPATH=$WORK/site COMPRESS_EDGE_DATA=$GPU_DIR/data
+# -P: the installed package, not the source folder in the working directory (which lacks
+# compress_edge.export and compress_edge.retrieval: they install from export/ and retrieval/).
+CE=("$PY" -P -m compress_edge)
 export PYTHONUNBUFFERED=1
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"

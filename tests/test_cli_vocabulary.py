@@ -55,10 +55,13 @@ def _all_options() -> set[str]:
 
 
 def _script_options() -> set[str]:
-    """Options of the benchmark and example scripts (argparse), which the README also documents."""
+    """Options of the benchmark and example scripts (argparse; a shell script's ``== "--name"`` tests),
+    which the README also documents."""
     found = set()
     for script in [*ROOT.glob("benchmarks/*.py"), *ROOT.glob("examples/*.py")]:
         found.update(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", script.read_text()))
+    for script in ROOT.glob("benchmarks/*.sh"):
+        found.update(re.findall(r"==\s*\"(--[\w-]+)\"", script.read_text()))
     return found
 
 

@@ -18,7 +18,7 @@
 # (the file limit is 16 MB: `cat model.safetensors.part-* > model.safetensors`, then
 # `benchmarks/ship_teacher.py`-made model.json beside it is already the asset's spec, sha256 included).
 #
-# GPU_CHECK_SMOKE=1 runs every step on this machine's CPU at a tiny size (2,000 images, a few steps):
+# GPU_CHECK_SMOKE=1 runs every step on this machine's CPU at a tiny size (2,000 images, a 120 s budget):
 # the check of the script itself that needs no GPU. PRETRAIN_SECONDS (default 300) sets the budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,14 +28,10 @@ GPU_DIR=$ROOT/.gpu
 if [[ "${1:-}" == "--prepare" ]]; then
     mkdir -p "$GPU_DIR/data" "$GPU_DIR/whl"
     PY=${PYTHON:-.venv/bin/python}
-    "$PY" - "$GPU_DIR/data" <<'EOF'
-import shutil, sys
-from pathlib import Path
-from compress_edge.data.fashion_mnist import _fmnist_files, fashion_mnist_folder
-for split in ("train", "test"):  # the four IDX files, from wherever this machine keeps them
-    for f in _fmnist_files(fashion_mnist_folder(split), split):
-        shutil.copy2(f, Path(sys.argv[1]) / f.name)
-EOF
+    for split in train test; do  # the four IDX files, from wherever this machine keeps them
+        folder=$("$PY" -c "from compress_edge.data.fashion_mnist import fashion_mnist_folder as f; print(f('$split'))")
+        cp -p "$folder"/*-ubyte* "$GPU_DIR/data/"
+    done
     # fvcore (the profile's FLOP counter) and the packages it needs that the device image lacks: pure Python.
     "$PY" -m pip wheel -q --no-deps -w "$GPU_DIR/whl" fvcore==0.1.5.post20221221 iopath==0.1.10 yacs termcolor
     du -sh "$GPU_DIR"
@@ -46,7 +42,7 @@ OUT=${OUT:-/tmp/gpu-check-out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 SMOKE=${GPU_CHECK_SMOKE:-0}
-BUDGET=${PRETRAIN_SECONDS:-300}
+BUDGET=${PRETRAIN_SECONDS:-$([[ "$SMOKE" == 1 ]] && echo 120 || echo 300)}
 WORK=${GPU_CHECK_WORK:-/tmp/gpu-check}
 rm -rf "$WORK" && mkdir -p "$WORK"
 started=$(date +%s)
@@ -76,17 +72,16 @@ RECIPE=(--arch resnet18 --arch-kwargs small_input=false --image-size 64 --method
 
 say "probe: one epoch, to measure images per second"
 "${CE[@]}" pretrain "$TRAIN" "${RECIPE[@]}" --epochs 1 --holdout 0 --out "$WORK/probe" > "$WORK/probe.txt"
-EPOCHS=$("$PY" - "$WORK/probe/metrics.jsonl" "$BUDGET" "$SMOKE" <<'EOF'
+EPOCHS=$("$PY" - "$WORK/probe/metrics.jsonl" "$BUDGET" "$OUT/probe.json" <<'EOF'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if '"kind": "epoch"' in l]
-rate, budget, smoke = float(rows[-1]["images_per_s"]), float(sys.argv[2]), sys.argv[3] == "1"
-images = 2000 if smoke else 60000
-epochs = 2 if smoke else max(1, int(0.9 * budget * rate / images))
-json.dump({"images_per_s": round(rate, 1), "budget_s": budget, "epochs": epochs}, open(sys.argv[1] + ".probe", "w"))
+[epoch] = [row for row in map(json.loads, open(sys.argv[1])) if row["kind"] == "epoch"]
+budget = float(sys.argv[2])
+epochs = max(1, int(0.9 * budget / float(epoch["seconds"])))  # as many of the probe's epochs as fit
+json.dump({"images_per_s": round(epoch["images_per_s"], 1), "epoch_s": round(epoch["seconds"], 1),
+           "budget_s": budget, "epochs": epochs}, open(sys.argv[3], "w"))
 print(epochs)
 EOF
 )
-cp "$WORK/probe/metrics.jsonl.probe" "$OUT/probe.json"
 say "probe: $(cat "$OUT/probe.json"); training $EPOCHS epochs"
 
 COMMAND="compress-edge pretrain $TRAIN ${RECIPE[*]} --epochs $EPOCHS --out runs/teacher-gpu"
@@ -102,5 +97,4 @@ say "the float16 asset"
     --machine "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo cpu), $(nproc) CPU cores"
 cp "$WORK/asset/model.json" "$OUT/"
 split -b 15M -d "$WORK/asset/model.safetensors" "$OUT/model.safetensors.part-"
-sha256sum "$WORK/asset/model.safetensors"
 say "done"

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from compress_edge.data.datasets import open_dataset
 from compress_edge.eval.knn import knn_eval
 from compress_edge.eval.measure import FeatureOptions, features, open_model
 from compress_edge.eval.neighbors import l2_normalize
@@ -70,12 +69,11 @@ def main() -> None:
     started = time.perf_counter()
     embedder, spec, _ = open_model(args.model, device="cpu", image_size=None)
     opts = FeatureOptions(workers=1, device="cpu", progress=False)
-    xtr, ytr, _ = features(embedder, spec, args.train, opts)
-    xte, yte, _ = features(embedder, spec, args.test, opts)
-    gallery, queries = open_dataset(args.train, progress=False), open_dataset(args.test, progress=False)
+    xtr, ytr, gallery = features(embedder, spec, args.train, opts)
+    xte, yte, queries = features(embedder, spec, args.test, opts)
     rows = {"model": scores(xtr, ytr, xte, yte),
-            "raw pixels": scores(raw_pixel_features(gallery, args.raw_size), np.asarray(gallery.labels),
-                                 raw_pixel_features(queries, args.raw_size), np.asarray(queries.labels))}
+            "raw pixels": scores(raw_pixel_features(gallery, args.raw_size), ytr,
+                                 raw_pixel_features(queries, args.raw_size), yte)}
     print(f"model {args.model} at {spec.image_size} px; raw pixels at {args.raw_size} px; gallery {args.train}, "
           f"queries {args.test}")
     print(f"{'post-processing':16s} {'model w20':>10s} {'raw w20':>8s} {'lead':>6s} {'model 1-NN':>11s} {'raw 1-NN':>9s}")

@@ -28,8 +28,9 @@ GPU_DIR=$ROOT/.gpu
 if [[ "${1:-}" == "--prepare" ]]; then
     mkdir -p "$GPU_DIR/data" "$GPU_DIR/whl"
     PY=${PYTHON:-.venv/bin/python}
-    for split in train test; do  # the four IDX files, from wherever this machine keeps them
-        folder=$("$PY" -c "from compress_edge.data.fashion_mnist import fashion_mnist_folder as f; print(f('$split'))")
+    # The four IDX files, from wherever this machine keeps them: each folder once (both splits usually share one).
+    "$PY" -c "from compress_edge.data.fashion_mnist import fashion_mnist_folder as f
+print('\n'.join(sorted({str(f(s)) for s in ('train', 'test')})))" | while read -r folder; do
         cp -p "$folder"/*-ubyte* "$GPU_DIR/data/"
     done
     # fvcore (the profile's FLOP counter) and the packages it needs that the device image lacks: pure Python.

@@ -53,6 +53,9 @@ DEFAULT_HOLDOUT = 0.1
 
 #: pretrain: SGD learning rate per 256 images of batch (scaled linearly) for SimCLR and MoCo v2.
 PRETRAIN_BASE_LR = 0.3
+#: pretrain: the smallest random crop of the two views, as a share of the image's area, when
+#: --crop-scale is not given: MoCo v2's 0.2 (SimCLR's 0.08 is for ImageNet's 224 px).
+PRETRAIN_CROP_SCALE = 0.2
 #: pretrain: run length when --epochs is not given: at least this many optimizer steps and epochs.
 PRETRAIN_MIN_STEPS = 1000
 PRETRAIN_MIN_EPOCHS = 20

@@ -123,3 +123,21 @@ def test_pretraining_can_start_from_a_saved_model(tmp_path, make_images):
     save_model(start, spec_for(start, image_size=32), tmp_path / "start")
     wrong = runner.invoke(app, [*args[:3], "resnet18", *args[4:-1], str(tmp_path / "run2")])
     assert wrong.exit_code == 1 and "--arch mobilenet_v3_small" in wrong.output, wrong.output
+
+
+def test_crop_scale_sets_the_views_and_is_checked(tmp_path, class_folder):
+    from compress_edge.defaults import PRETRAIN_CROP_SCALE
+    from compress_edge.errors import TrainingError
+    from compress_edge.train.pretrain import PretrainOptions, resolve_pretraining
+
+    def views(**kw):
+        ready = resolve_pretraining(PretrainOptions(data=str(class_folder), out=str(tmp_path / "r"),
+                                                    arch="mobilenet_v3_small", image_size=32, **kw))
+        return ready.dataset.transform.augment.scale, ready.resolved["crop_scale"]
+
+    assert views() == ((PRETRAIN_CROP_SCALE, 1.0), PRETRAIN_CROP_SCALE)
+    assert views(crop_scale=0.5) == ((0.5, 1.0), 0.5)
+    with pytest.raises(TrainingError, match="--crop-scale must be in"):
+        views(crop_scale=1.5)
+    result = runner.invoke(app, ["pretrain", str(class_folder), "--crop-scale", "0", "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 1 and "--crop-scale must be in (0, 1]" in result.output, result.output

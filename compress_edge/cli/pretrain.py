@@ -20,7 +20,13 @@ from compress_edge.cli.common import (
     train_or_resume,
 )
 from compress_edge.cli.distill import parse_kwargs
-from compress_edge.defaults import DEFAULT_HOLDOUT, PRETRAIN_BASE_LR, PRETRAIN_MIN_EPOCHS, PRETRAIN_MIN_STEPS
+from compress_edge.defaults import (
+    DEFAULT_HOLDOUT,
+    PRETRAIN_BASE_LR,
+    PRETRAIN_CROP_SCALE,
+    PRETRAIN_MIN_EPOCHS,
+    PRETRAIN_MIN_STEPS,
+)
 from compress_edge.errors import CompressEdgeError
 from compress_edge.train.schedule import MIN_BATCH, MIN_STEPS_PER_EPOCH
 
@@ -45,6 +51,11 @@ def pretrain(
     mask_self: Annotated[bool, typer.Option("--mask-self/--no-mask-self", help="MoCo: never use a queued key of "
                                             "the query's own image as a negative.")] = True,
     holdout: Annotated[float, holdout_option("the model with raw pixels and its random weights")] = DEFAULT_HOLDOUT,
+    crop_scale: Annotated[float | None, typer.Option("--crop-scale", help="The smallest random crop of the two "
+                                                     f"views, as a share of the image's area (0-1]; default "
+                                                     f"{PRETRAIN_CROP_SCALE}. Larger keeps more of each image's "
+                                                     "shape and position in the embedding.",
+                                                     show_default=False)] = None,
     epochs: Annotated[int | None, epochs_option(PRETRAIN_MIN_STEPS, PRETRAIN_MIN_EPOCHS)] = None,
     batch_size: Annotated[int | None, batch_size_option(MIN_STEPS_PER_EPOCH, MIN_BATCH)] = None,
     lr: Annotated[float | None, lr_option(PRETRAIN_BASE_LR)] = None,
@@ -80,7 +91,7 @@ def pretrain(
         return PretrainOptions(
             data=data, out=str(out), arch=arch, arch_kwargs=parse_kwargs(arch_kwargs), method=method,
             proj_dim=proj_dim, temperature=temperature, queue_size=queue_size, ema=ema, mask_self=mask_self,
-            holdout=holdout, image_size=image_size, data_root=data_root, init=init,
+            holdout=holdout, crop_scale=crop_scale, image_size=image_size, data_root=data_root, init=init,
             train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                               warmup_epochs=None, **flags.train_kwargs()),
         )

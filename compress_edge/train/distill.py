@@ -33,6 +33,7 @@ from compress_edge.train.losses import build_loss, commit_queues, uses_momentum_
 from compress_edge.train.method import (
     RunOptions,
     check_method,
+    crop_range,
     ema_update,
     frozen,
     holdout_and_plan,
@@ -257,9 +258,9 @@ def _training_images(opts: DistillOptions, dataset, cache, teacher_spec, image_s
 
     recorded = cache.meta["parts"]["transform"].get("augment") if cache is not None else None
     if opts.crop_scale is None and recorded:  # a cache's views are replayed as they were recorded
-        scale = crop_range(recorded["scale"][0])
+        scale = crop_range(recorded["scale"][0], DISTILL_CROP_SCALE)
     else:
-        scale = crop_range(opts.crop_scale)
+        scale = crop_range(opts.crop_scale, DISTILL_CROP_SCALE)
     teacher_augment = TrainAugment.for_image_size(teacher_size, mean, std, scale=scale)
     augment = (teacher_augment if image_size == teacher_size
                else TrainAugment.for_image_size(image_size, mean, std, scale=scale))
@@ -308,15 +309,6 @@ def cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_we
                               crop_scale=crop_scale)
 
 
-def crop_range(crop_scale: float | None) -> tuple[float, float]:
-    """--crop-scale (the smallest random crop's share of the image's area, in (0, 1]; None: the
-    default) as the (min, max) area range of the augmented views."""
-    value = DISTILL_CROP_SCALE if crop_scale is None else float(crop_scale)
-    if not 0 < value <= 1:
-        raise TrainingError(f"--crop-scale must be in (0, 1] (a share of the image's area), got {crop_scale}")
-    return value, 1.0
-
-
 def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_weights: str | None, views: int,
                    image_size: int | None, batch_size: int, shard_rows: int, seed: int, data_root: str | None,
                    workers: int, device: str, progress: bool, crop_scale: float | None):
@@ -328,7 +320,8 @@ def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_w
 
     dataset = open_dataset(data, data_root=data_root)
     model, spec = load_teacher(teacher, teacher_weights, data, image_size)
-    augment = TrainAugment.for_image_size(spec.image_size, spec.mean, spec.std, scale=crop_range(crop_scale))
+    augment = TrainAugment.for_image_size(spec.image_size, spec.mean, spec.std,
+                                          scale=crop_range(crop_scale, DISTILL_CROP_SCALE))
     mode = "views" if views > 0 else "center"
     parts = fingerprint_parts(dataset_fingerprint=dataset.fingerprint(), image_size=spec.image_size, mean=spec.mean,
                               std=spec.std, mode=mode, views=max(1, views), augment=augment_settings(augment), seed=seed)

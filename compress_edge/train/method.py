@@ -38,6 +38,15 @@ def check_method(method: str, methods: tuple[str, ...]) -> None:
         raise TrainingError(f"unknown --method {method!r}; choose one of: {', '.join(methods)}")
 
 
+def crop_range(crop_scale: float | None, default: float) -> tuple[float, float]:
+    """--crop-scale (the smallest random crop's share of the image's area, in (0, 1]; None: the
+    command's ``default``) as the (min, max) area range of the augmented views."""
+    value = default if crop_scale is None else float(crop_scale)
+    if not 0 < value <= 1:
+        raise TrainingError(f"--crop-scale must be in (0, 1] (a share of the image's area), got {crop_scale}")
+    return value, 1.0
+
+
 def holdout_and_plan(dataset, images, opts, **limits) -> tuple[Any, Any, Any]:
     """The training set (``images``, the dataset as the method reads it, less the held-out images: up to
     ``opts.holdout`` of a labelled dataset), the held-out indices and the run plan (``limits``: the

@@ -20,6 +20,7 @@ from torch import nn
 from compress_edge.defaults import (
     DEFAULT_HOLDOUT,
     PRETRAIN_BASE_LR,
+    PRETRAIN_CROP_SCALE,
     PRETRAIN_EMA,
     PRETRAIN_MAX_EPOCHS,
     PRETRAIN_MIN_EPOCHS,
@@ -107,6 +108,7 @@ class PretrainOptions(shared.RunOptions):
     ema: float | None = None  # MoCo: auto, follows the run length up to 0.99
     mask_self: bool = True
     holdout: float = DEFAULT_HOLDOUT
+    crop_scale: float | None = None  # auto: PRETRAIN_CROP_SCALE
     image_size: int | None = None  # auto: the data's own size, within [32, 224]
     data_root: str | None = None
     init: str | None = None  # a model folder whose backbone weights the run starts from
@@ -142,7 +144,8 @@ def resolve_pretraining(opts: PretrainOptions) -> PretrainSetup:
     dataset = open_dataset(opts.data, data_root=opts.data_root)
     image_size = opts.image_size or native_image_size(dataset)
     mean, std = default_normalisation(opts.data)
-    dataset.transform = TwoViews(TrainAugment.for_image_size(image_size, mean, std))
+    scale = shared.crop_range(opts.crop_scale, PRETRAIN_CROP_SCALE)
+    dataset.transform = TwoViews(TrainAugment.for_image_size(image_size, mean, std, scale=scale))
     train_set, heldout, plan = shared.holdout_and_plan(
         dataset, dataset, opts, base_lr=PRETRAIN_BASE_LR, min_steps=PRETRAIN_MIN_STEPS,
         min_epochs=PRETRAIN_MIN_EPOCHS, max_epochs=PRETRAIN_MAX_EPOCHS)
@@ -153,7 +156,7 @@ def resolve_pretraining(opts: PretrainOptions) -> PretrainSetup:
     if opts.init:
         start_from(model, opts.init, opts.arch)
     resolved: dict[str, Any] = {"image_size": image_size, "heldout_images": int(len(heldout)),
-                                "train_images": len(train_set)}
+                                "train_images": len(train_set), "crop_scale": scale[0]}
     if opts.method == "simclr":
         task: nn.Module = SimCLRTask(model, opts.temperature)
     else:

@@ -52,7 +52,7 @@ def pretrain(
                                             "the query's own image as a negative.")] = True,
     holdout: Annotated[float, holdout_option("the model with raw pixels and its random weights")] = DEFAULT_HOLDOUT,
     crop_scale: Annotated[float | None, typer.Option("--crop-scale", help="The smallest random crop of the two "
-                                                     f"views, as a share of the image's area (0-1]; default "
+                                                     "views, as a share of the image's area (0-1]; default "
                                                      f"{PRETRAIN_CROP_SCALE}. Larger keeps more of each image's "
                                                      "shape and position in the embedding.",
                                                      show_default=False)] = None,

@@ -257,10 +257,9 @@ def _training_images(opts: DistillOptions, dataset, cache, teacher_spec, image_s
     )
 
     recorded = cache.meta["parts"]["transform"].get("augment") if cache is not None else None
-    if opts.crop_scale is None and recorded:  # a cache's views are replayed as they were recorded
-        scale = crop_range(recorded["scale"][0], DISTILL_CROP_SCALE)
-    else:
-        scale = crop_range(opts.crop_scale, DISTILL_CROP_SCALE)
+    # A cache's views are replayed as they were recorded, unless --crop-scale is given.
+    given = recorded["scale"][0] if opts.crop_scale is None and recorded else opts.crop_scale
+    scale = crop_range(given, DISTILL_CROP_SCALE)
     teacher_augment = TrainAugment.for_image_size(teacher_size, mean, std, scale=scale)
     augment = (teacher_augment if image_size == teacher_size
                else TrainAugment.for_image_size(image_size, mean, std, scale=scale))

@@ -141,10 +141,10 @@ def resolve_pretraining(opts: PretrainOptions) -> PretrainSetup:
     from compress_edge.train.schedule import key_encoder_momentum
 
     shared.check_method(opts.method, PRETRAIN_METHODS)
+    scale = shared.crop_range(opts.crop_scale, PRETRAIN_CROP_SCALE)  # a bad option is refused before any I/O
     dataset = open_dataset(opts.data, data_root=opts.data_root)
     image_size = opts.image_size or native_image_size(dataset)
     mean, std = default_normalisation(opts.data)
-    scale = shared.crop_range(opts.crop_scale, PRETRAIN_CROP_SCALE)
     dataset.transform = TwoViews(TrainAugment.for_image_size(image_size, mean, std, scale=scale))
     train_set, heldout, plan = shared.holdout_and_plan(
         dataset, dataset, opts, base_lr=PRETRAIN_BASE_LR, min_steps=PRETRAIN_MIN_STEPS,

@@ -9,13 +9,14 @@ brings the float32 IR, ``--trt`` the file its engine is built from) without chan
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress_edge.errors import ExportError
+from compress_edge.errors import CompressEdgeError, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,10 @@ class ExportPlan:
     trt: bool
     #: The precision the engine is built from (its file is ``FILES[trt_source]``).
     trt_source: str
+    #: The INT8 calibration images: ``--calib-data``, else a run folder's training data, else None.
+    calib_data: str | None = None
+    #: The parity images: ``--parity-data``, else the calibration images; None: synthetic pictures.
+    check_data: str | None = None
 
     @property
     def onnx_int8(self) -> list[str]:
@@ -144,13 +149,47 @@ def resolve(opts: ExportOptions) -> ExportPlan:
     fp16 = opts.fp16 or (opts.trt and trt_source == "fp16" and source_precision == "fp32")
     if opts.trt and trt_source == "int8-trt" and "trt" not in int8 and source_precision == "fp32":
         int8.append("trt")
-    if int8 and opts.calib_data is None:
+    calib_data = opts.calib_data
+    if calib_data is None:
+        calib_data = run_training_data(opts.model)
+        if calib_data is not None and (int8 or opts.parity_data is None):
+            log.info("checking on the run's training images %s (its config.json); --calib-data / --parity-data "
+                     "choose others", calib_data)
+    if int8 and calib_data is None:
         raise DataError("--int8 needs calibration images: pass --calib-data (an image folder, fashion-mnist:train "
                         "or a .npy of preprocessed images)")
     if suffix in ENGINE_SUFFIXES:
         raise ModelError(f"{opts.model} is already a TensorRT engine; export starts from a model or an ONNX file")
     return ExportPlan(source_precision=source_precision, fp16=fp16, int8=tuple(int8), openvino=openvino,
-                      trt=opts.trt, trt_source=trt_source)
+                      trt=opts.trt, trt_source=trt_source, calib_data=calib_data,
+                      check_data=opts.parity_data or calib_data)
+
+
+def run_training_data(model: str) -> str | None:
+    """The training images a distill or pretrain run folder (``model``, or its ``student/`` folder) records
+    in config.json, when they are still there (or name Fashion-MNIST); else None."""
+    from compress_edge.data.grammar import absolute_data, parse_data
+
+    path = Path(model)
+    if not path.is_dir():
+        return None
+    for folder in (path, path.parent):
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        for section in ("distill", "pretrain"):
+            options = config.get(section) if isinstance(config, dict) else None
+            data = options.get("data") if isinstance(options, dict) else None
+            if not isinstance(data, str) or not data:
+                continue
+            try:
+                found = absolute_data(data, options.get("data_root"))
+                arg = parse_data(found)
+            except CompressEdgeError:
+                return None
+            return found if arg.split is not None or Path(arg.base).exists() else None
+    return None
 
 
 def _require_openvino(*, nncf: bool) -> None:
@@ -237,7 +276,7 @@ class Exporter:
         from compress_edge.export.backends import OnnxRuntimeEmbedder
 
         opts, spec = self.opts, self.spec
-        check_data = opts.parity_data or opts.calib_data
+        check_data = self.plan.check_data
         if check_data is not None:
             images, image_source = par.load_check_images(check_data, spec, opts.parity_images,
                                                          purpose="parity checks", progress=opts.progress)
@@ -295,7 +334,7 @@ class Exporter:
         from compress_edge.export.quantize import quantize_int8
 
         opts = self.opts
-        self.calib, self.calib_source = par.load_check_images(opts.calib_data, self.spec, opts.calib_images,
+        self.calib, self.calib_source = par.load_check_images(self.plan.calib_data, self.spec, opts.calib_images,
                                                               purpose="INT8 calibration", progress=opts.progress)
         for target in self.plan.onnx_int8:
             key = f"int8-{target}"
@@ -390,7 +429,7 @@ class Exporter:
         """What the calibrators really did (a fallback to minmax shows here), not only what was asked."""
         methods = set(self.used.values())
         return {
-            "source": self.calib_source, "data": str(self.opts.calib_data), "count": int(len(self.calib)),
+            "source": self.calib_source, "data": str(self.plan.calib_data), "count": int(len(self.calib)),
             "requested_method": self.opts.calib_method,
             "method": methods.pop() if len(methods) == 1 else "; ".join(f"{k}: {v}" for k, v in self.used.items()),
             "batch": max(self.batches.values()), "per_file": self.used,

@@ -208,3 +208,14 @@ def test_grammar_and_retrieval_readers_load_without_torch():
     loaded = json.loads(out.stdout)
     assert "compress_edge.data.grammar" in loaded
     assert not [m for m in loaded if m.split(".")[0] == "torch" or m == "compress_edge.data.datasets"], loaded
+
+
+def test_absolute_data_anchors_a_folder_and_keeps_the_rest(tmp_path, monkeypatch):
+    from compress_edge.data.grammar import absolute_data
+
+    (tmp_path / "root" / "pics").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert absolute_data("root/pics@5") == f"{tmp_path / 'root' / 'pics'}@5"
+    assert absolute_data("pics", data_root="root") == str(tmp_path / "root" / "pics")  # found under --data-root
+    assert absolute_data("fashion-mnist:train@100") == "fashion-mnist:train@100"
+    assert absolute_data("gone") == "gone"  # nothing to anchor: left for the error that names it

@@ -197,6 +197,19 @@ def test_two_epochs_equal_one_epoch_resume_one_epoch(tmp_path, class_folder, sav
     assert not any(k.startswith("teacher.") for k in ca)  # the frozen teacher is not checkpointed
 
 
+def test_a_run_started_with_relative_paths_resumes_from_another_directory(tmp_path, class_folder, saved_teacher,
+                                                                          monkeypatch):
+    from compress_edge.train.distill import load_options
+
+    monkeypatch.chdir(tmp_path)
+    data, teacher = os.path.relpath(class_folder), os.path.relpath(saved_teacher)
+    run_distill(_options(f"{data}@12", "run", teacher), stop_after_epochs=1)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["distill"]
+    assert recorded["data"] == f"{class_folder.resolve()}@12" and recorded["teacher"] == str(saved_teacher.resolve())
+    monkeypatch.chdir(tmp_path / "run")  # the relative paths name nothing here
+    assert run_distill(load_options(tmp_path / "run"), resume=True).epochs_done == 2
+
+
 def test_a_run_folder_is_not_overwritten(tmp_path, class_folder, saved_teacher):
     run_distill(_options(class_folder, tmp_path / "a", saved_teacher, train={"epochs": 1}))
     with pytest.raises(TrainingError, match="--resume"):

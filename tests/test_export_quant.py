@@ -191,6 +191,32 @@ def test_int8_without_calibration_data_is_refused(fp32, tmp_path):
         export_model(ExportOptions(model=str(fp32["path"]), out=str(tmp_path / "o"), int8=["cpu"]))
 
 
+def test_a_run_folder_is_calibrated_and_checked_on_its_own_training_images(fp32, tmp_path):
+    """Exporting a training run's folder without --calib-data takes the images its config.json records
+    (while they are there); the options given still win, and a run whose images are gone is refused."""
+    import shutil
+
+    from compress_edge.export.pipeline import resolve
+
+    run = tmp_path / "run"
+    shutil.copytree(fp32["root"] / "student", run / "student")
+    data = tmp_path / "images"
+    shutil.copytree(fp32["images_dir"], data)
+    (run / "config.json").write_text(json.dumps({"distill": {"data": f"{data}@16", "data_root": None}}))
+    for model in (run, run / "student"):
+        plan = resolve(ExportOptions(model=str(model), out=str(tmp_path / "o"), int8=["cpu"]))
+        assert (plan.calib_data, plan.check_data) == (f"{data}@16", f"{data}@16")
+    given = resolve(ExportOptions(model=str(run), out=str(tmp_path / "o"), parity_data="fashion-mnist:test"))
+    assert (given.calib_data, given.check_data) == (f"{data}@16", "fashion-mnist:test")
+    report = export_model(ExportOptions(model=str(run), out=str(tmp_path / "o"), int8=["cpu"], calib_images=8,
+                                        parity_images=12, calib_method="minmax", timing_iters=0, strict=False))
+    assert report["calibration"]["data"] == f"{data}@16" and report["calibration"]["count"] == 8
+    assert report["check_images"] == {"source": f"real ({data}@16)", "count": 12, "data": f"{data}@16"}
+    shutil.rmtree(data)
+    with pytest.raises(DataError, match="--calib-data"):
+        resolve(ExportOptions(model=str(run), out=str(tmp_path / "o2"), int8=["cpu"]))
+
+
 def test_export_from_an_onnx_file_reports_reduced_precision(cli_export):
     report = cli_export["report"]
     assert set(report["parity"]) == {"fp16", "int8-cpu"}

@@ -142,3 +142,18 @@ def test_a_narrow_cone_warns_only_when_the_knn_check_does_not_pass():
                                 "same network, random weights": _row(45.0), "raw pixels": _row(50.0)},
                           gallery=900, queries=100)
     assert "nearly collapsed" in " ".join(comparison_warnings(squeezed, "the student"))
+
+
+def test_a_run_without_held_out_images_says_why(class_folder):
+    from compress_edge.data.datasets import open_dataset
+    from compress_edge.eval.quality import HOLDOUT_MINIMUM, heldout_check
+    from compress_edge.models.files import spec_for
+    from compress_edge.models.registry import create_model
+
+    ds = open_dataset(str(class_folder))
+    assert ds.has_labels and len(ds) < HOLDOUT_MINIMUM
+    model = create_model("mobilenet_v3_small", small_input=True).eval()
+    spec = spec_for(model, image_size=24)
+    record = heldout_check("the student", model, spec, ds, np.array([], dtype=int))
+    assert record["no_heldout_check"] == f"{len(ds)} labelled images, fewer than {HOLDOUT_MINIMUM}"
+    assert "knn20" not in str(record)

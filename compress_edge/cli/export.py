@@ -63,7 +63,8 @@ def export(
                                                     "'openvino' (NNCF, implies --openvino); repeatable.")] = None,
     calib_data: Annotated[str | None, typer.Option("--calib-data", help="Images for INT8 calibration and the parity "
                                                    "checks: an image folder, fashion-mnist:train|test, or a .npy of "
-                                                   "preprocessed images.")] = None,
+                                                   "preprocessed images (default: a run folder's training "
+                                                   "images).")] = None,
     calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images taken from --calib-data.")] = 256,
     calib_method: Annotated[CalibMethod, typer.Option("--calib-method", help="auto (try percentile (99.999), "
                                                       "minmax and entropy, and for int8-cpu of a model whose "

@@ -118,6 +118,19 @@ def resolve_path(data: str, data_root: str | os.PathLike | None) -> Path:
     return path
 
 
+def absolute_data(data: str, data_root: str | os.PathLike | None = None) -> str:
+    """``data`` with its folder made absolute (any ``@N`` kept), as a run folder records it so that
+    ``--resume`` finds the images from any working directory; a dataset name, or a path that does not
+    exist (here or under ``data_root``), is returned as given."""
+    arg = parse_data(data)
+    if arg.split is not None:
+        return data
+    path = resolve_path(arg.base, data_root)
+    if not path.exists():
+        return data
+    return str(path.resolve()) + arg.text[len(arg.base):]
+
+
 def resolve_folder(data: str, data_root: str | os.PathLike | None) -> Path:
     """The folder a folder DATA names (:func:`resolve_path`); raises DataError naming the accepted
     forms when it is missing, a file, or an unknown ``name:...`` dataset."""

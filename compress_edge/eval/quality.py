@@ -300,7 +300,11 @@ def comparison_warnings(result: Comparison, name: str) -> list[str]:
     return out
 
 
-def holdout_split(labels: np.ndarray, fraction: float, *, cap: int = 1000, minimum: int = 100,
+#: Labelled data sets smaller than this keep no held-out images (too few to spare and to score).
+HOLDOUT_MINIMUM = 100
+
+
+def holdout_split(labels: np.ndarray, fraction: float, *, cap: int = 1000, minimum: int = HOLDOUT_MINIMUM,
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, held-out indices) for a labelled dataset: ``fraction`` of the images (at most
     ``cap``), drawn with a fixed seed and stratified by class; nothing is held out for fewer than
@@ -367,6 +371,15 @@ def teacher_check(embeddings: np.ndarray, temperature: float, *, queries: int = 
     return {"spread": spread.to_dict(), "softmax": entropy, "temperature": temperature, "warnings": warnings}
 
 
+def _no_heldout_reason(dataset) -> str:
+    """Why a run kept no held-out images, in the words of its log line."""
+    if not dataset.has_labels:
+        return "no labels"
+    if len(dataset) < HOLDOUT_MINIMUM:
+        return f"{len(dataset)} labelled images, fewer than {HOLDOUT_MINIMUM}"
+    return "--holdout 0"
+
+
 def heldout_check(name: str, model, spec, dataset, heldout: np.ndarray, *, teacher=None, teacher_spec=None,
                   device="cpu", workers: int = 0, seed: int = 0) -> dict[str, Any]:
     """The end-of-run check: ``model`` against raw pixels and its random-weights twin (and its
@@ -386,8 +399,9 @@ def heldout_check(name: str, model, spec, dataset, heldout: np.ndarray, *, teach
         spread = embedding_spread(feats)
         warnings = spread_warnings(spread, name)
         _warn_all(warnings)
-        log.info("%s: %s (no labels: no held-out kNN check)", name, spread.describe())
-        return {"spread": spread.to_dict(), "warnings": warnings}
+        reason = _no_heldout_reason(dataset)
+        log.info("%s: %s (%s: no held-out kNN check)", name, spread.describe(), reason)
+        return {"spread": spread.to_dict(), "warnings": warnings, "no_heldout_check": reason}
     queries = SubsetDataset(f"{dataset.name} (held out)", dataset, indices=heldout)
     feats = (extract_features(model, gallery, spec=spec, **kw)[0], extract_features(model, queries, spec=spec, **kw)[0])
     teacher_feats = None

@@ -150,7 +150,8 @@ def check_input_size(model: EmbeddingModel, image_size: int) -> None:
     if size == (1, 1) and not small and image_size <= SMALL_INPUT_MAX and (model.arch, image_size) not in _WARNED:
         _WARNED.add((model.arch, image_size))  # once per process, not at every checkpoint
         log.warning(
-            "%s leaves a 1x1 feature map of a %dpx image; its small-input variant keeps more detail",
+            "%s leaves a 1x1 feature map of a %dpx image; its small-input variant keeps more detail "
+            "(small_input=true)",
             model.arch,
             image_size,
         )

@@ -312,6 +312,7 @@ def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_w
                    image_size: int | None, batch_size: int, shard_rows: int, seed: int, data_root: str | None,
                    workers: int, device: str, progress: bool, crop_scale: float | None):
     from compress_edge.data.datasets import open_dataset
+    from compress_edge.data.grammar import absolute_data
     from compress_edge.data.transforms import TrainAugment, eval_transform
     from compress_edge.devices import resolve_device
     from compress_edge.export.backends import TorchEmbedder
@@ -329,7 +330,7 @@ def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_w
         embedder, dataset, out, parts=parts, teacher_sha256=tensor_hash(model), mode=mode, views=max(1, views),
         eval_tf=eval_transform(spec.image_size, spec.mean, spec.std), augment=augment, seed=seed,
         batch_size=batch_size, workers=workers, shard_rows=shard_rows,
-        progress=progress, extra_meta={"teacher_spec": spec.to_dict(), "data": data,
+        progress=progress, extra_meta={"teacher_spec": spec.to_dict(), "data": absolute_data(data, data_root),
                                        "teacher": str(Path(teacher).resolve()) if Path(teacher).exists() else teacher,
                                        "teacher_weights": teacher_weights},
     )

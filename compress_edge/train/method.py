@@ -19,12 +19,28 @@ from compress_edge.train.distributed import current_dist
 from compress_edge.train.engine import Trainer, TrainResult
 from compress_edge.train.run_folder import run_folder
 
+#: Options that name a file or folder (besides ``data``), recorded as absolute paths.
+_PATH_OPTIONS = ("teacher", "teacher_weights", "teacher_cache", "data_root", "init")
+
 
 class RunOptions:
     """A method's options (a dataclass with a ``train: TrainConfig`` field), saved in config.json."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def recorded(self) -> dict[str, Any]:
+        """The options as config.json keeps them: :meth:`to_dict` with the data and every existing file
+        or folder made absolute, so that ``--resume`` works from any working directory."""
+        from compress_edge.data.grammar import absolute_data
+
+        d = self.to_dict()
+        for key in _PATH_OPTIONS:
+            if isinstance(d.get(key), str) and Path(d[key]).expanduser().exists():
+                d[key] = str(Path(d[key]).expanduser().resolve())
+        if isinstance(d.get("data"), str):
+            d["data"] = absolute_data(d["data"], d.get("data_root"))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
@@ -101,7 +117,7 @@ def run_method(command: str, opts, resolve: Callable[[Any], Any], *, resume: boo
         ready = resolve(opts)
         config = opts.train.with_plan(ready.plan)
         trainer = Trainer(ready.task, config, run_dir, on_checkpoint=lambda folder: write_model(ready, folder),
-                          extra_config={command: opts.to_dict(), "plan": ready.plan.to_dict(),
+                          extra_config={command: opts.recorded(), "plan": ready.plan.to_dict(),
                                         "resolved": ready.resolved})
         announce(ready, trainer)
         if check_before is not None and not resume and trainer.dist.is_main:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from compress_edge.retrieval.serve import (
@@ -81,7 +82,7 @@ class Routes:
                                self.limits.max_bytes + FORM_OVERHEAD)
         data = payload = None
         if kind == "application/json":
-            payload, k, params = self.read_json(body)
+            payload, k, params = self.read_json(body, request.query_params)
         else:
             data, k, params = await self.read_form(request, body)
         # The limit is on the work (decoding, embedding, searching) running at once; uploads still
@@ -109,18 +110,20 @@ class Routes:
         out["query"]["bytes"] = len(data)
         return out
 
-    def read_json(self, body: bytes) -> tuple[dict[str, Any], int, dict[str, int] | None]:
-        """(payload, k, search parameters) of a JSON body ``{"id": N, "k": 10, "param": 16}``."""
+    def read_json(self, body: bytes, query: Mapping[str, str]) -> tuple[dict[str, Any], int, dict[str, int] | None]:
+        """(payload, k, search parameters) of a JSON body ``{"id": N, "k": 10, "param": 16}`` (``k`` and
+        ``param`` also from the query string, ``?k=5``, when the body has none)."""
         try:
             payload = json.loads(body or b"null")
         except (ValueError, UnicodeDecodeError):
             raise RequestError(400, "the body is not valid JSON") from None
         if not isinstance(payload, dict) or "id" not in payload:
             raise RequestError(400, 'send JSON {"id": N, "k": 10} (a gallery id) or a multipart image upload')
-        return payload, self.service.check_k(payload.get("k")), self.service.check_param(payload.get("param"))
+        return payload, *self.k_and_param(payload, query)
 
     async def read_form(self, request: Request, body: bytes) -> tuple[bytes, int, dict[str, int] | None]:
-        """(image bytes, k, search parameters) of a multipart body already read (and bounded)."""
+        """(image bytes, k, search parameters) of a multipart body already read (and bounded); ``k`` and
+        ``param`` from its fields, else from the query string."""
         sent = False
 
         async def replay() -> dict[str, Any]:
@@ -138,10 +141,17 @@ class Routes:
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
                 raise RequestError(400, "send the image as the multipart file field 'image'")
-            k, params = self.service.check_k(form.get("k")), self.service.check_param(form.get("param"))
-            return await upload.read(), k, params
+            return await upload.read(), *self.k_and_param(form, request.query_params)
         finally:
             await form.close()
+
+    def k_and_param(self, fields: Mapping[str, Any], query: Mapping[str, str]) -> tuple[int, dict[str, int] | None]:
+        """The checked ``k`` and search parameter of a request: its body's fields first, then its query string."""
+        def value(name: str) -> Any:
+            got = fields.get(name)
+            return query.get(name) if got is None else got
+
+        return self.service.check_k(value("k")), self.service.check_param(value("param"))
 
     # -- errors --------------------------------------------------------------------------------------
     async def on_request_error(self, request: Request, exc: Exception) -> Response:

@@ -216,6 +216,21 @@ def test_search_by_id_leaves_the_item_out(server):
     assert search_id(server.url, {"k": 3})[0] == 400
 
 
+def test_k_and_param_may_come_in_the_query_string(server, built):
+    """``POST /search?k=3`` as curl users write it: the body's fields win, a bad value is a 400, not ignored."""
+    body, headers = multipart({}, query_bytes(built, "square"))
+    status, _, raw = request(server.url + "/search?k=3&param=2", body, headers)
+    out = json.loads(raw)
+    assert status == 200 and len(out["neighbours"]) == 3 and out["search_params"] == {"nprobe": 2}, out
+    body, headers = multipart({"k": "2"}, query_bytes(built, "square"))
+    assert len(json.loads(request(server.url + "/search?k=6", body, headers)[2])["neighbours"]) == 2
+    status, _, raw = request(server.url + "/search?k=4", json.dumps({"id": 17}).encode(),
+                             {"Content-Type": "application/json"})
+    assert status == 200 and len(json.loads(raw)["neighbours"]) == 4
+    body, headers = multipart({}, query_bytes(built, "square"))
+    assert request(server.url + "/search?k=many", body, headers)[0] == 400
+
+
 @pytest.mark.parametrize(("payload", "status"), [
     ({"id": 0, "k": 0}, 400), ({"id": 0, "k": 21}, 400), ({"id": 0, "k": "many"}, 400),
     ({"id": 0, "param": 0}, 400), ({"id": 0, "param": 100000}, 400),

@@ -41,6 +41,8 @@ DEVICE_METAVAR = "<auto|cpu|cuda|cuda:N>"
 DataRootOpt = Annotated[str | None, typer.Option("--data-root", help="Where to look for Fashion-MNIST first.")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar=DEVICE_METAVAR, help="auto (CUDA when present), cpu, "
                                                                              "cuda or cuda:N.")]
+BackendOpt = Annotated[Backend, typer.Option("--backend", help="The runtime: auto (by the model's file type), torch, "
+                                                              "onnxruntime, tensorrt or openvino.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Data-loader worker processes.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from compress_edge.cli import app
-from compress_edge.cli.common import DEVICE_METAVAR, Backend, CalibMethod, EngineSource, Exporter, console
+from compress_edge.cli.common import DEVICE_METAVAR, BackendOpt, CalibMethod, EngineSource, Exporter, console
 from compress_edge.errors import CompressEdgeError
 
 ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Input side in pixels (an ONNX file without "
@@ -188,8 +188,7 @@ def bench(
     models: Annotated[list[str], typer.Argument(metavar="MODEL", help="Model files to measure side by side: model folders / "
                                                      "architecture names (PyTorch), .onnx (onnxruntime), .engine "
                                                      "(TensorRT), .xml (OpenVINO).")],
-    backend: Annotated[Backend, typer.Option("--backend", help="auto (by file type), torch, onnxruntime or "
-                                                               "tensorrt.")] = "auto",
+    backend: BackendOpt = "auto",
     batch: Annotated[list[int] | None, typer.Option("--batch", "-b", help="Batch sizes (repeatable; default 1 and 32).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (default: the runtime's).")] = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 5,

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from compress_edge.cli import app, command_group
-from compress_edge.cli.common import DEVICE_METAVAR, Backend
+from compress_edge.cli.common import DEVICE_METAVAR, BackendOpt
 from compress_edge.errors import CompressEdgeError
 from compress_edge.signals import Interrupted, StopRequest
 
@@ -32,8 +32,6 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="The model that embeds the images: a .onnx file, a .engine, or a compress-edge "
                                        "model folder (default: the model the index was built with)."),
 ]
-BackendOpt = Annotated[Backend, typer.Option("--backend", help="auto (by what --model is), torch, onnxruntime or "
-                                                              "tensorrt.")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar=DEVICE_METAVAR, help="Where the model runs: auto (the "
                                                                              "GPU when the runtime sees one), cpu, "
                                                                              "cuda or cuda:N.")]

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from compress_edge.cli import app
-from compress_edge.cli.common import DEVICE_METAVAR, Backend
+from compress_edge.cli.common import DEVICE_METAVAR, BackendOpt
 
 
 @app.command("serve")
@@ -22,8 +22,7 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="The port (0: a free one).")] = 8000,
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a --host other machines can reach "
                                                "(the page has no login: anyone who reaches it can search).")] = False,
-    backend: Annotated[Backend, typer.Option("--backend", help="auto (by what --model is), torch, onnxruntime or "
-                                                               "tensorrt.")] = "auto",
+    backend: BackendOpt = "auto",
     device: Annotated[str, typer.Option("--device", metavar=DEVICE_METAVAR, help="Where the model runs: auto (the GPU "
                                                                               "when the runtime sees one), cpu, cuda "
                                                                               "or cuda:N.")] = "auto",

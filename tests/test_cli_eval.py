@@ -74,6 +74,7 @@ def test_eval_knn_linear_cluster_on_a_saved_model(model_dir, splits, tmp_path):
                                     "-k", "5", *_common(tmp_path)]))
     assert knn["queries"] == 9 and knn["gallery"] == 18 and set(knn["knn"]) == {"3", "5"}
     assert 0 <= knn["nn_top1"] <= 1 and knn["arch"] == "mobilenet_v3_small" and knn["backend"] == "torch fp32"
+    assert knn["test_in_gallery"] == 0
     cached = sorted((tmp_path / "features").glob("*.npz"))
     assert len(cached) == 2  # train and test features
     stamps = [p.stat().st_mtime_ns for p in cached]
@@ -92,6 +93,13 @@ def test_eval_knn_linear_cluster_on_a_saved_model(model_dir, splits, tmp_path):
                                 "--cache-dir", str(tmp_path / "features"), "--workers", "0", "--no-progress"])
     assert table.exit_code == 0, table.output
     assert "1-NN top-1 %" in table.stdout and "200-NN top-1 %" in table.stdout
+
+
+def test_eval_knn_says_when_the_test_images_are_gallery_images(model_dir, splits, tmp_path):
+    train, _ = splits
+    knn = _json(runner.invoke(app, ["eval", "knn", str(model_dir), "--train", train, "--test", train, "-k", "3",
+                                    *_common(tmp_path)]))
+    assert knn["test_in_gallery"] == knn["queries"] == 18 and knn["nn_top1"] == 1.0  # each query found itself
 
 
 def test_eval_agreement_of_a_model_with_itself_is_perfect(model_dir, splits, tmp_path):

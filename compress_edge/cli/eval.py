@@ -139,7 +139,7 @@ def knn_cmd(
                       temperature=temperature, baselines=baselines, opts=opts)
     result, spread, gallery, compared = run.result, run.spread, run.gallery, run.baselines
     payload = {**measure.describe(model, spec, backend), "gallery": gallery, "test": test, **result.to_dict(),
-               "spread": spread.to_dict()}
+               "spread": spread.to_dict(), "test_in_gallery": run.test_in_gallery}
     if compared is not None:
         payload["baselines"] = compared
     if as_json:

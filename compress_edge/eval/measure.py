@@ -68,6 +68,8 @@ class KnnRun:
     spread: Any
     gallery: str
     baselines: dict[str, Any] | None = None
+    #: Test images that are also gallery images (exact search over --train only).
+    test_in_gallery: int = 0
 
 
 def knn(model: Any, spec: Any, *, name: str, test: str, train: str | None, index: Path | None, ks: list[int],
@@ -78,20 +80,32 @@ def knn(model: Any, spec: Any, *, name: str, test: str, train: str | None, index
     from compress_edge.eval.quality import embedding_spread, spread_warnings
 
     xte, yte, test_ds = features(model, spec, test, opts)
+    shared = 0
     if index is not None:
         result = knn_with_index(index, spec, xte, yte, test_ds.classes, ks, temperature)
         gallery = str(index)
     else:
-        xtr, ytr, _ = features(model, spec, train, opts)
+        xtr, ytr, train_ds = features(model, spec, train, opts)
         result = knn_eval(xtr, ytr, xte, yte, ks=ks, temperature=temperature, device=opts.device)
         gallery = train
+        shared = warn_shared_images(train_ds, test_ds)
     spread = embedding_spread(xte)
     for warning in spread_warnings(spread, name):
         log.warning("%s", warning)
-    run = KnnRun(result, spread, gallery)
+    run = KnnRun(result, spread, gallery, test_in_gallery=shared)
     if baselines:
         run.baselines = knn_baselines(train, test, spec, ks=ks, temperature=temperature, opts=opts)
     return run
+
+
+def warn_shared_images(gallery, queries) -> int:
+    """Warn when query images are also gallery images (each then finds itself: 1-NN reads 100 % on
+    them); returns how many are."""
+    shared = len(set(map(str, queries.files)) & set(map(str, gallery.files)))
+    if shared:
+        log.warning("%d of the %d test images are also in the gallery (--train): each finds itself, so the "
+                    "scores are inflated; pass test images kept apart from the gallery", shared, len(queries))
+    return shared
 
 
 def knn_baselines(train: str, test: str, spec, *, ks: list[int], temperature: float, opts: FeatureOptions) -> dict:

@@ -125,17 +125,31 @@ def folder_lock(folder: str | os.PathLike, *, what: str = "this folder") -> Iter
     import sys
 
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    locked = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "pid unknown"
             raise FolderBusy(folder, holder) from None
+        locked = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:400]} ({what})\n".encode(), 0)
         yield path
     finally:
+        if locked and created:
+            _remove_if_only_the_lock(folder, path)
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _remove_if_only_the_lock(folder: Path, lock: Path) -> None:
+    """Take away a folder this process made for a job that wrote nothing in it (a run refused at its
+    start), so that it leaves no empty folder behind; anything else in it stays."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in folder.iterdir()] == [lock.name]:
+            lock.unlink()
+            folder.rmdir()

@@ -101,6 +101,22 @@ def test_a_second_writer_of_a_folder_is_refused_naming_the_holder(held_folder, i
     assert sorted(p.name for p in folder.iterdir()) == before == [".lock"]  # nothing written
 
 
+@pytest.mark.parametrize("kind", ["pretrain", "distill"])
+def test_a_run_refused_at_its_start_leaves_no_folder_behind(tmp_path, images, saved_teacher, kind):
+    """A wrong option found after the folder's lock was taken: the folder the run made goes away again
+    (one that was there before stays, and so does anything in it)."""
+    bad = ["--arch-kwargs", "width=3"]
+    made = tmp_path / "new"
+    result = runner.invoke(app, [*_command(kind, images, made, saved_teacher), *bad])
+    assert result.exit_code == 1 and "does not take width" in _one_line_error(result), result.output
+    assert not made.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    result = runner.invoke(app, [*_command(kind, images, kept, saved_teacher), *bad])
+    assert result.exit_code == 1 and sorted(p.name for p in kept.iterdir()) == [".lock", "notes.txt"]
+
+
 def test_a_resume_while_the_run_is_going_is_refused(tmp_path, images):
     out = tmp_path / "run"
     assert runner.invoke(app, _pretrain_args(images, out, "--epochs", "1")).exit_code == 0

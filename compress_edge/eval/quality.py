@@ -377,7 +377,7 @@ def _no_heldout_reason(dataset) -> str:
         return "no labels"
     if len(dataset) < HOLDOUT_MINIMUM:
         return f"{len(dataset)} labelled images, fewer than {HOLDOUT_MINIMUM}"
-    return "--holdout 0"
+    return "nothing held out (holdout 0)"
 
 
 def heldout_check(name: str, model, spec, dataset, heldout: np.ndarray, *, teacher=None, teacher_spec=None,

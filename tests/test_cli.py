@@ -63,6 +63,20 @@ def test_user_mistake_is_one_line_on_stderr_with_exit_1(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(("out", "says"), [
+    ("file", "already exists as a file where a folder is expected"),
+    ("file/run", "part of this path is a file, not a folder"),
+])
+def test_an_out_folder_that_is_a_file_is_one_line(tmp_path, out, says):
+    (tmp_path / "file").write_text("not a folder")
+    for args in (["pretrain", "fashion-mnist:train@200"], ["index", "build", "mobilenet_v3_small", "fashion-mnist:test@20"]):
+        result = subprocess.run([sys.executable, "-m", "compress_edge", *args, "--out", str(tmp_path / out)],
+                                capture_output=True, text=True)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and says in lines[0], result.stderr
+        assert "operating-system error" not in lines[0] and (tmp_path / "file").read_text() == "not a folder"
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "compress_edge", "--verbose", "data", "info", str(tmp_path / "nope")],
                          capture_output=True, text=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import traceback
@@ -248,7 +249,16 @@ class ErrorBoundaryGroup(TyperGroup):
             _fail(f"file not found: {exc.filename or exc}; check the path", 1)
         except PermissionError as exc:
             _fail(f"permission denied: {exc.filename or exc}; check the file's permissions", 1)
+        except FileExistsError as exc:  # a folder asked for where a file is (--out FILE)
+            _fail(f"{exc.filename or exc} already exists as a file where a folder is expected; pick another path", 1)
+        except NotADirectoryError as exc:
+            _fail(f"{exc.filename or exc}: part of this path is a file, not a folder; pick another path", 1)
+        except IsADirectoryError as exc:
+            _fail(f"{exc.filename or exc} is a folder; pass a file", 1)
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                _fail(f"no space left on the disk{f' writing {exc.filename}' if exc.filename else ''}; free some "
+                      "space and run the command again", 1)
             _fail(f"{exc.strerror or exc}: {exc.filename or ''} (an operating-system error)", 1)
         except Exception as exc:  # a bug, not the user's fault: still one line, traceback on demand
             if _is_usage_error(exc):

@@ -94,6 +94,22 @@ def test_inspect_a_compress_edge_model(tmp_path):
     assert '"embed_dim": 16' in result.stdout and '"arch": "mobilenet_v3_small"' in result.stdout
 
 
+def test_inspect_an_exported_file_shows_its_runtime_precision_and_spec(tmp_path):
+    from compress_edge.export.onnx import export_onnx
+    from compress_edge.storage import sha256_file
+
+    model = create_model("mobilenet_v3_small", small_input=True).eval()
+    spec = save_model(model, spec_for(model, image_size=32), tmp_path / "m")
+    onnx_file = tmp_path / "model.onnx"
+    export_onnx(model, spec, onnx_file, exporter="torchscript", simplify=False)
+    result = invoke("models", "inspect", str(onnx_file), "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert (info["runtime"], info["precision"], info["sha256"]) == ("onnxruntime", "fp32", sha256_file(onnx_file))
+    assert info["spec"]["arch"] == "mobilenet_v3_small" and info["spec"]["weights_sha256"] == spec.weights_sha256
+    assert "no ONNX file at" in one_error_line(invoke("models", "inspect", str(tmp_path / "gone.onnx")))
+
+
 def test_inspect_a_tampered_model_fails(tmp_path):
     model = create_model("resnet18", small_input=True)
     save_model(model, spec_for(model, image_size=32), tmp_path / "m")

@@ -71,8 +71,8 @@ def inspect_cmd(
     path: Annotated[
         str,
         typer.Argument(
-            help="A compress-edge model or run folder, its model.safetensors, or a third-party "
-            "checkpoint (.pth, .pth.tar, .ckpt, .safetensors)."
+            help="A compress-edge model or run folder, its model.safetensors, a third-party "
+            "checkpoint (.pth, .pth.tar, .ckpt, .safetensors), or an exported file (.onnx, .engine, .xml)."
         ),
     ],
     arch: Annotated[
@@ -95,9 +95,13 @@ def inspect_cmd(
     Example: compress-edge models inspect dino_resnet50.pth --arch resnet50 --key teacher
     """
     from compress_edge.errors import ModelError
+    from compress_edge.export.exported import is_exported
     from compress_edge.models.inspection import inspect_checkpoint
     from compress_edge.models.layouts import refusal
 
+    if is_exported(path):
+        _inspect_exported(path, as_json)
+        return
     info = inspect_checkpoint(path, arch=arch, small_input=small_input, key=key)
     report = info.report
     if as_json:
@@ -141,3 +145,34 @@ def inspect_cmd(
         raise ModelError(f"no registered architecture fits the weights in {path}; pass --arch to compare")
     if not report.fits() and info.detected is not None:
         raise ModelError(refusal(report, info.detected, path))
+
+
+def _inspect_exported(path: str, as_json: bool) -> None:
+    """An exported file: the runtime that runs it, its precision, size and sha256, and the ModelSpec it
+    carries (an engine's from its sidecar JSON: it is not opened, which would take a GPU)."""
+    from pathlib import Path
+
+    from compress_edge.export.exported import ENGINE_SUFFIXES, read_sidecar
+    from compress_edge.export.runtimes import open_embedder
+    from compress_edge.models.spec import ModelSpec
+    from compress_edge.storage import sha256_file
+
+    file = Path(path)
+    if file.suffix.lower() in ENGINE_SUFFIXES:
+        side = read_sidecar(file)
+        runtime, precision, spec = "tensorrt", str(side.get("precision", "unknown")), ModelSpec.from_dict(side["spec"])
+    else:
+        embedder = open_embedder(file)
+        runtime, precision, spec = embedder.name, embedder.precision, embedder.spec
+        embedder.close()
+    info = {"path": str(file), "runtime": runtime, "precision": precision, "bytes": file.stat().st_size,
+            "sha256": sha256_file(file), "spec": spec.to_dict()}
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from compress_edge.cli.common import console
+
+    for label in ("path", "runtime", "precision", "bytes", "sha256"):
+        console.print(f"{label:<12} {info[label]}", markup=False, highlight=False, soft_wrap=True)
+    console.print("spec", markup=False, highlight=False)
+    console.print_json(spec.to_json())

@@ -96,6 +96,7 @@ def test_inspect_a_compress_edge_model(tmp_path):
 
 def test_inspect_an_exported_file_shows_its_runtime_precision_and_spec(tmp_path):
     from compress_edge.export.onnx import export_onnx
+
     from compress_edge.storage import sha256_file
 
     model = create_model("mobilenet_v3_small", small_input=True).eval()

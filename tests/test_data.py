@@ -96,6 +96,26 @@ def test_unlabelled_folder_dataset(tmp_path):
     assert (label, index) == (-1, 2)
 
 
+def test_a_near_class_folder_read_without_labels_says_why(class_folder, caplog):
+    import logging
+    import shutil
+
+    shutil.copy(sorted((class_folder / "circle").iterdir())[0], class_folder / "stray.png")
+    (class_folder / "empty").mkdir()
+    with caplog.at_level(logging.WARNING, logger="compress_edge"):
+        ds = D.open_dataset(str(class_folder))
+    assert ds.kind == "image-folder" and not ds.has_labels
+    (line,) = [r.getMessage() for r in caplog.records if "unlabelled image folder" in r.getMessage()]
+    assert "1 image(s) at its top level (stray.png)" in line and "without images (empty)" in line
+    # Many images at the top: a folder meant to be read without labels, and no warning.
+    for i in range(4):
+        shutil.copy(class_folder / "stray.png", class_folder / f"more{i}.png")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="compress_edge"):
+        D.open_dataset(str(class_folder))
+    assert not [r for r in caplog.records if "unlabelled image folder" in r.getMessage()]
+
+
 def test_folder_dataset_skips_unreadable(class_folder):
     (class_folder / "square" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     ds = D.open_dataset(str(class_folder))

@@ -277,6 +277,24 @@ def _list_folder(root: Path) -> tuple[list[Path], list[str]]:
     return top_files, subdirs
 
 
+#: At most this many images beside subfolders of images look like strays in a class folder (more: a
+#: folder meant to be read without labels, which gets no warning).
+_STRAY_TOP_FILES = 3
+
+
+def _say_why_unlabelled(root: Path, top_files: list[Path], empty: list[str]) -> None:
+    """Warn when a folder with several subfolders of images is read without labels: the layout almost
+    made it a class folder, and the user likely meant one."""
+    reasons = []
+    if top_files:
+        reasons.append(f"{len(top_files)} image(s) at its top level ({top_files[0].name}"
+                       f"{', ...' if len(top_files) > 1 else ''})")
+    if empty:
+        reasons.append(f"subfolder(s) without images ({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''})")
+    logger.warning("%s is read as an unlabelled image folder, not a class folder, because of %s; for class "
+                   "labels keep images only in its class subfolders", root, " and ".join(reasons))
+
+
 def _read_layout(
     root: Path, top_files: list[Path], subdirs: list[str], labelled: bool | None
 ) -> tuple[bool, list[str], dict[str, list[Path]]]:
@@ -289,6 +307,8 @@ def _read_layout(
         with_images = [name for name in subdirs if per_dir[name]]
         labelled = not top_files and len(with_images) >= 2 and len(with_images) + len(aliases) == len(subdirs)
         logger.debug("%s read as %s", root, "a class folder" if labelled else "an unlabelled image folder")
+        if not labelled and len(with_images) >= 2 and len(top_files) <= _STRAY_TOP_FILES:
+            _say_why_unlabelled(root, top_files, [n for n in subdirs if not per_dir[n] and n not in aliases])
     if labelled and aliases:
         name, other = next(iter(aliases.items()))
         what = f"the class folder {root / other}" if other else f"{root} itself, which holds it"

@@ -77,3 +77,15 @@ def track(items: Iterable[T], description: str, total: int | None = None, enable
         for item in items:
             yield item
             bar.advance(task)
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as a person reads it in a log line: "42 s", "7 min 5 s", "3 h 20 min"."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"

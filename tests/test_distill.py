@@ -210,6 +210,22 @@ def test_a_run_started_with_relative_paths_resumes_from_another_directory(tmp_pa
     assert run_distill(load_options(tmp_path / "run"), resume=True).epochs_done == 2
 
 
+def test_without_a_progress_bar_each_epoch_logs_a_line_with_the_time_left(tmp_path, class_folder, saved_teacher, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="compress_edge.train.engine"):
+        run_distill(_options(class_folder, tmp_path / "run", saved_teacher))  # progress=False, 2 epochs
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2: loss ") and "images/s" in lines[0], lines
+    assert " left" in lines[0] and " left" not in lines[1]
+
+
+def test_durations_read_as_a_person_writes_them():
+    from compress_edge.progress import format_duration
+
+    assert [format_duration(s) for s in (0.4, 42, 425, 12_000)] == ["0 s", "42 s", "7 min 5 s", "3 h 20 min"]
+
+
 def test_a_run_folder_is_not_overwritten(tmp_path, class_folder, saved_teacher):
     run_distill(_options(class_folder, tmp_path / "a", saved_teacher, train={"epochs": 1}))
     with pytest.raises(TrainingError, match="--resume"):

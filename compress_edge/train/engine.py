@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from compress_edge.data.loaders import StopSafeLoader
 from compress_edge.devices import resolve_device  # noqa: F401  (re-exported: the one device choice)
 from compress_edge.errors import TrainingError
+from compress_edge.progress import format_duration
 from compress_edge.signals import StopRequest
 from compress_edge.storage import append_jsonl, atomic_write_json
 from compress_edge.train.checkpoints import RunCheckpoints, seed_everything, set_rng_state
@@ -214,6 +215,7 @@ class Trainer:
             persistent_workers=False,
         )
         start = time.perf_counter()
+        first_step = self.global_step
         last_loss = float("nan")
         end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, self.epoch + stop_after_epochs)
         stopped = False
@@ -246,6 +248,13 @@ class Trainer:
                 self._log({"kind": "epoch", "epoch": self.epoch, "step": self.global_step,
                            "loss": epoch_loss / max(1, epoch_n), "seconds": time.perf_counter() - t0,
                            "images_per_s": seen / max(1e-9, time.perf_counter() - t0)})
+                if not progress.enabled and self.dist.is_main:  # no bar (--no-progress, a log file): a line
+                    steps_done = self.global_step - first_step
+                    left = (cfg.epochs - self.epoch) * steps_per_epoch * (time.perf_counter() - start) / max(1, steps_done)
+                    logger.info("epoch %d/%d: loss %.4f, %.0f images/s, %s%s", self.epoch, cfg.epochs,
+                             epoch_loss / max(1, epoch_n), seen / max(1e-9, time.perf_counter() - t0),
+                             format_duration(time.perf_counter() - t0),
+                             f"; about {format_duration(left)} left" if self.epoch < cfg.epochs else "")
                 if stopped or self.epoch % cfg.checkpoint_every == 0 or self.epoch == end_epoch:
                     self.save_checkpoint(scheduler)
         if self._writer is not None:

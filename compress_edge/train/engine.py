@@ -248,7 +248,7 @@ class Trainer:
                 self._log({"kind": "epoch", "epoch": self.epoch, "step": self.global_step,
                            "loss": epoch_loss / max(1, epoch_n), "seconds": time.perf_counter() - t0,
                            "images_per_s": seen / max(1e-9, time.perf_counter() - t0)})
-                if not progress.enabled and self.dist.is_main:  # no bar (--no-progress, a log file): a line
+                if not progress.enabled and self.dist.is_main:  # no bar (--no-progress): a line instead
                     steps_done = self.global_step - first_step
                     left = (cfg.epochs - self.epoch) * steps_per_epoch * (time.perf_counter() - start) / max(1, steps_done)
                     logger.info("epoch %d/%d: loss %.4f, %.0f images/s, %s%s", self.epoch, cfg.epochs,

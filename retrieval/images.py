@@ -8,6 +8,7 @@ added or removed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -109,7 +110,8 @@ def _build_from_images(model: Any, data: Sequence[str], out: Path, *, backend: s
         prefix = f"g{generation:04d}"
         extract_embeddings(embedder, gallery, out / EMBEDDINGS_DIR, prefix=prefix, batch_size=batch_size,
                            workers=workers, shard_rows=shard_rows or SHARD_ROWS, progress=progress and r == 0,
-                           rank=r, world_size=w, extra={"token": token})
+                           rank=r, world_size=w, extra={"token": token},
+                           resume_key=_embedding_key(embedder, gallery))
         embed_seconds = time.perf_counter() - t0
         if r != 0:
             log.info("rank %d: embeddings written; rank 0 builds the index", r)
@@ -127,6 +129,23 @@ def _build_from_images(model: Any, data: Sequence[str], out: Path, *, backend: s
     finally:
         if owned:
             embedder.close()
+
+
+def _embedding_key(embedder: Any, gallery: Any) -> str:
+    """What makes a build's embeddings the same as an interrupted one's: the model (its weights and
+    preprocessing, and the file run) and the images, in order (each file's size and time of change too)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([embedder.spec.to_dict(), model_record(embedder)], sort_keys=True,
+                                  default=str).encode())
+    for f in gallery.files:
+        try:
+            st = os.stat(os.path.join(gallery.root or "", f))
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:  # a dataset id (fashion-mnist:train/00042), not a file
+            stamp = ""
+        h.update(f"{f}\0{stamp}\0".encode())
+    return h.hexdigest()
 
 
 @one_writer("index add", 0, "index_dir", existing=True)

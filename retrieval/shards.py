@@ -30,6 +30,7 @@ from compress_edge.data.grammar import names_dataset, resolve_path
 from compress_edge.data.images import open_image, scan_images
 from compress_edge.errors import DataError, IndexFileError
 from compress_edge.eval.neighbors import l2_normalize
+from compress_edge.signals import Interrupted
 from compress_edge.storage import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 SHARD_ROWS = 65_536
 EMBEDDINGS_DIR = "embeddings"
 MANIFEST_SUFFIX = ".manifest.json"
+#: The shards an interrupted writer finished (see :class:`ShardWriter`'s ``resume_key``).
+PARTIAL_SUFFIX = ".partial.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,7 +55,7 @@ class ShardWriter:
     """
 
     def __init__(self, folder: str | os.PathLike, prefix: str, dim: int, shard_rows: int = SHARD_ROWS,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, resume_key: str | None = None) -> None:
         if shard_rows <= 0:
             raise DataError(f"shard_rows must be positive, got {shard_rows}")
         self.folder = Path(folder)
@@ -66,6 +69,33 @@ class ShardWriter:
         self._ids: list[np.ndarray] = []
         self._buffered = 0
         self.rows = 0
+        #: With a key, each full shard is recorded in ``<prefix>.partial.json`` as it is written, and a
+        #: writer with the same key (the same model, images and split) starts after the shards there.
+        self.resume_key = resume_key
+        if resume_key is not None:
+            self._resume()
+
+    @property
+    def buffered(self) -> int:
+        """Rows written but not yet in a shard file."""
+        return self._buffered
+
+    @property
+    def _partial(self) -> Path:
+        return self.folder / f"{self.prefix}{PARTIAL_SUFFIX}"
+
+    def _resume(self) -> None:
+        try:
+            record = json.loads(self._partial.read_text())
+        except (OSError, ValueError):
+            return
+        shards = record.get("shards") if isinstance(record, dict) else None
+        if (record.get("key") != self.resume_key or record.get("dim") != self.dim
+                or record.get("shard_rows") != self.shard_rows or not isinstance(shards, list)
+                or not all((self.folder / sh["x"]).is_file() and (self.folder / sh["ids"]).is_file() for sh in shards)):
+            return
+        self.shards = shards
+        self.rows = sum(int(sh["rows"]) for sh in shards)
 
     def write(self, x: np.ndarray, ids: np.ndarray) -> None:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -91,6 +121,9 @@ class ShardWriter:
                 np.save(fh, arr)
         self.shards.append({"x": f"{name}.npy", "ids": f"{name}.ids.npy", "rows": int(len(head_x))})
         self.rows += len(head_x)
+        if self.resume_key is not None:
+            atomic_write_json(self._partial, {"key": self.resume_key, "dim": self.dim, "shard_rows": self.shard_rows,
+                                              "shards": self.shards})
 
     def close(self) -> str:
         """Write what is buffered and the manifest; return the manifest's file name."""
@@ -99,6 +132,7 @@ class ShardWriter:
         manifest = f"{self.prefix}{MANIFEST_SUFFIX}"
         atomic_write_json(self.folder / manifest, {"dim": self.dim, "rows": self.rows, "shards": self.shards,
                                                    **self.extra})
+        self._partial.unlink(missing_ok=True)
         return manifest
 
 
@@ -347,8 +381,12 @@ def extract_embeddings(
     rank: int | None = None,
     world_size: int | None = None,
     extra: dict[str, Any] | None = None,
+    resume_key: str | None = None,
 ) -> str:
     """Embed ``gallery`` with ``embedder`` and write L2-normalised shards; return the manifest name.
+
+    ``resume_key`` (what makes the embeddings the same: model, images): shards finished by an
+    interrupted call with the same key, prefix and rank are kept and the embedding goes on after them.
 
     Under ``torchrun`` (or with ``rank`` / ``world_size``) this process embeds only its contiguous
     part of the gallery and writes ``<prefix>-r<rank>`` shards. Images are decoded and preprocessed in
@@ -359,8 +397,12 @@ def extract_embeddings(
     ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     lo, hi = r * n // w, (r + 1) * n // w
     spec = embedder.spec
+    key = None if resume_key is None else f"{resume_key}|{r}/{w}"
     writer = ShardWriter(folder, f"{prefix}-r{r}", int(spec.embed_dim), shard_rows,
-                         extra={"rank": r, "world_size": w, "first": lo, "last": hi, **(extra or {})})
+                         extra={"rank": r, "world_size": w, "first": lo, "last": hi, **(extra or {})}, resume_key=key)
+    if writer.rows:
+        log.info("continuing an interrupted embedding: %d of %d images are in the shards it finished", writer.rows,
+                 hi - lo)
     from compress_edge.export.embedder import embed_batches
 
     def load(first: int, end: int) -> list:
@@ -368,8 +410,15 @@ def extract_embeddings(
 
     t0 = time.perf_counter()
     model = getattr(embedder, "path", None) or spec.arch
-    for start, x in embed_batches(embedder, load, lo, hi, batch_size=batch_size, workers=workers, progress=progress):
-        writer.write(l2_normalize(check_finite(x, model)), ids[start : start + len(x)])
+    try:
+        for start, x in embed_batches(embedder, load, lo + writer.rows, hi, batch_size=batch_size, workers=workers,
+                                      progress=progress):
+            writer.write(l2_normalize(check_finite(x, model)), ids[start : start + len(x)])
+    except (KeyboardInterrupt, Interrupted):
+        if key is not None and writer.rows:
+            log.warning("stopped after %d of %d images: the %d in finished shards are kept, and the same command "
+                        "run again continues from there", writer.rows + writer.buffered, hi - lo, writer.rows)
+        raise
     manifest = writer.close()
     log.debug("rank %d embedded %d images in %.1f s", r, hi - lo, time.perf_counter() - t0)
     return manifest

@@ -380,6 +380,46 @@ def test_build_from_images_with_an_embedder(tmp_path, make_images):
     assert again.resolve(again.files[-1]) == again.files[-1]  # its folder is recorded as one the index shows
 
 
+class StopsAfter(FakeEmbedder):
+    """A FakeEmbedder interrupted (as by Ctrl-C) at its call number ``stop``, and counting the images it embeds."""
+
+    def __init__(self, stop: int | None) -> None:
+        super().__init__()
+        self.stop, self.images = stop, 0
+
+    def embed(self, batch):
+        if self.stop is not None and self.calls + 1 >= self.stop:
+            raise KeyboardInterrupt
+        self.images += len(batch)
+        return super().embed(batch)
+
+
+def test_an_interrupted_build_continues_after_the_shards_it_finished(tmp_path, make_images):
+    from compress_edge.retrieval.shards import PARTIAL_SUFFIX
+
+    make_images(tmp_path / "imgs", per_class=8)  # 24 images: shards of 8, batches of 4
+    kw = dict(batch_size=4, shard_rows=8, workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        rindex.build_from_images(StopsAfter(stop=6), [str(tmp_path / "imgs")], tmp_path / "idx", **kw)
+    partial = json.loads((tmp_path / "idx" / "embeddings" / f"g0001-r0{PARTIAL_SUFFIX}").read_text())
+    assert [sh["rows"] for sh in partial["shards"]] == [8, 8]  # the 4 images of batch 5 were in no shard yet
+    again = StopsAfter(stop=None)
+    idx = rindex.build_from_images(again, [str(tmp_path / "imgs")], tmp_path / "idx", **kw)
+    assert again.images == 8 and idx.ntotal == 24  # only the last shard's images were embedded
+    assert not list((tmp_path / "idx" / "embeddings").glob(f"*{PARTIAL_SUFFIX}"))
+    straight = rindex.build_from_images(FakeEmbedder(), [str(tmp_path / "imgs")], tmp_path / "ref", **kw)
+    got, want = (EmbeddingStore.open(i.path / "embeddings").to_array() for i in (idx, straight))
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], atol=0)
+    # Other images (or another model) under the same name: nothing is reused.
+    with pytest.raises(KeyboardInterrupt):
+        rindex.build_from_images(StopsAfter(stop=6), [str(tmp_path / "imgs")], tmp_path / "idx2", **kw)
+    make_images(tmp_path / "imgs", per_class=8, seed=9)  # the same file names, new pixels
+    fresh = StopsAfter(stop=None)
+    rindex.build_from_images(fresh, [str(tmp_path / "imgs")], tmp_path / "idx2", **kw)
+    assert fresh.images == 24
+
+
 def test_gallery_object_is_plain(tmp_path):
     g = Gallery(files=["a"], labels=None, classes=[], root=None, load=lambda i: "a")
     assert len(g) == 1

@@ -54,13 +54,16 @@ class Routes:
                         headers={**HEADERS, "Content-Security-Policy": CSP})
 
     async def health(self, request: Request) -> Response:
+        await run_in_threadpool(self.service.refresh)
         return JSONResponse({"status": "ok", "vectors": self.service.index.ntotal, "busy": self.running},
                             headers=HEADERS)
 
     async def info(self, request: Request) -> Response:
+        await run_in_threadpool(self.service.refresh)
         return JSONResponse(self.service.info(), headers=HEADERS)
 
     async def gallery(self, request: Request) -> Response:
+        await run_in_threadpool(self.service.refresh)
         q = request.query_params
         return JSONResponse(self.service.gallery(_integer(q.get("offset", 0), "offset"),
                                                  _integer(q.get("limit", 48), "limit")), headers=HEADERS)
@@ -74,6 +77,7 @@ class Routes:
     # -- POST /search --------------------------------------------------------------------------------
     async def search(self, request: Request) -> Response:
         t0 = time.perf_counter()
+        await run_in_threadpool(self.service.refresh)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind not in ("application/json", "multipart/form-data"):
             raise RequestError(415, "POST /search takes multipart/form-data (an image in the field 'image') "

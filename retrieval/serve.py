@@ -25,6 +25,10 @@ guard plus a limit of our own), k, the search parameter, and the number of searc
 (one more gets 503 at once rather than a queue). A bad upload (0 bytes, not an image, truncated, a
 bomb) is a 4xx JSON answer; the server goes on serving.
 
+An index changed by another process (``index add`` / ``remove`` commit a new generation, then its
+sidecar) is reopened by the next request that finds the sidecar replaced (looked at at most once a
+second), under the search lock; a generation that cannot be served is logged and the old one kept.
+
 Why Starlette + uvicorn rather than the standard library: ``http.server`` is documented as not for
 production (no request-size limits, one thread per connection, no keep-alive discipline) and the
 stdlib no longer parses multipart bodies (``cgi`` was removed in Python 3.13), so a hand-written
@@ -59,10 +63,11 @@ from typing import Any
 
 import numpy as np
 from compress_edge.retrieval.faiss_index import index_kind, search_parameter
-from compress_edge.retrieval.folder import RetrievalIndex
+from compress_edge.retrieval.folder import RetrievalIndex, open_index
 from compress_edge.retrieval.knn import DEFAULT_TEMPERATURE, knn_classify
-from compress_edge.retrieval.safety import is_inside, shown
+from compress_edge.retrieval.safety import check_model, is_inside, shown
 from compress_edge.retrieval.search import Searcher, predictions_of
+from compress_edge.retrieval.sidecar import SIDECAR
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from compress_edge import __version__
@@ -81,6 +86,8 @@ MAX_SEARCH_PARAM = 2048
 #: before any decoder runs.
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 THUMB_SIZE = 160
+#: How often (seconds) requests look whether another process changed the index being served.
+RELOAD_CHECK_SECONDS = 1.0
 THUMB_CACHE = 1024
 GALLERY_PAGE_MAX = 200
 #: Multipart framing (boundaries, part headers) on top of the image's own bytes; also the largest JSON body.
@@ -177,8 +184,11 @@ class SearchService:
                                  trust_model=trust_model)
         self.index = self.searcher.index
         self.root = str(root) if root is not None else self.index.root
-        self.parameter = search_parameter(self.index.index)
-        self.labelled = self.index.labels is not None and bool((self.index.labels >= 0).any())
+        self._trust_model = trust_model
+        self._adopt(self.index)
+        self._stamp = _sidecar_stamp(self.index.path)
+        self._checked = time.monotonic()
+        self._reload_lock = threading.Lock()
         # FAISS search parameters are set on the shared index for one call and restored after it: one
         # search at a time. Embedding (onnxruntime, thread-safe) runs outside the lock.
         self._search_lock = threading.Lock()
@@ -188,6 +198,45 @@ class SearchService:
         self._rows: tuple | None = None
         self._rows_lock = threading.Lock()
         self._thumb = functools.lru_cache(maxsize=THUMB_CACHE)(self._thumbnail)
+
+    def _adopt(self, index: RetrievalIndex) -> None:
+        """Serve ``index``: what every request reads of it, set together."""
+        self.searcher.index = self.index = index
+        self.parameter = search_parameter(index.index)
+        self.labelled = index.labels is not None and bool((index.labels >= 0).any())
+
+    # -- an index changed by another process (index add / remove) ----------------------------------------
+    def refresh(self) -> bool:
+        """Reopen the index when another process has committed a new generation of it (``index add`` or
+        ``remove`` while the server runs): looked at (one ``stat``) at most every RELOAD_CHECK_SECONDS.
+        A new generation that cannot be opened, or whose model is not this one, is logged and the one
+        being served stays. Returns whether the index was reopened."""
+        now = time.monotonic()
+        if now - self._checked < RELOAD_CHECK_SECONDS:
+            return False
+        with self._reload_lock:
+            if now - self._checked < RELOAD_CHECK_SECONDS:
+                return False
+            self._checked = time.monotonic()
+            stamp = _sidecar_stamp(self.index.path)
+            if stamp is None or stamp == self._stamp:
+                return False
+            self._stamp = stamp
+            try:
+                index = open_index(self.index.path)
+                check_model(index.spec, self.searcher.embedder, index.meta, what=f"the index {shown(index.path)}",
+                            trust=self._trust_model)
+            except CompressEdgeError as exc:
+                log.warning("the index %s changed but cannot be served (%s); still serving generation %s",
+                            shown(self.index.path), exc, self.index.meta.get("generation"))
+                return False
+            with self._search_lock, self._rows_lock:
+                self._adopt(index)
+                self._rows = None
+                self._thumb.cache_clear()
+            log.info("the index changed: now serving generation %s, %d vectors", index.meta.get("generation"),
+                     index.ntotal)
+            return True
 
     # -- what it is ------------------------------------------------------------------------------------
     def versions(self) -> dict[str, Any]:
@@ -390,6 +439,15 @@ class SearchService:
 
     def close(self) -> None:
         self.searcher.close()
+
+
+def _sidecar_stamp(folder: str | os.PathLike) -> tuple[int, int, int] | None:
+    """What changes when an index's sidecar is replaced (a commit renames a new file over it)."""
+    try:
+        st = os.stat(Path(folder) / SIDECAR)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _integer(value: Any, name: str) -> int:

@@ -308,6 +308,38 @@ def test_thumbnails_outside_the_gallery_are_refused(built, tmp_path):
         srv.stop()
 
 
+def test_an_index_changed_while_serving_is_served_as_it_is_now(built, tmp_path):
+    """``index add`` / ``index remove`` in another process while the server runs: the next requests (after
+    at most about a second) see the new generation, without a restart."""
+    import shutil
+
+    from compress_edge.retrieval.index import add_images, remove_files
+
+    index = tmp_path / "index"
+    shutil.copytree(built["index"], index)
+    srv = Server(index)
+    try:
+        before = json.loads(request(srv.url + "/health")[2])["vectors"]
+        added = add_images(index, [str(built["queries"])], model=str(built["onnx"]))["added"]
+        assert added == len(CLASSES)
+        deadline = time.monotonic() + 20
+        while json.loads(request(srv.url + "/health")[2])["vectors"] != before + added:
+            assert time.monotonic() < deadline, "the server still serves the old index"
+            time.sleep(0.3)
+        status, out = upload(srv.url, query_bytes(built, "stripes"), k="1")
+        assert status == 200 and out["neighbours"][0]["path"].endswith("stripes_000.png"), out  # the added image
+        assert out["neighbours"][0]["score"] > 0.9999 and out["versions"]["index"]["generation"] == 2
+        new_id = out["neighbours"][0]["id"]
+        remove_files(index, [str(built["queries"] / "stripes" / "stripes_000.png")])
+        deadline = time.monotonic() + 20
+        while search_id(srv.url, {"id": new_id, "k": 3})[0] != 404:
+            assert time.monotonic() < deadline, "the server still serves a removed item"
+            time.sleep(0.3)
+    finally:
+        log = srv.stop()
+    assert "now serving generation 2" in log and "Traceback" not in log
+
+
 def test_a_model_that_does_not_match_the_index_is_refused_at_start(built):
     port = str(free_port())
     run = subprocess.run([sys.executable, "-m", "compress_edge", "serve", str(built["index"]), "--model",

@@ -29,8 +29,9 @@ index_app = command_group(
 IndexDirArg = Annotated[Path, typer.Argument(help="The index folder (made by 'compress-edge index build').")]
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="The model that embeds the images: a .onnx file, a .engine, or a compress-edge "
-                                       "model folder (default: the model the index was built with)."),
+    typer.Option("--model", "-m", help="The model that embeds the images: a .onnx file, a .engine, an OpenVINO .xml, "
+                                       "or a compress-edge model folder (default: the model the index was built "
+                                       "with)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar=DEVICE_METAVAR, help="Where the model runs: auto (the "
                                                                              "GPU when the runtime sees one), cpu, "
@@ -161,8 +162,8 @@ def _print_info(info: dict[str, Any]) -> None:
 
 @index_app.command("build")
 def build(
-    model: Annotated[str, typer.Argument(help="The model: a compress-edge model folder, a .onnx file, a .engine "
-                                              "or an architecture name.")],
+    model: Annotated[str, typer.Argument(help="The model: a compress-edge model folder, a .onnx file, a .engine, "
+                                              "an OpenVINO .xml or an architecture name.")],
     data: Annotated[list[str], typer.Argument(help="Images: class folders, image folders, image files, "
                                                    "fashion-mnist:train|test (several allowed).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The index folder to write.")],
@@ -183,7 +184,8 @@ def build(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 64,
     workers: Annotated[int | None, typer.Option("--workers", help="Image decoding threads.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for FAISS and the model.")] = None,
-    shard_rows: Annotated[int, typer.Option("--shard-rows", help="Embeddings per shard file.")] = 65_536,
+    shard_rows: Annotated[int, typer.Option("--shard-rows", help="Embeddings per shard file (an interrupted "
+                                            "build continues after the last whole one).")] = 65_536,
     image_size: Annotated[int | None, typer.Option("--image-size", help="Input size (default: the model's).")] = None,
     data_root: Annotated[str | None, typer.Option("--data-root", help="Where to look for Fashion-MNIST first.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an index already in --out.")] = False,

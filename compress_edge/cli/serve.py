@@ -15,7 +15,8 @@ from compress_edge.cli.common import DEVICE_METAVAR, BackendOpt
 def serve(
     index_dir: Annotated[Path, typer.Argument(help="The index folder (made by 'compress-edge index build').")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="The model that embeds uploaded images: a .onnx "
-                                              "file or a .engine (default: the model the index was built with); "
+                                              "file, a .engine or an OpenVINO .xml (default: the model the index "
+                                              "was built with); "
                                               "refused at start when it does not match the index.")] = None,
     host: Annotated[str, typer.Option("--host", help="The address to listen on. Only loopback (127.0.0.1) "
                                                      "without --allow-remote.")] = "127.0.0.1",

@@ -165,6 +165,11 @@ def resolve(opts: ExportOptions) -> ExportPlan:
                       check_data=opts.parity_data or calib_data)
 
 
+#: A run folder trained on a folder of more images than this is not opened for its check images by default
+#: (every image of a folder is decoded once when it is opened).
+RUN_DATA_MAX_IMAGES = 50_000
+
+
 def run_training_data(model: str) -> str | None:
     """The training images a distill or pretrain run folder (``model``, or its ``student/`` folder) records
     in config.json, when they are still there (or name Fashion-MNIST); else None."""
@@ -188,7 +193,14 @@ def run_training_data(model: str) -> str | None:
                 arg = parse_data(found)
             except CompressEdgeError:
                 return None
-            return found if arg.split is not None or Path(arg.base).exists() else None
+            if arg.split is not None:
+                return found  # Fashion-MNIST: read from its files, nothing to scan
+            images = (config.get("plan") or {}).get("images") if isinstance(config.get("plan"), dict) else None
+            if isinstance(images, int) and images > RUN_DATA_MAX_IMAGES:
+                log.info("the run's %d training images are more than are worth checking one by one for a few "
+                         "parity images; pass --calib-data / --parity-data (a folder of some of them)", images)
+                return None
+            return found if Path(arg.base).exists() else None
     return None
 
 

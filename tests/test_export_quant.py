@@ -212,7 +212,11 @@ def test_a_run_folder_is_calibrated_and_checked_on_its_own_training_images(fp32,
                                         parity_images=12, calib_method="minmax", timing_iters=0, strict=False))
     assert report["calibration"]["data"] == f"{data}@16" and report["calibration"]["count"] == 8
     assert report["check_images"] == {"source": f"real ({data}@16)", "count": 12, "data": f"{data}@16"}
+    # A folder of very many images is not scanned for a few check images unless asked.
+    (run / "config.json").write_text(json.dumps({"distill": {"data": str(data)}, "plan": {"images": 60_000}}))
+    assert resolve(ExportOptions(model=str(run), out=str(tmp_path / "o"))).check_data is None
     shutil.rmtree(data)
+    (run / "config.json").write_text(json.dumps({"distill": {"data": str(data)}, "plan": {"images": 18}}))
     with pytest.raises(DataError, match="--calib-data"):
         resolve(ExportOptions(model=str(run), out=str(tmp_path / "o2"), int8=["cpu"]))
 

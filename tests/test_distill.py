@@ -220,6 +220,17 @@ def test_without_a_progress_bar_each_epoch_logs_a_line_with_the_time_left(tmp_pa
     assert " left" in lines[0] and " left" not in lines[1]
 
 
+def test_resuming_a_finished_run_says_there_was_nothing_left(tmp_path, class_folder, saved_teacher):
+    out = tmp_path / "run"
+    args = ["distill", str(class_folder), "--teacher", str(saved_teacher), "--arch", "mobilenet_v3_small",
+            "--epochs", "1", "--batch-size", "6", "--queue-size", "12", "--workers", "0", "--no-progress",
+            "--holdout", "0", "--out", str(out)]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0 and "last loss" in first.stdout, first.output
+    again = runner.invoke(app, ["distill", "--resume", str(out), "--no-progress"])
+    assert again.exit_code == 0 and "nothing left to train" in again.stdout and "nan" not in again.stdout, again.output
+
+
 def test_durations_read_as_a_person_writes_them():
     from compress_edge.progress import format_duration
 

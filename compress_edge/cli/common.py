@@ -177,8 +177,11 @@ def train_or_resume(what: str, flags: RunFlags, *, resume: Path | None, load: Ca
     if current_dist().is_main:  # under torchrun, only rank 0 speaks
         out = Path(opts.out)
         checks = f"; checks in {out / 'quality.json'}" if (out / "quality.json").is_file() else ""
+        # No step in this call (a finished run resumed): no loss to show.
+        done = (f"last loss {result.last_loss:.4f}, {result.seconds:.0f} s" if result.last_loss == result.last_loss
+                else "it had already finished: nothing left to train")
         console.print(f"{what} written to {out / 'student'} ({result.epochs_done} epochs, {result.global_step} "
-                      f"steps, last loss {result.last_loss:.4f}, {result.seconds:.0f} s){checks}")
+                      f"steps, {done}){checks}")
 
 
 def _fail(message: str, code: int) -> None:

@@ -377,13 +377,19 @@ class Exporter:
                 self.report["steps"][f"openvino-{precision}"] = step
             with ovx.OpenVinoEmbedder(path) as embedder:
                 got = embedder.embed(self.images)
-                one = embedder.embed(self.images[:1])  # the batch dimension stays dynamic
-            if not np.allclose(one, got[:1], atol=1e-4):
-                raise ExportError(f"{path.name} gives another embedding for an image alone than in a batch of "
-                                  f"{len(self.images)}; the conversion is broken (OpenVINO "
-                                  f"{step['settings']['openvino']})")
-            self.compare(f"openvino-{precision}", got, name=f"openvino {precision}", goal_key=precision,
+                alone = None
+                if not np.allclose(embedder.embed(self.images[:1]), got[:1], atol=1e-4):
+                    # A device answering one query at a time gets these: they are what parity measures.
+                    alone = np.concatenate([embedder.embed(self.images[i : i + 1]) for i in range(len(self.images))])
+            key = f"openvino-{precision}"
+            self.compare(key, got if alone is None else alone, name=f"openvino {precision}", goal_key=precision,
                          goal=ovx.GOALS[precision])
+            if alone is not None:
+                diff = float(np.abs(alone - got).max())
+                self.report["steps"][key]["batch_one_max_diff"] = diff
+                log.warning("%s gives other embeddings for an image alone than in a batch (max |diff| %.3g, OpenVINO "
+                            "%s); its parity is measured one image at a time, as a device searching single "
+                            "queries runs it", path.name, diff, step["settings"]["openvino"])
 
     def export_engine(self) -> None:
         """model.engine from the plan's source file; its parity only where a GPU runs it."""
@@ -505,6 +511,9 @@ def _recommend(report: dict[str, Any], source_precision: str) -> dict[str, Any]:
     notes: list[str] = []
     for key, step in report.get("steps", {}).items():
         notes += _quantization_notes(key, step.get("settings", {}) if isinstance(step, dict) else {})
+        if isinstance(step, dict) and "batch_one_max_diff" in step:
+            notes.append(f"{key} gives other embeddings for an image alone than in a batch (max |diff| "
+                         f"{step['batch_one_max_diff']:.3g}): its parity was measured one image at a time")
     for key, entry in parity.items():
         if "int8" not in key:
             continue

@@ -87,15 +87,16 @@ class ShardWriter:
     def _resume(self) -> None:
         try:
             record = json.loads(self._partial.read_text())
-        except (OSError, ValueError):
+            shards = record["shards"]
+            if (record["key"] != self.resume_key or record["dim"] != self.dim
+                    or record["shard_rows"] != self.shard_rows
+                    or not all((self.folder / sh["x"]).is_file() and (self.folder / sh["ids"]).is_file()
+                               for sh in shards)):
+                return
+            rows = sum(int(sh["rows"]) for sh in shards)
+        except (OSError, ValueError, KeyError, TypeError):  # none, or damaged: start afresh
             return
-        shards = record.get("shards") if isinstance(record, dict) else None
-        if (record.get("key") != self.resume_key or record.get("dim") != self.dim
-                or record.get("shard_rows") != self.shard_rows or not isinstance(shards, list)
-                or not all((self.folder / sh["x"]).is_file() and (self.folder / sh["ids"]).is_file() for sh in shards)):
-            return
-        self.shards = shards
-        self.rows = sum(int(sh["rows"]) for sh in shards)
+        self.shards, self.rows = list(shards), rows
 
     def write(self, x: np.ndarray, ids: np.ndarray) -> None:
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -411,6 +411,11 @@ def test_an_interrupted_build_continues_after_the_shards_it_finished(tmp_path, m
     got, want = (EmbeddingStore.open(i.path / "embeddings").to_array() for i in (idx, straight))
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_allclose(got[0], want[0], atol=0)
+    # A damaged record is no record.
+    for damaged in ("[1, 2]", '{"key": 3}', "{not json"):
+        w = ShardWriter(tmp_path / "w", "p", 8, shard_rows=8, resume_key="k")
+        (tmp_path / "w" / f"p{PARTIAL_SUFFIX}").write_text(damaged)
+        assert ShardWriter(tmp_path / "w", "p", 8, shard_rows=8, resume_key="k").rows == 0 and w.rows == 0
     # Other images (or another model) under the same name: nothing is reused.
     with pytest.raises(KeyboardInterrupt):
         rindex.build_from_images(StopsAfter(stop=6), [str(tmp_path / "imgs")], tmp_path / "idx2", **kw)

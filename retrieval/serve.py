@@ -11,8 +11,9 @@ with a 4xx/5xx status):
   CDN, no build step).
 - ``POST /search``: a multipart upload (field ``image``; optional fields ``k`` and ``param``) or JSON
   ``{"id": N, "k": 10, "param": 16}`` (a gallery item, searched with its stored embedding, itself left
-  out); ``k`` and ``param`` also in the query string (``/search?k=5``), the body's first. Answers the neighbours (id, path as stored, label, score), the weighted kNN vote of a labelled
-  index, timings (decode, embed, search ms) and the model and index versions.
+  out); ``k`` and ``param`` also in the query string (``/search?k=5``), the body's first. Answers the
+  neighbours (id, path as stored, label, score), the weighted kNN vote of a labelled index, timings
+  (decode, embed, search ms) and the model and index versions.
 - ``GET /health``, ``GET /info`` (ModelSpec, index type, size, search parameter, tuned recall, limits),
   ``GET /gallery?offset=&limit=`` (a page of gallery items), ``GET /thumb/{id}`` (a gallery image as a
   PNG thumbnail).

@@ -210,14 +210,18 @@ def test_a_run_started_with_relative_paths_resumes_from_another_directory(tmp_pa
     assert run_distill(load_options(tmp_path / "run"), resume=True).epochs_done == 2
 
 
-def test_without_a_progress_bar_each_epoch_logs_a_line_with_the_time_left(tmp_path, class_folder, saved_teacher, caplog):
+def test_without_a_progress_bar_epochs_log_lines_with_the_time_left(tmp_path, class_folder, saved_teacher, caplog,
+                                                                     monkeypatch):
     import logging
 
+    from compress_edge.train import engine
+
+    monkeypatch.setattr(engine, "EPOCH_LINE_SECONDS", 1e9)  # between the first and last epochs: none
     with caplog.at_level(logging.INFO, logger="compress_edge.train.engine"):
-        run_distill(_options(class_folder, tmp_path / "run", saved_teacher))  # progress=False, 2 epochs
+        run_distill(_options(class_folder, tmp_path / "run", saved_teacher, train={"epochs": 3}))  # progress=False
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
-    assert len(lines) == 2 and lines[0].startswith("epoch 1/2: loss ") and "images/s" in lines[0], lines
-    assert " left" in lines[0] and " left" not in lines[1]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/3: loss ") and "images/s" in lines[0], lines
+    assert lines[1].startswith("epoch 3/3: ") and " left" in lines[0] and " left" not in lines[1]
 
 
 def test_resuming_a_finished_run_says_there_was_nothing_left(tmp_path, class_folder, saved_teacher):

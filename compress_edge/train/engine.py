@@ -40,6 +40,9 @@ from compress_edge.train.run_folder import code_version
 
 logger = logging.getLogger(__name__)
 
+#: Without a progress bar, an epoch's line is logged at most this often (seconds), besides the first and last.
+EPOCH_LINE_SECONDS = 30.0
+
 
 def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
     if isinstance(batch, torch.Tensor):
@@ -215,7 +218,7 @@ class Trainer:
             persistent_workers=False,
         )
         start = time.perf_counter()
-        first_step = self.global_step
+        first_step, first_epoch, last_line = self.global_step, self.epoch, start
         last_loss = float("nan")
         end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, self.epoch + stop_after_epochs)
         stopped = False
@@ -248,13 +251,18 @@ class Trainer:
                 self._log({"kind": "epoch", "epoch": self.epoch, "step": self.global_step,
                            "loss": epoch_loss / max(1, epoch_n), "seconds": time.perf_counter() - t0,
                            "images_per_s": seen / max(1e-9, time.perf_counter() - t0)})
-                if not progress.enabled and self.dist.is_main:  # no bar (--no-progress): a line instead
+                # Without a bar (--no-progress), a line instead: the first and last epochs' and, between
+                # them, one at most every EPOCH_LINE_SECONDS.
+                quiet_for = time.perf_counter() - last_line
+                if (not progress.enabled and self.dist.is_main
+                        and (quiet_for >= EPOCH_LINE_SECONDS or self.epoch in (first_epoch + 1, cfg.epochs))):
+                    last_line = time.perf_counter()
                     steps_done = self.global_step - first_step
                     left = (cfg.epochs - self.epoch) * steps_per_epoch * (time.perf_counter() - start) / max(1, steps_done)
                     logger.info("epoch %d/%d: loss %.4f, %.0f images/s, %s%s", self.epoch, cfg.epochs,
-                             epoch_loss / max(1, epoch_n), seen / max(1e-9, time.perf_counter() - t0),
-                             format_duration(time.perf_counter() - t0),
-                             f"; about {format_duration(left)} left" if self.epoch < cfg.epochs else "")
+                                epoch_loss / max(1, epoch_n), seen / max(1e-9, time.perf_counter() - t0),
+                                format_duration(time.perf_counter() - t0),
+                                f"; about {format_duration(left)} left" if self.epoch < cfg.epochs else "")
                 if stopped or self.epoch % cfg.checkpoint_every == 0 or self.epoch == end_epoch:
                     self.save_checkpoint(scheduler)
         if self._writer is not None:

@@ -161,12 +161,14 @@ def add_images(
     data_root: str | None = None,
     progress: bool = False,
     trust_model: bool = False,
+    shard_rows: int | None = None,
 ) -> dict[str, Any]:
     """Embed new images (folders, files, datasets) and add them to the index in ``index_dir``.
 
     model: the embedder (default: the model the index was built with), checked against the index
     (see :func:`~compress_edge.retrieval.safety.check_model`; ``trust_model`` relaxes the hash checks).
-    Images already in the index are skipped. Returns {"added", "skipped", "ntotal"}.
+    Images already in the index are skipped; an add stopped while embedding keeps its finished shards
+    for the same command run again (as ``index build``). Returns {"added", "skipped", "ntotal"}.
     """
     from compress_edge.retrieval.shards import SHARD_ROWS, extract_embeddings, open_gallery
 
@@ -192,8 +194,9 @@ def add_images(
         ids = np.arange(start, start + len(sub), dtype=np.int64)
         gen = int(idx.meta.get("generation", 0)) + 1
         manifest = extract_embeddings(embedder, sub, idx.path / EMBEDDINGS_DIR, prefix=f"g{gen:04d}-add{start}",
-                                      ids=ids, batch_size=batch_size, workers=workers, shard_rows=SHARD_ROWS,
-                                      progress=progress, rank=0, world_size=1)
+                                      ids=ids, batch_size=batch_size, workers=workers,
+                                      shard_rows=shard_rows or SHARD_ROWS, progress=progress, rank=0, world_size=1,
+                                      resume_key=_embedding_key(embedder, sub))
         store = EmbeddingStore.open(idx.path / EMBEDDINGS_DIR, [manifest])
         x, got = store.to_array()
         idx.classes = list(gallery.classes)

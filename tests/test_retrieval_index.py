@@ -411,6 +411,16 @@ def test_an_interrupted_build_continues_after_the_shards_it_finished(tmp_path, m
     got, want = (EmbeddingStore.open(i.path / "embeddings").to_array() for i in (idx, straight))
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_allclose(got[0], want[0], atol=0)
+    # index add: the same, for the images it adds.
+    make_images(tmp_path / "more", per_class=8, seed=4)
+    with pytest.raises(KeyboardInterrupt):
+        rindex.add_images(tmp_path / "idx", [str(tmp_path / "more")], model=StopsAfter(stop=6), batch_size=4,
+                          workers=1, shard_rows=8)
+    assert open_index(tmp_path / "idx").ntotal == 24  # nothing added yet
+    adder = StopsAfter(stop=None)
+    result = rindex.add_images(tmp_path / "idx", [str(tmp_path / "more")], model=adder, batch_size=4, workers=1,
+                               shard_rows=8)
+    assert result["added"] == 24 and adder.images == 8 and open_index(tmp_path / "idx").ntotal == 48
     # A damaged record is no record.
     for damaged in ("[1, 2]", '{"key": 3}', "{not json"):
         w = ShardWriter(tmp_path / "w", "p", 8, shard_rows=8, resume_key="k")

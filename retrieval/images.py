@@ -104,6 +104,7 @@ def _build_from_images(model: Any, data: Sequence[str], out: Path, *, backend: s
     try:
         gallery = open_gallery(list(data), data_root=data_root, progress=progress and r == 0)
         expect_bytes(out, 2 * len(gallery) * int(embedder.spec.embed_dim) * 4)
+        model_file = model_record(embedder)  # the model file's sha256, read once: the resume key and the sidecar
         token = "|".join([os.environ.get("TORCHELASTIC_RUN_ID", "local"), str(generation), str(len(gallery)),
                           str(embedder.spec.weights_sha256), ",".join(map(str, data))])
         t0 = time.perf_counter()
@@ -111,7 +112,7 @@ def _build_from_images(model: Any, data: Sequence[str], out: Path, *, backend: s
         extract_embeddings(embedder, gallery, out / EMBEDDINGS_DIR, prefix=prefix, batch_size=batch_size,
                            workers=workers, shard_rows=shard_rows or SHARD_ROWS, progress=progress and r == 0,
                            rank=r, world_size=w, extra={"token": token},
-                           resume_key=_embedding_key(embedder, gallery))
+                           resume_key=_embedding_key(embedder.spec, model_file, gallery))
         embed_seconds = time.perf_counter() - t0
         if r != 0:
             log.info("rank %d: embeddings written; rank 0 builds the index", r)
@@ -124,19 +125,19 @@ def _build_from_images(model: Any, data: Sequence[str], out: Path, *, backend: s
                   "batch_size": batch_size}
         return build_index(store, out, spec=embedder.spec, files=gallery.files, labels=gallery.labels,
                            classes=gallery.classes, root=gallery.root, model=_model_ref(model),
-                           model_file=model_record(embedder), generation=generation, build_record=record,
+                           model_file=model_file, generation=generation, build_record=record,
                            threads=threads, **build_kwargs)
     finally:
         if owned:
             embedder.close()
 
 
-def _embedding_key(embedder: Any, gallery: Any) -> str:
+def _embedding_key(spec: Any, model_file: dict[str, Any] | None, gallery: Any) -> str:
     """What makes a build's embeddings the same as an interrupted one's: the model (its weights and
     preprocessing, and the file run) and the images, in order (each file's size and time of change too)."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps([embedder.spec.to_dict(), model_record(embedder)], sort_keys=True,
+    h = hashlib.sha256(json.dumps([spec.to_dict(), model_file], sort_keys=True,
                                   default=str).encode())
     for f in gallery.files:
         try:
@@ -196,7 +197,7 @@ def add_images(
         manifest = extract_embeddings(embedder, sub, idx.path / EMBEDDINGS_DIR, prefix=f"g{gen:04d}-add{start}",
                                       ids=ids, batch_size=batch_size, workers=workers,
                                       shard_rows=shard_rows or SHARD_ROWS, progress=progress, rank=0, world_size=1,
-                                      resume_key=_embedding_key(embedder, sub))
+                                      resume_key=_embedding_key(embedder.spec, model_record(embedder), sub))
         store = EmbeddingStore.open(idx.path / EMBEDDINGS_DIR, [manifest])
         x, got = store.to_array()
         idx.classes = list(gallery.classes)

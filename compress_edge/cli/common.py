@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -178,8 +179,8 @@ def train_or_resume(what: str, flags: RunFlags, *, resume: Path | None, load: Ca
         out = Path(opts.out)
         checks = f"; checks in {out / 'quality.json'}" if (out / "quality.json").is_file() else ""
         # No step in this call (a finished run resumed): no loss to show.
-        done = (f"last loss {result.last_loss:.4f}, {result.seconds:.0f} s" if result.last_loss == result.last_loss
-                else "it had already finished: nothing left to train")
+        done = ("it had already finished: nothing left to train" if math.isnan(result.last_loss)
+                else f"last loss {result.last_loss:.4f}, {result.seconds:.0f} s")
         console.print(f"{what} written to {out / 'student'} ({result.epochs_done} epochs, {result.global_step} "
                       f"steps, {done}){checks}")
 

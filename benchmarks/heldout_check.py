@@ -14,6 +14,7 @@ The check a new user's first run amounts to, made reproducible:
 4. ``compress-edge eval knn`` scores teacher, student, raw pixels and the student's random weights.
 
 Run:  python benchmarks/heldout_check.py --out runs/heldout --tag TAG [--per-class 64] [-- --method compress-2q]
+      python benchmarks/heldout_check.py --out runs/heldout --tag cache4 --cache-views 4   (a cached teacher)
       python benchmarks/heldout_check.py --dataset digits --out runs/heldout-digits --tag defaults
 Prints the scores and writes ``results-TAG.json`` in the output folder; data, teacher and finished
 runs already there are reused.
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--tag", default="defaults")
+    p.add_argument("--cache-views", type=int, default=0,
+                   help="K > 0: run the teacher once with `compress-edge cache-teacher --views K` and distil from "
+                        "that cache (--teacher-cache) instead of running it live at every step")
     p.add_argument("distill_args", nargs="*", help="extra distill options, after --")
     a = p.parse_args(argv)
 
@@ -116,6 +120,14 @@ def main(argv: list[str] | None = None) -> None:
         if not (teacher_model / "model.safetensors").exists():
             model, spec = resolve_model("resnet18", weights=teacher, image_size=a.size)
             save_model(model, spec, teacher_model)
+    if a.cache_views > 0:  # the teacher run once, K recorded views of each image, then replayed
+        cache = root / f"cache-views{a.cache_views}"
+        if not (cache / "meta.json").exists():
+            t0 = time.time()
+            _cli("cache-teacher", str(train), *teacher_args, "--image-size", str(a.size), "--views",
+                 str(a.cache_views), "--out", str(cache), "--no-progress")
+            took["cache-teacher"] = round(time.time() - t0, 1)
+        teacher_args = ["--teacher-cache", str(cache)]
     run = root / f"distill-{a.tag}"
     if not (run / "student" / "model.safetensors").exists():
         t0 = time.time()
@@ -125,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     student = _knn(str(run), train, test, a.size, "--baselines")
     teacher_row = _knn(str(teacher_model), train, test, a.size)
     result = {"dataset": a.dataset, "teacher_from": a.teacher, "tag": a.tag, "distill_args": a.distill_args,
+              "cache_views": a.cache_views,
               "seconds": took, "student": student, "teacher": teacher_row}
     (root / f"results-{a.tag}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

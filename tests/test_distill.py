@@ -224,6 +224,21 @@ def test_without_a_progress_bar_epochs_log_lines_with_the_time_left(tmp_path, cl
     assert lines[1].startswith("epoch 3/3: ") and " left" in lines[0] and " left" not in lines[1]
 
 
+def test_a_long_first_epoch_gives_the_time_left_from_its_middle(tmp_path, class_folder, saved_teacher, caplog,
+                                                                 monkeypatch):
+    import logging
+
+    from compress_edge.train import engine
+
+    monkeypatch.setattr(engine, "FIRST_LINE_SECONDS", 0.0)  # every first epoch is "long" here
+    monkeypatch.setattr(engine, "EPOCH_LINE_SECONDS", 1e9)
+    with caplog.at_level(logging.INFO, logger="compress_edge.train.engine"):
+        run_distill(_options(class_folder, tmp_path / "run", saved_teacher, train={"epochs": 3}))  # 3 steps an epoch
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 3 and lines[0].startswith("epoch 1/3: step 1/3, loss ") and lines[0].endswith(" left"), lines
+    assert lines[1].startswith("epoch 1/3: loss ") and lines[2].startswith("epoch 3/3: loss "), lines
+
+
 def test_resuming_a_finished_run_says_there_was_nothing_left(tmp_path, class_folder, saved_teacher):
     out = tmp_path / "run"
     args = ["distill", str(class_folder), "--teacher", str(saved_teacher), "--arch", "mobilenet_v3_small",
@@ -453,3 +468,80 @@ def test_the_end_of_run_check_warns_when_the_loss_still_fell(tmp_path, caplog):
         record = run_length_check(finished, 130)
     assert not record["still_falling"] and "still falling" not in caplog.text
     assert run_length_check(tmp_path, 130) is None  # no metrics: nothing to judge
+
+
+def test_the_teacher_clock_times_the_steps_after_the_first_and_reports_once():
+    from compress_edge.train.teacher_cost import TeacherClock
+
+    reports = []
+    clock = TeacherClock(lambda teacher_s, step_s: reports.append((teacher_s, step_s)), steps=3)
+    # Steps start every 2 s (the first at 0 s, 10 s of warm-up); the teacher takes 0.5 s of each.
+    for start in (0.0, 10.0, 12.0, 14.0, 16.0, 18.0, 20.0):
+        clock.record(start, start + 0.5)
+    assert reports == [(0.5, 2.0)]
+
+
+def test_the_cache_estimate_and_when_it_is_suggested():
+    from compress_edge.train.teacher_cost import cache_estimate
+
+    # 1,000 steps of 1 s, 0.6 s of it the teacher at batch 32; a 16-view cache of 500 images costs
+    # 16 * 500 * 0.6 / 32 = 150 s, and the steps then 0.4 s: 550 s instead of 1,000.
+    est = cache_estimate(0.6, 1.0, steps_left=1000, images=500, batch_size=32)
+    assert (est["live_seconds"], est["cache_seconds"], est["cached_seconds"]) == (1000.0, 150.0, 550.0)
+    assert est["teacher_share"] == 0.6 and est["suggest_cache"]
+    # The same share on a run of 100 steps saves 45 s: not worth a second command.
+    assert not cache_estimate(0.6, 1.0, steps_left=100, images=500, batch_size=32)["suggest_cache"]
+    # A run of few epochs: the cache would run the teacher about as often as the run does.
+    assert not cache_estimate(0.6, 1.0, steps_left=320, images=500, batch_size=32)["suggest_cache"]
+    # A cheap teacher (10 % of the step) saves less than a quarter of the run.
+    assert not cache_estimate(0.1, 1.0, steps_left=100_000, images=2000, batch_size=32)["suggest_cache"]
+
+
+def test_a_live_teacher_is_timed_and_a_cache_suggested_when_it_pays(tmp_path, class_folder, saved_teacher, caplog,
+                                                                    monkeypatch):
+    import logging
+
+    from compress_edge.train import teacher_cost
+
+    monkeypatch.setattr(teacher_cost, "TIMED_STEPS", 3)  # a tiny run: 3 steps an epoch
+    run_distill(_options(class_folder, tmp_path / "short", saved_teacher))  # 6 steps: seconds, nothing to suggest
+    short = json.loads((tmp_path / "short" / "quality.json").read_text())["teacher_cost"]
+    assert 0 < short["teacher_share"] < 1 and short["steps_left"] == 2 and not short["suggest_cache"]
+
+    monkeypatch.setattr(teacher_cost, "HINT_SECONDS", 0.0)  # any saving is worth it here
+    monkeypatch.setattr(teacher_cost, "HINT_SHARE", 0.0)
+    with caplog.at_level(logging.INFO, logger="compress_edge.train.teacher_cost"):
+        run_distill(_options(class_folder, tmp_path / "long", saved_teacher, train={"epochs": 24}))
+    cost = json.loads((tmp_path / "long" / "quality.json").read_text())["teacher_cost"]
+    assert cost["steps_left"] == 68 and cost["suggest_cache"], cost  # 72 steps, 4 of them done
+    assert cost["cached_seconds"] < cost["live_seconds"]
+    assert cost["commands"][0].startswith(f"compress-edge cache-teacher {class_folder} --teacher {saved_teacher}")
+    assert f"--teacher-cache {tmp_path / 'teacher-cache'} --out {tmp_path / 'long'}-cached" in cost["commands"][1]
+    said = [r.getMessage() for r in caplog.records if "live teacher takes" in r.getMessage()]
+    assert len(said) == 1 and cost["commands"][0] in said[0], said
+
+    cache = _cache(tmp_path, class_folder, saved_teacher, "cache", "--views", "2")
+    cached = _options(class_folder, tmp_path / "cached", saved_teacher, teacher_cache=str(cache))
+    cached.teacher = None  # the cache alone, as `distill DATA --teacher-cache CACHE`
+    run_distill(cached)
+    assert "teacher_cost" not in json.loads((tmp_path / "cached" / "quality.json").read_text())
+
+
+def test_the_heldout_check_of_a_cached_run_has_its_architecture_name_teacher(tmp_path, make_images):
+    """A cache made from `--teacher resnet18 --teacher-weights FILE`: the end-of-run check loads that
+    teacher again for its row (it used to look for a folder named resnet18 and leave the row out)."""
+    import torchvision
+
+    data = make_images(tmp_path / "images", per_class=40, size=24)  # 120 labelled images: 12 held out
+    weights = tmp_path / "r18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    result = runner.invoke(app, ["cache-teacher", str(data), "--teacher", "resnet18", "--teacher-weights", str(weights),
+                                 "--image-size", "32", "--views", "1", "--out", str(tmp_path / "cache"), "--workers",
+                                 "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    opts = _options(data, tmp_path / "run", "unused", teacher_cache=str(tmp_path / "cache"), train={"epochs": 1})
+    opts.teacher = None
+    run_distill(opts)
+    rows = json.loads((tmp_path / "run" / "quality.json").read_text())["heldout"]["rows"]
+    assert {"the student", "teacher", "raw pixels", "same network, random weights"} <= set(rows), rows

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from compress_edge.train.method import (
     run_method,
 )
 from compress_edge.train.run_folder import read_run_options, run_folder_lock
+from compress_edge.train.teacher_cost import TeacherClock, cache_commands, teacher_cost_check
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class DistillTask(nn.Module):
         self.teacher = frozen(teacher) if teacher is not None else None
         self.ema = float(ema)
         self.key_encoder = frozen(copy.deepcopy(student)).train() if momentum_encoder else None
+        self.clock: TeacherClock | None = None  # set by run_distill on a CPU: what the live teacher costs
 
     def train(self, mode: bool = True) -> DistillTask:
         super().train(mode)
@@ -76,9 +79,12 @@ class DistillTask(nn.Module):
     def forward(self, batch) -> torch.Tensor:
         images, second, index = batch
         if self.teacher is not None:
+            start = time.perf_counter()
             with torch.no_grad():
                 teacher_input = second if second.dim() == 4 else images
                 teacher = self.teacher(teacher_input).float()
+            if self.clock is not None and images.device.type == "cpu":
+                self.clock.record(start, time.perf_counter())
         else:
             teacher = second.float()
         student = self.student(images)
@@ -354,6 +360,12 @@ def run_distill(opts: DistillOptions, *, resume: bool = False, stop_after_epochs
                     opts.teacher or opts.teacher_cache, opts.student_arch, opts.method, trainer.device,
                     trainer.precision.name, ready.plan.describe(), ready.resolved["queue_size"], opts.temperature,
                     ready.resolved["ema"], "" if opts.mask_self else " (own-image anchors kept, as the paper)")
+        if ready.teacher is not None and trainer.device.type == "cpu" and trainer.dist.is_main:
+            commands = cache_commands(data=opts.data, teacher=opts.teacher, teacher_weights=opts.teacher_weights,
+                                      image_size=opts.image_size, out=str(opts.out))
+            ready.task.clock = TeacherClock(lambda teacher_s, step_s: teacher_cost_check(
+                teacher_s, step_s, run_dir=trainer.run_dir, steps_left=ready.plan.steps - trainer.global_step,
+                images=len(ready.dataset), batch_size=ready.plan.batch_size, commands=commands))
 
     return run_method("distill", opts, resolve_distillation, resume=resume, stop_after_epochs=stop_after_epochs,
                       write_model=write_student, announce=announce, check_before=check_teacher,
@@ -396,15 +408,25 @@ def final_check(ready: DistillSetup, run_dir: Path, opts: DistillOptions, *, dev
     from compress_edge.eval.quality import heldout_check, record_quality
 
     teacher, teacher_spec = ready.teacher, ready.teacher_spec
-    ref = opts.teacher or (ready.cache.meta.get("teacher") if ready.cache is not None else None)
-    if teacher is None and ref and Path(ref).exists():  # trained from a cache: load the teacher for the check
-        weights = opts.teacher_weights or ready.cache.meta.get("teacher_weights")
-        teacher, teacher_spec = load_teacher(ref, weights, opts.data, opts.image_size)
+    if teacher is None and ready.cache is not None:  # trained from a cache: load its teacher for the check
+        teacher, teacher_spec = _cached_teacher(ready, opts)
     student = ready.task.student.eval()
     record = heldout_check("the student", student, ready.spec, ready.dataset, ready.heldout, teacher=teacher,
                            teacher_spec=teacher_spec, device=device, workers=opts.train.workers)
     record_quality(run_dir, "heldout", record)
     run_length_check(run_dir, ready.plan.epochs)
+
+
+def _cached_teacher(ready: DistillSetup, opts: DistillOptions):
+    """The teacher a cache was made from, when it is still there (a model folder, or an architecture
+    name and its weights file), else (None, the spec the cache recorded): no teacher row then."""
+    ref = opts.teacher or ready.cache.meta.get("teacher")
+    weights = opts.teacher_weights or ready.cache.meta.get("teacher_weights")
+    if not ref or not (Path(ref).exists() or (weights and Path(weights).is_file())):
+        logger.info("the teacher the cache was made from (%s) is not here: the held-out check has no teacher row", ref)
+        return None, ready.teacher_spec
+    size = opts.image_size or (ready.teacher_spec.image_size if ready.teacher_spec is not None else None)
+    return load_teacher(ref, weights, opts.data, size)
 
 
 def run_length_check(run_dir: Path, epochs: int) -> dict[str, Any] | None:

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 #: Without a progress bar, an epoch's line is logged at most this often (seconds), besides the first and last.
 EPOCH_LINE_SECONDS = 30.0
+#: ... and when the first epoch runs longer than this, one line in its middle gives the time left early.
+FIRST_LINE_SECONDS = 60.0
 
 
 def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
@@ -223,6 +225,7 @@ class Trainer:
         end_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, self.epoch + stop_after_epochs)
         stopped = False
         with StopRequest() as stop, self._progress(steps_per_epoch) as progress:
+            early_line = not progress.enabled and self.dist.is_main  # a line within a long first epoch
             while self.epoch < end_epoch and not stopped:
                 sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 self.task.train()
@@ -236,6 +239,9 @@ class Trainer:
                     seen += cfg.batch_size * self.dist.world_size
                     ips = seen / max(1e-9, time.perf_counter() - t0)
                     progress.advance(task_id, loss, ips)
+                    if early_line and time.perf_counter() - start >= FIRST_LINE_SECONDS:
+                        early_line = False
+                        self._time_left_line(steps_per_epoch, first_step, start, loss, ips)
                     if self.global_step % cfg.log_every == 0:
                         self._log({"kind": "train", "epoch": self.epoch + 1, "step": self.global_step,
                                    "loss": loss, "lr": scheduler.get_last_lr()[0], "images_per_s": ips})
@@ -248,6 +254,7 @@ class Trainer:
                 # A stop on the epoch's last batch completes the epoch first, so a resume starts the next.
                 self.epoch += 1
                 self.batch_in_epoch = 0
+                early_line = False
                 self._log({"kind": "epoch", "epoch": self.epoch, "step": self.global_step,
                            "loss": epoch_loss / max(1, epoch_n), "seconds": time.perf_counter() - t0,
                            "images_per_s": seen / max(1e-9, time.perf_counter() - t0)})
@@ -257,12 +264,10 @@ class Trainer:
                 if (not progress.enabled and self.dist.is_main
                         and (quiet_for >= EPOCH_LINE_SECONDS or self.epoch in (first_epoch + 1, cfg.epochs))):
                     last_line = time.perf_counter()
-                    steps_done = self.global_step - first_step
-                    left = (cfg.epochs - self.epoch) * steps_per_epoch * (time.perf_counter() - start) / max(1, steps_done)
+                    left = format_duration(self._time_left(steps_per_epoch, first_step, start))
                     logger.info("epoch %d/%d: loss %.4f, %.0f images/s, %s%s", self.epoch, cfg.epochs,
-                                epoch_loss / max(1, epoch_n), seen / max(1e-9, time.perf_counter() - t0),
-                                format_duration(time.perf_counter() - t0),
-                                f"; about {format_duration(left)} left" if self.epoch < cfg.epochs else "")
+                                epoch_loss / max(1, epoch_n), seen / max(1e-9, last_line - t0),
+                                format_duration(last_line - t0), f"; about {left} left" if self.epoch < cfg.epochs else "")
                 if stopped or self.epoch % cfg.checkpoint_every == 0 or self.epoch == end_epoch:
                     self.save_checkpoint(scheduler)
         if self._writer is not None:
@@ -274,6 +279,17 @@ class Trainer:
                 f"continue with --resume {shlex.quote(str(self.run_dir))}"
             )
         return result
+
+    def _time_left(self, steps_per_epoch: int, first_step: int, start: float) -> float:
+        """Seconds to the end of the run at the pace of this invocation's steps so far."""
+        steps_left = self.config.epochs * steps_per_epoch - self.global_step
+        return steps_left * (time.perf_counter() - start) / max(1, self.global_step - first_step)
+
+    def _time_left_line(self, steps_per_epoch: int, first_step: int, start: float, loss: float, ips: float) -> None:
+        """Without a bar: the time left, from a first epoch still running after FIRST_LINE_SECONDS."""
+        logger.info("epoch %d/%d: step %d/%d, loss %.4f, %.0f images/s; about %s left", self.epoch + 1,
+                    self.config.epochs, self.batch_in_epoch, steps_per_epoch, loss, ips,
+                    format_duration(self._time_left(steps_per_epoch, first_step, start)))
 
     def _step(self, batch: Any, scheduler) -> float:
         batch = _to_device(batch, self.device, self.channels_last)

@@ -161,7 +161,7 @@ def saved_teacher(tmp_path):
 def _options(data, out, teacher, **kw):
     train = dict(epochs=2, batch_size=6, workers=0, device="cpu", progress=False, lr=0.05, warmup_epochs=0.0)
     train.update(kw.pop("train", {}))
-    base = dict(data=str(data), out=str(out), teacher=str(teacher), student_arch="mobilenet_v2",
+    base = dict(data=str(data), out=str(out), teacher=None if teacher is None else str(teacher), student_arch="mobilenet_v2",
                 student_kwargs={"width_mult": 0.35}, queue_size=12, train=TrainConfig(**train))
     base.update(kw)
     return DistillOptions(**base)
@@ -486,15 +486,19 @@ def test_the_cache_estimate_and_when_it_is_suggested():
 
     # 1,000 steps of 1 s, 0.6 s of it the teacher at batch 32; a 16-view cache of 500 images costs
     # 16 * 500 * 0.6 / 32 = 150 s, and the steps then 0.4 s: 550 s instead of 1,000.
-    est = cache_estimate(0.6, 1.0, steps_left=1000, images=500, batch_size=32)
+    est = cache_estimate(0.6, 1.0, steps_left=1000, images=500, batch_size=32, dim=512)
     assert (est["live_seconds"], est["cache_seconds"], est["cached_seconds"]) == (1000.0, 150.0, 550.0)
     assert est["teacher_share"] == 0.6 and est["suggest_cache"]
+    assert est["cache_bytes"] == 2 * 16 * 500 * 512  # float16
+    # The same cache where the disk has less than twice its size free: not suggested.
+    assert not cache_estimate(0.6, 1.0, steps_left=1000, images=500, batch_size=32, dim=512,
+                              free_bytes=2 * est["cache_bytes"] - 1)["suggest_cache"]
     # The same share on a run of 100 steps saves 45 s: not worth a second command.
-    assert not cache_estimate(0.6, 1.0, steps_left=100, images=500, batch_size=32)["suggest_cache"]
+    assert not cache_estimate(0.6, 1.0, steps_left=100, images=500, batch_size=32, dim=512)["suggest_cache"]
     # A run of few epochs: the cache would run the teacher about as often as the run does.
-    assert not cache_estimate(0.6, 1.0, steps_left=320, images=500, batch_size=32)["suggest_cache"]
+    assert not cache_estimate(0.6, 1.0, steps_left=320, images=500, batch_size=32, dim=512)["suggest_cache"]
     # A cheap teacher (10 % of the step) saves less than a quarter of the run.
-    assert not cache_estimate(0.1, 1.0, steps_left=100_000, images=2000, batch_size=32)["suggest_cache"]
+    assert not cache_estimate(0.1, 1.0, steps_left=100_000, images=2000, batch_size=32, dim=512)["suggest_cache"]
 
 
 def test_a_live_teacher_is_timed_and_a_cache_suggested_when_it_pays(tmp_path, class_folder, saved_teacher, caplog,
@@ -521,9 +525,7 @@ def test_a_live_teacher_is_timed_and_a_cache_suggested_when_it_pays(tmp_path, cl
     assert len(said) == 1 and cost["commands"][0] in said[0], said
 
     cache = _cache(tmp_path, class_folder, saved_teacher, "cache", "--views", "2")
-    cached = _options(class_folder, tmp_path / "cached", saved_teacher, teacher_cache=str(cache))
-    cached.teacher = None  # the cache alone, as `distill DATA --teacher-cache CACHE`
-    run_distill(cached)
+    run_distill(_options(class_folder, tmp_path / "cached", None, teacher_cache=str(cache)))
     assert "teacher_cost" not in json.loads((tmp_path / "cached" / "quality.json").read_text())
 
 
@@ -540,8 +542,22 @@ def test_the_heldout_check_of_a_cached_run_has_its_architecture_name_teacher(tmp
                                  "--image-size", "32", "--views", "1", "--out", str(tmp_path / "cache"), "--workers",
                                  "0", "--no-progress"])
     assert result.exit_code == 0, result.output
-    opts = _options(data, tmp_path / "run", "unused", teacher_cache=str(tmp_path / "cache"), train={"epochs": 1})
-    opts.teacher = None
-    run_distill(opts)
+    run_distill(_options(data, tmp_path / "run", None, teacher_cache=str(tmp_path / "cache"), train={"epochs": 1}))
     rows = json.loads((tmp_path / "run" / "quality.json").read_text())["heldout"]["rows"]
     assert {"the student", "teacher", "raw pixels", "same network, random weights"} <= set(rows), rows
+
+
+def test_a_teacher_named_beside_a_cache_must_be_the_one_it_was_made_from(tmp_path, class_folder, saved_teacher):
+    import shutil
+
+    cache = _cache(tmp_path, class_folder, saved_teacher, "cache", "--views", "1")
+    other = tmp_path / "other-teacher"
+    shutil.copytree(saved_teacher, other)
+    args = ["distill", str(class_folder), "--teacher-cache", str(cache), "--epochs", "1", "--batch-size", "6",
+            "--queue-size", "12", "--workers", "0", "--no-progress", "--holdout", "0"]
+    refused = runner.invoke(app, [*args, "--teacher", str(other), "--out", str(tmp_path / "a")])
+    assert refused.exit_code == 1 and "was made from" in refused.output, refused.output
+    assert "leave out --teacher" in refused.output and not (tmp_path / "a").exists()
+    # The same teacher, named by another path to it, is the cache's: accepted.
+    same = runner.invoke(app, [*args, "--teacher", os.path.relpath(saved_teacher), "--out", str(tmp_path / "b")])
+    assert same.exit_code == 0, same.output

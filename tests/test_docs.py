@@ -174,7 +174,9 @@ def _teacher_cache(tmp, images, monkeypatch):
     return [_invoke("distill", images, "--teacher-cache", tmp / "cache", "--image-size", "32", "--out", tmp / "r1",
                     "--workers", "0", "--no-progress"),
             _invoke("distill", fewer, "--teacher-cache", tmp / "cache", "--out", tmp / "r2", "--workers", "0",
-                    "--no-progress")]
+                    "--no-progress"),
+            _invoke("distill", images, "--teacher-cache", tmp / "cache", "--teacher", _teacher(tmp / "other", seed=1),
+                    "--out", tmp / "r3", "--workers", "0", "--no-progress")]
 
 
 def _run_exists(tmp, images, monkeypatch):

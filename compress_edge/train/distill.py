@@ -241,12 +241,28 @@ def _teacher_side(opts: DistillOptions):
 
     if opts.teacher_cache:
         cache = open_cache(opts.teacher_cache)
+        _check_cache_teacher(opts, cache.meta)
         teacher_spec = ModelSpec.from_dict(cache.meta["teacher_spec"]) if "teacher_spec" in cache.meta else None
         transform = cache.meta["parts"]["transform"]
         teacher_size = opts.image_size or transform["image_size"]
         return None, teacher_spec, cache, (teacher_size, tuple(transform["mean"]), tuple(transform["std"]))
     teacher, teacher_spec = load_teacher(opts.teacher, opts.teacher_weights, opts.data, opts.image_size)
     return teacher, teacher_spec, None, (teacher_spec.image_size, teacher_spec.mean, teacher_spec.std)
+
+
+def _check_cache_teacher(opts: DistillOptions, meta: dict[str, Any]) -> None:
+    """``--teacher`` (and ``--teacher-weights``) given beside ``--teacher-cache`` must name the teacher the
+    cache was made from: the cache is what trains the student, the named teacher what the held-out
+    check compares it with."""
+    def same(given: str | None, made: str | None) -> bool:
+        if given is None or made is None:
+            return True  # not given, or a cache that did not record it
+        return (Path(given).resolve() == Path(made).resolve()) if Path(given).exists() else given == made
+
+    if not (same(opts.teacher, meta.get("teacher")) and same(opts.teacher_weights, meta.get("teacher_weights"))):
+        made = " ".join(x for x in (meta.get("teacher"), meta.get("teacher_weights")) if x)
+        raise TrainingError(f"the teacher cache {opts.teacher_cache} was made from {made}, not the --teacher given; "
+                            "leave out --teacher (the cache is the teacher), or run cache-teacher again with it")
 
 
 def _training_images(opts: DistillOptions, dataset, cache, teacher_spec, image_size: int, teacher_size: int,
@@ -338,7 +354,9 @@ def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_w
         batch_size=batch_size, workers=workers, shard_rows=shard_rows,
         progress=progress, extra_meta={"teacher_spec": spec.to_dict(), "data": absolute_data(data, data_root),
                                        "teacher": str(Path(teacher).resolve()) if Path(teacher).exists() else teacher,
-                                       "teacher_weights": teacher_weights},
+                                       "teacher_weights": (str(Path(teacher_weights).resolve())
+                                                           if teacher_weights and Path(teacher_weights).exists()
+                                                           else teacher_weights)},
     )
 
 
@@ -365,7 +383,8 @@ def run_distill(opts: DistillOptions, *, resume: bool = False, stop_after_epochs
                                       image_size=opts.image_size, out=str(opts.out))
             ready.task.clock = TeacherClock(lambda teacher_s, step_s: teacher_cost_check(
                 teacher_s, step_s, run_dir=trainer.run_dir, steps_left=ready.plan.steps - trainer.global_step,
-                images=len(ready.dataset), batch_size=ready.plan.batch_size, commands=commands))
+                images=len(ready.dataset), batch_size=ready.plan.batch_size, dim=ready.resolved["teacher_dim"],
+                commands=commands))
 
     return run_method("distill", opts, resolve_distillation, resume=resume, stop_after_epochs=stop_after_epochs,
                       write_model=write_student, announce=announce, check_before=check_teacher,

@@ -3,7 +3,8 @@
 With a live teacher, ``distill`` runs it on every step; a teacher cache (``compress-edge cache-teacher
 --views K``) runs it K times per image, once, and each step then costs only the student. On the first
 steps of a run the teacher's forward pass is timed against the whole step (:class:`TeacherClock`);
-when a cache would shorten the run by at least a quarter and by five minutes, ``distill`` says so,
+when a cache would shorten the run by at least a quarter and by five minutes (and take at most half
+the free disk space), ``distill`` says so,
 with the two commands and both estimates, and records the figures in ``quality.json``
 (``teacher_cost``). A cache changes what the student sees (K recorded views of each image instead of
 a new one each epoch), so it is a suggestion, not a switch.
@@ -62,18 +63,22 @@ class TeacherClock:
         self.teacher += end - start
 
 
-def cache_estimate(teacher_s: float, step_s: float, *, steps_left: int, images: int, batch_size: int,
-                   views: int = CACHE_VIEWS) -> dict[str, Any]:
+def cache_estimate(teacher_s: float, step_s: float, *, steps_left: int, images: int, batch_size: int, dim: int,
+                   free_bytes: int | None = None, views: int = CACHE_VIEWS) -> dict[str, Any]:
     """The rest of the run with the live teacher, and with a cache of ``views`` views of each of
-    ``images`` images (the teacher's time per image taken from its time per training batch)."""
+    ``images`` images (the teacher's time per image taken from its time per training batch), whose
+    ``dim``-float embeddings are stored float16; suggested only when it would take at most half of
+    ``free_bytes`` (the disk space where it would go, when known)."""
     live = steps_left * step_s
     cache = views * images * teacher_s / max(1, batch_size)
     cached = steps_left * max(0.0, step_s - teacher_s) + cache
+    cache_bytes = 2 * views * images * dim
+    fits = free_bytes is None or cache_bytes <= free_bytes / 2
     return {"teacher_seconds_per_step": round(teacher_s, 4), "seconds_per_step": round(step_s, 4),
             "teacher_share": round(teacher_s / step_s, 3) if step_s > 0 else None, "steps_left": int(steps_left),
             "live_seconds": round(live, 1), "views": views, "cache_seconds": round(cache, 1),
-            "cached_seconds": round(cached, 1),
-            "suggest_cache": live - cached >= max(HINT_SHARE * live, HINT_SECONDS)}
+            "cached_seconds": round(cached, 1), "cache_bytes": cache_bytes,
+            "suggest_cache": fits and live - cached >= max(HINT_SHARE * live, HINT_SECONDS)}
 
 
 def cache_commands(*, data: str, teacher: str, teacher_weights: str | None, image_size: int | None, out: str,
@@ -92,19 +97,24 @@ def cache_commands(*, data: str, teacher: str, teacher_weights: str | None, imag
 
 
 def teacher_cost_check(teacher_s: float, step_s: float, *, run_dir: Path, steps_left: int, images: int,
-                       batch_size: int, commands: tuple[str, str]) -> dict[str, Any]:
+                       batch_size: int, dim: int, commands: tuple[str, str]) -> dict[str, Any]:
     """Estimate, record in quality.json and, when a cache would pay, say so (see the module docstring)."""
+    import shutil
+
+    from compress_edge.eval.profile import human_bytes
     from compress_edge.eval.quality import record_quality
     from compress_edge.progress import format_duration
 
-    record = cache_estimate(teacher_s, step_s, steps_left=steps_left, images=images, batch_size=batch_size)
+    record = cache_estimate(teacher_s, step_s, steps_left=steps_left, images=images, batch_size=batch_size, dim=dim,
+                            free_bytes=shutil.disk_usage(run_dir).free)
     if record["suggest_cache"]:
         record["commands"] = list(commands)
         logger.info(
             "the live teacher takes %.0f %% of each training step here (%.2f of %.2f s): about %s left; a teacher "
             "cache runs it once for %d recorded views of each image (the student then sees those views instead "
-            "of a new one each epoch), about %s in all: %s, then %s (with this run's other options)",
+            "of a new one each epoch; %s on disk), about %s in all: %s, then %s (with this run's other options)",
             100 * record["teacher_share"], teacher_s, step_s, format_duration(record["live_seconds"]),
-            record["views"], format_duration(record["cached_seconds"]), commands[0], commands[1])
+            record["views"], human_bytes(record["cache_bytes"]), format_duration(record["cached_seconds"]),
+            commands[0], commands[1])
     record_quality(run_dir, "teacher_cost", record)
     return record

@@ -341,6 +341,16 @@ def test_crop_scale_is_recorded_by_the_cache_and_followed_by_the_student(tmp_pat
     assert setup(_options(class_folder, tmp_path / "run5", None, teacher_cache=str(old))).resolved["crop_scale"] == 0.2
 
 
+def test_a_cache_made_without_a_bar_logs_each_shard_with_the_time_left(tmp_path, class_folder, saved_teacher):
+    result = runner.invoke(app, ["cache-teacher", str(class_folder), "--teacher", str(saved_teacher), "--out",
+                                 str(tmp_path / "cache"), "--workers", "0", "--no-progress", "--shard-rows", "5"],
+                           env={"COLUMNS": "200"})  # 18 images: 4 shards
+    assert result.exit_code == 0, result.output
+    lines = [" ".join(line.split()[1:]) for line in result.output.splitlines() if "teacher cache: shard" in line]
+    assert len(lines) == 4 and lines[0].startswith("teacher cache: shard 1/4 written (5 of 18 images); about "), lines
+    assert lines[-1] == "teacher cache: shard 4/4 written (18 of 18 images)", lines
+
+
 def test_interrupted_cache_resumes_from_complete_shards(tmp_path, class_folder, saved_teacher):
     out = _cache(tmp_path, class_folder, saved_teacher, "cache", "--shard-rows", "5")
     first = np.load(out / "emb-00001.npy")

@@ -394,6 +394,18 @@ class StopsAfter(FakeEmbedder):
         return super().embed(batch)
 
 
+def test_an_embedding_without_a_bar_logs_each_shard_with_the_time_left(tmp_path, make_images, caplog):
+    import logging
+
+    make_images(tmp_path / "imgs", per_class=8)  # 24 images: shards of 8
+    with caplog.at_level(logging.INFO, logger="compress_edge.retrieval.shards"):
+        rindex.build_from_images(FakeEmbedder(), [str(tmp_path / "imgs")], tmp_path / "idx", batch_size=4,
+                                 shard_rows=8, workers=1)  # progress off
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("embedded ")]
+    assert len(lines) == 2 and lines[0].startswith("embedded 8 of 24 images (shard 1 written); about "), lines
+    assert lines[1].startswith("embedded 16 of 24 images (shard 2 written)"), lines
+
+
 def test_an_interrupted_build_continues_after_the_shards_it_finished(tmp_path, make_images):
     from compress_edge.retrieval.shards import PARTIAL_SUFFIX
 

@@ -48,6 +48,11 @@ def bars_enabled() -> bool:
     return _enabled
 
 
+def shows_bar(enabled: bool) -> bool:
+    """Whether a bar asked for with ``enabled`` is drawn; long work that draws none logs lines instead."""
+    return bool(enabled) and _enabled
+
+
 def progress_bar(*extra_columns: TextColumn) -> Progress:
     """The package's bar on stderr; it draws nothing inside ``bars(False)``."""
     return Progress(
@@ -66,7 +71,7 @@ def optional_bar(enabled: bool = True) -> Progress | None:
 
 def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
     """Iterate with a progress bar on stderr (nothing when ``enabled`` is False)."""
-    if not (enabled and _enabled):
+    if not shows_bar(enabled):
         yield from items
         return
     if total is None:
@@ -77,6 +82,12 @@ def track(items: Iterable[T], description: str, total: int | None = None, enable
         for item in items:
             yield item
             bar.advance(task)
+
+
+def time_left(elapsed: float, done: int, remaining: int) -> str:
+    """The time ``remaining`` units of work take at the pace of ``done`` units in ``elapsed`` seconds,
+    as :func:`format_duration` writes it (for the lines of work that draws no bar)."""
+    return format_duration(remaining * elapsed / max(1, done))
 
 
 def format_duration(seconds: float) -> str:

@@ -25,6 +25,7 @@ from compress_edge.retrieval.safety import check_model, is_inside, model_record,
 from compress_edge.retrieval.shards import EMBEDDINGS_DIR, EmbeddingStore
 from compress_edge.retrieval.sidecar import refuse_existing
 
+from compress_edge.data.grammar import absolute_if_exists
 from compress_edge.errors import IndexFileError
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def _model_ref(model: Any) -> str | None:
     ref = str(getattr(model, "path", model) or "")
     if not ref:
         return None
-    return str(Path(ref).resolve()) if Path(ref).exists() else ref
+    return absolute_if_exists(ref)
 
 
 def build_from_images(

@@ -409,10 +409,10 @@ def extract_embeddings(
     def load(first: int, end: int) -> list:
         return [gallery.load(i) for i in range(first, end)]
 
-    from compress_edge.progress import bars_enabled
+    from compress_edge.progress import shows_bar, time_left
 
     t0, resumed_rows = time.perf_counter(), writer.rows
-    lines = not (progress and bars_enabled())  # without a bar, a line per shard written, with the time left
+    lines = not shows_bar(progress)  # without a bar, a line per shard written, with the time left
     model = getattr(embedder, "path", None) or spec.arch
     try:
         for start, x in embed_batches(embedder, load, lo + writer.rows, hi, batch_size=batch_size, workers=workers,
@@ -420,8 +420,9 @@ def extract_embeddings(
             shards = len(writer.shards)
             writer.write(l2_normalize(check_finite(x, model)), ids[start : start + len(x)])
             if lines and len(writer.shards) > shards and writer.rows < hi - lo:
-                _shard_line(writer.rows, hi - lo, len(writer.shards),
-                            (time.perf_counter() - t0) / max(1, writer.rows - resumed_rows))
+                log.info("embedded %d of %d images (shard %d written); about %s left", writer.rows, hi - lo,
+                         len(writer.shards), time_left(time.perf_counter() - t0, writer.rows - resumed_rows,
+                                                       hi - lo - writer.rows))
     except (KeyboardInterrupt, Interrupted):
         if key is not None and writer.rows:
             log.warning("stopped after %d of %d images: the %d in finished shards are kept, and the same command "
@@ -430,13 +431,6 @@ def extract_embeddings(
     manifest = writer.close()
     log.debug("rank %d embedded %d images in %.1f s", r, hi - lo, time.perf_counter() - t0)
     return manifest
-
-
-def _shard_line(rows: int, total: int, shards: int, seconds_per_image: float) -> None:
-    from compress_edge.progress import format_duration
-
-    log.info("embedded %d of %d images (shard %d written); about %s left", rows, total, shards,
-             format_duration((total - rows) * seconds_per_image))
 
 
 def wait_for_manifests(folder: str | os.PathLike, names: Sequence[str], token: str,

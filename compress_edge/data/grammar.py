@@ -118,6 +118,13 @@ def resolve_path(data: str, data_root: str | os.PathLike | None) -> Path:
     return path
 
 
+def absolute_if_exists(ref: str) -> str:
+    """A path that exists, made absolute (``~`` expanded), as run folders, caches and index sidecars
+    record what they were made from; anything else (an architecture name, a missing file) as given."""
+    path = Path(os.path.expanduser(ref))
+    return str(path.resolve()) if path.exists() else ref
+
+
 def absolute_data(data: str, data_root: str | os.PathLike | None = None) -> str:
     """``data`` with its folder made absolute (any ``@N`` kept), as a run folder records it so that
     ``--resume`` finds the images from any working directory; a dataset name, or a path that does not

@@ -254,10 +254,11 @@ def _check_cache_teacher(opts: DistillOptions, meta: dict[str, Any]) -> None:
     """``--teacher`` (and ``--teacher-weights``) given beside ``--teacher-cache`` must name the teacher the
     cache was made from: the cache is what trains the student, the named teacher what the held-out
     check compares it with."""
+    from compress_edge.data.grammar import absolute_if_exists
+
     def same(given: str | None, made: str | None) -> bool:
-        if given is None or made is None:
-            return True  # not given, or a cache that did not record it
-        return (Path(given).resolve() == Path(made).resolve()) if Path(given).exists() else given == made
+        # not given, or a cache that did not record it; else the same file or folder, or the same name
+        return given is None or made is None or absolute_if_exists(given) == absolute_if_exists(made)
 
     if not (same(opts.teacher, meta.get("teacher")) and same(opts.teacher_weights, meta.get("teacher_weights"))):
         made = " ".join(x for x in (meta.get("teacher"), meta.get("teacher_weights")) if x)
@@ -334,7 +335,7 @@ def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_w
                    image_size: int | None, batch_size: int, shard_rows: int, seed: int, data_root: str | None,
                    workers: int, device: str, progress: bool, crop_scale: float | None):
     from compress_edge.data.datasets import open_dataset
-    from compress_edge.data.grammar import absolute_data
+    from compress_edge.data.grammar import absolute_data, absolute_if_exists
     from compress_edge.data.transforms import TrainAugment, eval_transform
     from compress_edge.devices import resolve_device
     from compress_edge.export.backends import TorchEmbedder
@@ -353,10 +354,8 @@ def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_w
         eval_tf=eval_transform(spec.image_size, spec.mean, spec.std), augment=augment, seed=seed,
         batch_size=batch_size, workers=workers, shard_rows=shard_rows,
         progress=progress, extra_meta={"teacher_spec": spec.to_dict(), "data": absolute_data(data, data_root),
-                                       "teacher": str(Path(teacher).resolve()) if Path(teacher).exists() else teacher,
-                                       "teacher_weights": (str(Path(teacher_weights).resolve())
-                                                           if teacher_weights and Path(teacher_weights).exists()
-                                                           else teacher_weights)},
+                                       "teacher": absolute_if_exists(teacher),
+                                       "teacher_weights": teacher_weights and absolute_if_exists(teacher_weights)},
     )
 
 

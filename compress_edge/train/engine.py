@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from compress_edge.data.loaders import StopSafeLoader
 from compress_edge.devices import resolve_device  # noqa: F401  (re-exported: the one device choice)
 from compress_edge.errors import TrainingError
-from compress_edge.progress import format_duration
+from compress_edge.progress import format_duration, time_left
 from compress_edge.signals import StopRequest
 from compress_edge.storage import append_jsonl, atomic_write_json
 from compress_edge.train.checkpoints import RunCheckpoints, seed_everything, set_rng_state
@@ -264,7 +264,7 @@ class Trainer:
                 if (not progress.enabled and self.dist.is_main
                         and (quiet_for >= EPOCH_LINE_SECONDS or self.epoch in (first_epoch + 1, cfg.epochs))):
                     last_line = time.perf_counter()
-                    left = format_duration(self._time_left(steps_per_epoch, first_step, start))
+                    left = self._time_left(steps_per_epoch, first_step, start)
                     logger.info("epoch %d/%d: loss %.4f, %.0f images/s, %s%s", self.epoch, cfg.epochs,
                                 epoch_loss / max(1, epoch_n), seen / max(1e-9, last_line - t0),
                                 format_duration(last_line - t0), f"; about {left} left" if self.epoch < cfg.epochs else "")
@@ -280,16 +280,16 @@ class Trainer:
             )
         return result
 
-    def _time_left(self, steps_per_epoch: int, first_step: int, start: float) -> float:
-        """Seconds to the end of the run at the pace of this invocation's steps so far."""
-        steps_left = self.config.epochs * steps_per_epoch - self.global_step
-        return steps_left * (time.perf_counter() - start) / max(1, self.global_step - first_step)
+    def _time_left(self, steps_per_epoch: int, first_step: int, start: float) -> str:
+        """The time to the end of the run at the pace of this invocation's steps so far."""
+        return time_left(time.perf_counter() - start, self.global_step - first_step,
+                         self.config.epochs * steps_per_epoch - self.global_step)
 
     def _time_left_line(self, steps_per_epoch: int, first_step: int, start: float, loss: float, ips: float) -> None:
         """Without a bar: the time left, from a first epoch still running after FIRST_LINE_SECONDS."""
         logger.info("epoch %d/%d: step %d/%d, loss %.4f, %.0f images/s; about %s left", self.epoch + 1,
                     self.config.epochs, self.batch_in_epoch, steps_per_epoch, loss, ips,
-                    format_duration(self._time_left(steps_per_epoch, first_step, start)))
+                    self._time_left(steps_per_epoch, first_step, start))
 
     def _step(self, batch: Any, scheduler) -> float:
         batch = _to_device(batch, self.device, self.channels_last)

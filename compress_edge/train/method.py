@@ -32,12 +32,12 @@ class RunOptions:
     def recorded(self) -> dict[str, Any]:
         """The options as config.json keeps them: :meth:`to_dict` with the data and every existing file
         or folder made absolute, so that ``--resume`` works from any working directory."""
-        from compress_edge.data.grammar import absolute_data
+        from compress_edge.data.grammar import absolute_data, absolute_if_exists
 
         d = self.to_dict()
         for key in _PATH_OPTIONS:
-            if isinstance(d.get(key), str) and Path(d[key]).expanduser().exists():
-                d[key] = str(Path(d[key]).expanduser().resolve())
+            if isinstance(d.get(key), str):
+                d[key] = absolute_if_exists(d[key])
         if isinstance(d.get("data"), str):
             d["data"] = absolute_data(d["data"], d.get("data_root"))
         return d

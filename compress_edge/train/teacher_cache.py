@@ -203,7 +203,7 @@ def build_cache(
     :class:`~compress_edge.export.backends.TorchEmbedder`) into a cache folder (see the module docstring)."""
     import time
 
-    from compress_edge.progress import bars_enabled, format_duration, progress_bar
+    from compress_edge.progress import progress_bar, shows_bar, time_left
     from compress_edge.signals import StopRequest
     from compress_edge.train.engine import TrainingStopped
 
@@ -219,7 +219,7 @@ def build_cache(
     ds = _ViewsDataset(dataset, mode, views, eval_tf, augment, seed)
     dim = None
     emb_names, param_names = [], []
-    lines = not (progress and bars_enabled())  # without a bar, a line per shard written, with the time left
+    lines = not shows_bar(progress)  # without a bar, a line per shard written, with the time left
     start, embedded = time.perf_counter(), 0
     with StopRequest(then="stopping once the current shard is written") as stop, progress_bar() as bar:
         task = bar.add_task("teacher cache", total=n, visible=progress)
@@ -241,9 +241,9 @@ def build_cache(
                 _save_npy(out / param_name, params)
             embedded += hi - lo
             if lines:
-                left = (n - hi) * (time.perf_counter() - start) / embedded
+                left = time_left(time.perf_counter() - start, embedded, n - hi)
                 logger.info("teacher cache: shard %d/%d written (%d of %d images)%s", s + 1, n_shards, hi, n,
-                            f"; about {format_duration(left)} left" if hi < n else "")
+                            f"; about {left} left" if hi < n else "")
             if stop.signal is not None and s < n_shards - 1:
                 raise TrainingStopped(
                     f"cache-teacher stopped after {hi} of {n} images ({s + 1} of {n_shards} shards written to "

@@ -43,24 +43,18 @@ class TeacherClock:
         self.report = report
         self.steps = steps or TIMED_STEPS
         self.calls = 0
-        self.begin: float | None = None
+        self.begin = 0.0  # the start of the second call: the first timed step
         self.teacher = 0.0
-        self.done = False
 
     def record(self, start: float, end: float) -> None:
         """One teacher call, from ``start`` to ``end`` (``time.perf_counter`` seconds)."""
-        if self.done:
-            return
         self.calls += 1
-        if self.calls == 1:
-            return
-        if self.begin is None:
+        if self.calls == 2:
             self.begin = start
-        if self.calls == self.steps + 2:  # this call's start ends the last timed step
-            self.done = True
+        if 2 <= self.calls <= self.steps + 1:
+            self.teacher += end - start
+        elif self.calls == self.steps + 2:  # this call's start ends the last timed step
             self.report(self.teacher / self.steps, (start - self.begin) / self.steps)
-            return
-        self.teacher += end - start
 
 
 def cache_estimate(teacher_s: float, step_s: float, *, steps_left: int, images: int, batch_size: int, dim: int,

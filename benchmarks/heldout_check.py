@@ -4,7 +4,7 @@ supervised teacher, `distill`'s defaults.
 The check a new user's first run amounts to, made reproducible:
 
 1. ``make_textures`` writes a 10-class set of coloured patterns (train and test from different seeds),
-   or, with ``--dataset digits``, :func:`write_digits` writes a real handwritten set: the 1,797 digit
+   ``make_shapes`` (``--dataset shapes``) one of coloured shapes on textured backgrounds, or, with ``--dataset digits``, :func:`write_digits` writes a real handwritten set: the 1,797 digit
    images scikit-learn ships (8x8 px, 16 grey levels), split by a fixed seed and enlarged to ``--size``.
 2. A torchvision ``resnet18`` is trained with labels on the train part and saved as a plain
    torchvision-layout state dict (``teacher.pth``), the kind of checkpoint a user brings; or, with
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from compress_edge.data.synthetic import make_textures, train_labelled_teacher
+from compress_edge.data.synthetic import make_shapes, make_textures, train_labelled_teacher
 from compress_edge.models.resolve import resolve_model, save_model
 
 
@@ -73,9 +73,9 @@ def _knn(model: str, train: Path, test: Path, size: int, *extra: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=("textures", "digits"), default="textures",
-                   help="textures: generated (--per-class, --test-per-class); digits: scikit-learn's handwritten "
-                        "digits, 60 %% train / 40 %% test")
+    p.add_argument("--dataset", choices=("textures", "shapes", "digits"), default="textures",
+                   help="textures or shapes: generated (--per-class, --test-per-class); digits: scikit-learn's "
+                        "handwritten digits, 60 %% train / 40 %% test")
     p.add_argument("--teacher", choices=("supervised", "pretrain"), default="supervised",
                    help="supervised: a torchvision resnet18 trained with the labels (a checkpoint a user brings); "
                         "pretrain: `compress-edge pretrain TRAIN` with its defaults, then distill from that run")
@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> None:
         if a.dataset == "digits":
             write_digits(train, test, a.size)
         else:
-            make_textures(train, a.per_class, size=a.size, seed=1)
-            make_textures(test, a.test_per_class, size=a.size, seed=2)
+            make = make_shapes if a.dataset == "shapes" else make_textures
+            make(train, a.per_class, size=a.size, seed=1)
+            make(test, a.test_per_class, size=a.size, seed=2)
     took = {}  # seconds of what this call ran; a finished run reused has its time in its own folder
     if a.teacher == "pretrain":  # the user's first two commands, nothing but the data and the image size
         pre = root / "pretrain"

@@ -39,14 +39,18 @@ def _features(model, spec, ds):
 
 
 @pytest.mark.slow
-def test_distill_defaults_transfer_to_unseen_textures(tmp_path):
+def test_distill_defaults_transfer_to_unseen_textures(tmp_path, caplog):
+    import logging
+
     train = make_textures(tmp_path / "train", 48, size=SIZE, seed=11)
     test = make_textures(tmp_path / "test", 30, size=SIZE, seed=12)
     weights = train_labelled_teacher(train, tmp_path / "teacher.pth", image_size=SIZE, epochs=30)
 
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["distill", str(train), "--teacher", "resnet18", "--teacher-weights", str(weights),
-                                      "--image-size", str(SIZE), "--out", str(out), "--no-progress", "--workers", "0"])
+    with caplog.at_level(logging.WARNING, logger="compress_edge.train.distill"):
+        result = CliRunner().invoke(app, ["distill", str(train), "--teacher", "resnet18", "--teacher-weights",
+                                          str(weights), "--image-size", str(SIZE), "--out", str(out), "--no-progress",
+                                          "--workers", "0"])
     assert result.exit_code == 0, result.output
 
     teacher, t_spec = resolve_model("resnet18", weights=weights, image_size=SIZE)
@@ -65,8 +69,15 @@ def test_distill_defaults_transfer_to_unseen_textures(tmp_path):
     assert scores["teacher"] > scores["raw pixels"] + 10, scores  # the set is one where a model matters
     assert scores["student"] > scores["raw pixels"] + 5, scores
     assert scores["student"] > scores["random"] + 5, scores
-    # Measured at 32 px: student 28.7, teacher 35.0, raw pixels 12.3, random weights 9.7 (at 64 px: 63.7
-    # against its teacher's 49.3; with the earlier 600-step default, 49.0 against 55.0).
+    # Measured at 32 px with the teacher's centre view (the default): student 37.0, teacher 35.0, raw pixels
+    # 12.3, random weights 9.7; with the teacher given the student's view (the earlier default) 28.7.
     assert scores["student"] > scores["teacher"] - 12, scores
     assert quality["heldout"]["rows"]["the student"]["spread"]["mean_cosine"] < 0.9, quality  # not collapsed
-    assert quality["run_length"]["still_falling"] is False, quality  # measured: 0.9 % of the fall in the last quarter
+    # The run-length check. Copying the centre view's target from every augmented view is slower to fit:
+    # on these 430 images the loss still fell at the end of the automatic 130 epochs (measured: 18 % of
+    # its fall in the last quarter), and 260 epochs, the check's advice, scored 60.7 against 37.0. When it
+    # finds the loss still falling, the user must be told, with the longer run to try.
+    run_length = quality["run_length"]
+    warned = [r.getMessage() for r in caplog.records if "still falling" in r.getMessage()]
+    assert run_length["epochs"] == 130 and bool(warned) == run_length["still_falling"], (run_length, warned)
+    assert all("--epochs 260" in w for w in warned), warned

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from typer.core import TyperGroup
 
-from compress_edge.defaults import METHODS
+from compress_edge.defaults import METHODS, TEACHER_VIEWS
 from compress_edge.deps import missing_package_message
 from compress_edge.errors import CompressEdgeError
 from compress_edge.progress import err_console  # noqa: E402,F401 - one stderr console for all
@@ -28,6 +28,7 @@ console = Console()
 # Written out here, where no heavy import is needed; tests/test_cli_vocabulary.py checks them against
 # the library's own lists.
 DistillMethod = Literal[METHODS]  # type: ignore[valid-type]
+TeacherView = Literal[TEACHER_VIEWS]  # type: ignore[valid-type]
 PretrainMethod = Literal["simclr", "moco-v2"]
 Amp = Literal["auto", "bf16", "fp16", "off"]
 Optimizer = Literal["sgd", "adamw"]

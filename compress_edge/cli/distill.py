@@ -16,6 +16,7 @@ from compress_edge.cli.common import (
     Optimizer,
     ProgressOpt,
     RunFlags,
+    TeacherView,
     WorkersOpt,
     batch_size_option,
     console,
@@ -29,6 +30,7 @@ from compress_edge.defaults import (
     DEFAULT_HOLDOUT,
     DEFAULT_METHOD,
     DEFAULT_STUDENT_EMBED,
+    DEFAULT_TEACHER_VIEW,
     DISTILL_BASE_LR,
     DISTILL_MIN_BATCH,
     DISTILL_MIN_EPOCHS,
@@ -103,6 +105,11 @@ def distill(
     mask_self: Annotated[bool, typer.Option("--mask-self/--no-mask-self", help="Leave the anchors that came "
                                             "from a query's own image out of both softmaxes; --no-mask-self is "
                                             "the paper's loss exactly.")] = True,
+    teacher_view: Annotated[TeacherView | None, typer.Option(
+        "--teacher-view", help="What a live teacher embeds: augmented (the student's own random view) or center "
+                               "(the whole image, resized and centre-cropped, as a --views 0 cache; run once per "
+                               "image and kept in memory). Default: a cache's own, else "
+                               f"{DEFAULT_TEACHER_VIEW}.", show_default=False)] = None,
     holdout: Annotated[float, holdout_option("the student with its teacher, raw pixels and its random "
                                              "weights")] = DEFAULT_HOLDOUT,
     epochs: Annotated[int | None, epochs_option(DISTILL_MIN_STEPS, DISTILL_MIN_EPOCHS)] = None,
@@ -146,8 +153,8 @@ def distill(
             data=data, out=str(out), teacher=teacher, teacher_weights=teacher_weights, teacher_cache=teacher_cache,
             student_arch=student_arch, student_kwargs=parse_kwargs(student_kwargs), embed_dim=embed_dim,
             method=method, queue_size=queue_size, temperature=temperature, ema=ema, mask_self=mask_self,
-            crop_scale=crop_scale, holdout=holdout, image_size=image_size, student_image_size=student_image_size,
-            data_root=data_root,
+            teacher_view=teacher_view, crop_scale=crop_scale, holdout=holdout, image_size=image_size,
+            student_image_size=student_image_size, data_root=data_root,
             train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                               weight_decay=weight_decay, warmup_epochs=None, checkpoint_every=checkpoint_every,
                               **flags.train_kwargs()),

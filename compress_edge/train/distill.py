@@ -21,10 +21,13 @@ from compress_edge.defaults import (
     DEFAULT_HOLDOUT,
     DEFAULT_METHOD,
     DEFAULT_STUDENT_EMBED,
+    DEFAULT_TEACHER_VIEW,
     DISTILL_CROP_SCALE,
     DISTILL_PLAN_LIMITS,
     METHODS,
     PAPER_TEMPERATURE,
+    TEACHER_MEMO_BYTES,
+    TEACHER_VIEWS,
 )
 from compress_edge.errors import TrainingError
 from compress_edge.models.spec import ModelSpec
@@ -41,7 +44,7 @@ from compress_edge.train.method import (
     run_method,
 )
 from compress_edge.train.run_folder import read_run_options, run_folder_lock
-from compress_edge.train.teacher_cost import TeacherClock, cache_commands, teacher_cost_check
+from compress_edge.train.teacher_cost import CACHE_VIEWS, TeacherClock, cache_commands, teacher_cost_check
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,13 @@ class DistillTask(nn.Module):
     student's, and the momentum key encoder's for ``compress-2q``; the loss does the rest.
 
     Batch: (images (B, 3, s, s), then the teacher's embeddings (B, Dt) when cached, its own views
-    (B, 3, S, S) of the same images when it takes another size, else labels; indices (B,)).
+    (B, 3, S, S) of the same images when it takes another size or the centre view, else labels;
+    indices (B,)).
+
+    ``memo_images`` > 0 (a centre-view teacher, whose embedding of an image never changes): the
+    teacher's embeddings are kept (float16, by dataset index) after an image's first step and read
+    back afterwards, so the teacher runs once per image instead of once per step. Not checkpointed:
+    a resumed run fills it again.
     """
 
     def __init__(
@@ -61,6 +70,7 @@ class DistillTask(nn.Module):
         teacher: nn.Module | None = None,
         momentum_encoder: bool = False,
         ema: float = 0.999,
+        memo_images: int = 0,
     ):
         super().__init__()
         self.student = student
@@ -69,6 +79,10 @@ class DistillTask(nn.Module):
         self.ema = float(ema)
         self.key_encoder = frozen(copy.deepcopy(student)).train() if momentum_encoder else None
         self.clock: TeacherClock | None = None  # set by run_distill on a CPU: what the live teacher costs
+        self.memo_images = int(memo_images)
+        # plain attributes, not buffers: never in a checkpoint, never synchronised between processes
+        self.memo: torch.Tensor | None = None
+        self.known: torch.Tensor | None = None
 
     def train(self, mode: bool = True) -> DistillTask:
         super().train(mode)
@@ -82,7 +96,8 @@ class DistillTask(nn.Module):
             start = time.perf_counter()
             with torch.no_grad():
                 teacher_input = second if second.dim() == 4 else images
-                teacher = self.teacher(teacher_input).float()
+                teacher = (self._remembered(teacher_input, index) if self.memo_images
+                           else self.teacher(teacher_input).float())
             if self.clock is not None and images.device.type == "cpu":
                 self.clock.record(start, time.perf_counter())
         else:
@@ -93,6 +108,19 @@ class DistillTask(nn.Module):
             with torch.no_grad():
                 key = self.key_encoder(images)
         return self.criterion(student, teacher, key, index)
+
+    def _remembered(self, views: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The teacher's embeddings of ``views`` (the centre views of dataset images ``index``): run
+        only on the images not seen before, the rest read from the memo."""
+        new = ~self.known[index] if self.known is not None else torch.ones_like(index, dtype=torch.bool)
+        if bool(new.any()):
+            out = self.teacher(views[new]).float()
+            if self.memo is None:
+                self.memo = torch.zeros(self.memo_images, out.shape[1], dtype=torch.float16, device=out.device)
+                self.known = torch.zeros(self.memo_images, dtype=torch.bool, device=out.device)
+            self.memo[index[new]] = out.to(torch.float16)
+            self.known[index[new]] = True
+        return self.memo[index].float()  # float16 the first time too: every epoch sees the same target
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -138,6 +166,7 @@ class DistillOptions(RunOptions):
     temperature: float = PAPER_TEMPERATURE
     ema: float | None = None  # auto: follows the run length
     mask_self: bool = True  # False: the paper's loss exactly
+    teacher_view: str | None = None  # what a live teacher embeds (TEACHER_VIEWS); auto: the cache's, or the default
     crop_scale: float | None = None  # the smallest random crop's share of the image (auto: the cache's, or the default)
     holdout: float = DEFAULT_HOLDOUT
     image_size: int | None = None  # the teacher's input size (default: its own)
@@ -222,13 +251,16 @@ def resolve_distillation(opts: DistillOptions) -> DistillSetup:
     student = _student(opts, teacher_spec, image_size)
     criterion = build_loss(opts.method, teacher_dim=teacher_dim, student_dim=student.embed_dim,
                            queue_size=queue_size, temperature=opts.temperature, mask_self=opts.mask_self)
+    view = teacher_view(opts, cache)
+    memo = len(dataset) if teacher is not None and view == "center" and (
+        2 * len(dataset) * teacher_dim <= TEACHER_MEMO_BYTES) else 0
     task = DistillTask(student, criterion, teacher=teacher,
-                       momentum_encoder=uses_momentum_encoder(opts.method), ema=ema)
+                       momentum_encoder=uses_momentum_encoder(opts.method), ema=ema, memo_images=memo)
     source = {"kind": "distill", "method": opts.method, "teacher": opts.teacher or opts.teacher_cache,
               "teacher_sha256": (teacher_spec.weights_sha256 if teacher_spec else None), "run": Path(opts.out).name}
     spec = spec_for(student, image_size=image_size, mean=mean, std=std, source=source)
     resolved = {"queue_size": queue_size, "teacher_dim": teacher_dim, "ema": ema, "temperature": opts.temperature,
-                "crop_scale": augment.scale[0],
+                "crop_scale": augment.scale[0], "teacher_view": view, "teacher_memo": bool(memo),
                 "mask_self": opts.mask_self, "heldout_images": int(len(heldout)), "train_images": len(train_set)}
     return DistillSetup(dataset=dataset, train_set=train_set, heldout=heldout, task=task, spec=spec, teacher=teacher,
                         teacher_spec=teacher_spec, cache=cache, plan=plan, resolved=resolved)
@@ -248,6 +280,22 @@ def _teacher_side(opts: DistillOptions):
         return None, teacher_spec, cache, (teacher_size, tuple(transform["mean"]), tuple(transform["std"]))
     teacher, teacher_spec = load_teacher(opts.teacher, opts.teacher_weights, opts.data, opts.image_size)
     return teacher, teacher_spec, None, (teacher_spec.image_size, teacher_spec.mean, teacher_spec.std)
+
+
+def teacher_view(opts: DistillOptions, cache) -> str:
+    """What the teacher embeds: a cache's own mode (``--teacher-view``, when given, must agree with it),
+    else ``--teacher-view`` or the default."""
+    if opts.teacher_view is not None and opts.teacher_view not in TEACHER_VIEWS:
+        raise TrainingError(f"--teacher-view {opts.teacher_view!r}: use one of {', '.join(TEACHER_VIEWS)}")
+    if cache is None:
+        return opts.teacher_view or DEFAULT_TEACHER_VIEW
+    view = "center" if cache.mode == "center" else "augmented"
+    if opts.teacher_view not in (None, view):
+        redo = "--views 0" if opts.teacher_view == "center" else "--views K"
+        raise TrainingError(f"--teacher-view {opts.teacher_view}: the teacher cache {opts.teacher_cache} holds "
+                            f"{'centre' if view == 'center' else 'augmented'} views; leave out --teacher-view, or "
+                            f"make a cache with 'compress-edge cache-teacher ... {redo}'")
+    return view
 
 
 def _check_cache_teacher(opts: DistillOptions, meta: dict[str, Any]) -> None:
@@ -271,11 +319,12 @@ def _training_images(opts: DistillOptions, dataset, cache, teacher_spec, image_s
     """What the student trains on (every image of ``dataset``, with its teacher side: a cached embedding,
     the teacher's own view, or none when student and live teacher share a view), the teacher's
     dimension and the student's augmentation."""
-    from compress_edge.data.transforms import TrainAugment
+    from compress_edge.data.transforms import TrainAugment, eval_transform
     from compress_edge.train.teacher_cache import (
         CachedTeacherDataset,
         PairedDataset,
         PairedViews,
+        WithCenterView,
         fingerprint_parts,
     )
 
@@ -292,10 +341,10 @@ def _training_images(opts: DistillOptions, dataset, cache, teacher_spec, image_s
                                   augment=augment_settings(teacher_augment),
                                   seed=cache.meta["parts"]["transform"].get("seed") or 0)
         cache.check(parts)
-        if cache.mode == "center":
-            logger.warning("the teacher cache holds one centre view per image (as the paper): the student trains on "
-                           "augmented views whose teacher embedding came from the centre view")
         return CachedTeacherDataset(dataset, cache, augment), cache.dim, augment
+    if teacher_view(opts, None) == "center":  # the teacher gets the whole image, the student a random view
+        dataset.transform = WithCenterView(augment, eval_transform(teacher_size, mean, std))
+        return PairedDataset(dataset), teacher_spec.embed_dim, augment
     if image_size != teacher_size:  # the teacher gets its own, larger render of the same view
         dataset.transform = PairedViews(augment, teacher_augment)
         return PairedDataset(dataset), teacher_spec.embed_dim, augment
@@ -377,13 +426,18 @@ def run_distill(opts: DistillOptions, *, resume: bool = False, stop_after_epochs
                     opts.teacher or opts.teacher_cache, opts.student_arch, opts.method, trainer.device,
                     trainer.precision.name, ready.plan.describe(), ready.resolved["queue_size"], opts.temperature,
                     ready.resolved["ema"], "" if opts.mask_self else " (own-image anchors kept, as the paper)")
-        if ready.teacher is not None and trainer.device.type == "cpu" and trainer.dist.is_main:
+        if ready.task.memo_images:
+            logger.info("the teacher embeds the centre view of each image once (its first step) and keeps it in "
+                        "memory: the first epoch runs it, the others do not")
+        elif ready.teacher is not None and trainer.device.type == "cpu" and trainer.dist.is_main:
+            # a centre-view teacher too large to keep in memory: a --views 0 cache is the same target
+            views = 0 if ready.resolved["teacher_view"] == "center" else CACHE_VIEWS
             commands = cache_commands(data=opts.data, teacher=opts.teacher, teacher_weights=opts.teacher_weights,
-                                      image_size=opts.image_size, out=str(opts.out))
+                                      image_size=opts.image_size, out=str(opts.out), views=views)
             ready.task.clock = TeacherClock(lambda teacher_s, step_s: teacher_cost_check(
                 teacher_s, step_s, run_dir=trainer.run_dir, steps_left=ready.plan.steps - trainer.global_step,
                 images=len(ready.dataset), batch_size=ready.plan.batch_size, dim=ready.resolved["teacher_dim"],
-                commands=commands))
+                commands=commands, views=max(1, views)))
 
     return run_method("distill", opts, resolve_distillation, resume=resume, stop_after_epochs=stop_after_epochs,
                       write_model=write_student, announce=announce, check_before=check_teacher,
@@ -470,4 +524,9 @@ def run_length_check(run_dir: Path, epochs: int) -> dict[str, Any] | None:
 
 
 def load_options(run_dir: str | Path) -> DistillOptions:
-    return DistillOptions.from_dict(read_run_options(run_dir, "distill", "distill"))
+    stored = read_run_options(run_dir, "distill", "distill")
+    # A run started before --teacher-view existed gave its live teacher the student's view: it resumes so
+    # (with a cache, the cache decides).
+    if not stored.get("teacher_cache"):
+        stored.setdefault("teacher_view", "augmented")
+    return DistillOptions.from_dict(stored)

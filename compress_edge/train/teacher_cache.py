@@ -372,8 +372,21 @@ class PairedViews:
         return self.student.apply(img, params, drawn_at=self.teacher.image_size), x_teacher
 
 
+class WithCenterView:
+    """PIL image -> (student view: a random augmentation, teacher view: the whole image as evaluated,
+    resized and centre-cropped), for a live teacher that embeds the centre view (``--teacher-view
+    center``), as the cache's mode ``center`` does."""
+
+    def __init__(self, student_augment, center):
+        self.student, self.center = student_augment, center
+
+    def __call__(self, img):
+        return self.student(img), self.center(img)
+
+
 class PairedDataset(Dataset):
-    """(student view, teacher view, index) from a dataset whose transform is :class:`PairedViews`."""
+    """(student view, teacher view, index) from a dataset whose transform is :class:`PairedViews` or
+    :class:`WithCenterView`."""
 
     def __init__(self, base):
         self.base = base

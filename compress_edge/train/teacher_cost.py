@@ -91,7 +91,8 @@ def cache_commands(*, data: str, teacher: str, teacher_weights: str | None, imag
 
 
 def teacher_cost_check(teacher_s: float, step_s: float, *, run_dir: Path, steps_left: int, images: int,
-                       batch_size: int, dim: int, commands: tuple[str, str]) -> dict[str, Any]:
+                       batch_size: int, dim: int, commands: tuple[str, str], views: int = CACHE_VIEWS
+                       ) -> dict[str, Any]:
     """Estimate, record in quality.json and, when a cache would pay, say so (see the module docstring)."""
     import shutil
 
@@ -100,15 +101,17 @@ def teacher_cost_check(teacher_s: float, step_s: float, *, run_dir: Path, steps_
     from compress_edge.progress import format_duration
 
     record = cache_estimate(teacher_s, step_s, steps_left=steps_left, images=images, batch_size=batch_size, dim=dim,
-                            free_bytes=shutil.disk_usage(run_dir).free)
+                            free_bytes=shutil.disk_usage(run_dir).free, views=views)
     if record["suggest_cache"]:
         record["commands"] = list(commands)
+        what = ("once for the centre view of each image (the same target it gets now" if views == 1 else
+                f"once for {views} recorded views of each image (the student then sees those views instead of a "
+                "new one each epoch")
         logger.info(
             "the live teacher takes %.0f %% of each training step here (%.2f of %.2f s): about %s left; a teacher "
-            "cache runs it once for %d recorded views of each image (the student then sees those views instead "
-            "of a new one each epoch; %s on disk), about %s in all: %s, then %s (with this run's other options)",
+            "cache runs it %s; %s on disk), about %s in all: %s, then %s (with this run's other options)",
             100 * record["teacher_share"], teacher_s, step_s, format_duration(record["live_seconds"]),
-            record["views"], human_bytes(record["cache_bytes"]), format_duration(record["cached_seconds"]),
+            what, human_bytes(record["cache_bytes"]), format_duration(record["cached_seconds"]),
             commands[0], commands[1])
     record_quality(run_dir, "teacher_cost", record)
     return record

@@ -115,3 +115,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def saved_teacher(tmp_path):
+    """A small-input resnet18 with random weights saved as a compress-edge model folder (32 px)."""
+    import torch
+
+    from compress_edge.models.resolve import create_model, save_model, spec_for
+
+    torch.manual_seed(1)
+    teacher = create_model("resnet18", small_input=True)
+    spec = spec_for(teacher, image_size=32, source={"kind": "test"})
+    folder = tmp_path / "teacher"
+    save_model(teacher, spec, folder)
+    return folder

@@ -47,10 +47,15 @@ def test_distill_defaults_transfer_to_unseen_textures(tmp_path, caplog):
     weights = train_labelled_teacher(train, tmp_path / "teacher.pth", image_size=SIZE, epochs=30)
 
     out = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="compress_edge.train.distill"):
+    # The command's logging does not propagate to the root logger: listen on the distillation's own.
+    distill_log = logging.getLogger("compress_edge.train.distill")
+    distill_log.addHandler(caplog.handler)
+    try:
         result = CliRunner().invoke(app, ["distill", str(train), "--teacher", "resnet18", "--teacher-weights",
                                           str(weights), "--image-size", str(SIZE), "--out", str(out), "--no-progress",
                                           "--workers", "0"])
+    finally:
+        distill_log.removeHandler(caplog.handler)
     assert result.exit_code == 0, result.output
 
     teacher, t_spec = resolve_model("resnet18", weights=weights, image_size=SIZE)

@@ -237,8 +237,9 @@ def resolve_distillation(opts: DistillOptions) -> DistillSetup:
     dataset = open_dataset(opts.data, data_root=opts.data_root)
     teacher, teacher_spec, cache, (teacher_size, mean, std) = _teacher_side(opts)
     image_size = opts.student_image_size or teacher_size
-    images, teacher_dim, augment = _training_images(opts, dataset, cache, teacher_spec, image_size, teacher_size,
-                                                    mean, std)
+    view = teacher_view(opts, cache)
+    images, teacher_dim, augment = _training_images(opts, dataset, cache, view, teacher_spec, image_size,
+                                                    teacher_size, mean, std)
     train_set, heldout, plan = holdout_and_plan(
         dataset, images, opts, **DISTILL_PLAN_LIMITS)
     queue_size = opts.queue_size or auto_queue_size(len(train_set))
@@ -251,7 +252,6 @@ def resolve_distillation(opts: DistillOptions) -> DistillSetup:
     student = _student(opts, teacher_spec, image_size)
     criterion = build_loss(opts.method, teacher_dim=teacher_dim, student_dim=student.embed_dim,
                            queue_size=queue_size, temperature=opts.temperature, mask_self=opts.mask_self)
-    view = teacher_view(opts, cache)
     memo = len(dataset) if teacher is not None and view == "center" and (
         2 * len(dataset) * teacher_dim <= TEACHER_MEMO_BYTES) else 0
     task = DistillTask(student, criterion, teacher=teacher,
@@ -314,8 +314,8 @@ def _check_cache_teacher(opts: DistillOptions, meta: dict[str, Any]) -> None:
                             "leave out --teacher (the cache is the teacher), or run cache-teacher again with it")
 
 
-def _training_images(opts: DistillOptions, dataset, cache, teacher_spec, image_size: int, teacher_size: int,
-                     mean, std):
+def _training_images(opts: DistillOptions, dataset, cache, view: str, teacher_spec, image_size: int,
+                     teacher_size: int, mean, std):
     """What the student trains on (every image of ``dataset``, with its teacher side: a cached embedding,
     the teacher's own view, or none when student and live teacher share a view), the teacher's
     dimension and the student's augmentation."""
@@ -342,7 +342,7 @@ def _training_images(opts: DistillOptions, dataset, cache, teacher_spec, image_s
                                   seed=cache.meta["parts"]["transform"].get("seed") or 0)
         cache.check(parts)
         return CachedTeacherDataset(dataset, cache, augment), cache.dim, augment
-    if teacher_view(opts, None) == "center":  # the teacher gets the whole image, the student a random view
+    if view == "center":  # the teacher gets the whole image, the student a random view
         dataset.transform = WithCenterView(augment, eval_transform(teacher_size, mean, std))
         return PairedDataset(dataset), teacher_spec.embed_dim, augment
     if image_size != teacher_size:  # the teacher gets its own, larger render of the same view
@@ -437,7 +437,7 @@ def run_distill(opts: DistillOptions, *, resume: bool = False, stop_after_epochs
             ready.task.clock = TeacherClock(lambda teacher_s, step_s: teacher_cost_check(
                 teacher_s, step_s, run_dir=trainer.run_dir, steps_left=ready.plan.steps - trainer.global_step,
                 images=len(ready.dataset), batch_size=ready.plan.batch_size, dim=ready.resolved["teacher_dim"],
-                commands=commands, views=max(1, views)))
+                commands=commands, views=views))
 
     return run_method("distill", opts, resolve_distillation, resume=resume, stop_after_epochs=stop_after_epochs,
                       write_model=write_student, announce=announce, check_before=check_teacher,

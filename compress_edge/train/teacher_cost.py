@@ -93,7 +93,8 @@ def cache_commands(*, data: str, teacher: str, teacher_weights: str | None, imag
 def teacher_cost_check(teacher_s: float, step_s: float, *, run_dir: Path, steps_left: int, images: int,
                        batch_size: int, dim: int, commands: tuple[str, str], views: int = CACHE_VIEWS
                        ) -> dict[str, Any]:
-    """Estimate, record in quality.json and, when a cache would pay, say so (see the module docstring)."""
+    """Estimate, record in quality.json and, when a cache would pay, say so (see the module docstring).
+    ``views`` as cache-teacher's ``--views``: 0 for the centre view, K for K augmented views."""
     import shutil
 
     from compress_edge.eval.profile import human_bytes
@@ -101,10 +102,10 @@ def teacher_cost_check(teacher_s: float, step_s: float, *, run_dir: Path, steps_
     from compress_edge.progress import format_duration
 
     record = cache_estimate(teacher_s, step_s, steps_left=steps_left, images=images, batch_size=batch_size, dim=dim,
-                            free_bytes=shutil.disk_usage(run_dir).free, views=views)
+                            free_bytes=shutil.disk_usage(run_dir).free, views=max(1, views))
     if record["suggest_cache"]:
         record["commands"] = list(commands)
-        what = ("once for the centre view of each image (the same target it gets now" if views == 1 else
+        what = ("once for the centre view of each image (the same target it gets now" if views == 0 else
                 f"once for {views} recorded views of each image (the student then sees those views instead of a "
                 "new one each epoch")
         logger.info(

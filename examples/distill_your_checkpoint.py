@@ -21,7 +21,7 @@ parser.add_argument("--student-arch", default="mobilenet_v2")
 parser.add_argument("--image-size", type=int, default=224)
 # None is distill's "auto": batch, run length, learning rate and queue follow the data set (README,
 # "Defaults that fit the run"); give numbers to override them.
-parser.add_argument("--epochs", type=int, default=None, help="default: the paper's 130, at least 600 steps")
+parser.add_argument("--epochs", type=int, default=None, help="default: the paper's 130, at least 4,000 steps")
 parser.add_argument("--batch-size", type=int, default=None, help="default: at most 256, 64 steps an epoch, at least 32")
 parser.add_argument("--queue-size", type=int, default=None, help="default: the data set, at most 128,000")
 parser.add_argument("--out", default="runs/my-student")

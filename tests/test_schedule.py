@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from compress_edge.defaults import (
+    DISTILL_MAX_EPOCHS,
     DISTILL_MIN_BATCH,
     DISTILL_MIN_EPOCHS,
+    DISTILL_MIN_STEPS,
     DISTILL_MIN_STEPS_PER_EPOCH,
     DISTILL_PLAN_LIMITS,
 )
@@ -39,18 +41,29 @@ def test_the_batch_is_per_process_and_counts_every_process():
     assert auto_batch_size(2_000, world_size=4) == 32  # 4 x 32 x 8 <= 2,000 < 4 x 64 x 8
 
 
-@pytest.mark.parametrize(("images", "batch"), [(432, 32), (1_800, 32), (4_500, 64), (8_192, 128), (20_000, 256),
-                                               (2_000_000, 256)])
-def test_distills_batch_gives_a_few_thousand_images_their_steps(images, batch):
+@pytest.mark.parametrize(("images", "batch", "epochs"), [(432, 32, 308), (580, 32, 223), (1_078, 32, 130),
+                                                         (1_800, 32, 130), (4_500, 64, 130), (8_192, 128, 130),
+                                                         (20_000, 256, 130), (2_000_000, 256, 130)])
+def test_distills_batch_gives_a_few_thousand_images_their_steps(images, batch, epochs):
     """distill's plan: 130 epochs at a batch that leaves 64 steps an epoch, never under 32 images (the
     README's measurements: on 4,500 shapes batch 256 ended 11 points behind the teacher, 64 level with it,
-    in the same CPU time; batch 16 cost a 432-image set 6 points)."""
+    in the same CPU time; batch 16 cost a 432-image set 6 points), and more epochs where 130 are fewer
+    than 4,000 steps (430 images at 1,690 steps ended with the loss still falling, 20 points short)."""
     plan = plan_run(images, batch_size=None, epochs=None, lr=None, **DISTILL_PLAN_LIMITS)
     assert plan.batch_size == batch
     assert plan.steps_per_epoch >= DISTILL_MIN_STEPS_PER_EPOCH or batch == DISTILL_MIN_BATCH
-    assert plan.epochs == DISTILL_MIN_EPOCHS
+    assert plan.epochs == epochs >= DISTILL_MIN_EPOCHS
+    assert plan.steps >= DISTILL_MIN_STEPS
+    # the fewest epochs that give those steps: one epoch less would not
+    assert epochs == DISTILL_MIN_EPOCHS or (epochs - 1) * plan.steps_per_epoch < DISTILL_MIN_STEPS
     # pretrain keeps the larger batch (SimCLR, its default method, takes its negatives from the batch)
     assert auto_batch_size(images) >= batch
+
+
+@pytest.mark.parametrize("images", [40, 100, 300])
+def test_a_few_dozen_images_are_not_thousands_of_epochs(images):
+    plan = plan_run(images, batch_size=None, epochs=None, lr=None, **DISTILL_PLAN_LIMITS)
+    assert plan.epochs == DISTILL_MAX_EPOCHS and plan.steps < DISTILL_MIN_STEPS
 
 
 @pytest.mark.parametrize("steps", [20, 200, 1_000, 20_000, 650_000])

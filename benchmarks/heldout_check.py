@@ -4,8 +4,9 @@ supervised teacher, `distill`'s defaults.
 The check a new user's first run amounts to, made reproducible:
 
 1. ``make_textures`` writes a 10-class set of coloured patterns (train and test from different seeds),
-   ``make_shapes`` (``--dataset shapes``) one of coloured shapes on textured backgrounds, or, with ``--dataset digits``, :func:`write_digits` writes a real handwritten set: the 1,797 digit
-   images scikit-learn ships (8x8 px, 16 grey levels), split by a fixed seed and enlarged to ``--size``.
+   ``make_shapes`` (``--dataset shapes``) one of coloured shapes on textured backgrounds, or, with
+   ``--dataset digits``, :func:`write_digits` writes a real handwritten set: the 1,797 digit images
+   scikit-learn ships (8x8 px, 16 grey levels), split by a fixed seed and enlarged to ``--size``.
 2. A torchvision ``resnet18`` is trained with labels on the train part and saved as a plain
    torchvision-layout state dict (``teacher.pth``), the kind of checkpoint a user brings; or, with
    ``--teacher pretrain``, ``compress-edge pretrain TRAIN --image-size S`` makes the teacher with its defaults.

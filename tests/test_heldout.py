@@ -79,6 +79,13 @@ def test_distill_defaults_transfer_to_unseen_textures(tmp_path, caplog):
     # student scored 37.0, and 21.0 with the teacher given the student's view (the default before that).
     assert scores["student"] > scores["teacher"] + 10, scores
     assert quality["heldout"]["rows"]["the student"]["spread"]["mean_cosine"] < 0.9, quality  # not collapsed
+    # Before the run, the teacher was scored against raw pixels on the same held-out images and gallery as
+    # the end-of-run check (both all 430 training images), and found better: no warning.
+    before = quality["teacher"]["heldout"]
+    assert before["rows"]["the teacher"] == quality["heldout"]["rows"]["teacher"], quality
+    assert before["rows"]["raw pixels"] == quality["heldout"]["rows"]["raw pixels"], quality
+    assert before["rows"]["the teacher"]["knn20"] > before["rows"]["raw pixels"]["knn20"], before
+    assert not any("does not beat raw pixels" in w for w in before["warnings"]), before
     # The run length: at least 4,000 optimizer steps, so these 430 images get 308 epochs, not 130. The
     # end-of-run check still finds the loss falling on sets this small (measured: 8.9 % of its fall in the
     # last quarter); when it does, the user must be told, with the longer run to try.

@@ -141,3 +141,19 @@ def test_crop_scale_sets_the_views_and_is_checked(tmp_path, class_folder):
         views(crop_scale=1.5)
     result = runner.invoke(app, ["pretrain", str(class_folder), "--crop-scale", "0", "--out", str(tmp_path / "r2")])
     assert result.exit_code == 1 and "--crop-scale must be in (0, 1]" in result.output, result.output
+
+
+def test_a_pretrained_model_below_raw_pixels_is_told_what_pretraining_needs(tmp_path, make_images):
+    """The end-of-run check of pretrain says what helps pretraining (more images and steps, or a teacher
+    pretrained elsewhere), not distill's "check the teacher": pretrain has none. One epoch of 120 images
+    whose classes raw pixels tell apart at a glance leaves the model behind them."""
+    data = make_images(tmp_path / "imgs", per_class=40, size=24, seed=3)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(data), "--arch", "mobilenet_v3_small", "--epochs", "1",
+                                 "--batch-size", "16", "--workers", "0", "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    heldout = json.loads((out / "quality.json").read_text())["heldout"]
+    rows = heldout["rows"]
+    assert rows["raw pixels"]["knn20"] >= rows["the pretrained model"]["knn20"], rows
+    below = [w for w in heldout["warnings"] if "does not beat raw pixels" in w]
+    assert len(below) == 1 and "pretrained on a large set" in below[0] and "check the teacher" not in below[0]

@@ -182,3 +182,38 @@ def test_a_run_without_held_out_images_says_why(class_folder):
     record = heldout_check("the student", model, spec, ds, np.array([], dtype=int))
     assert record["no_heldout_check"] == f"{len(ds)} labelled images, fewer than {HOLDOUT_MINIMUM}"
     assert "knn20" not in str(record)
+
+
+def test_distill_says_before_the_run_when_its_teacher_does_not_beat_raw_pixels():
+    """A teacher's neighbourhoods are built here to answer an exact share of the held-out images right (a
+    one-hot of the class for those, of another class for the rest): below raw pixels it warns that a
+    student cannot do better; a small lead is called noise; a clear lead passes."""
+    from compress_edge.data.datasets import SubsetDataset, open_dataset
+    from compress_edge.eval.quality import teacher_against_pixels
+
+    ds = open_dataset("fashion-mnist:test@300")
+    rest, held = holdout_split(ds.labels, 0.2)
+    gallery = SubsetDataset("gallery", ds, indices=rest)
+    queries = SubsetDataset("held out", ds, indices=held)
+    eye = np.eye(10, dtype=np.float32)
+
+    def teacher(right: int):
+        wrong = np.ones(len(held), dtype=bool)
+        wrong[:right] = False
+        guess = np.where(wrong, (queries.labels + 1) % 10, queries.labels)
+        return eye[gallery.labels], eye[guess]
+
+    def check(right: int):
+        return teacher_against_pixels(teacher(right), gallery, queries, 28)
+
+    pixels = check(0)["rows"]["raw pixels"]["knn20"]
+    assert 50 < pixels < 95  # Fashion-MNIST: raw pixels are a real baseline, below a perfect teacher
+    at = int(np.ceil(pixels / 100 * len(held)))
+    below = check(at - 3)
+    assert below["rows"]["the teacher"]["knn20"] == pytest.approx(100 * (at - 3) / len(held), abs=0.01)
+    assert len(below["warnings"]) == 1 and "does not beat raw pixels" in below["warnings"][0]
+    assert "bring a stronger teacher" in below["warnings"][0]
+    close = check(at + 1)
+    assert len(close["warnings"]) == 1 and "leads raw pixels by only" in close["warnings"][0], close["warnings"]
+    clear = check(len(held))
+    assert clear["warnings"] == [] and clear["margins"]["the teacher - raw pixels"]["points"] > 0

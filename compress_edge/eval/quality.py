@@ -59,6 +59,8 @@ RAW_PIXELS_MAX_SIDE = 64
 RECALIBRATION_IMAGES = 1024
 #: The two baselines every model is compared with, as named in the end-of-run check.
 BASELINES = ("raw pixels", "same network, random weights")
+#: What to do when a student does not beat raw pixels (the end-of-run check's default advice).
+STUDENT_ADVICE = "train longer (more --epochs), use more images, or check the teacher"
 #: A lead over a baseline smaller than this many standard errors (paired, over the same held-out
 #: images) is reported as too small to tell: a SimCLR teacher at chance on 1,000 test images led raw
 #: pixels by 6.7 points on its run's 60 held-out images (README, "The teacher's view, measured").
@@ -279,12 +281,14 @@ def compare_with_baselines(
     workers: int = 0,
     progress: bool = False,
     use_cache: bool = False,
+    advice: str = STUDENT_ADVICE,
 ) -> Comparison:
     """Compare a model with raw pixels and its random-weights twin (and its teacher) by kNN.
 
     features: the model's (gallery (N, D), queries (Q, D)) embeddings of the ``gallery`` and
     ``queries`` datasets (labelled). random_features / teacher_features: the same pairs for the
-    random-weights twin (computed here from ``spec`` when None) and the teacher (optional).
+    random-weights twin (computed here from ``spec`` when None) and the teacher (optional). ``advice``:
+    what the warning says to do when the model does not beat raw pixels.
     """
     from compress_edge.eval.features import extract_features
 
@@ -301,20 +305,20 @@ def compare_with_baselines(
     scored = {who: knn_row(g, yg, q, yq, device=device) for who, (g, q) in pairs.items()}
     result = Comparison(rows={who: row for who, (row, _) in scored.items()}, gallery=len(yg), queries=len(yq),
                         hits={who: hits for who, (_, hits) in scored.items()})
-    result.warnings = comparison_warnings(result, name)
+    result.warnings = comparison_warnings(result, name, advice)
     return result
 
 
-def comparison_warnings(result: Comparison, name: str) -> list[str]:
-    """Plain warnings when ``name`` does not beat a baseline (or, for a student, trails its teacher)."""
+def comparison_warnings(result: Comparison, name: str, advice: str = STUDENT_ADVICE) -> list[str]:
+    """Plain warnings when ``name`` does not beat a baseline (``advice``: what to do when that baseline
+    is raw pixels), or, for a student, trails its teacher."""
     out = []
     for baseline in BASELINES:
         if not result.beats(name, baseline):
             out.append(
                 f"{name} does not beat {baseline} on {result.queries} held-out images (weighted 20-NN "
                 f"{result.rows[name]['knn20']:.1f} % vs {result.rows[baseline]['knn20']:.1f} %): "
-                + ("train longer (more --epochs), use more images, or check the teacher"
-                   if baseline == "raw pixels" else "this model has learned little; train longer or on more images")
+                + (advice if baseline == "raw pixels" else "this model has learned little; train longer or on more images")
             )
         elif (m := result.margin(name, baseline)) is not None and m["points"] < NOISE_STANDARD_ERRORS * m["standard_error"]:
             out.append(
@@ -408,6 +412,37 @@ def teacher_check(embeddings: np.ndarray, temperature: float, *, queries: int = 
     return {"spread": spread.to_dict(), "softmax": entropy, "temperature": temperature, "warnings": warnings}
 
 
+def teacher_against_pixels(features: tuple[np.ndarray, np.ndarray], gallery, queries, image_size: int, *,
+                           device: str = "cpu") -> dict[str, Any]:
+    """Before a distillation: the teacher's kNN against raw pixels', its ``features`` of the labelled
+    ``gallery`` and held-out ``queries`` (weighted 20-NN, raw pixels at ``image_size`` as in the
+    end-of-run check). The student learns its teacher's neighbourhoods, so a teacher that does not
+    beat raw pixels gives a student that does not either, whatever the run: said before the run, not
+    after it. Logs a summary and plain warnings; returns the record for quality.json."""
+    yg, yq = np.asarray(gallery.labels), np.asarray(queries.labels)
+    pairs = {"the teacher": features,
+             "raw pixels": (raw_pixel_features(gallery, image_size), raw_pixel_features(queries, image_size))}
+    scored = {who: knn_row(g, yg, q, yq, device=device) for who, (g, q) in pairs.items()}
+    result = Comparison(rows={who: row for who, (row, _) in scored.items()}, gallery=len(yg), queries=len(yq),
+                        hits={who: hits for who, (_, hits) in scored.items()})
+    teacher, pixels = result.rows["the teacher"]["knn20"], result.rows["raw pixels"]["knn20"]
+    stronger = ("a student copies its teacher's neighbourhoods, so more distillation will not fix this: bring a "
+                "stronger teacher (--teacher MODEL_DIR, or --teacher ARCH --teacher-weights FILE: a supervised or "
+                "self-supervised checkpoint trained on many images)")
+    if not result.beats("the teacher", "raw pixels"):
+        result.warnings.append(f"the teacher does not beat raw pixels on {result.queries} held-out images (weighted "
+                               f"20-NN {teacher:.1f} % vs {pixels:.1f} %): {stronger}")
+    elif (m := result.margin("the teacher", "raw pixels")) and m["points"] < NOISE_STANDARD_ERRORS * m["standard_error"]:
+        result.warnings.append(f"the teacher leads raw pixels by only {m['points']:.1f} points of weighted 20-NN on "
+                               f"{result.queries} held-out images, less than {NOISE_STANDARD_ERRORS:g} standard errors "
+                               f"({m['standard_error']:.1f} each); if it is no better on your test set, {stronger}")
+    log.info("teacher against raw pixels, %d held-out images searched among %d: weighted 20-NN %.1f %% vs %.1f %% "
+             "(1-NN %.1f %% vs %.1f %%)", result.queries, result.gallery, teacher, pixels,
+             result.rows["the teacher"]["nn"], result.rows["raw pixels"]["nn"])
+    _warn_all(result.warnings)
+    return result.to_dict()
+
+
 def _no_heldout_reason(dataset) -> str:
     """Why a run kept no held-out images, in the words of its log line."""
     if not dataset.has_labels:
@@ -418,7 +453,7 @@ def _no_heldout_reason(dataset) -> str:
 
 
 def heldout_check(name: str, model, spec, dataset, heldout: np.ndarray, *, teacher=None, teacher_spec=None,
-                  device="cpu", workers: int = 0, seed: int = 0) -> dict[str, Any]:
+                  device="cpu", workers: int = 0, seed: int = 0, advice: str = STUDENT_ADVICE) -> dict[str, Any]:
     """The end-of-run check: ``model`` against raw pixels and its random-weights twin (and its
     teacher) by kNN, the held-out images of ``dataset`` searched among (at most CHECK_GALLERY of) its
     other images. Without held-out images (unlabelled data), only the spread. Logs a summary and
@@ -445,7 +480,8 @@ def heldout_check(name: str, model, spec, dataset, heldout: np.ndarray, *, teach
     if teacher is not None:
         tkw = dict(kw, spec=teacher_spec)
         teacher_feats = (extract_features(teacher, gallery, **tkw)[0], extract_features(teacher, queries, **tkw)[0])
-    result = compare_with_baselines(name, feats, gallery, queries, spec, teacher_features=teacher_feats, **kw)
+    result = compare_with_baselines(name, feats, gallery, queries, spec, teacher_features=teacher_feats,
+                                    advice=advice, **kw)
     summary = ", ".join(f"{who} {row['knn20']:.1f} % ({row['nn']:.1f} %)" for who, row in result.rows.items())
     log.info("held-out check, %d images searched among %d: weighted 20-NN (1-NN): %s", result.queries,
              result.gallery, summary)

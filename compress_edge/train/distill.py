@@ -449,28 +449,45 @@ TEACHER_CHECK_IMAGES = 2048
 
 
 def teacher_sample(ready: DistillSetup, device, images: int = TEACHER_CHECK_IMAGES):
-    """The teacher's embeddings (N, Dt) of up to ``images`` training images: from the cache, or the
-    live teacher's evaluation views."""
+    """Up to ``images`` training images (not held out), drawn with a fixed seed: (indices, the teacher's
+    embeddings (N, Dt) of them)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     pool = np.setdiff1d(np.arange(len(ready.dataset)), ready.heldout)
     chosen = np.sort(rng.choice(pool, size=min(len(pool), images), replace=False))
+    return chosen, teacher_embeddings(ready, chosen, device)
+
+
+def teacher_embeddings(ready: DistillSetup, indices, device):
+    """The teacher's embeddings (N, Dt) of the images at ``indices``: from the cache (its first view), or
+    the live teacher's evaluation views."""
+    import numpy as np
+
     if ready.cache is not None:
-        return np.stack([ready.cache.embedding(int(i), 0) for i in chosen])
+        return np.stack([ready.cache.embedding(int(i), 0) for i in indices])
     from compress_edge.data.datasets import SubsetDataset
     from compress_edge.eval.features import extract_features
 
-    sample = SubsetDataset(f"{ready.dataset.name} (sample)", ready.dataset, indices=chosen)
+    sample = SubsetDataset(f"{ready.dataset.name} (sample)", ready.dataset, indices=indices)
     return extract_features(ready.teacher, sample, spec=ready.teacher_spec, device=str(device), use_cache=False,
                             progress=False)[0]
 
 
 def check_teacher(ready: DistillSetup, run_dir: Path, device) -> None:
-    """Before training: is the teacher's similarity distribution at this temperature worth copying?"""
-    from compress_edge.eval.quality import record_quality, teacher_check
+    """Before training: is the teacher's similarity distribution at this temperature worth copying, and
+    (with held-out labelled images) are its neighbourhoods better than raw pixels'?"""
+    from compress_edge.data.datasets import SubsetDataset
+    from compress_edge.eval.quality import record_quality, teacher_against_pixels, teacher_check
 
-    record = teacher_check(teacher_sample(ready, device), ready.resolved["temperature"])
+    chosen, sample = teacher_sample(ready, device)
+    record = teacher_check(sample, ready.resolved["temperature"])
+    if len(ready.heldout) and ready.dataset.has_labels:
+        gallery = SubsetDataset(f"{ready.dataset.name} (training images)", ready.dataset, indices=chosen)
+        queries = SubsetDataset(f"{ready.dataset.name} (held out)", ready.dataset, indices=ready.heldout)
+        record["heldout"] = teacher_against_pixels(
+            (sample, teacher_embeddings(ready, ready.heldout, device)), gallery, queries, ready.spec.image_size,
+            device=str(device))
     record_quality(run_dir, "teacher", record)
 
 

@@ -36,6 +36,10 @@ from compress_edge.train.run_folder import read_run_options
 logger = logging.getLogger(__name__)
 
 PRETRAIN_METHODS = ("simclr", "moco-v2")
+#: What the end-of-run check says when the pretrained model does not beat raw pixels.
+PRETRAIN_ADVICE = ("self-supervised learning from scratch needs many images and steps (on a few hundred to a "
+                   "thousand images it was no better than raw pixels in every setting measured: README, \"pretrain on a "
+                   "small data set\"); to distil from, a checkpoint pretrained on a large set makes the better teacher")
 #: MoCo v2's queue of negatives when --queue-size is not given (or all training images when fewer).
 MOCO_QUEUE_SIZE = 16_384
 
@@ -220,7 +224,7 @@ def run_pretrain(opts: PretrainOptions, *, resume: bool = False, stop_after_epoc
     def check_after(ready: PretrainSetup, run_dir: Path, device) -> None:
         model, spec = trained(ready)
         record = heldout_check("the pretrained model", model.to(device), spec, ready.dataset, ready.heldout,
-                               device=device, workers=opts.train.workers)
+                               device=device, workers=opts.train.workers, advice=PRETRAIN_ADVICE)
         record_quality(run_dir, "heldout", record)
 
     # A resumed run's weights come from its checkpoint: --init is not read again (its folder may be gone).

@@ -248,6 +248,15 @@ class Comparison:
         return {"points": round(100 * float(d.mean()), 2),
                 "standard_error": round(100 * float(d.std(ddof=1)) / math.sqrt(len(d)), 2)}
 
+    def small_lead(self, who: str, baseline: str) -> str | None:
+        """When ``who``'s lead over ``baseline`` is under NOISE_STANDARD_ERRORS paired standard errors, the
+        sentence that says so (the caller adds what to do); else None."""
+        m = self.margin(who, baseline)
+        if m is None or m["points"] >= NOISE_STANDARD_ERRORS * m["standard_error"]:
+            return None
+        return (f"{who} leads {baseline} by only {m['points']:.1f} points of weighted 20-NN on {self.queries} held-out "
+                f"images, less than {NOISE_STANDARD_ERRORS:g} standard errors ({m['standard_error']:.1f} each)")
+
 
 def knn_row(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
             *, spread_of: np.ndarray | None = None, device: str = "cpu") -> tuple[dict[str, Any], np.ndarray]:
@@ -266,6 +275,16 @@ def knn_row(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray
     spread = embedding_spread(queries if spread_of is None else spread_of)
     return {"nn": round(100 * float(nearest.mean()), 2), "knn20": round(100 * float(hits.mean()), 2),
             "spread": spread.to_dict()}, hits
+
+
+def score_rows(pairs: dict[str, tuple[np.ndarray, np.ndarray]], gallery_labels, query_labels, *,
+               device: str = "cpu") -> Comparison:
+    """The kNN row (and per-query hits) of each named (gallery, queries) embedding pair, on the same
+    labelled gallery and queries."""
+    yg, yq = np.asarray(gallery_labels), np.asarray(query_labels)
+    scored = {who: knn_row(g, yg, q, yq, device=device) for who, (g, q) in pairs.items()}
+    return Comparison(rows={who: row for who, (row, _) in scored.items()}, gallery=len(yg), queries=len(yq),
+                      hits={who: hits for who, (_, hits) in scored.items()})
 
 
 def compare_with_baselines(
@@ -292,7 +311,6 @@ def compare_with_baselines(
     """
     from compress_edge.eval.features import extract_features
 
-    yg, yq = np.asarray(gallery.labels), np.asarray(queries.labels)
     if random_features is None:
         twin = random_weights_model(spec, gallery)
         kw = dict(spec=spec, device=device, workers=workers, use_cache=use_cache, progress=progress)
@@ -302,9 +320,7 @@ def compare_with_baselines(
         pairs["teacher"] = teacher_features
     pairs["same network, random weights"] = random_features
     pairs["raw pixels"] = (raw_pixel_features(gallery, spec.image_size), raw_pixel_features(queries, spec.image_size))
-    scored = {who: knn_row(g, yg, q, yq, device=device) for who, (g, q) in pairs.items()}
-    result = Comparison(rows={who: row for who, (row, _) in scored.items()}, gallery=len(yg), queries=len(yq),
-                        hits={who: hits for who, (_, hits) in scored.items()})
+    result = score_rows(pairs, gallery.labels, queries.labels, device=device)
     result.warnings = comparison_warnings(result, name, advice)
     return result
 
@@ -320,13 +336,9 @@ def comparison_warnings(result: Comparison, name: str, advice: str = STUDENT_ADV
                 f"{result.rows[name]['knn20']:.1f} % vs {result.rows[baseline]['knn20']:.1f} %): "
                 + (advice if baseline == "raw pixels" else "this model has learned little; train longer or on more images")
             )
-        elif (m := result.margin(name, baseline)) is not None and m["points"] < NOISE_STANDARD_ERRORS * m["standard_error"]:
-            out.append(
-                f"{name} leads {baseline} by only {m['points']:.1f} points of weighted 20-NN on {result.queries} "
-                f"held-out images, less than {NOISE_STANDARD_ERRORS:g} standard errors ({m['standard_error']:.1f} each): "
-                "too few images to tell the two apart; score it on a labelled test set (compress-edge eval knn MODEL "
-                "--train DATA --test TEST --baselines) before relying on it"
-            )
+        elif small := result.small_lead(name, baseline):
+            out.append(f"{small}: too few images to tell the two apart; score it on a labelled test set (compress-edge "
+                       "eval knn MODEL --train DATA --test TEST --baselines) before relying on it")
     teacher_spread = None
     if "teacher" in result.rows:
         teacher_spread = Spread.from_dict(result.rows["teacher"]["spread"])
@@ -419,12 +431,8 @@ def teacher_against_pixels(features: tuple[np.ndarray, np.ndarray], gallery, que
     end-of-run check). The student learns its teacher's neighbourhoods, so a teacher that does not
     beat raw pixels gives a student that does not either, whatever the run: said before the run, not
     after it. Logs a summary and plain warnings; returns the record for quality.json."""
-    yg, yq = np.asarray(gallery.labels), np.asarray(queries.labels)
-    pairs = {"the teacher": features,
-             "raw pixels": (raw_pixel_features(gallery, image_size), raw_pixel_features(queries, image_size))}
-    scored = {who: knn_row(g, yg, q, yq, device=device) for who, (g, q) in pairs.items()}
-    result = Comparison(rows={who: row for who, (row, _) in scored.items()}, gallery=len(yg), queries=len(yq),
-                        hits={who: hits for who, (_, hits) in scored.items()})
+    raw = (raw_pixel_features(gallery, image_size), raw_pixel_features(queries, image_size))
+    result = score_rows({"the teacher": features, "raw pixels": raw}, gallery.labels, queries.labels, device=device)
     teacher, pixels = result.rows["the teacher"]["knn20"], result.rows["raw pixels"]["knn20"]
     stronger = ("a student copies its teacher's neighbourhoods, so more distillation will not fix this: bring a "
                 "stronger teacher (--teacher MODEL_DIR, or --teacher ARCH --teacher-weights FILE: a supervised or "
@@ -432,10 +440,8 @@ def teacher_against_pixels(features: tuple[np.ndarray, np.ndarray], gallery, que
     if not result.beats("the teacher", "raw pixels"):
         result.warnings.append(f"the teacher does not beat raw pixels on {result.queries} held-out images (weighted "
                                f"20-NN {teacher:.1f} % vs {pixels:.1f} %): {stronger}")
-    elif (m := result.margin("the teacher", "raw pixels")) and m["points"] < NOISE_STANDARD_ERRORS * m["standard_error"]:
-        result.warnings.append(f"the teacher leads raw pixels by only {m['points']:.1f} points of weighted 20-NN on "
-                               f"{result.queries} held-out images, less than {NOISE_STANDARD_ERRORS:g} standard errors "
-                               f"({m['standard_error']:.1f} each); if it is no better on your test set, {stronger}")
+    elif small := result.small_lead("the teacher", "raw pixels"):
+        result.warnings.append(f"{small}; if it is no better on your test set, {stronger}")
     log.info("teacher against raw pixels, %d held-out images searched among %d: weighted 20-NN %.1f %% vs %.1f %% "
              "(1-NN %.1f %% vs %.1f %%)", result.queries, result.gallery, teacher, pixels,
              result.rows["the teacher"]["nn"], result.rows["raw pixels"]["nn"])

@@ -482,7 +482,7 @@ def check_teacher(ready: DistillSetup, run_dir: Path, device) -> None:
 
     chosen, sample = teacher_sample(ready, device)
     record = teacher_check(sample, ready.resolved["temperature"])
-    if len(ready.heldout) and ready.dataset.has_labels:
+    if len(ready.heldout):  # held out only from labelled data
         gallery = SubsetDataset(f"{ready.dataset.name} (training images)", ready.dataset, indices=chosen)
         queries = SubsetDataset(f"{ready.dataset.name} (held out)", ready.dataset, indices=ready.heldout)
         record["heldout"] = teacher_against_pixels(

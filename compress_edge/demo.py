@@ -255,13 +255,37 @@ def stage_cache(demo: Demo) -> dict[str, Any]:
     return {"cache": str(demo.path("teacher-cache")), "images": len(cache), "views": cache.views, "dim": cache.dim}
 
 
+def longer_distill(demo: Demo) -> str:
+    """What the distillation's run-length warning tells a demo user to run (the demo has no --epochs):
+    the ``distill`` command that trains the demo's student from the demo's teacher cache, with
+    ``{epochs}`` for the longer run's epochs; after a smaller run than the default demo's, the full demo too."""
+    import shlex
+
+    s = demo.settings
+    words = ["compress-edge", "distill", s.train_data, "--teacher-cache", str(demo.path("teacher-cache")),
+             "--arch", s.student_arch]
+    for key, value in s.student_kwargs.items():
+        words += ["--arch-kwargs", f"{key}={json.dumps(value)}"]
+    words += ["--student-image-size", str(s.student_image_size), "--embed-dim", str(s.embed_dim),
+              "--method", s.distill_method, "--temperature", f"{s.temperature:g}", "--holdout", "0"]
+    for flag, value in (("--queue-size", s.queue_size), ("--ema", s.ema), ("--batch-size", s.distill_batch),
+                        ("--lr", s.distill_lr), ("--data-root", s.data_root)):
+        if value is not None:
+            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    words += ["--epochs", "EPOCHS", "--out", str(demo.path("student-longer"))]
+    command = shlex.join(words).replace("{", "{{").replace("}", "}}").replace("--epochs EPOCHS", "--epochs {epochs}")
+    if s.train_data != DemoSettings.train_data:
+        command += " (or the full demo, without --quick)"
+    return command
+
+
 def stage_distill(demo: Demo) -> dict[str, Any]:
     from compress_edge.train.distill import DistillOptions, load_options, run_distill
 
     s = demo.settings
     run_dir = demo.path("student")
     if (run_dir / "checkpoints" / "last.pt").is_file():
-        result = run_distill(load_options(run_dir), resume=True)
+        result = run_distill(load_options(run_dir), resume=True, longer=longer_distill(demo))
     else:
         opts = DistillOptions(
             data=s.train_data, out=str(run_dir), teacher=demo.results["teacher"]["teacher"],
@@ -271,7 +295,7 @@ def stage_distill(demo: Demo) -> dict[str, Any]:
             data_root=s.data_root, train=_train_config(demo, epochs=s.distill_epochs, batch=s.distill_batch,
                                                           lr=s.distill_lr),
         )
-        result = run_distill(opts)
+        result = run_distill(opts, longer=longer_distill(demo))
     return {"student": str(run_dir / "student"), "epochs": result.epochs_done, "steps": result.global_step,
             "last_loss": result.last_loss, "train_seconds": result.seconds}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from compress_edge.demo import Demo, DemoSettings, DemoStopped, Stage, run_demo
+from compress_edge.demo import Demo, DemoSettings, DemoStopped, Stage, longer_distill, run_demo
 from compress_edge.errors import CompressEdgeError
 
 TINY = dict(train_data="fashion-mnist:train@256", test_data="fashion-mnist:test@64", teacher_epochs=1,
@@ -101,6 +102,21 @@ def test_demo_stopped_by_sigterm_continues_runs_every_stage_and_resumes(tmp_path
     assert again["evaluate"] == results["evaluate"]
     with pytest.raises(CompressEdgeError, match="--fresh"):
         run_demo(out, DemoSettings.quick(workers=0), progress=False)
+
+    # the command the run-length warning gives a demo user (the demo has no --epochs) trains the demo's
+    # student from the demo's teacher cache
+    longer = longer_distill(Demo(out, settings, progress=False)).format(epochs=2)
+    assert longer.endswith(" (or the full demo, without --quick)")
+    words = shlex.split(longer.removesuffix(" (or the full demo, without --quick)"))
+    assert words[:2] == ["compress-edge", "distill"] and words[words.index("--epochs") + 1] == "2"
+    run = subprocess.run([sys.executable, "-m", "compress_edge", *words[1:], "--workers", "0", "--device", "cpu",
+                          "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    made = json.loads((out / "student-longer" / "student" / "model.json").read_text())
+    demo_student = json.loads((out / "student" / "student" / "model.json").read_text())
+    for key in ("arch", "arch_kwargs", "embed_dim", "image_size"):
+        assert made[key] == demo_student[key], key
+    assert json.loads((out / "student-longer" / "config.json").read_text())["plan"]["epochs"] == 2
 
 
 # -- the stop logic on stand-in stages, in this process, with real signals ----------------------------------

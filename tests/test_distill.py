@@ -457,8 +457,11 @@ def test_the_end_of_run_check_warns_when_the_loss_still_fell(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="compress_edge.train.distill"):
         record = run_length_check(still_falling, 12)
     assert record["still_falling"] and record["late_fall"] == pytest.approx(0.3 / 1.1, abs=1e-4)
-    assert "--epochs 24" in caplog.text
+    assert "--epochs 24" in caplog.text and record["try"] == "--epochs 24"
     assert json.loads((still_falling / "quality.json").read_text())["run_length"] == record
+    # a caller that started the run another way (the demo) names its own longer run
+    record = run_length_check(still_falling, 12, longer="compress-edge distill data --epochs {epochs} --out x")
+    assert record["try"] == "compress-edge distill data --epochs 24 --out x"
 
     caplog.clear()
     finished = tmp_path / "long"

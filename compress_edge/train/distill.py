@@ -413,9 +413,15 @@ def augment_settings(augment) -> dict[str, Any]:
             if k not in ("mean", "std", "image_size")}
 
 
-def run_distill(opts: DistillOptions, *, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
+#: What the run-length warning tells a ``distill`` user to run: ``{epochs}`` is twice the run's epochs.
+LONGER_RUN = "--epochs {epochs}"
+
+
+def run_distill(opts: DistillOptions, *, resume: bool = False, stop_after_epochs: int | None = None,
+                longer: str = LONGER_RUN) -> TrainResult:
     """Train a student into ``opts.out`` (see the module docstring); returns the engine's result. The
-    run folder's lock is held for the whole run (one writer per run folder)."""
+    run folder's lock is held for the whole run (one writer per run folder). ``longer``: what the
+    end-of-run check tells the user to run when the loss was still falling (see :func:`run_length_check`)."""
     from compress_edge.models.resolve import save_model
 
     def write_student(ready: DistillSetup, folder: Path) -> None:
@@ -441,7 +447,8 @@ def run_distill(opts: DistillOptions, *, resume: bool = False, stop_after_epochs
 
     return run_method("distill", opts, resolve_distillation, resume=resume, stop_after_epochs=stop_after_epochs,
                       write_model=write_student, announce=announce, check_before=check_teacher,
-                      check_after=lambda ready, run_dir, device: final_check(ready, run_dir, opts, device=device))
+                      check_after=lambda ready, run_dir, device: final_check(ready, run_dir, opts, device=device,
+                                                                              longer=longer))
 
 
 #: Training images the teacher embeds for the check at the start of a run.
@@ -491,7 +498,8 @@ def check_teacher(ready: DistillSetup, run_dir: Path, device) -> None:
     record_quality(run_dir, "teacher", record)
 
 
-def final_check(ready: DistillSetup, run_dir: Path, opts: DistillOptions, *, device) -> None:
+def final_check(ready: DistillSetup, run_dir: Path, opts: DistillOptions, *, device,
+                longer: str = LONGER_RUN) -> None:
     """After training: the student against raw pixels, its random weights and the teacher (kNN on
     the held-out images), recorded in quality.json."""
     from compress_edge.eval.quality import heldout_check, record_quality
@@ -503,7 +511,7 @@ def final_check(ready: DistillSetup, run_dir: Path, opts: DistillOptions, *, dev
     record = heldout_check("the student", student, ready.spec, ready.dataset, ready.heldout, teacher=teacher,
                            teacher_spec=teacher_spec, device=device, workers=opts.train.workers)
     record_quality(run_dir, "heldout", record)
-    run_length_check(run_dir, ready.plan.epochs)
+    run_length_check(run_dir, ready.plan.epochs, longer=longer)
 
 
 def _cached_teacher(ready: DistillSetup, opts: DistillOptions):
@@ -518,10 +526,12 @@ def _cached_teacher(ready: DistillSetup, opts: DistillOptions):
     return load_teacher(ref, weights, opts.data, size)
 
 
-def run_length_check(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+def run_length_check(run_dir: Path, epochs: int, *, longer: str = LONGER_RUN) -> dict[str, Any] | None:
     """Did the run end while the loss was still falling fast (see :data:`schedule.LATE_FALL_WARN`)?
     Read from ``metrics.jsonl`` (the last line of each epoch, so a resumed run counts once); recorded in
-    quality.json as ``run_length`` with a warning that names a longer ``--epochs``."""
+    quality.json as ``run_length`` with a warning that names a longer run: ``longer`` with ``{epochs}``
+    twice the run's (a caller that started the run some other way, as the demo does, says how to run it
+    longer there)."""
     from compress_edge.eval.quality import record_quality
     from compress_edge.storage import read_epoch_losses
     from compress_edge.train.schedule import LATE_FALL_WARN, late_fall
@@ -532,10 +542,11 @@ def run_length_check(run_dir: Path, epochs: int) -> dict[str, Any] | None:
     record = {"late_fall": round(share, 4), "warn_above": LATE_FALL_WARN, "epochs": int(epochs),
               "still_falling": share > LATE_FALL_WARN}
     if record["still_falling"]:
+        record["try"] = longer.format(epochs=2 * epochs)
         logger.warning("the loss was still falling when the run ended (%.0f %% of its fall came in the last quarter "
                        "of the %d epochs; finished runs measured at 3 %% or less): the student had not finished "
-                       "copying its teacher; a longer run, --epochs %d, is likely to score higher",
-                       100 * share, epochs, 2 * epochs)
+                       "copying its teacher; a longer run is likely to score higher: %s",
+                       100 * share, epochs, record["try"])
     record_quality(run_dir, "run_length", record)
     return record
 

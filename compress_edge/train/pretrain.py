@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 PRETRAIN_METHODS = ("simclr", "moco-v2")
 #: What the end-of-run check says when the pretrained model does not beat raw pixels.
 PRETRAIN_ADVICE = ("self-supervised learning from scratch needs many images and steps (on a few hundred to a "
-                   "thousand images it was no better than raw pixels in every setting measured: README, \"pretrain on a "
-                   "small data set\"); to distil from, a checkpoint pretrained on a large set makes the better teacher")
+                   "thousand images its default run ended within a few points of raw pixels, above or below: "
+                   "README, \"pretrain on a small data set\"); more --epochs may help, and to distil from, a "
+                   "checkpoint pretrained on a large set makes the better teacher")
 #: MoCo v2's queue of negatives when --queue-size is not given (or all training images when fewer).
 MOCO_QUEUE_SIZE = 16_384
 

@@ -3,7 +3,8 @@
 # Run from the repository root: bash benchmarks/results/pretrain-small/run.sh OUT   (one thread a run, two at a time)
 # resnet18 with the ImageNet stem at 32 px (--arch-kwargs small_input=false: the default's small-input stem
 # costs about 16x more per image, hours a run on these cores); every other setting pretrain's automatic plan
-# unless the variant names it. Scores: compress-edge eval knn MODEL --train TRAIN --test TEST --baselines.
+# unless the variant names it. The runs were measured when the automatic plan was at least 1,000 steps (now
+# 4,000): each run names its epochs (1,000 steps: 77 epochs of 13 on 432 images, 67 of 15 on 969 or 970). Scores: compress-edge eval knn MODEL --train TRAIN --test TEST --baselines.
 # The committed *.eval files (SET-NAME.eval) came from these settings; the rows without augmentation settings were
 # run as the command line, compress-edge pretrain TRAIN --arch-kwargs small_input=false --workers 0 [--lr X]
 # [--epochs N] [--method moco-v2], the others through variant.py (the same run_pretrain). seconds.txt: run times.
@@ -24,16 +25,30 @@ if not (out / "tex").exists():
     make_textures(out / "tex/train", 48, size=32, seed=21); make_textures(out / "tex/test", 30, size=32, seed=22)
     make_shapes(out / "shp/train", 48, size=32, seed=23); make_shapes(out / "shp/test", 30, size=32, seed=24)
     write_digits(out / "dig/train", out / "dig/test", 32)
+if not (out / "fm").exists():  # 108 training and 72 test images a class, drawn with a fixed seed, 28 -> 32 px
+    import numpy as np
+    from PIL import Image
+    from compress_edge.data.fashion_mnist import fashion_mnist_folder, read_fashion_mnist
+    rng = np.random.default_rng(5)
+    for part, split, per in (("train", "train", 108), ("test", "test", 72)):
+        images, labels, _ = read_fashion_mnist(fashion_mnist_folder(split), split)
+        for c in range(10):
+            folder = out / "fm" / part / str(c)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in rng.permutation(np.flatnonzero(labels == c))[:per]:
+                Image.fromarray(images[i], "L").resize((32, 32), Image.Resampling.BILINEAR).save(folder / f"{i:05d}.png")
 PYEOF
 run() {  # run SET NAME [variant.py settings]
   local set=$1 name=$2; shift 2
   [ -f "$OUT/$set/$name.eval" ] && return 0
   $PY "$HERE/variant.py" "$OUT/$set" "$name" "$@" > "$OUT/$set/$name.log" 2>&1
 }
-run tex base & run tex sqrt lr=0.106; wait
-run shp base & run shp sqrt lr=0.106; wait
-run tex colour lr=0.106 jitter=0.8,0.8,0.8,0.5 gray=0.5 & run tex long lr=0.106 epochs=308; wait
-run dig base & run tex t05 t=0.5; wait
-run dig sqrt lr=0.15 & run dig t05 t=0.5; wait
-run dig long epochs=268 & run dig moco method=moco-v2; wait
+run tex base epochs=77 & run tex sqrt lr=0.106 epochs=77; wait
+run shp base epochs=77 & run shp sqrt lr=0.106 epochs=77; wait
+run tex colour lr=0.106 jitter=0.8,0.8,0.8,0.5 gray=0.5 epochs=77 & run tex long lr=0.106 epochs=308; wait
+run dig base epochs=67 & run tex t05 t=0.5 epochs=77; wait
+run dig sqrt lr=0.15 epochs=67 & run dig t05 t=0.5 epochs=67; wait
+run dig long epochs=268 & run dig moco method=moco-v2 epochs=67; wait
+run fm base epochs=67 & run fm long epochs=268; wait
+run fm mid epochs=134
 grep -H "1-NN top\|20-NN top-1\|raw pixels\|random weights" "$OUT"/*/*.eval

@@ -1,5 +1,5 @@
 #!/bin/bash
-# pretrain's defaults on small data sets: does the model beat raw pixels and its random weights?
+# pretrain on small data sets, then distill's defaults from its model: do they beat raw pixels and their random weights?
 # Run from the repository root: bash benchmarks/results/pretrain-small/run.sh OUT   (one thread a run, two at a time)
 # resnet18 with the ImageNet stem at 32 px (--arch-kwargs small_input=false: the default's small-input stem
 # costs about 16x more per image, hours a run on these cores); every other setting pretrain's automatic plan
@@ -51,4 +51,14 @@ run dig sqrt lr=0.15 epochs=67 & run dig t05 t=0.5 epochs=67; wait
 run dig long epochs=268 & run dig moco method=moco-v2 epochs=67; wait
 run fm base epochs=67 & run fm long epochs=268; wait
 run fm mid epochs=134
+dist() {  # dist SET MODEL NAME: distill with its defaults (the data and the teacher) from pretrain's MODEL run
+  local set=$1 model=$2 name=$3
+  [ -f "$OUT/$set/$name.eval" ] && return 0
+  $PY -m compress_edge distill "$OUT/$set/train" --teacher "$OUT/$set/$model/student" --out "$OUT/$set/$name" \
+    --workers 0 --no-progress > "$OUT/$set/$name.log" 2>&1
+  $PY -m compress_edge eval knn "$OUT/$set/$name/student" --train "$OUT/$set/train" --test "$OUT/$set/test" \
+    --baselines --no-progress > "$OUT/$set/$name.eval" 2>&1
+}
+dist fm long dist & dist dig long dist; wait
+dist fm base dist1k & dist dig base dist1k; wait
 grep -H "1-NN top\|20-NN top-1\|raw pixels\|random weights" "$OUT"/*/*.eval

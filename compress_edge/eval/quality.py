@@ -65,6 +65,9 @@ STUDENT_ADVICE = "train longer (more --epochs), use more images, or check the te
 #: images) is reported as too small to tell: a SimCLR teacher at chance on 1,000 test images led raw
 #: pixels by 6.7 points on its run's 60 held-out images (README, "The teacher's view, measured").
 NOISE_STANDARD_ERRORS = 2.0
+#: What to do when a held-out comparison is too close to call.
+SCORE_ON_A_TEST_SET = ("score it on a labelled test set (compress-edge eval knn MODEL --train DATA --test TEST "
+                       "--baselines)")
 
 
 @dataclass
@@ -257,6 +260,16 @@ class Comparison:
         return (f"{who} leads {baseline} by only {m['points']:.1f} points of weighted 20-NN on {self.queries} held-out "
                 f"images, less than {NOISE_STANDARD_ERRORS:g} standard errors ({m['standard_error']:.1f} each)")
 
+    def small_deficit(self, who: str, baseline: str) -> str | None:
+        """When ``who`` trails ``baseline`` by less than NOISE_STANDARD_ERRORS paired standard errors, the
+        words that say the held-out images cannot tell (a small hold-out, 50 images, gives a teacher 4
+        points behind raw pixels that was 5 ahead on 720 test images); else None."""
+        m = self.margin(who, baseline)
+        if m is None or m["points"] > 0 or -m["points"] >= NOISE_STANDARD_ERRORS * m["standard_error"]:
+            return None
+        return (f"by {-m['points']:.1f} points, less than {NOISE_STANDARD_ERRORS:g} standard errors "
+                f"({m['standard_error']:.1f} each): too few images to be sure")
+
 
 def knn_row(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
             *, spread_of: np.ndarray | None = None, device: str = "cpu") -> tuple[dict[str, Any], np.ndarray]:
@@ -325,20 +338,26 @@ def compare_with_baselines(
     return result
 
 
+def _unless_noise(deficit: str | None, todo: str) -> str:
+    """The end of a "does not beat" warning: what to do, or, when the held-out images cannot tell
+    (``deficit``, from :meth:`Comparison.small_deficit`), to check on a test set first."""
+    if deficit is None:
+        return f": {todo}"
+    return f", {deficit}; {SCORE_ON_A_TEST_SET}, and if it is no better there: {todo}"
+
+
 def comparison_warnings(result: Comparison, name: str, advice: str = STUDENT_ADVICE) -> list[str]:
     """Plain warnings when ``name`` does not beat a baseline (``advice``: what to do when that baseline
     is raw pixels), or, for a student, trails its teacher."""
     out = []
     for baseline in BASELINES:
         if not result.beats(name, baseline):
-            out.append(
-                f"{name} does not beat {baseline} on {result.queries} held-out images (weighted 20-NN "
-                f"{result.rows[name]['knn20']:.1f} % vs {result.rows[baseline]['knn20']:.1f} %): "
-                + (advice if baseline == "raw pixels" else "this model has learned little; train longer or on more images")
-            )
+            todo = advice if baseline == "raw pixels" else "this model has learned little; train longer or on more images"
+            out.append(f"{name} does not beat {baseline} on {result.queries} held-out images (weighted 20-NN "
+                       f"{result.rows[name]['knn20']:.1f} % vs {result.rows[baseline]['knn20']:.1f} %)"
+                       + _unless_noise(result.small_deficit(name, baseline), todo))
         elif small := result.small_lead(name, baseline):
-            out.append(f"{small}: too few images to tell the two apart; score it on a labelled test set (compress-edge "
-                       "eval knn MODEL --train DATA --test TEST --baselines) before relying on it")
+            out.append(f"{small}: too few images to tell the two apart; {SCORE_ON_A_TEST_SET} before relying on it")
     teacher_spread = None
     if "teacher" in result.rows:
         teacher_spread = Spread.from_dict(result.rows["teacher"]["spread"])
@@ -439,7 +458,8 @@ def teacher_against_pixels(features: tuple[np.ndarray, np.ndarray], gallery, que
                 "self-supervised checkpoint trained on many images)")
     if not result.beats("the teacher", "raw pixels"):
         result.warnings.append(f"the teacher does not beat raw pixels on {result.queries} held-out images (weighted "
-                               f"20-NN {teacher:.1f} % vs {pixels:.1f} %): {stronger}")
+                               f"20-NN {teacher:.1f} % vs {pixels:.1f} %)"
+                               + _unless_noise(result.small_deficit("the teacher", "raw pixels"), stronger))
     elif small := result.small_lead("the teacher", "raw pixels"):
         result.warnings.append(f"{small}; if it is no better on your test set, {stronger}")
     log.info("teacher against raw pixels, %d held-out images searched among %d: weighted 20-NN %.1f %% vs %.1f %% "

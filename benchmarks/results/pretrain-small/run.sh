@@ -37,6 +37,14 @@ if not (out / "fm").exists():  # 108 training and 72 test images a class, drawn 
             folder.mkdir(parents=True, exist_ok=True)
             for i in rng.permutation(np.flatnonzero(labels == c))[:per]:
                 Image.fromarray(images[i], "L").resize((32, 32), Image.Resampling.BILINEAR).save(folder / f"{i:05d}.png")
+import shutil
+for name in ("fm", "dig"):  # 540-image sets: the first 54 training images of each class by file name, the same test
+    if not (out / f"{name}500").exists():
+        for folder in sorted((out / name / "train").iterdir()):
+            (out / f"{name}500" / "train" / folder.name).mkdir(parents=True)
+            for f in sorted(folder.iterdir())[:54]:
+                shutil.copy(f, out / f"{name}500" / "train" / folder.name / f.name)
+        shutil.copytree(out / name / "test", out / f"{name}500" / "test")
 PYEOF
 run() {  # run SET NAME [variant.py settings]
   local set=$1 name=$2; shift 2
@@ -61,4 +69,6 @@ dist() {  # dist SET MODEL NAME: distill with its defaults (the data and the tea
 }
 dist fm long dist & dist dig long dist; wait
 dist fm base dist1k & dist dig base dist1k; wait
+run fm500 long epochs=267 & run dig500 long epochs=267; wait
+dist fm500 long dist & dist dig500 long dist; wait
 grep -H "1-NN top\|20-NN top-1\|raw pixels\|random weights" "$OUT"/*/*.eval

@@ -338,12 +338,18 @@ def compare_with_baselines(
     return result
 
 
-def _unless_noise(deficit: str | None, todo: str) -> str:
-    """The end of a "does not beat" warning: what to do, or, when the held-out images cannot tell
-    (``deficit``, from :meth:`Comparison.small_deficit`), to check on a test set first."""
-    if deficit is None:
-        return f": {todo}"
-    return f", {deficit}; {SCORE_ON_A_TEST_SET}, and if it is no better there: {todo}"
+def baseline_warning(result: Comparison, who: str, baseline: str, *, todo: str, close_lead: str) -> str | None:
+    """The warning when ``who`` does not beat ``baseline`` (then ``todo``, after a test set when the
+    held-out images cannot tell: :meth:`Comparison.small_deficit`), or leads it by less than the noise
+    (:meth:`Comparison.small_lead`, ended by ``close_lead``); None for a clear lead."""
+    if result.beats(who, baseline):
+        small = result.small_lead(who, baseline)
+        return None if small is None else small + close_lead
+    said = (f"{who} does not beat {baseline} on {result.queries} held-out images (weighted 20-NN "
+            f"{result.rows[who]['knn20']:.1f} % vs {result.rows[baseline]['knn20']:.1f} %)")
+    if (deficit := result.small_deficit(who, baseline)) is None:
+        return f"{said}: {todo}"
+    return f"{said}, {deficit}; {SCORE_ON_A_TEST_SET}, and if it is no better there: {todo}"
 
 
 def comparison_warnings(result: Comparison, name: str, advice: str = STUDENT_ADVICE) -> list[str]:
@@ -351,13 +357,10 @@ def comparison_warnings(result: Comparison, name: str, advice: str = STUDENT_ADV
     is raw pixels), or, for a student, trails its teacher."""
     out = []
     for baseline in BASELINES:
-        if not result.beats(name, baseline):
-            todo = advice if baseline == "raw pixels" else "this model has learned little; train longer or on more images"
-            out.append(f"{name} does not beat {baseline} on {result.queries} held-out images (weighted 20-NN "
-                       f"{result.rows[name]['knn20']:.1f} % vs {result.rows[baseline]['knn20']:.1f} %)"
-                       + _unless_noise(result.small_deficit(name, baseline), todo))
-        elif small := result.small_lead(name, baseline):
-            out.append(f"{small}: too few images to tell the two apart; {SCORE_ON_A_TEST_SET} before relying on it")
+        todo = advice if baseline == "raw pixels" else "this model has learned little; train longer or on more images"
+        if said := baseline_warning(result, name, baseline, todo=todo, close_lead=(
+                f": too few images to tell the two apart; {SCORE_ON_A_TEST_SET} before relying on it")):
+            out.append(said)
     teacher_spread = None
     if "teacher" in result.rows:
         teacher_spread = Spread.from_dict(result.rows["teacher"]["spread"])
@@ -456,12 +459,9 @@ def teacher_against_pixels(features: tuple[np.ndarray, np.ndarray], gallery, que
     stronger = ("a student copies its teacher's neighbourhoods, so more distillation will not fix this: bring a "
                 "stronger teacher (--teacher MODEL_DIR, or --teacher ARCH --teacher-weights FILE: a supervised or "
                 "self-supervised checkpoint trained on many images)")
-    if not result.beats("the teacher", "raw pixels"):
-        result.warnings.append(f"the teacher does not beat raw pixels on {result.queries} held-out images (weighted "
-                               f"20-NN {teacher:.1f} % vs {pixels:.1f} %)"
-                               + _unless_noise(result.small_deficit("the teacher", "raw pixels"), stronger))
-    elif small := result.small_lead("the teacher", "raw pixels"):
-        result.warnings.append(f"{small}; if it is no better on your test set, {stronger}")
+    if said := baseline_warning(result, "the teacher", "raw pixels", todo=stronger,
+                                close_lead=f"; if it is no better on your test set, {stronger}"):
+        result.warnings.append(said)
     log.info("teacher against raw pixels, %d held-out images searched among %d: weighted 20-NN %.1f %% vs %.1f %% "
              "(1-NN %.1f %% vs %.1f %%)", result.queries, result.gallery, teacher, pixels,
              result.rows["the teacher"]["nn"], result.rows["raw pixels"]["nn"])

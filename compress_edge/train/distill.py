@@ -498,8 +498,7 @@ def check_teacher(ready: DistillSetup, run_dir: Path, device) -> None:
     record_quality(run_dir, "teacher", record)
 
 
-def final_check(ready: DistillSetup, run_dir: Path, opts: DistillOptions, *, device,
-                longer: str = LONGER_RUN) -> None:
+def final_check(ready: DistillSetup, run_dir: Path, opts: DistillOptions, *, device, longer: str) -> None:
     """After training: the student against raw pixels, its random weights and the teacher (kNN on
     the held-out images), recorded in quality.json."""
     from compress_edge.eval.quality import heldout_check, record_quality

@@ -157,3 +157,14 @@ def test_a_pretrained_model_below_raw_pixels_is_told_what_pretraining_needs(tmp_
     assert rows["raw pixels"]["knn20"] >= rows["the pretrained model"]["knn20"], rows
     below = [w for w in heldout["warnings"] if "does not beat raw pixels" in w]
     assert len(below) == 1 and "pretrained on a large set" in below[0] and "check the teacher" not in below[0]
+
+
+def test_the_automatic_small_input_stem_on_a_cpu_names_the_faster_choice():
+    from compress_edge.train.pretrain import stem_hint
+
+    hint = stem_hint("resnet18", {"small_input": True}, {}, "cpu")
+    assert hint is not None and "--arch-kwargs small_input=false" in hint and hint.startswith("resnet18 ")
+    assert stem_hint("resnet18", {"small_input": True}, {}, "cuda") is None  # a GPU: the default is the choice
+    assert stem_hint("resnet18", {"small_input": True}, {"small_input": True}, "cpu") is None  # the user's choice
+    assert stem_hint("resnet18", {"small_input": False}, {}, "cpu") is None  # ImageNet's stem: nothing to say
+    assert stem_hint("vit_tiny_patch16_224", {"small_input": True}, {}, "cpu") is None  # a ViT has no stem

@@ -2,7 +2,7 @@
 # pretrain on small data sets, then distill's defaults from its model: do they beat raw pixels and their random weights?
 # Run from the repository root: bash benchmarks/results/pretrain-small/run.sh OUT   (one thread a run, two at a time)
 # resnet18 with the ImageNet stem at 32 px (--arch-kwargs small_input=false: the default's small-input stem
-# costs about 16x more per image, hours a run on these cores; measured once, last); every other setting pretrain's automatic plan
+# runs about 9x slower, hours a run on these cores; measured once, last); every other setting pretrain's automatic plan
 # unless the variant names it. The runs were measured when the automatic plan was at least 1,000 steps (now
 # 4,000): each run names its epochs (1,000 steps: 77 epochs of 13 on 432 images, 67 of 15 on 969 or 970). Scores: compress-edge eval knn MODEL --train TRAIN --test TEST --baselines.
 # The committed *.eval files (SET-NAME.eval) came from these settings; the rows without augmentation settings were

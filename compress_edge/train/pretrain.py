@@ -211,7 +211,7 @@ def stem_hint(arch: str, chosen: dict[str, Any], given: dict[str, Any], device_t
         return None
     return (f"{arch} takes its small-input stem at this image size (the default: more detail, several times the "
             "compute of ImageNet's stem); on a CPU, --arch-kwargs small_input=false runs faster (resnet18 at 32 px: "
-            "about 9x, 3 points lower on the one small set measured; README, \"pretrain on a small data set\")")
+            "about 9x, 1 to 3 points lower on the two small sets measured; README, \"pretrain on a small data set\")")
 
 
 def run_pretrain(opts: PretrainOptions, *, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:

@@ -54,17 +54,37 @@ def scores(gallery, gallery_labels, queries, query_labels) -> dict[str, dict[str
     return out
 
 
-def main() -> None:
+def model_and_pixels_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a check that scores a model against raw pixels on the demo's split (this script's
+    and mirror_check.py's): MODEL (default the demo's shipped teacher), --train, --test, --raw-size, --json."""
     import compress_edge
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default=str(Path(compress_edge.__file__).parent / "assets"
                                                          / "fashion-mnist-teacher"))
-    parser.add_argument("--train", default="fashion-mnist:train@20000", help="The gallery (fits the whitening).")
+    parser.add_argument("--train", default="fashion-mnist:train@20000", help="The gallery.")
     parser.add_argument("--test", default="fashion-mnist:test@2000", help="The queries.")
     parser.add_argument("--raw-size", type=int, default=32, help="Side of the raw-pixel baseline's images.")
     parser.add_argument("--json", help="Also write the numbers to this file.")
-    args = parser.parse_args()
+    return parser
+
+
+def setting(args: argparse.Namespace, spec) -> str:
+    """The line that heads the table: which model, which raw pixels, which gallery and queries."""
+    return (f"model {args.model} at {spec.image_size} px; raw pixels at {args.raw_size} px; gallery {args.train}, "
+            f"queries {args.test}")
+
+
+def finish(args: argparse.Namespace, rows: dict, started: float) -> None:
+    """Print the seconds since ``started``; with --json, write the scores beside the setting."""
+    print(f"{time.perf_counter() - started:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "train": args.train, "test": args.test,
+                                               "raw_size": args.raw_size, "scores": rows}, indent=2))
+
+
+def main() -> None:
+    args = model_and_pixels_parser(__doc__).parse_args()
 
     started = time.perf_counter()
     embedder, spec, _ = open_model(args.model, device="cpu", image_size=None)
@@ -74,8 +94,7 @@ def main() -> None:
     rows = {"model": scores(xtr, ytr, xte, yte),
             "raw pixels": scores(raw_pixel_features(gallery, args.raw_size), ytr,
                                  raw_pixel_features(queries, args.raw_size), yte)}
-    print(f"model {args.model} at {spec.image_size} px; raw pixels at {args.raw_size} px; gallery {args.train}, "
-          f"queries {args.test}")
+    print(setting(args, spec))
     print(f"{'post-processing':16s} {'model w20':>10s} {'raw w20':>8s} {'lead':>6s} {'model 1-NN':>11s} {'raw 1-NN':>9s}")
     for name, m in rows["model"].items():
         r = rows["raw pixels"].get(name)
@@ -83,10 +102,7 @@ def main() -> None:
             continue
         print(f"{name:16s} {m['knn20_top1']:10.2f} {r['knn20_top1']:8.2f} {m['knn20_top1'] - r['knn20_top1']:+6.2f} "
               f"{m['nn_top1']:11.2f} {r['nn_top1']:9.2f}")
-    print(f"{time.perf_counter() - started:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "train": args.train, "test": args.test,
-                                               "raw_size": args.raw_size, "scores": rows}, indent=2))
+    finish(args, rows, started)
 
 
 if __name__ == "__main__":

@@ -15,30 +15,24 @@ import time
 
 import numpy as np
 import torch
-from whitening_check import (  # benchmarks/, on the path when run as a script
-    finish,
-    model_and_pixels_parser,
-    setting,
-)
+from whitening_check import finish, knn_scores, model_and_pixels_parser, setting  # benchmarks/ is on the path
 
 from compress_edge.data.datasets import open_dataset
 from compress_edge.eval.features import extract_features
-from compress_edge.eval.knn import knn_eval
 from compress_edge.eval.neighbors import l2_normalize
 from compress_edge.eval.quality import raw_pixel_features
 from compress_edge.models.resolve import load_model
 
 
-class MirrorAveraged(torch.nn.Module):
-    """The mean of the L2-normalised embeddings of an image and of its left-right mirror."""
+class Mirrored(torch.nn.Module):
+    """The model applied to the left-right mirror of each image."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normalize = torch.nn.functional.normalize
-        return normalize(self.model(x), dim=1) + normalize(self.model(x.flip(-1)), dim=1)
+        return self.model(x.flip(-1))
 
 
 def mirror_averaged_pixels(pixels: np.ndarray, side: int) -> np.ndarray:
@@ -47,26 +41,26 @@ def mirror_averaged_pixels(pixels: np.ndarray, side: int) -> np.ndarray:
     return l2_normalize((images + images[..., ::-1]).reshape(len(pixels), -1))
 
 
-def score(gallery, gallery_labels, queries, query_labels) -> dict[str, float]:
-    r = knn_eval(gallery, gallery_labels, queries, query_labels, ks=[20], device="cpu")
-    return {"nn_top1": round(100 * r.nn_top1, 2), "knn20_top1": round(100 * r.knn[20]["top1"], 2)}
-
-
 def main() -> None:
     args = model_and_pixels_parser(__doc__).parse_args()
 
     started = time.perf_counter()
     model, spec = load_model(args.model)
     gallery, queries = open_dataset(args.train), open_dataset(args.test)
-    rows = {}
-    for name, module in (("model", model), ("model, mirror-averaged", MirrorAveraged(model))):
-        g, gl = extract_features(module, gallery, spec=spec, device="cpu", use_cache=False, progress=False)
-        q, ql = extract_features(module, queries, spec=spec, device="cpu", use_cache=False, progress=False)
-        rows[name] = score(g, gl, q, ql)
+
+    def embed(module: torch.nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [extract_features(module, data, spec=spec, device="cpu", use_cache=False, progress=False)
+                for data in (gallery, queries)]
+
+    (g, gl), (q, ql) = embed(model)
+    (mirror_g, _), (mirror_q, _) = embed(Mirrored(model))
+    # extract_features L2-normalises each embedding: their normalised sum is the mirror-averaged embedding
+    rows = {"model": knn_scores(g, gl, q, ql),
+            "model, mirror-averaged": knn_scores(l2_normalize(g + mirror_g), gl, l2_normalize(q + mirror_q), ql)}
     raw_g, raw_q = raw_pixel_features(gallery, args.raw_size), raw_pixel_features(queries, args.raw_size)
-    rows["raw pixels"] = score(raw_g, gl, raw_q, ql)
-    rows["raw pixels, mirror-averaged"] = score(mirror_averaged_pixels(raw_g, args.raw_size), gl,
-                                                mirror_averaged_pixels(raw_q, args.raw_size), ql)
+    rows["raw pixels"] = knn_scores(raw_g, gl, raw_q, ql)
+    rows["raw pixels, mirror-averaged"] = knn_scores(mirror_averaged_pixels(raw_g, args.raw_size), gl,
+                                                     mirror_averaged_pixels(raw_q, args.raw_size), ql)
     print(setting(args, spec))
     print(f"{'features':28s} {'weighted 20-NN':>15s} {'1-NN':>7s}")
     for name, r in rows.items():

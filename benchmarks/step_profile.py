@@ -22,7 +22,7 @@ from compress_edge.models.resolve import create_model
 
 def conv_backward_kind(shapes: list) -> str:
     """'depthwise, map <= 2 px', 'depthwise, larger maps' or 'other convolutions' from the op's input shapes."""
-    _, inp, weight = shapes[0], shapes[1], shapes[2]
+    inp, weight = shapes[1], shapes[2]  # after the output's gradient
     depthwise = len(weight) == 4 and weight[1] == 1 and weight[0] > 1
     small = len(inp) == 4 and max(inp[2], inp[3]) <= 2
     if not depthwise:

@@ -46,12 +46,15 @@ def variants(gallery: np.ndarray, queries: np.ndarray):
             yield f"pca{d} p={p}", g @ proj, q @ proj
 
 
+def knn_scores(gallery, gallery_labels, queries, query_labels) -> dict[str, float]:
+    """1-NN and weighted 20-NN in % of L2-normalised queries searched among an L2-normalised gallery."""
+    r = knn_eval(gallery, gallery_labels, queries, query_labels, ks=[20], device="cpu")
+    return {"nn_top1": round(100 * r.nn_top1, 2), "knn20_top1": round(100 * r.knn[20]["top1"], 2)}
+
+
 def scores(gallery, gallery_labels, queries, query_labels) -> dict[str, dict[str, float]]:
-    out = {}
-    for name, g, q in variants(gallery, queries):
-        r = knn_eval(l2_normalize(g), gallery_labels, l2_normalize(q), query_labels, ks=[20], device="cpu")
-        out[name] = {"nn_top1": round(100 * r.nn_top1, 2), "knn20_top1": round(100 * r.knn[20]["top1"], 2)}
-    return out
+    return {name: knn_scores(l2_normalize(g), gallery_labels, l2_normalize(q), query_labels)
+            for name, g, q in variants(gallery, queries)}
 
 
 def model_and_pixels_parser(doc: str) -> argparse.ArgumentParser:

@@ -12,12 +12,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 @pytest.fixture(autouse=True)
 def _few_threads():
+    """Each test starts on OMP_NUM_THREADS torch threads (2 unless set; ./run.sh test sets 1 for each of its
+    two pytest processes side by side), whatever a test before it set: more threads than cores makes
+    OpenMP's spinning threads wait for each other, many times slower."""
     try:
         import torch
     except ImportError:  # the torch-free environment
         yield
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"].split(",")[0] or 2)))
     yield
 
 

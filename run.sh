@@ -58,9 +58,10 @@ case "${1:-}" in
         else
             # The suite as two pytest processes side by side, each on half the cores: the end-to-end
             # check of distill's automatic run (tests/test_heldout.py, half the suite's time) beside
-            # everything else. Small CPU models gain little from a second thread (measured: a 32 px
-            # mobilenet_v2 step 236 ms on one thread, 214 ms on two), so two one-thread processes on
-            # 2 cores finish far sooner than one two-thread process. Its output follows the others'.
+            # everything else. Small CPU models gain little from a second thread (a 32 px mobilenet_v2
+            # step is 1.1 to 1.4 times faster on two threads than on one), so two one-thread processes
+            # on 2 cores finish sooner than one two-thread process: 24.5 min instead of 38 on the same
+            # machine (README, Development). Its output follows the others'.
             local_threads=$(( $(nproc) / 2 ))
             [ "$local_threads" -ge 1 ] || local_threads=1
             export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$local_threads}

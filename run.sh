@@ -68,6 +68,8 @@ case "${1:-}" in
             side_tests=tests/test_heldout.py
             side_dir=$(mktemp -d)
             trap 'kill "$side_pid" 2>/dev/null || true; rm -rf "$side_dir"' EXIT
+            # Ctrl-C reaches the foreground pytest, not the one in the background: stop both.
+            trap 'exit 130' INT TERM
             "$VENV/bin/pytest" --basetemp="$side_dir/tmp" "$@" "$side_tests" >"$side_dir/log" 2>&1 &
             side_pid=$!
             # OpenVINO's tests get a pytest process of their own: after the hundreds of tests before

@@ -62,9 +62,8 @@ case "${1:-}" in
             # step is 1.1 to 1.4 times faster on two threads than on one), so two one-thread processes
             # on 2 cores finish sooner than one two-thread process: 24.5 min instead of 38 on the same
             # machine (README, Development). Its output follows the others'.
-            local_threads=$(( $(nproc) / 2 ))
-            [ "$local_threads" -ge 1 ] || local_threads=1
-            export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$local_threads}
+            half=$(( $(nproc) / 2 ))
+            export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( half > 0 ? half : 1 ))}
             side_tests=tests/test_heldout.py
             side_dir=$(mktemp -d)
             trap 'kill "$side_pid" 2>/dev/null || true; rm -rf "$side_dir"' EXIT
@@ -77,17 +76,12 @@ case "${1:-}" in
             # there ended the whole suite in a segmentation fault (alone they pass, as every command
             # does in the fresh process a user starts).
             rcs=()
-            rc=0
-            "$VENV/bin/pytest" "$@" --ignore="$side_tests" --ignore=tests/test_export_openvino.py || rc=$?
-            rcs+=("$rc")
-            if [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ]; then
-                rc=0
-                "$VENV/bin/pytest" "$@" tests/test_export_openvino.py || rc=$?
-                rcs+=("$rc")
+            record() { "$@" && rcs+=(0) || rcs+=("$?"); }
+            record "$VENV/bin/pytest" "$@" --ignore="$side_tests" --ignore=tests/test_export_openvino.py
+            if [ "${rcs[0]}" -eq 0 ] || [ "${rcs[0]}" -eq 5 ]; then
+                record "$VENV/bin/pytest" "$@" tests/test_export_openvino.py
             fi
-            rc=0
-            wait "$side_pid" || rc=$?
-            rcs+=("$rc")
+            record wait "$side_pid"
             echo "== $side_tests, run beside the tests above =="
             cat "$side_dir/log"
             # pytest's 5 means that a -k or -m selected no test in that process: a failure only when

@@ -22,7 +22,8 @@ from machine import (
 from compress_edge.models.files import load_model, save_model
 from compress_edge.models.spec import ModelSpec
 
-ASSET = Path(__file__).resolve().parents[1] / "compress_edge" / "assets" / "fashion-mnist-teacher"
+REPO = Path(__file__).resolve().parents[1]
+ASSET = REPO / "compress_edge" / "assets" / "fashion-mnist-teacher"
 SIZE_LIMIT = 25 * 1000 * 1000
 
 
@@ -67,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         epochs += int(before["epochs"])
     source = dict(spec.source)
     if source.get("init") and Path(source["init"]).is_absolute():
-        source["init"] = (
-            f"runs/{Path(source['init']).name}"  # a path on the machine that trained it says nothing elsewhere
-        )
+        # A path on the machine that trained it says nothing elsewhere: the repository's own files by their
+        # path in it (the shipped teacher), anything else as the run folder it was.
+        init = Path(source["init"]).resolve()
+        source["init"] = str(init.relative_to(REPO)) if init.is_relative_to(REPO) else f"runs/{init.name}"
     source.update(
         run=args.run.name,
         command=" && ".join(commands),

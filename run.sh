@@ -60,8 +60,8 @@ case "${1:-}" in
             # check of distill's automatic run (tests/test_heldout.py, half the suite's time) beside
             # everything else. Small CPU models gain little from a second thread (a 32 px mobilenet_v2
             # step is 1.1 to 1.4 times faster on two threads than on one), so two one-thread processes
-            # on 2 cores finish sooner than one two-thread process: 24.5 min instead of 38 on the same
-            # machine (README, Development). Its output follows the others'.
+            # on 2 cores finish sooner than one two-thread process (measured: README, Development).
+            # Its output follows the others'.
             half=$(( $(nproc) / 2 ))
             export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( half > 0 ? half : 1 ))}
             side_tests=tests/test_heldout.py

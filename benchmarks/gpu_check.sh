@@ -80,7 +80,7 @@ export PYTHONUNBUFFERED=1
 INIT=${GPU_CHECK_INIT:-compress_edge/assets/fashion-mnist-teacher}
 INIT_ARGS=() PREVIOUS=()
 if [[ "$INIT" != none ]]; then
-    INIT_ARGS=(--init "$ROOT/$INIT") PREVIOUS=(--previous "$ROOT/$INIT")
+    INIT_ARGS=(--init "$INIT") PREVIOUS=(--previous "$INIT")  # relative to $ROOT, where every command runs
 fi
 RECIPE=(--arch resnet18 --arch-kwargs small_input=false --image-size 64 --method simclr "${EXTRA[@]}" --no-progress)
 
@@ -98,7 +98,7 @@ EOF
 )
 say "probe: $(cat "$OUT/probe.json"); training $EPOCHS epochs"
 
-COMMAND="compress-edge pretrain $TRAIN ${INIT_ARGS[*]/#$ROOT\//} ${RECIPE[*]} --epochs $EPOCHS --out runs/teacher-gpu"
+COMMAND="compress-edge pretrain $TRAIN ${INIT_ARGS[*]} ${RECIPE[*]} --epochs $EPOCHS --out runs/teacher-gpu"
 "${CE[@]}" pretrain "$TRAIN" "${INIT_ARGS[@]}" "${RECIPE[@]}" --epochs "$EPOCHS" --out "$WORK/teacher"
 say "trained; kNN on the demo's split (raw pixels and random weights beside it)"
 "${CE[@]}" eval knn "$WORK/teacher/student" --train "$GALLERY" --test "$QUERIES" --baselines --json \

@@ -227,11 +227,15 @@ def test_old_distill_spellings_reach_the_run(monkeypatch, tmp_path):
 
 
 def test_shell_completion_shows_and_completes(tmp_path):
-    env = {**os.environ, "SHELL": "/bin/bash", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **WIDE, "SHELL": "/bin/bash", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "compress_edge"]
-    # The shell named: detecting it from the parent processes fails where none is a shell (a job runner).
+    # The shell named is the one served, whatever runs this test (bash, most likely).
     shown = subprocess.run([*cli, "--show-completion", "bash"], capture_output=True, text=True, env=env)
-    assert shown.returncode == 0 and "complete" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "complete -o default -F" in shown.stdout, shown.stderr
+    zsh = subprocess.run([*cli, "--show-completion", "zsh"], capture_output=True, text=True, env=env)
+    assert zsh.returncode == 0 and zsh.stdout.startswith("#compdef"), zsh.stderr
+    bad = subprocess.run([*cli, "--show-completion", "tcsh"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "not a shell with completion" in bad.stderr and "zsh" in bad.stderr, bad.stderr
     installed = subprocess.run([*cli, "--install-completion", "bash"], capture_output=True, text=True, env=env)
     assert installed.returncode == 0, installed.stderr
     assert "compress" in (tmp_path / ".bashrc").read_text()
@@ -243,3 +247,52 @@ def test_shell_completion_shows_and_completes(tmp_path):
         pytest.skip("compress-edge is not installed as a command beside this Python")
     completed = subprocess.run([str(script)], capture_output=True, text=True, env=ask)
     assert completed.stdout.split() == ["auto", "bf16", "fp16", "off"], completed
+
+
+#: Run a command from a process whose parent has exited, so that no shell is among its parents (as under a
+#: container's entry point or a job runner); print what shellingham finds there, then the command's output.
+ORPHAN = """
+import os, subprocess, sys, time
+if os.fork():
+    os._exit(0)
+time.sleep(0.2)  # the parent is gone: this process now hangs from init (or a subreaper)
+out = sys.argv[1]
+try:
+    import shellingham
+    found = shellingham.detect_shell()[0]
+except Exception:
+    found = ""
+done = subprocess.run(sys.argv[2:], capture_output=True, text=True)
+with open(out + ".part", "w") as f:
+    f.write(repr((found, done.returncode, done.stdout, done.stderr)))
+os.replace(out + ".part", out)
+"""
+
+
+def _orphan(tmp_path, name, args, env):
+    import ast
+    import time
+
+    out = tmp_path / name
+    subprocess.run([sys.executable, "-c", ORPHAN, str(out), sys.executable, "-m", "compress_edge", *args],
+                   env=env, check=True)
+    deadline = time.monotonic() + 120
+    while not out.exists():
+        assert time.monotonic() < deadline, f"{name}: the orphaned command did not finish"
+        time.sleep(0.2)
+    return ast.literal_eval(out.read_text())
+
+
+def test_completion_without_a_parent_shell_falls_back_to_SHELL_then_asks_for_the_name(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SHELL"}
+    env.update(WIDE, HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    found, code, out, err = _orphan(tmp_path, "fish", ["--show-completion"], {**env, "SHELL": "/usr/bin/fish"})
+    if found:
+        pytest.skip(f"a shell ({found}) is among the parents of every process here, even an orphan's")
+    assert code == 0 and out.startswith("complete --command"), (out, err)  # fish's script, from $SHELL
+    found, code, out, err = _orphan(tmp_path, "none", ["--show-completion"], env)
+    assert code == 2 and "could not tell which shell this is" in err and "--show-completion bash" in err, err
+    # Named, it needs no detection at all.
+    found, code, out, err = _orphan(tmp_path, "named", ["--install-completion", "bash"], env)
+    assert code == 0 and "bash completion installed" in out, (out, err)
+    assert "compress_edge" in (tmp_path / ".bashrc").read_text()

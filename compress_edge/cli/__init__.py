@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from compress_edge import __version__
+from compress_edge.cli import completion
 from compress_edge.cli.common import ErrorBoundaryGroup, setup_logging
 
 app = typer.Typer(
@@ -19,7 +20,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=True,
+    add_completion=False,  # compress_edge.cli.completion's two options instead: they take the shell by name
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -47,6 +48,8 @@ def _root(
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = False,
+    install_completion: Annotated[str | None, completion.INSTALL] = None,
+    show_completion: Annotated[str | None, completion.SHOW] = None,
 ) -> None:
     setup_logging(verbose)
 
@@ -66,6 +69,7 @@ def _register() -> None:
 
 
 _register()
+completion.enable()
 
 
 def main() -> None:

@@ -225,6 +225,11 @@ def rewrite_aliases(args: list[str], aliases: dict[str, str]) -> list[str]:
 class ErrorBoundaryGroup(TyperGroup):
     """Turns a user's mistake into one line on stderr and exit code 1 (traceback with --verbose)."""
 
+    def parse_args(self, ctx, args):
+        from compress_edge.cli.completion import optional_shell
+
+        return super().parse_args(ctx, optional_shell(args))
+
     def resolve_command(self, ctx, args):
         name, cmd, rest = super().resolve_command(ctx, args)
         sub = getattr(cmd, "commands", None)

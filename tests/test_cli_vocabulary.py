@@ -3,10 +3,12 @@ fixed choices are listed in --help; old spellings still parse; shell completion 
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -270,9 +272,6 @@ os.replace(out + ".part", out)
 
 
 def _orphan(tmp_path, name, args, env):
-    import ast
-    import time
-
     out = tmp_path / name
     subprocess.run([sys.executable, "-c", ORPHAN, str(out), sys.executable, "-m", "compress_edge", *args],
                    env=env, check=True)

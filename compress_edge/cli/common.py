@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from typer.core import TyperGroup
 
+from compress_edge.cli.completion import optional_shell
 from compress_edge.defaults import METHODS, TEACHER_VIEWS
 from compress_edge.deps import missing_package_message
 from compress_edge.errors import CompressEdgeError
@@ -226,8 +227,6 @@ class ErrorBoundaryGroup(TyperGroup):
     """Turns a user's mistake into one line on stderr and exit code 1 (traceback with --verbose)."""
 
     def parse_args(self, ctx, args):
-        from compress_edge.cli.completion import optional_shell
-
         return super().parse_args(ctx, optional_shell(args))
 
     def resolve_command(self, ctx, args):

@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 
 import typer
+from typer.completion import Shells, completion_init, install_callback, show_callback
 
 #: The shells Typer writes a completion script for.
-SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+SHELLS = tuple(shell.value for shell in Shells)
 
 
 def detect_shell() -> str | None:
@@ -42,16 +43,12 @@ def completion_shell(value: str) -> str:
 def _show(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> None:
     if value is None or ctx.resilient_parsing:
         return
-    from typer.completion import show_callback
-
     show_callback(ctx, param, completion_shell(value))  # prints the script and exits
 
 
 def _install(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> None:
     if value is None or ctx.resilient_parsing:
         return
-    from typer.completion import install_callback
-
     install_callback(ctx, param, completion_shell(value))  # writes the shell's startup file and exits
 
 
@@ -88,6 +85,4 @@ SHOW = _option("--show-completion", _show,
 def enable() -> None:
     """Register Typer's completion classes, which answer a tab press (Typer does this itself only when it
     adds its own two options)."""
-    from typer.completion import completion_init
-
     completion_init()

@@ -66,6 +66,8 @@ def test_list_table():
     for name in list_models():
         assert name in result.stdout
     assert "7x7" in result.stdout and "2048" in result.stdout
+    # Rendered 80 columns wide (no terminal): every name and figure whole, none cut to an ellipsis.
+    assert "303.2 M" in result.stdout and "…" not in result.stdout, result.stdout
     vit_row = next(line for line in result.stdout.splitlines() if "vit_tiny_patch16_224" in line)
     assert "patch 16" in vit_row and "ImageNet" not in vit_row and "small-input" not in vit_row, vit_row
 

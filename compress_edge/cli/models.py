@@ -50,14 +50,14 @@ def list_models_cmd(
 
     from compress_edge.cli.common import console
 
-    table = Table(title=f"architectures at {image_size}px")
-    # The one-line summaries stay in --json: a sixth column would not fit an 80-column terminal.
-    for column in ("name", "stem", "params", "feature dim", "feature map"):
-        table.add_column(
-            column, justify="right" if column in ("params", "feature dim") else "left", no_wrap=True
-        )
+    # Short headers, explained in the caption, so that the five columns fit an 80-column terminal whole
+    # (the one-line summaries stay in --json: a sixth column would not fit).
+    table = Table(title=f"architectures at {image_size}px",
+                  caption="dim: floats in the embedding; map: the last feature map (height x width)")
+    for column in ("name", "stem", "params", "dim", "map"):
+        table.add_column(column, justify="right" if column in ("params", "dim") else "left", no_wrap=True)
     for i in infos:
-        fmap = f"{i.feature_map[0]}x{i.feature_map[1]}" if i.feature_map else "image too small"
+        fmap = f"{i.feature_map[0]}x{i.feature_map[1]}" if i.feature_map else "too small"
         if "patch_size" in i.arch_kwargs:  # a ViT: no stem, a patch grid
             stem = f"patch {i.arch_kwargs['patch_size']}"
         else:

@@ -160,6 +160,43 @@ def test_help_lists_the_choices():
     assert checked >= 20
 
 
+def _ragged_lines(help_output: str) -> list[str]:
+    """Lines of the Commands panel where a summary broke early: the next line's first word would have
+    fitted (a source line break kept), instead of the terminal's own wrapping."""
+    lines = help_output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("╭") and "Commands" in line)
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.startswith("│"):
+            break
+        rows.append(line)
+    first_summary = rows[0][1:].split(maxsplit=1)[1]  # the first row: "│ NAME   SUMMARY ... │"
+    column = len(rows[0]) - len(first_summary)  # where the summaries start
+    width = len(rows[0]) - 2 - column  # up to the panel's right padding and edge
+    ragged = []
+    for line, following in zip(rows, rows[1:], strict=False):
+        if following[1:column].strip():  # the next command's row
+            continue
+        text, next_word = line[column:-1].rstrip(), following[column:-1].split()[0]
+        if len(text) + 1 + len(next_word) <= width:
+            ragged.append(f"{text} | {next_word}")
+    return ragged
+
+
+def test_command_lists_wrap_each_summary_as_one_paragraph():
+    groups = [path for path, cmd in _commands() if getattr(cmd, "commands", None)]
+    assert len(groups) >= 5  # the root, data, eval, index, models
+    for path in groups:
+        output = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80", "NO_COLOR": "1"}).output
+        assert not _ragged_lines(output), (path, _ragged_lines(output))
+    # The check can fail: a summary broken where its source line broke is found; one wrapped where the
+    # next word did not fit is not.
+    cells = [("demo", "Run the main job (or"), ("", "pretrain one), distil a student."),
+             ("eval", "Measure frozen embeddings: kNN, a linear"), ("", "probe and agreement.")]
+    panel = ["╭─ Commands " + "─" * 38 + "╮", *(f"│ {name:6} {text:40} │" for name, text in cells), "╰" + "─" * 49 + "╯"]
+    assert _ragged_lines("\n".join(panel)) == ["Run the main job (or | pretrain"]
+
+
 def test_choices_match_the_library():
     from compress_edge.export.calibration import AUTO, CALIB_METHODS, DYNAMIC
     from compress_edge.export.onnx import EXPORTERS

@@ -8,7 +8,7 @@ import typer
 
 from compress_edge import __version__
 from compress_edge.cli import completion
-from compress_edge.cli.common import ErrorBoundaryGroup, setup_logging
+from compress_edge.cli.common import ErrorBoundaryGroup, HelpGroup, setup_logging
 
 app = typer.Typer(
     name="compress-edge",
@@ -28,7 +28,8 @@ app = typer.Typer(
 def command_group(name: str, help: str, example: str | None = None) -> typer.Typer:
     """A group of subcommands (``compress-edge NAME ...``) added to the app; ``example``: a command line
     shown under the help."""
-    group = typer.Typer(help=f"{help}\n\nExample: {example}" if example else help, no_args_is_help=True)
+    group = typer.Typer(help=f"{help}\n\nExample: {example}" if example else help, no_args_is_help=True,
+                        cls=HelpGroup)
     app.add_typer(group, name=name)
     return group
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import math
 import sys
@@ -223,7 +224,29 @@ def rewrite_aliases(args: list[str], aliases: dict[str, str]) -> list[str]:
     return out
 
 
-class ErrorBoundaryGroup(TyperGroup):
+def summary(help_text: str | None) -> str | None:
+    """A command's first paragraph as one line: its summary in the list of commands."""
+    if not help_text:
+        return None
+    first = inspect.cleandoc(help_text).partition("\f")[0].split("\n\n")[0]
+    return None if first.startswith("\b") else " ".join(first.split())
+
+
+class HelpGroup(TyperGroup):
+    """A group whose list of commands shows each summary as one paragraph that the terminal wraps.
+
+    Typer (0.29, rich markup) keeps the line breaks of a docstring's first paragraph in that list, though
+    not at the top of the command's own help: in a terminal narrower than the source lines the list came
+    out ragged."""
+
+    def format_help(self, ctx, formatter):
+        for command in self.commands.values():
+            if command.short_help is None:
+                command.short_help = summary(command.help)
+        return super().format_help(ctx, formatter)
+
+
+class ErrorBoundaryGroup(HelpGroup):
     """Turns a user's mistake into one line on stderr and exit code 1 (traceback with --verbose)."""
 
     def parse_args(self, ctx, args):

@@ -58,6 +58,10 @@ def test_profile_json_and_table():
     assert text.stdout.count("FLOPs (fvcore counts one multiply-add as one FLOP)") == 1
     assert text.stdout.count("not counted") == 1 and "Unsupported operator" not in text.output
     assert "cheaper in FLOPs" in text.stdout and "backbone.layer4" in text.stdout
+    # The default depth, rendered 80 columns wide (no terminal): every figure and header stays whole
+    # (mobilenet_v2's table was one column too wide for "% FLOPs").
+    text = runner.invoke(app, ["profile", "resnet18", "mobilenet_v2", "--image-size", "32"])
+    assert "backbone.features.18" in text.stdout and "…" not in text.stdout, text.stdout
 
 
 def test_profile_reads_a_trained_model_at_its_own_size(model_dir):

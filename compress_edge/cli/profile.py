@@ -96,7 +96,9 @@ def _print(t, s, ratios: dict, skipped: str | None, depth: int) -> None:
         for role, p in (("teacher", t), ("student", s)):
             table = Table(title=f"{role} by module (depth {depth}): {p.name}", title_justify="left")
             for col in ("module", "type", "params", "FLOPs", "% FLOPs"):
-                table.add_column(col, justify="left" if col in ("module", "type") else "right", no_wrap=True)
+                # Where the table is too wide, the last header takes two lines, not a figure cut short.
+                table.add_column(col, justify="left" if col in ("module", "type") else "right",
+                                 no_wrap=col != "% FLOPs")
             for row in p.modules:
                 share = f"{100 * row.flops / p.flops:.1f}" if p.flops else "-"
                 table.add_row("  " * (row.depth - 1) + row.name, row.type, human(row.params), human(row.flops), share)

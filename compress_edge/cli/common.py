@@ -224,26 +224,33 @@ def rewrite_aliases(args: list[str], aliases: dict[str, str]) -> list[str]:
     return out
 
 
-def summary(help_text: str | None) -> str | None:
-    """A command's first paragraph as one line: its summary in the list of commands."""
+def reflow(help_text: str | None) -> str | None:
+    """A docstring's paragraphs with their line breaks taken out, for the terminal to wrap (a paragraph
+    that starts with Click's ``\\b`` keeps its lines; anything after ``\\f`` is dropped)."""
     if not help_text:
-        return None
-    first = inspect.cleandoc(help_text).partition("\f")[0].split("\n\n")[0]
-    return None if first.startswith("\b") else " ".join(first.split())
+        return help_text
+    paragraphs = inspect.cleandoc(help_text).partition("\f")[0].strip().split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
 
 
 class HelpGroup(TyperGroup):
-    """A group whose list of commands shows each summary as one paragraph that the terminal wraps.
+    """A group whose help, and its commands' help, is prose that the terminal wraps.
 
-    Typer (0.29, rich markup) keeps the line breaks of a docstring's first paragraph in that list, though
-    not at the top of the command's own help: in a terminal narrower than the source lines the list came
-    out ragged."""
+    Typer (0.29, rich markup) keeps a docstring's line breaks, but for the first paragraph of a command's
+    own help: in a terminal narrower than the source lines the help and the list of commands came out
+    ragged, a short line after each source line."""
 
     def format_help(self, ctx, formatter):
+        self.help = reflow(self.help)
         for command in self.commands.values():
-            if command.short_help is None:
-                command.short_help = summary(command.help)
+            command.help = reflow(command.help)
         return super().format_help(ctx, formatter)
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:  # its own --help, or a group's list
+            command.help = reflow(command.help)
+        return command
 
 
 class ErrorBoundaryGroup(HelpGroup):

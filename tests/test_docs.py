@@ -138,7 +138,8 @@ def _unreadable(tmp, images, monkeypatch):
 
 
 def _random_teacher(tmp, images, monkeypatch):
-    return [_invoke("distill", images, "--teacher", "resnet50", "--out", tmp / "run", "--workers", "0")]
+    return [_invoke("distill", images, "--teacher", teacher, "--out", tmp / "run", "--workers", "0")
+            for teacher in ("resnet50", "runs/teacher", "resnet81")]
 
 
 def _weights_do_not_fit(tmp, images, monkeypatch):

@@ -67,6 +67,41 @@ def write_digits(train: Path, test: Path, size: int, test_share: float = 0.4, se
                 image.save(folder / f"{i:04d}.png")
 
 
+def write_glyphs(train: Path, test: Path, size: int, per_class: int, test_per_class: int, seed: int = 0) -> None:
+    """Ten capital letters (A to J) as class folders, each image one letter in a font, size, angle,
+    position and pair of colours drawn at random, with noise; the fonts are the TrueType files this machine
+    has (fc-list: DejaVu and Liberation here), the same pool for train and test. numpy, PIL and the fonts:
+    raises SystemExit when there are none."""
+    import glob
+
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    fonts = sorted(glob.glob("/usr/share/fonts/**/*.ttf", recursive=True))
+    if not fonts:
+        raise SystemExit("--dataset glyphs draws letters in the machine's TrueType fonts; none found under "
+                         "/usr/share/fonts (apt-get install fonts-dejavu-core fonts-liberation)")
+    rng = np.random.default_rng(seed)
+    big = size * 4  # drawn large, then shrunk: smooth edges
+    for part, count in ((train, per_class), (test, test_per_class)):
+        for label, letter in enumerate("ABCDEFGHIJ"):
+            folder = part / letter
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                bg = rng.integers(0, 256, size=3)
+                fg = (bg + rng.integers(90, 166, size=3)) % 256  # a colour well apart from the background's
+                font = ImageFont.truetype(fonts[int(rng.integers(len(fonts)))], int(big * rng.uniform(0.45, 0.8)))
+                layer = Image.new("L", (big, big), 0)
+                ImageDraw.Draw(layer).text((big / 2, big / 2), letter, fill=255, font=font, anchor="mm")
+                layer = layer.rotate(rng.uniform(-25, 25), resample=Image.Resampling.BICUBIC,
+                                     translate=tuple(rng.uniform(-0.12, 0.12, size=2) * big))
+                alpha = np.asarray(layer, dtype=np.float32)[..., None] / 255
+                pixels = (1 - alpha) * bg + alpha * fg
+                image = Image.fromarray(pixels.astype(np.uint8)).resize((size, size), Image.Resampling.LANCZOS)
+                noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, size=(size, size, 3))
+                Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / f"{label}{i:04d}.png")
+
+
 def _knn(model: str, train: Path, test: Path, size: int, *extra: str) -> dict:
     return json.loads(_cli("eval", "knn", model, "--train", str(train), "--test", str(test), "--image-size",
                            str(size), "--json", *extra))
@@ -74,9 +109,10 @@ def _knn(model: str, train: Path, test: Path, size: int, *extra: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=("textures", "shapes", "digits"), default="textures",
+    p.add_argument("--dataset", choices=("textures", "shapes", "digits", "glyphs"), default="textures",
                    help="textures or shapes: generated (--per-class, --test-per-class); digits: scikit-learn's "
-                        "handwritten digits, 60 %% train / 40 %% test")
+                        "handwritten digits, 60 %% train / 40 %% test; glyphs: the letters A to J in this "
+                        "machine's fonts (--per-class, --test-per-class)")
     p.add_argument("--teacher", choices=("supervised", "pretrain"), default="supervised",
                    help="supervised: a torchvision resnet18 trained with the labels (a checkpoint a user brings); "
                         "pretrain: `compress-edge pretrain TRAIN` with its defaults, then distill from that run")
@@ -98,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     if not train.exists():
         if a.dataset == "digits":
             write_digits(train, test, a.size)
+        elif a.dataset == "glyphs":
+            write_glyphs(train, test, a.size, a.per_class, a.test_per_class)
         else:
             make = make_shapes if a.dataset == "shapes" else make_textures
             make(train, a.per_class, size=a.size, seed=1)

@@ -77,6 +77,28 @@ def test_an_out_folder_that_is_a_file_is_one_line(tmp_path, out, says):
         assert "operating-system error" not in lines[0] and (tmp_path / "file").read_text() == "not a folder"
 
 
+@pytest.mark.parametrize(("command", "options", "says"), [
+    ("distill", [], "no teacher"),
+    ("distill", ["--teacher", "resnet81"], "did you mean resnet18?"),
+    ("distill", ["--teacher", "runs/teacher"], "no such folder"),
+    ("distill", ["--teacher", "resnet18"], "an architecture without weights"),
+    ("cache-teacher", ["--teacher", "resnet81"], "did you mean resnet18?"),
+    ("distill", ["--arch", "mobilenet_v9"], "did you mean mobilenet_v2?"),
+    ("pretrain", ["--arch", "resnet81"], "did you mean resnet18?"),
+    ("pretrain", ["--init", "runs/teacher"], "no such model folder"),
+])
+def test_a_wrong_model_option_is_found_before_the_images_are_read(tmp_path, make_images, command, options, says):
+    """Reading a folder decodes every image (minutes for millions): a wrong --teacher, --arch or --init is
+    reported first, so the scan's own warning about an unreadable file never shows."""
+    images = make_images(tmp_path / "images", per_class=2)
+    (images / "circle" / "broken.png").write_bytes(b"not an image")
+    result = subprocess.run([sys.executable, "-m", "compress_edge", command, str(images), *options,
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and says in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "compress_edge", "--verbose", "data", "info", str(tmp_path / "nope")],
                          capture_output=True, text=True)

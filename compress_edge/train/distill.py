@@ -242,12 +242,14 @@ class DistillSetup:
 def resolve_distillation(opts: DistillOptions) -> DistillSetup:
     """Build the dataset, the task and the student's ModelSpec from options (no training)."""
     from compress_edge.data.datasets import open_dataset
-    from compress_edge.models.resolve import spec_for
+    from compress_edge.models.resolve import model_family, spec_for
     from compress_edge.train.schedule import auto_queue_size, key_encoder_momentum
 
     check_method(opts.method, METHODS)
-    dataset = open_dataset(opts.data, data_root=opts.data_root)
+    model_family(opts.student_arch)  # an unknown --arch
+    # The teacher next: a wrong --teacher is found in seconds, before every image is decoded once.
     teacher, teacher_spec, cache, (teacher_size, mean, std) = _teacher_side(opts)
+    dataset = open_dataset(opts.data, data_root=opts.data_root)
     image_size = opts.student_image_size or teacher_size
     view = teacher_view(opts, cache)
     images, teacher_dim, augment = _training_images(opts, dataset, cache, view, teacher_spec, image_size,
@@ -402,8 +404,8 @@ def _cache_teacher(data: str, out: str | Path, *, teacher: str | None, teacher_w
     from compress_edge.export.backends import TorchEmbedder
     from compress_edge.train.teacher_cache import build_cache, fingerprint_parts, tensor_hash
 
+    model, spec = load_teacher(teacher, teacher_weights, data, image_size)  # before decoding every image
     dataset = open_dataset(data, data_root=data_root)
-    model, spec = load_teacher(teacher, teacher_weights, data, image_size)
     augment = TrainAugment.for_image_size(spec.image_size, spec.mean, spec.std,
                                           scale=crop_range(crop_scale, DISTILL_CROP_SCALE))
     mode = "views" if views > 0 else "center"

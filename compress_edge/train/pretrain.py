@@ -142,11 +142,16 @@ def resolve_pretraining(opts: PretrainOptions) -> PretrainSetup:
     """Build the dataset, the network and the task from options (no training)."""
     from compress_edge.data.datasets import native_image_size, open_dataset
     from compress_edge.data.transforms import TrainAugment, default_normalisation
-    from compress_edge.models.resolve import SMALL_INPUT_MAX, check_input_size, create_model
+    from compress_edge.models.resolve import SMALL_INPUT_MAX, check_input_size, create_model, model_family
     from compress_edge.train.schedule import key_encoder_momentum
 
+    # A bad option is refused before any I/O: reading a folder decodes every image once.
     shared.check_method(opts.method, PRETRAIN_METHODS)
-    scale = shared.crop_range(opts.crop_scale, PRETRAIN_CROP_SCALE)  # a bad option is refused before any I/O
+    scale = shared.crop_range(opts.crop_scale, PRETRAIN_CROP_SCALE)
+    model_family(opts.arch)  # an unknown --arch
+    if opts.init and not Path(opts.init).exists():
+        raise TrainingError(f"--init {opts.init}: no such model folder; pass a compress-edge model or run folder "
+                            "(e.g. an earlier 'compress-edge pretrain' run)")
     dataset = open_dataset(opts.data, data_root=opts.data_root)
     image_size = opts.image_size or native_image_size(dataset)
     mean, std = default_normalisation(opts.data)

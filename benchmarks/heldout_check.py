@@ -69,8 +69,8 @@ def write_digits(train: Path, test: Path, size: int, test_share: float = 0.4, se
 
 def write_glyphs(train: Path, test: Path, size: int, per_class: int, test_per_class: int, seed: int = 0) -> None:
     """Ten capital letters (A to J) as class folders, each image one letter in a font, size, angle,
-    position and pair of colours drawn at random, with noise; the fonts are the TrueType files this machine
-    has (fc-list: DejaVu and Liberation here), the same pool for train and test. numpy, PIL and the fonts:
+    position and pair of colours drawn at random, with noise; the font is drawn from the TrueType files under
+    /usr/share/fonts (DejaVu and Liberation here), one pool for train and test. numpy, PIL and the fonts:
     raises SystemExit when there are none."""
     import glob
 

@@ -92,11 +92,11 @@ def test_a_wrong_model_option_is_found_before_the_images_are_read(tmp_path, make
     reported first, so the scan's own warning about an unreadable file never shows."""
     images = make_images(tmp_path / "images", per_class=2)
     (images / "circle" / "broken.png").write_bytes(b"not an image")
-    result = subprocess.run([sys.executable, "-m", "compress_edge", command, str(images), *options,
-                             "--out", str(tmp_path / "run")], capture_output=True, text=True)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1 and says in lines[0], result.stderr
-    assert not (tmp_path / "run").exists()
+    result = runner.invoke(app, [command, str(images), *options, "--out", str(tmp_path / "run")],
+                           env={"COLUMNS": "400"})
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        line for line in result.output.strip().splitlines() if line.startswith("error: ")], result.output
+    assert says in result.output and not (tmp_path / "run").exists(), result.output
 
 
 def test_verbose_shows_the_traceback(tmp_path):

@@ -17,5 +17,5 @@ OMP_NUM_THREADS=1 compress-edge distill runs/heldout-glyphs/data/train --teacher
     --out runs/heldout-glyphs/distill-pretrain32
 for model in pretrain32 distill-pretrain32; do
     compress-edge eval knn runs/heldout-glyphs/$model --train runs/heldout-glyphs/data/train \
-        --test runs/heldout-glyphs/data/test --baselines --json > $model.json
+        --test runs/heldout-glyphs/data/test --baselines --json > $model.json  # and the run's quality.json: $model-quality.json
 done

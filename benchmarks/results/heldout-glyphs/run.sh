@@ -19,3 +19,18 @@ for model in pretrain32 distill-pretrain32; do
     compress-edge eval knn runs/heldout-glyphs/$model --train runs/heldout-glyphs/data/train \
         --test runs/heldout-glyphs/data/test --baselines --json > $model.json  # and the run's quality.json: $model-quality.json
 done
+#
+# 3. The colour test: the same images converted to grey (PIL's convert("L"), train and test), then the same
+#    pretrain command; scored on the grey test images:
+python -c "
+from pathlib import Path
+from PIL import Image
+for p in Path('runs/heldout-glyphs/data').rglob('*.png'):
+    q = Path('runs/heldout-glyphs/gray') / p.relative_to('runs/heldout-glyphs/data')
+    q.parent.mkdir(parents=True, exist_ok=True)
+    Image.open(p).convert('L').save(q)
+"
+OMP_NUM_THREADS=1 compress-edge pretrain runs/heldout-glyphs/gray/train --image-size 32 \
+    --arch-kwargs small_input=false --out runs/heldout-glyphs/pretrain32-gray
+compress-edge eval knn runs/heldout-glyphs/pretrain32-gray --train runs/heldout-glyphs/gray/train \
+    --test runs/heldout-glyphs/gray/test --baselines --json > pretrain32-gray.json  # and pretrain32-gray-quality.json

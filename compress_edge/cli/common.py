@@ -238,19 +238,14 @@ class HelpGroup(TyperGroup):
 
     Typer (0.29, rich markup) keeps a docstring's line breaks, but for the first paragraph of a command's
     own help: in a terminal narrower than the source lines the help and the list of commands came out
-    ragged, a short line after each source line."""
+    ragged, a short line after each source line. Reflowed once, when Typer builds the group from its
+    commands (a subgroup, built first, has reflowed its own)."""
 
-    def format_help(self, ctx, formatter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.help = reflow(self.help)
         for command in self.commands.values():
             command.help = reflow(command.help)
-        return super().format_help(ctx, formatter)
-
-    def get_command(self, ctx, cmd_name):
-        command = super().get_command(ctx, cmd_name)
-        if command is not None:  # its own --help, or a group's list
-            command.help = reflow(command.help)
-        return command
 
 
 class ErrorBoundaryGroup(HelpGroup):

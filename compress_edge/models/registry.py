@@ -59,12 +59,15 @@ def _entry(name: str) -> _Entry:
         raise ModelError(unknown_arch_message(name)) from None
 
 
+def did_you_mean(name: object) -> str:
+    """' (did you mean Y?)' for the architecture whose name is closest to ``name``, or '' for none close."""
+    close = difflib.get_close_matches(str(name), list_models(), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def unknown_arch_message(name: object) -> str:
     """'unknown architecture X (did you mean Y?); choose one of: ...'."""
-    names = list_models()
-    close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return f"unknown architecture {name!r}{hint}; choose one of: {', '.join(names)}"
+    return f"unknown architecture {name!r}{did_you_mean(name)}; choose one of: {', '.join(list_models())}"
 
 
 def is_vit(model: EmbeddingModel) -> bool:

@@ -21,7 +21,6 @@ import for callers.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from pathlib import Path
@@ -57,6 +56,7 @@ from compress_edge.models.registry import (
     EmbeddingModel,
     build_head,
     create_model,
+    did_you_mean,
     is_vit,
     list_models,
     model_family,
@@ -92,11 +92,13 @@ __all__ = [
     "check_input_size",
     "create_model",
     "describe_model",
+    "did_you_mean",
     "efficientnet_b0",
     "feature_map_size",
     "is_vit",
     "list_models",
     "load_model",
+    "looks_like_path",
     "mobilenet_v2",
     "mobilenet_v3_large",
     "mobilenet_v3_small",
@@ -129,7 +131,8 @@ MODEL_FORMS = (
 )
 
 
-def _looks_like_path(ref: str) -> bool:
+def looks_like_path(ref: str) -> bool:
+    """Whether a MODEL argument that does not exist was meant as a path rather than an architecture name."""
     return os.sep in ref or "/" in ref or ref.startswith(".") or Path(ref).suffix != ""
 
 
@@ -199,10 +202,9 @@ def resolve_model(
         return model.to(device).eval(), spec
 
     names = ", ".join(list_models())
-    if _looks_like_path(ref):
+    if looks_like_path(ref):
         raise ModelError(f"no such file or folder: {ref}; MODEL is {MODEL_FORMS.format(names=names)}")
-    close = difflib.get_close_matches(ref, list_models(), n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]}?)" if close else ""
     raise ModelError(
-        f"{ref!r} is neither a path nor a known architecture{hint}; MODEL is {MODEL_FORMS.format(names=names)}"
+        f"{ref!r} is neither a path nor a known architecture{did_you_mean(ref)}; MODEL is "
+        f"{MODEL_FORMS.format(names=names)}"
     )

@@ -8,9 +8,7 @@ and a method into a run folder; ``run_distill(load_options(run_dir), resume=True
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +179,7 @@ def load_teacher(teacher: str | None, weights: str | None, data: str, image_size
     """The frozen teacher and its ModelSpec, whose image size and mean/std are the preprocessing
     every consumer of this distillation uses: a compress-edge teacher's own; for an architecture
     name, ImageNet's with third-party weights, else the data's (32 px for Fashion-MNIST)."""
-    from compress_edge.models.resolve import list_models, resolve_model
+    from compress_edge.models.resolve import did_you_mean, list_models, looks_like_path, resolve_model
     from compress_edge.models.spec import IMAGENET_MEAN, IMAGENET_STD
 
     if teacher is None:
@@ -193,12 +191,9 @@ def load_teacher(teacher: str | None, weights: str | None, data: str, image_size
             spec = spec.replace(image_size=image_size)
     else:
         if teacher not in list_models():
-            close = difflib.get_close_matches(teacher, list_models(), n=1, cutoff=0.6)
-            what = ("no such folder" if "/" in teacher or os.sep in teacher or Path(teacher).suffix
-                    else "neither a folder nor a known architecture")
+            what = "no such folder" if looks_like_path(teacher) else "neither a folder nor a known architecture"
             raise TrainingError(
-                f"--teacher {teacher}: {what}{f' (did you mean {close[0]}?)' if close else ''}; pass a "
-                "compress-edge model or run folder "
+                f"--teacher {teacher}: {what}{did_you_mean(teacher)}; pass a compress-edge model or run folder "
                 "(e.g. from 'compress-edge pretrain'), or an architecture (compress-edge models list) with "
                 "--teacher-weights CHECKPOINT"
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -72,6 +74,14 @@ def test_anchor_entropy_leaves_the_query_itself_out():
     x = np.eye(4)
     # Each query's only close anchor is itself; without it the other three are equally likely.
     assert anchor_entropy(x, x, temperature=0.01)["effective"] == pytest.approx(3.0, rel=1e-3)
+
+
+def test_anchor_entropy_of_a_collapsed_teacher_is_uniform_not_nan():
+    x = np.ones((6, 4))  # every embedding the same: each query would leave out every anchor
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = anchor_entropy(x[:3], x, temperature=0.1)
+    assert got["effective"] == pytest.approx(6.0) and temperature_warnings(got, 0.1)
 
 
 def test_holdout_is_stratified_capped_and_skipped_for_small_or_unlabelled_data():

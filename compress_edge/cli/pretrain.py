@@ -63,6 +63,14 @@ def pretrain(
     image_size: Annotated[int | None, typer.Option("--image-size", help="Training size in pixels (default: auto, "
                                                    "the images' own median size rounded to 32, within 32-224).",
                                                    show_default=False)] = None,
+    grey: Annotated[bool | None, typer.Option("--grey/--colour", help="The model sees grey images (its first "
+                                              "layer mixes the colours away; index, search, serve and exports "
+                                              "do the same) or colour ones. Default, on labelled images: grey "
+                                              "when their colours alone find the right class no more often "
+                                              "than chance, or grey raw pixels find it clearly more often than "
+                                              "colour ones (colours that vary from image to image are a "
+                                              "shortcut a self-supervised model learns instead of the "
+                                              "content); colour otherwise.", show_default=False)] = None,
     data_root: DataRootOpt = None,
     init: Annotated[str | None, typer.Option("--init", help="Start the backbone from this model or run folder "
                                              "(e.g. a teacher to train longer); the projection head starts "
@@ -75,7 +83,8 @@ def pretrain(
     """Pretrain a self-supervised model (SimCLR or MoCo v2): a teacher, or a student from scratch.
 
     Give the data; the image size, batch, run length and learning rate follow it (printed at the
-    start, recorded in config.json). The backbone, without its projection head, is written to
+    start, recorded in config.json), and so does colour: on labelled images whose colours say nothing
+    of the class, or mislead, the model sees them grey. The backbone, without its projection head, is written to
     RUN_DIR/student/ (the same layout as a distillation run, so every later command takes the run
     folder); with labelled data, quality.json compares it with raw pixels and its random weights on
     held-out images.
@@ -92,7 +101,7 @@ def pretrain(
             data=data, out=str(out), arch=arch, arch_kwargs=parse_kwargs(arch_kwargs), method=method,
             proj_dim=proj_dim, temperature=temperature, queue_size=queue_size, ema=ema, mask_self=mask_self,
             holdout=holdout, crop_scale=crop_scale, image_size=image_size, data_root=data_root, init=init,
-            train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            grey=grey, train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                               warmup_epochs=None, **flags.train_kwargs()),
         )
 

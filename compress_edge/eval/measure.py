@@ -114,6 +114,7 @@ def knn_baselines(train: str, test: str, spec, *, ks: list[int], temperature: fl
     from compress_edge.eval.features import extract_features
     from compress_edge.eval.knn import knn_eval
     from compress_edge.eval.quality import random_weights_model, raw_pixel_features
+    from compress_edge.models.spec import is_grey_input
 
     gallery = open_dataset(train, data_root=opts.data_root, progress=opts.progress)
     queries = open_dataset(test, data_root=opts.data_root, progress=opts.progress)
@@ -122,6 +123,9 @@ def knn_baselines(train: str, test: str, spec, *, ks: list[int], temperature: fl
               use_cache=False, progress=opts.progress)
     pairs = {"raw pixels": (raw_pixel_features(gallery, spec.image_size), raw_pixel_features(queries, spec.image_size)),
              "random weights": (extract_features(twin, gallery, **kw)[0], extract_features(twin, queries, **kw)[0])}
+    if is_grey_input(spec):  # what the model sees: a model blind to colour is compared with grey pixels too
+        pairs["raw pixels, grey"] = (raw_pixel_features(gallery, spec.image_size, grey=True),
+                                     raw_pixel_features(queries, spec.image_size, grey=True))
     out = {}
     for name, (g, q) in pairs.items():
         r = knn_eval(g, gallery.labels, q, queries.labels, ks=ks, temperature=temperature, device=opts.device)

@@ -26,6 +26,7 @@ from torch import nn
 from compress_edge.errors import ModelError
 from compress_edge.models import cnn, vit  # noqa: F401 - importing them registers their architectures
 from compress_edge.models.backbone import _REGISTRY, FAMILIES, _Entry
+from compress_edge.models.spec import LUMA_WEIGHTS
 
 #: Projection heads ``create_model`` knows; None means no head (the output is the backbone feature).
 HEADS = ("linear", "mlp")
@@ -78,6 +79,26 @@ def is_vit(model: EmbeddingModel) -> bool:
 # --------------------------------------------------------------------------------------------------
 # The embedding model
 # --------------------------------------------------------------------------------------------------
+class GreyInput(nn.Module):
+    """(B, 3, H, W) -> (B, 3, H, W): each pixel's three normalised channels mixed into one with the luma
+    weights and given to all three, so the network sees brightness and no colour (``grey_input=True``).
+
+    Part of the model, not of the preprocessing, so every consumer of the model (index, search, serve,
+    ONNX, TensorRT, OpenVINO) applies it without knowing of it: it exports as a 1x1 convolution. The mix
+    is of normalised channels, x_c = (p_c - mean_c) / std_c, so it is the luma of the pixels up to
+    ImageNet's three nearly equal std values (0.229, 0.224, 0.225), and an offset. Its weights are a
+    constant, not a parameter, and are not saved: a grey model's weights file has the keys of a colour
+    one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        mix = torch.tensor(LUMA_WEIGHTS, dtype=torch.float32).view(1, 3, 1, 1).expand(3, 3, 1, 1).clone()
+        self.register_buffer("mix", mix, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.mix.to(dtype=x.dtype))
+
+
 def build_head(kind: str | None, feature_dim: int, embed_dim: int) -> nn.Module:
     """Projection head from F to D features.
 
@@ -110,7 +131,8 @@ class EmbeddingModel(nn.Module):
     ``arch`` and ``arch_kwargs`` rebuild the same model: ``create_model(arch, normalize=normalize,
     **arch_kwargs)``; ``normalize`` is kept out of ``arch_kwargs`` because the spec stores it itself.
     ``feature_dim`` is F, ``embed_dim`` D; ``feature_map`` names the backbone submodule whose output
-    is the last spatial map (used for shape checks, never by ``forward``).
+    is the last spatial map (used for shape checks, never by ``forward``). ``grey_input``: a
+    :class:`GreyInput` comes first, as ``self.input`` (``nn.Identity`` otherwise).
     """
 
     def __init__(
@@ -125,8 +147,10 @@ class EmbeddingModel(nn.Module):
         normalize: bool = True,
         feature_map: str | None = None,
         pool: nn.Module | None = None,
+        grey_input: bool = False,
     ) -> None:
         super().__init__()
+        self.input = GreyInput() if grey_input else nn.Identity()
         self.backbone = backbone
         self.pool = pool if pool is not None else nn.Identity()
         self.feature_dim = int(feature_dim)
@@ -140,7 +164,7 @@ class EmbeddingModel(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, F) pooled backbone features."""
-        return self.pool(self.backbone(x))
+        return self.pool(self.backbone(self.input(x)))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """(B, F) -> (B, D), normalised when the model normalises."""
@@ -162,12 +186,16 @@ def create_model(
     head: str | None = None,
     embed_dim: int | None = None,
     normalize: bool = True,
+    grey_input: bool = False,
     **arch_kwargs: Any,
 ) -> EmbeddingModel:
     """Build a randomly initialised :class:`EmbeddingModel` from the registry.
 
     small_input: stem for images of 64 px and below (stride 1, no early max-pool); a ViT has no stem
       and keeps it only as a record.
+    grey_input: the model turns its input grey first (:class:`GreyInput`), for data whose colours vary
+      from image to image and say nothing of what is in it; recorded in ``arch_kwargs`` only when True,
+      so a colour model's record (and ModelSpec) is what it was before the option existed.
     head: None (or "none") for no projection, "linear" or "mlp".
     embed_dim: D of the head (default 128); without a head D is the feature dim F.
     arch_kwargs: the architecture's own options (e.g. ``width_mult`` for mobilenet_v2; for a ViT
@@ -178,7 +206,7 @@ def create_model(
     entry = _entry(name)
     unknown = sorted(set(arch_kwargs) - set(entry.defaults))
     if unknown:
-        accepted = ", ".join(["small_input", "head", "embed_dim", "normalize", *entry.defaults]) or "none"
+        accepted = ", ".join(["small_input", "grey_input", "head", "embed_dim", "normalize", *entry.defaults])
         raise ModelError(f"{name} does not take {', '.join(unknown)}; it accepts: {accepted}")
     if isinstance(head, str) and head.lower() in ("none", "identity", ""):
         head = None
@@ -200,6 +228,7 @@ def create_model(
         "small_input": bool(small_input),
         "head": head,
         "embed_dim": int(embed_dim) if head is not None else None,
+        **({"grey_input": True} if _flag(grey_input) else {}),
         **kwargs,
     }
     return EmbeddingModel(
@@ -212,7 +241,19 @@ def create_model(
         normalize=normalize,
         feature_map=backbone.feature_map,
         pool=backbone.pool,
+        grey_input=_flag(grey_input),
     )
+
+
+def _flag(value: Any) -> bool:
+    """A yes/no model option given as a bool or as the text of ``--arch-kwargs grey_input=true``."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ModelError(f"grey_input takes true or false, got {value!r}")
+    return bool(value)
 
 
 def _coerce(arch: str, key: str, value: Any, default: Any) -> Any:

@@ -20,6 +20,13 @@ WEIGHTS_FILENAME = "model.safetensors"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ITU-R BT.601 luma weights of red, green and blue: how much each channel counts in a grey image.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def is_grey_input(spec: ModelSpec) -> bool:
+    """Whether the model of ``spec`` turns its input grey first (``grey_input`` in its arch_kwargs)."""
+    return bool((spec.arch_kwargs or {}).get("grey_input"))
 
 
 @dataclass(frozen=True)

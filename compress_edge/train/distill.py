@@ -363,12 +363,17 @@ def _training_images(opts: DistillOptions, dataset, cache, view: str, teacher_sp
 
 def _student(opts: DistillOptions, teacher_spec: ModelSpec | None, image_size: int) -> nn.Module:
     from compress_edge.models.resolve import SMALL_INPUT_MAX, create_model, model_family
+    from compress_edge.models.spec import is_grey_input
 
     kwargs = dict(opts.student_kwargs)
     # The student keeps the teacher's stem: a small-input stem under a teacher with an ImageNet stem
     # would make the "compressed" student cost about what its teacher does.
     teacher_stem = (teacher_spec.arch_kwargs or {}).get("small_input") if teacher_spec is not None else None
     kwargs.setdefault("small_input", bool(teacher_stem) if teacher_stem is not None else image_size <= SMALL_INPUT_MAX)
+    # The student sees what its teacher sees: a teacher blind to colour gives neighbourhoods that colour
+    # does not explain, and a student that sees colour would have colours to tell them apart by.
+    if teacher_spec is not None and is_grey_input(teacher_spec):
+        kwargs.setdefault("grey_input", True)
     if model_family(opts.student_arch) == "vit":
         kwargs.setdefault("img_size", image_size)  # the position embedding for the student's own image size
     embed = opts.embed_dim or None
@@ -495,6 +500,7 @@ def check_teacher(ready: DistillSetup, run_dir: Path, device) -> None:
     (with held-out labelled images) are its neighbourhoods better than raw pixels'?"""
     from compress_edge.data.datasets import SubsetDataset
     from compress_edge.eval.quality import record_quality, teacher_against_pixels, teacher_check
+    from compress_edge.models.spec import is_grey_input
 
     chosen, sample = teacher_sample(ready, device)
     record = teacher_check(sample, ready.resolved["temperature"])
@@ -503,7 +509,7 @@ def check_teacher(ready: DistillSetup, run_dir: Path, device) -> None:
         queries = SubsetDataset(f"{ready.dataset.name} (held out)", ready.dataset, indices=ready.heldout)
         record["heldout"] = teacher_against_pixels(
             (sample, teacher_embeddings(ready, ready.heldout, device)), gallery, queries, ready.spec.image_size,
-            device=str(device))
+            grey=is_grey_input(ready.teacher_spec or ready.spec), device=str(device))
     record_quality(run_dir, "teacher", record)
 
 

@@ -117,6 +117,7 @@ class PretrainOptions(shared.RunOptions):
     image_size: int | None = None  # auto: the data's own size, within [32, 224]
     data_root: str | None = None
     init: str | None = None  # a model folder whose backbone weights the run starts from
+    grey: bool | None = None  # the model sees grey images; None: auto, the colour check of the labelled images
     train: TrainConfig = field(default_factory=lambda: TrainConfig(weight_decay=5e-4))
 
 
@@ -161,12 +162,16 @@ def resolve_pretraining(opts: PretrainOptions) -> PretrainSetup:
         min_epochs=PRETRAIN_MIN_EPOCHS, max_epochs=PRETRAIN_MAX_EPOCHS)
     kwargs = dict(opts.arch_kwargs)
     kwargs.setdefault("small_input", image_size <= SMALL_INPUT_MAX)
+    colour = _choose_grey(opts, kwargs, dataset, image_size)
     model = create_model(opts.arch, head="mlp", embed_dim=opts.proj_dim, **kwargs)
     check_input_size(model, image_size)  # before any training: a forward that fails is refused here
     if opts.init:
         start_from(model, opts.init, opts.arch)
     resolved: dict[str, Any] = {"image_size": image_size, "heldout_images": int(len(heldout)),
-                                "train_images": len(train_set), "crop_scale": scale[0]}
+                                "train_images": len(train_set), "crop_scale": scale[0],
+                                "grey_input": bool(model.arch_kwargs.get("grey_input"))}
+    if colour is not None:
+        resolved["colour_check"] = colour
     if opts.method == "simclr":
         task: nn.Module = SimCLRTask(model, opts.temperature)
     else:
@@ -179,6 +184,27 @@ def resolve_pretraining(opts: PretrainOptions) -> PretrainSetup:
         resolved.update(queue_size=queue, ema=ema)
     return PretrainSetup(dataset=dataset, train_set=train_set, heldout=heldout, task=task, model=model,
                          image_size=image_size, mean=mean, std=std, arch_kwargs=kwargs, plan=plan, resolved=resolved)
+
+
+def _choose_grey(opts: PretrainOptions, kwargs: dict[str, Any], dataset, image_size: int) -> dict | None:
+    """Set ``kwargs["grey_input"]``: --grey / --colour, or ``grey_input`` in --arch-kwargs, or by default the
+    colour check (:func:`~compress_edge.eval.quality.colour_check`: grey when grey raw pixels find the right
+    neighbours clearly more often than colour ones; colour without labels). Returns the check's record."""
+    from compress_edge.eval.quality import colour_check, report_colour_check
+
+    if opts.grey is not None:
+        if "grey_input" in kwargs and bool(kwargs["grey_input"]) != opts.grey:
+            raise TrainingError(f"--{'grey' if opts.grey else 'colour'} and --arch-kwargs grey_input="
+                                f"{kwargs['grey_input']} disagree: give one of them")
+        kwargs["grey_input"] = opts.grey
+        return None
+    if "grey_input" in kwargs:
+        return None
+    found = colour_check(dataset, image_size, seed=opts.train.seed)
+    report_colour_check(found)
+    if found is not None and found["grey"]:
+        kwargs["grey_input"] = True
+    return found
 
 
 def start_from(model: nn.Module, init: str, arch: str) -> None:
@@ -259,4 +285,13 @@ def _resolve_without_init(opts: PretrainOptions) -> PretrainSetup:
 
 
 def load_pretrain_options(run_dir: str | Path) -> PretrainOptions:
-    return PretrainOptions.from_dict(read_run_options(run_dir, "pretrain", "pretrain"))
+    """A run folder's options, for --resume. Its colour or grey model stays what the run started with: the
+    colour check is not run again (images added to the folder since could tip it), and a run from before
+    the check existed sees colour."""
+    import json
+
+    opts = PretrainOptions.from_dict(read_run_options(run_dir, "pretrain", "pretrain"))
+    if opts.grey is None:
+        resolved = json.loads((Path(run_dir) / "config.json").read_text()).get("resolved", {})
+        opts = replace(opts, grey=bool(resolved.get("grey_input", False)))
+    return opts

@@ -34,3 +34,17 @@ OMP_NUM_THREADS=1 compress-edge pretrain runs/heldout-glyphs/gray/train --image-
     --arch-kwargs small_input=false --out runs/heldout-glyphs/pretrain32-gray
 compress-edge eval knn runs/heldout-glyphs/pretrain32-gray --train runs/heldout-glyphs/gray/train \
     --test runs/heldout-glyphs/gray/test --baselines --json > pretrain32-gray.json  # and pretrain32-gray-quality.json
+#
+# 4. (2026-12-08) The user's two commands of step 2 again, on the colour images, with pretrain's colour check (new):
+#    the colours alone find the right letter at chance (8.6 % against 9.0 %) and grey raw pixels lead colour ones
+#    by 13.1 points (standard error 2.1), so it builds a grey model (grey_input); distill gives the student the
+#    same. Scored on the colour test images: the models turn them grey. (This run's config.json records the
+#    raw-pixel measure alone: it ran before the chroma measure was added; both choose grey here.)
+OMP_NUM_THREADS=1 compress-edge pretrain runs/heldout-glyphs/data/train --image-size 32 \
+    --arch-kwargs small_input=false --out runs/heldout-glyphs/pretrain32-auto
+OMP_NUM_THREADS=1 compress-edge distill runs/heldout-glyphs/data/train --teacher runs/heldout-glyphs/pretrain32-auto \
+    --out runs/heldout-glyphs/distill-pretrain32-auto
+for model in pretrain32-auto distill-pretrain32-auto; do
+    compress-edge eval knn runs/heldout-glyphs/$model --train runs/heldout-glyphs/data/train \
+        --test runs/heldout-glyphs/data/test --baselines --json > $model.json  # and $model-quality.json, $model-config.json
+done

@@ -190,19 +190,22 @@ def pixel_views(dataset, image_size: int, *, max_side: int = RAW_PIXELS_MAX_SIDE
 
     side = min(int(image_size), int(max_side))
     zero, one = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    if len(dataset) == 0:
-        return np.zeros((0, 3, side, side), dtype=np.float32)
     return np.stack([preprocess_eval(dataset.get_image(i), side, zero, one) for i in range(len(dataset))])
+
+
+def _luma(views: np.ndarray) -> np.ndarray:
+    """(N, 3, S, S) pixels -> (N, S, S): each pixel's luma (BT.601 weights)."""
+    from compress_edge.models.spec import LUMA_WEIGHTS
+
+    return np.einsum("c,nchw->nhw", np.asarray(LUMA_WEIGHTS, dtype=np.float32), views)
 
 
 def pixel_features(views: np.ndarray, *, grey: bool = False) -> np.ndarray:
     """:func:`pixel_views` flattened and L2-normalised: (N, C * S * S). C is 3, or 1 when every image is
     gray (its three channels equal): the cosines are the same, and kNN and a linear probe cost a third.
     ``grey``: the luma of each pixel (C = 1), the pixels a ``grey_input`` model sees."""
-    from compress_edge.models.spec import LUMA_WEIGHTS
-
     if grey:
-        views = np.einsum("c,nchw->nhw", np.asarray(LUMA_WEIGHTS, dtype=np.float32), views)[:, None]
+        views = _luma(views)[:, None]
     elif len(views) and np.array_equal(views[:, 0], views[:, 1]) and np.array_equal(views[:, 0], views[:, 2]):
         views = views[:, :1]
     return l2_normalize(views.reshape(len(views), -1))
@@ -233,9 +236,7 @@ CHANCE_SHUFFLES = 5
 def chroma_features(views: np.ndarray) -> np.ndarray:
     """What each image's colours say without its shapes or brightness: the 2-D histogram of its pixels'
     chroma (blue minus luma, red minus luma), square-rooted and L2-normalised (Hellinger): (N, CHROMA_BINS**2)."""
-    from compress_edge.models.spec import LUMA_WEIGHTS
-
-    luma = np.einsum("c,nchw->nhw", np.asarray(LUMA_WEIGHTS, dtype=np.float32), views)
+    luma = _luma(views)
     blue, red = (views[:, 2] - luma).reshape(len(views), -1), (views[:, 0] - luma).reshape(len(views), -1)
     edges = np.linspace(-0.9, 0.9, CHROMA_BINS + 1)
     bins = (np.clip(np.digitize(blue, edges) - 1, 0, CHROMA_BINS - 1) * CHROMA_BINS
@@ -587,16 +588,6 @@ def _no_heldout_reason(dataset) -> str:
     return "nothing held out (holdout 0)"
 
 
-def check_gallery(dataset, heldout: np.ndarray, *, seed: int = 0):
-    """The gallery of a held-out check: at most CHECK_GALLERY of ``dataset``'s images not in ``heldout``,
-    drawn with ``seed``."""
-    from compress_edge.data.datasets import SubsetDataset
-
-    rest = np.setdiff1d(np.arange(len(dataset)), heldout)
-    gallery_idx = np.sort(np.random.default_rng(seed).choice(rest, size=min(len(rest), CHECK_GALLERY), replace=False))
-    return SubsetDataset(f"{dataset.name} (training images)", dataset, indices=gallery_idx)
-
-
 def report_colour_check(found: dict[str, Any] | None) -> None:
     """Log what :func:`colour_check` found, and what the run does about it."""
     if found is None:
@@ -623,7 +614,10 @@ def heldout_check(name: str, model, spec, dataset, heldout: np.ndarray, *, teach
     from compress_edge.models.spec import is_grey_input
 
     kw = dict(device=str(device), workers=workers, use_cache=False, progress=False)
-    gallery = check_gallery(dataset, heldout, seed=seed)
+    rng = np.random.default_rng(seed)
+    rest = np.setdiff1d(np.arange(len(dataset)), heldout)
+    gallery_idx = np.sort(rng.choice(rest, size=min(len(rest), CHECK_GALLERY), replace=False))
+    gallery = SubsetDataset(f"{dataset.name} (training images)", dataset, indices=gallery_idx)
     if len(heldout) == 0:
         feats = extract_features(model, gallery, spec=spec, **kw)[0]
         spread = embedding_spread(feats)

@@ -216,6 +216,7 @@ def create_model(
         raise ModelError(f"embed_dim must be positive, got {embed_dim}")
 
     kwargs = {**entry.defaults, **{k: _coerce(name, k, v, entry.defaults[k]) for k, v in arch_kwargs.items()}}
+    grey_input = _flag(grey_input)
     backbone = entry.builder(small_input=bool(small_input), **kwargs)
     if head is None and embed_dim is not None and int(embed_dim) != backbone.feature_dim:
         raise ModelError(
@@ -228,7 +229,7 @@ def create_model(
         "small_input": bool(small_input),
         "head": head,
         "embed_dim": int(embed_dim) if head is not None else None,
-        **({"grey_input": True} if _flag(grey_input) else {}),
+        **({"grey_input": True} if grey_input else {}),
         **kwargs,
     }
     return EmbeddingModel(
@@ -241,7 +242,7 @@ def create_model(
         normalize=normalize,
         feature_map=backbone.feature_map,
         pool=backbone.pool,
-        grey_input=_flag(grey_input),
+        grey_input=grey_input,
     )
 
 

@@ -188,8 +188,9 @@ def resolve_pretraining(opts: PretrainOptions) -> PretrainSetup:
 
 def _choose_grey(opts: PretrainOptions, kwargs: dict[str, Any], dataset, image_size: int) -> dict | None:
     """Set ``kwargs["grey_input"]``: --grey / --colour, or ``grey_input`` in --arch-kwargs, or by default the
-    colour check (:func:`~compress_edge.eval.quality.colour_check`: grey when grey raw pixels find the right
-    neighbours clearly more often than colour ones; colour without labels). Returns the check's record."""
+    colour check (:func:`~compress_edge.eval.quality.colour_check`: grey when the colours alone find the class
+    no more often than chance, or grey raw pixels clearly more often than colour ones; colour without labels).
+    Returns the check's record."""
     from compress_edge.eval.quality import colour_check, report_colour_check
 
     if opts.grey is not None:
